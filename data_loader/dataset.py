@@ -1,0 +1,116 @@
+"""A torch Dataset over a Corpus: pre-tokenized captions and padded video tokens.
+
+Every caption is tokenized once, when the data set is built, by each tokenizer that is
+actually in use (the reference tokenized every caption with six or seven tokenizers on
+every access, §1.3). Items carry their position and caption index so that cached
+teacher outputs can be looked up for the batch.
+"""
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class TextInput:
+    """How one text encoder sees the captions.
+
+    ``name`` keys this encoder's tokens in the batch, ``languages`` are the caption
+    languages it reads, and ``clean`` applies the reference's regex cleaning (words
+    matching ``[\\w']+`` joined by spaces), which its teachers saw (§1.3).
+    """
+    name: str
+    tokenizer: object
+    languages: list
+    clean: bool = False
+
+
+_WORD = re.compile(r"[\w']+")
+
+
+def clean_caption(text):
+    return " ".join(_WORD.findall(text))
+
+
+def video_tokens(features, n_tokens):
+    """First ``n_tokens`` frames, each L2-normalised, zero-padded; mask marks real frames (§1.4)."""
+    frames = torch.from_numpy(np.ascontiguousarray(features[:n_tokens], dtype=np.float32))
+    out = torch.zeros(n_tokens, features.shape[1])
+    mask = torch.zeros(n_tokens, dtype=torch.bool)
+    if len(frames):
+        out[:len(frames)] = torch.nn.functional.normalize(frames, dim=1, eps=1e-12)
+        mask[:len(frames)] = True
+    return out, mask
+
+
+class _TokenTable:
+    """All captions of one language under one tokenizer, as padded int tensors."""
+
+    def __init__(self, captions_per_item, tokenizer, max_words, clean):
+        counts = [len(caps) for caps in captions_per_item]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        flat = [clean_caption(c) if clean else c for caps in captions_per_item for c in caps]
+        if flat:
+            enc = tokenizer(flat, padding="max_length", truncation=True, max_length=max_words,
+                            return_tensors="np", return_token_type_ids=False)
+            self.input_ids = torch.from_numpy(enc["input_ids"].astype(np.int32))
+            self.attention_mask = torch.from_numpy(enc["attention_mask"].astype(np.bool_))
+        else:
+            self.input_ids = torch.zeros(0, max_words, dtype=torch.int32)
+            self.attention_mask = torch.zeros(0, max_words, dtype=torch.bool)
+        self.max_words = max_words
+
+    def row(self, item, caption_index):
+        start, end = self.offsets[item], self.offsets[item + 1]
+        if start == end:  # no caption in this language: an all-padding row, flagged by has_caption
+            return (torch.zeros(self.max_words, dtype=torch.long),
+                    torch.zeros(self.max_words, dtype=torch.long))
+        r = start + min(caption_index, end - start - 1)
+        return self.input_ids[r].long(), self.attention_mask[r].long()
+
+
+class RetrievalDataset(Dataset):
+    """Training view: one entry per video, one caption index per video per epoch, shared by all
+    languages (§1.3). Evaluation view: one entry per (video, caption) pair."""
+
+    def __init__(self, corpus, text_inputs, max_words, n_video_tokens, train, seed=0):
+        self.corpus = corpus
+        self.n_video_tokens = n_video_tokens
+        self.train = train
+        self.seed = seed
+        self.text_inputs = list(text_inputs)
+        self.languages = corpus.languages
+        self.tables = {
+            ti.name: {lang: _TokenTable(corpus.captions[lang], ti.tokenizer, max_words, ti.clean)
+                      for lang in ti.languages}
+            for ti in self.text_inputs
+        }
+        self.num_captions = np.array(
+            [max(len(corpus.captions[lang][i]) for lang in self.languages) for i in range(len(corpus))])
+        if train:
+            self.set_epoch(0)
+        else:
+            self.pairs = [(i, k) for i in range(len(corpus)) for k in range(max(1, self.num_captions[i]))]
+
+    def set_epoch(self, epoch):
+        """Draw this epoch's caption index per video from (seed, epoch), so runs and resumes agree."""
+        rng = np.random.default_rng([self.seed, epoch])
+        self.caption_choice = (rng.random(len(self.corpus)) * np.maximum(self.num_captions, 1)).astype(np.int64)
+
+    def __len__(self):
+        return len(self.corpus) if self.train else len(self.pairs)
+
+    def __getitem__(self, idx):
+        item, cap = (idx, int(self.caption_choice[idx])) if self.train else self.pairs[idx]
+        video, video_mask = video_tokens(self.corpus.features[item], self.n_video_tokens)
+        text = {}
+        for name, per_lang in self.tables.items():
+            text[name] = {}
+            for lang, table in per_lang.items():
+                ids, mask = table.row(item, cap)
+                text[name][lang] = {"input_ids": ids, "attention_mask": mask}
+        has_caption = {lang: len(self.corpus.captions[lang][item]) > 0 for lang in self.languages}
+        return {"index": item, "caption_index": cap, "video": video, "video_mask": video_mask,
+                "text": text, "has_caption": has_caption}

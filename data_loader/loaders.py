@@ -1,0 +1,85 @@
+"""From the ``data`` section of a config to checked corpora and DataLoaders."""
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from data_loader.corpus import read_corpus
+from data_loader.dataset import RetrievalDataset
+from data_loader.safe_pickle import DataFileError
+
+
+def load_split(config, split):
+    """The train or eval corpus named by the config, checked against it, restricted to its languages."""
+    data = config["data"]
+    path = data["train_path"] if split == "train" else data["eval_path"]
+    if not path:
+        raise DataFileError(f"config key 'data.{split}_path' is not set")
+    corpus = read_corpus(path, data["layout"], data["feature_key"], split)
+    if corpus.feature_dim != data["feature_dim"]:
+        raise DataFileError(f"{path}: feature '{data['feature_key']}' has dimension {corpus.feature_dim}, "
+                            f"but config key 'data.feature_dim' is {data['feature_dim']}")
+    return corpus.select_languages(config["languages"] or corpus.languages)
+
+
+class EpochSampler(Sampler):
+    """Indices of one epoch, shuffled by (seed, epoch) and cut into global batches.
+
+    Global batch ``j`` is ``perm[j*B:(j+1)*B]``; with ``world_size`` processes, rank ``r`` takes
+    its ``r``-th slice, so gathering the ranks' slices in order rebuilds exactly the batch that one
+    process would see. ``start_batch`` skips batches already trained on (mid-epoch resume).
+    """
+
+    def __init__(self, size, global_batch_size, seed, shuffle=True, drop_last=True, rank=0, world_size=1):
+        if global_batch_size % world_size:
+            raise ValueError(f"data.batch_size {global_batch_size} is not divisible by {world_size} processes")
+        self.size, self.global_batch, self.seed = size, global_batch_size, seed
+        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+        self.local_batch = global_batch_size // world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def num_batches(self):
+        full, rest = divmod(self.size, self.global_batch)
+        return full if self.drop_last or not rest else full + 1
+
+    def _order(self):
+        if not self.shuffle:
+            return torch.arange(self.size)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def __iter__(self):
+        order = self._order()
+        for j in range(self.start_batch, self.num_batches()):
+            batch = order[j * self.global_batch:(j + 1) * self.global_batch]
+            per_rank = -(-len(batch) // self.world_size)
+            yield from batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+
+    def __len__(self):
+        return (self.num_batches() - self.start_batch) * self.local_batch
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, seed):
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), drop_last=False,
+                      # A private generator keeps the global RNG (dropout) untouched by the loader,
+                      # which makes resumed runs continue bit for bit.
+                      generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=False)
+
+
+def train_loader(corpus, text_inputs, config, rank=0, world_size=1):
+    data = config["data"]
+    dataset = RetrievalDataset(corpus, text_inputs, data["max_words_train"], data["n_video_tokens"],
+                               train=True, seed=config["seed"])
+    sampler = EpochSampler(len(dataset), data["batch_size"], config["seed"], rank=rank, world_size=world_size)
+    return make_loader(dataset, sampler.local_batch, sampler, data["num_workers"], config["seed"])
+
+
+def eval_loader(corpus, text_inputs, config, rank=0, world_size=1):
+    data = config["data"]
+    dataset = RetrievalDataset(corpus, text_inputs, data["max_words_eval"], data["n_video_tokens"], train=False)
+    sampler = EpochSampler(len(dataset), data["eval_batch_size"] * world_size, 0, shuffle=False,
+                           drop_last=False, rank=rank, world_size=world_size)
+    return make_loader(dataset, data["eval_batch_size"], sampler, data["num_workers"], config["seed"])

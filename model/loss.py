@@ -1,0 +1,136 @@
+"""Losses of every training stage: symmetric InfoNCE and the C2KD distillation (c2kd-reference §3).
+
+Notation: S_l is the student's cosine-similarity matrix between the batch's captions in language
+l and the batch's videos; T is the teachers' matrix from the English captions of the same items.
+
+- zero-shot:       L = NCE(S_en)
+- translate-train: L = NCE(S_en) + sum_{l != en} NCE(S_l)                 (unnormalised, as the reference)
+- c2kd:            L = λ NCE(S_en) + sum_l [λ NCE(S_l) + sum_t w_t D(S_l, T_t)]  (English included in the sum)
+
+D is KL(softmax(T/τd) || softmax(S/τd)) over rows plus the same over columns, or the TeachText
+SmoothL1 on raw similarities. The teacher pooling decides the targets T_t and their weights w_t.
+"""
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STAGES = ("zero-shot", "translate-train", "c2kd")
+TEACHER_POOLS = ("max", "min", "mean", "multitask", "learnable")
+# The reference's --teacher_sim_pool names, mapped to the operation they really computed (§8.1).
+LEGACY_TEACHER_POOLS = {"min": "max", "max": "min", "mean": "mean", "multitask": "multitask",
+                        "learnable_multitask": "learnable"}
+
+
+def legacy_teacher_pool(name):
+    """Honest pooling name for a reference ``--teacher_sim_pool`` value, with a warning if it differs."""
+    if name not in LEGACY_TEACHER_POOLS:
+        raise ValueError(f"--teacher_sim_pool '{name}' is not one of {', '.join(LEGACY_TEACHER_POOLS)}")
+    honest = LEGACY_TEACHER_POOLS[name]
+    if honest != name:
+        warnings.warn(f"--teacher_sim_pool {name} computed the element-wise {honest} over teachers in the "
+                      f"reference; using loss.teacher_pool = '{honest}'", stacklevel=2)
+    return honest
+
+
+def cosine_sim(a, b):
+    return F.normalize(a, dim=-1, eps=1e-8) @ F.normalize(b, dim=-1, eps=1e-8).t()
+
+
+def info_nce(sims, temperature):
+    """Cross-entropy of the diagonal over rows plus over columns: the two directions are summed
+    (the reference's NormSoftmaxLoss)."""
+    logits = sims / temperature
+    target = torch.arange(sims.shape[0], device=sims.device)
+    return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+
+
+def distill_kl(student, teacher, temperature):
+    """KL(teacher || student) of the row softmaxes, batch-mean, plus the same on the transposes."""
+    def kl_rows(s, t):
+        log_p_s = F.log_softmax(s / temperature, dim=1)
+        log_p_t = F.log_softmax(t / temperature, dim=1)
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl_rows(student, teacher) + kl_rows(student.t(), teacher.t())
+
+
+def distill_smooth_l1(student, teacher, temperature):
+    """The TeachText ablation: SmoothL1 between raw similarities (the temperature is unused)."""
+    return F.smooth_l1_loss(student, teacher)
+
+
+class RetrievalLoss(nn.Module):
+    def __init__(self, stage, temperature, balance=0.5, distill_temp=0.1, teacher_pool="max",
+                 teachtext=False, num_teachers=0, english="en"):
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage '{stage}' is not one of {', '.join(STAGES)}")
+        if teacher_pool not in TEACHER_POOLS:
+            raise ValueError(f"loss.teacher_pool '{teacher_pool}' is not one of {', '.join(TEACHER_POOLS)}")
+        self.stage, self.temperature, self.english = stage, temperature, english
+        self.balance, self.distill_temp, self.teacher_pool = balance, distill_temp, teacher_pool
+        self.distance = distill_smooth_l1 if teachtext else distill_kl
+        if stage == "c2kd" and teacher_pool == "learnable":
+            # Reference initialisation; trained in its own optimizer group (see trainer).
+            self.teacher_logits = nn.Parameter(torch.full((num_teachers,), 0.33))
+
+    def distill_targets(self, teacher_sims):
+        """[(weight, target matrix)] for the chosen teacher pooling."""
+        stacked = torch.stack(teacher_sims)
+        off = 1.0 - self.balance
+        if self.teacher_pool == "max":
+            return [(off, stacked.max(0).values)]
+        if self.teacher_pool == "min":
+            return [(off, stacked.min(0).values)]
+        if self.teacher_pool == "mean":
+            return [(off, stacked.mean(0))]
+        if self.teacher_pool == "multitask":
+            return [(off, t) for t in teacher_sims]
+        # learnable: softmax weights replace (1 - λ), as in the reference's learnable_multitask.
+        weights = torch.softmax(self.teacher_logits, dim=0)
+        return [(weights[i], t) for i, t in enumerate(teacher_sims)]
+
+    def forward(self, text, video, teacher_sims=None, rows=None):
+        """``text``: lang -> [B, P] embeddings (the English one under ``self.english``);
+        ``video``: [B, P]; ``teacher_sims``: list of [B, B] teacher matrices (c2kd only);
+        ``rows``: lang -> [B] bool, the items that have a caption in that language and, for the
+        main English term, a non-empty video. Returns (loss, {term name: detached value})."""
+        terms = {}
+        en = self.english
+        sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}
+
+        def sub(matrix, lang):
+            keep = None if rows is None else rows.get(lang)
+            if keep is None or bool(keep.all()):
+                return matrix
+            return matrix[keep][:, keep]
+
+        main = info_nce(sub(sims[en], "main"), self.temperature)
+        terms["nce_main"] = main
+        if self.stage == "zero-shot":
+            return main, _detached(terms)
+        if self.stage == "translate-train":
+            loss = main
+            for lang, s in sims.items():
+                if lang != en:
+                    terms[f"nce_{lang}"] = info_nce(sub(s, lang), self.temperature)
+                    loss = loss + terms[f"nce_{lang}"]
+            return loss, _detached(terms)
+
+        if not teacher_sims:
+            raise ValueError("stage 'c2kd' needs teacher similarities")
+        lam = self.balance
+        loss = lam * main
+        targets = self.distill_targets(teacher_sims)
+        for lang, s in sims.items():
+            nce = info_nce(sub(s, lang), self.temperature)
+            distill = sum(w * self.distance(sub(s, lang), sub(t, lang), self.distill_temp) for w, t in targets)
+            terms[f"nce_{lang}"], terms[f"distill_{lang}"] = nce, distill
+            loss = loss + lam * nce + distill
+        return loss, _detached(terms)
+
+
+def _detached(terms):
+    # Kept as tensors: converting to floats here would synchronise the GPU every step.
+    return {k: v.detach() for k, v in terms.items()}

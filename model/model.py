@@ -1,0 +1,163 @@
+"""The text-video retrieval model: a Hugging Face text encoder and a small video transformer.
+
+The math follows the reference model (c2kd-reference §2.2–2.4) so that its checkpoints can be
+converted: gated projections, a LayerNorm on both sides, a learned CLS token and two pre-norm
+attention blocks over the video frames with key masking and no positional embedding. The
+reference's dead parts (audio network, unused heads, a duplicated module alias) are left out.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class GatedProjection(nn.Module):
+    """y = h * sigmoid(W_g h) with h = W x + b: the reference's 'gated' unit (§2.2)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+        self.gate = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return h * torch.sigmoid(self.gate(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, key_mask):
+        b, n, w = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        # key_mask [B, N] -> [B, 1, 1, N]: padded frames receive no attention.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, mlp_ratio):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x, key_mask):
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class VideoEncoder(nn.Module):
+    """Frame features [B, N, D] with a mask [B, N] -> one embedding per video (§2.4)."""
+
+    def __init__(self, feature_dim, width=512, projection_dim=512, depth=2, heads=4, mlp_ratio=1.0):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.token_proj = GatedProjection(feature_dim, width)
+        self.norm = nn.LayerNorm(width)
+        self.masking_token = nn.Parameter(torch.zeros(width))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.proj = GatedProjection(width, projection_dim)
+        self._init_transformer()
+
+    def _init_transformer(self):
+        # The reference initialises only its fusion transformer this way (timm's ViT init);
+        # the projections keep PyTorch's default initialisation.
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.masking_token, std=0.02)
+
+    def forward(self, video, mask):
+        x = self.norm(self.token_proj(video))
+        mask = mask.bool()
+        # A video without frames attends to a learned masking token instead of nothing.
+        empty = ~mask.any(dim=1)
+        if empty.any():
+            x = x.clone()
+            x[empty, 0] = self.masking_token.to(x.dtype)
+            mask = mask.clone()
+            mask[empty, 0] = True
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.proj(x[:, 0])
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder, mean-pooled over the attention mask, then LayerNorm and a gated
+    projection (§2.3)."""
+
+    def __init__(self, backbone, projection_dim=512):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.proj = GatedProjection(hidden, projection_dim)
+
+    def forward(self, input_ids, attention_mask, pool_mask=None):
+        """``pool_mask`` replaces the attention mask for pooling only: converted reference teachers
+        pooled with the student tokenizer's mask (§2.3, quirk kept for their checkpoints)."""
+        states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = (attention_mask if pool_mask is None else pool_mask).unsqueeze(-1).to(states.dtype)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.proj(self.norm(pooled))
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, text, video):
+        super().__init__()
+        self.text = text
+        self.video = video
+
+    def encode_text(self, tokens, pool_mask=None):
+        return self.text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)
+
+    def encode_video(self, video, mask):
+        return self.video(video, mask)
+
+
+class ModelError(ValueError):
+    """A model cannot be built from its configuration."""
+
+
+def load_backbone(name, pretrained=True):
+    """The text encoder named by a hub id or a local folder, through transformers' Auto classes."""
+    from transformers import AutoConfig, AutoModel
+    try:
+        if pretrained:
+            return AutoModel.from_pretrained(name)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"text encoder '{name}' could not be loaded (a hub id or a folder "
+                         f"written by save_pretrained is expected): {first_line}") from None
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"tokenizer '{name}' could not be loaded: {first_line}") from None
+
+
+def build_model(model_cfg, feature_dim, pretrained_text=True):
+    """Build from the ``model`` section of a config. With ``pretrained_text=False`` the text encoder
+    is built from its configuration only, for weights that a checkpoint will provide."""
+    backbone = load_backbone(model_cfg["text_encoder"], pretrained=pretrained_text)
+    text = TextEncoder(backbone, projection_dim=model_cfg["projection_dim"])
+    video = VideoEncoder(feature_dim, width=model_cfg["width"], projection_dim=model_cfg["projection_dim"],
+                         depth=model_cfg["depth"], heads=model_cfg["heads"], mlp_ratio=model_cfg["mlp_ratio"])
+    return RetrievalModel(text, video)

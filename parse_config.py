@@ -1,0 +1,268 @@
+"""Experiment configuration: JSON files, inheritance, command-line overrides and validation.
+
+A config is a JSON object. ``"extends": "other.json"`` (a path relative to the file) starts from
+another config and overrides it key by key, so per-dataset and per-stage configs stay short.
+``SCHEMA`` below lists every key with its default, its type and, where it matters, its allowed
+values; a key that is not in it, a value of the wrong type or a value outside the allowed set is
+reported in one line naming the key. The resolved config is saved with every run and checkpoint.
+"""
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+
+from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
+
+NULLABLE = object()  # marker: the key also accepts null
+
+# key -> (default, type(s), allowed values or None, what it means)
+SCHEMA = {
+    "name": (None, (str, NULLABLE), None, "run name; defaults to the config file's stem"),
+    "seed": (0, int, None, "seed of every random generator"),
+    "stage": ("translate-train", str, STAGES, "training objective (model/loss.py)"),
+    "languages": (None, (list, NULLABLE), None, "caption languages; null = every language of the training file"),
+    "data.layout": ("multi-msrvtt", str, None, "reader of the data files (data_loader/corpus.py)"),
+    "data.train_path": (None, (str, NULLABLE), None, "training file"),
+    "data.eval_path": (None, (str, NULLABLE), None, "evaluation file"),
+    "data.feature_key": ("2d", str, None, "video feature key in each item: 2d (CLIP), s3d, 2d_raw"),
+    "data.feature_dim": (512, int, None, "dimension of one frame feature"),
+    "data.n_video_tokens": (30, int, None, "frames kept per video (the first ones)"),
+    "data.max_words_train": (35, int, None, "token length of training captions"),
+    "data.max_words_eval": (40, int, None, "token length of evaluation captions"),
+    "data.batch_size": (64, int, None, "training batch size"),
+    "data.eval_batch_size": (64, int, None, "evaluation batch size (does not change results)"),
+    "data.num_workers": (0, int, None, "DataLoader worker processes"),
+    "model.text_encoder": ("sentence-transformers/LaBSE", str, None, "Hugging Face hub id or local folder"),
+    "model.width": (512, int, None, "video transformer width"),
+    "model.projection_dim": (512, int, None, "joint embedding size"),
+    "model.depth": (2, int, None, "video transformer blocks"),
+    "model.heads": (4, int, None, "attention heads per block"),
+    "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
+    "loss.temperature": (0.05, float, None, "InfoNCE temperature"),
+    "loss.balance": (0.5, float, None, "λ: weight of the contrastive terms in c2kd; 1 - λ weighs distillation"),
+    "loss.distill_temp": (0.1, float, None, "τd: temperature of the distillation softmaxes"),
+    "loss.teacher_pool": ("max", str, TEACHER_POOLS, "how several teachers' similarities are combined"),
+    "loss.teachtext": (False, bool, None, "TeachText ablation: SmoothL1 on raw similarities instead of KL"),
+    "teachers.checkpoints": ([], list, None, "teacher checkpoint paths (c2kd); each is a translate-train run"),
+    "teachers.mode": ("cached", str, ("cached", "online"),
+                      "cached: teacher outputs computed once before training; online: every step"),
+    "teachers.cache_dir": ("cache/teacher_outputs", str, None, "where cached teacher outputs are stored"),
+    "teachers.learnable_lr": (1e-2, float, None, "learning rate of the learnable teacher weights"),
+    "optimizer.lr": (1e-4, float, None, "Adam learning rate"),
+    "scheduler.gamma": (0.9, float, None, "ExponentialLR decay per epoch"),
+    "trainer.epochs": (20, int, None, "training epochs"),
+    "trainer.save_dir": ("runs", str, None, "root of run folders: <save_dir>/<name>/<run id>/"),
+    "trainer.save_period": (0, int, None, "also keep checkpoint-epoch<N>.pt every N epochs; 0 = never"),
+    "trainer.monitor": ("t2v_mean_R1", str, None, "metric that selects the best checkpoint; 'off' = none"),
+    "trainer.mixed_precision": ("auto", str, ("auto", "bf16", "fp16", "off"),
+                                "autocast on CUDA: auto = bf16 where supported, else fp16 with a scaler"),
+    "trainer.log_every": (8, int, None, "log the training loss every N steps"),
+    "trainer.max_steps_per_epoch": (None, (int, NULLABLE), None, "cap on steps per epoch (smoke runs)"),
+    "eval.tie_break": ("averaging", str, ("averaging", "optimistic", "pessimistic"),
+                       "rank of a ground truth tied with others; the reference is optimistic"),
+    "eval.total_queries": (None, (int, NULLABLE), None, "R@K denominator when the file lacks some queries"),
+    "eval.multi_caption": ("average", str, ("average", "separate"),
+                           "captions sharing a video id: averaged into one query, or ranked separately"),
+}
+
+# The reference's stage names (§3.1).
+STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names it."""
+
+
+def _types(spec):
+    return spec if isinstance(spec, tuple) else (spec,)
+
+
+def _check_value(key, value):
+    default, types, choices, _ = SCHEMA[key]
+    types = _types(types)
+    if value is None:
+        if NULLABLE not in types:
+            raise ConfigError(f"config key '{key}' must not be null")
+        return value
+    if float in types and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = any(t is not NULLABLE and isinstance(value, t) and not (t is int and isinstance(value, bool))
+             for t in types)
+    if not ok:
+        expected = " or ".join(t.__name__ for t in types if t is not NULLABLE)
+        raise ConfigError(f"config key '{key}' must be {expected}, got {json.dumps(value)}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' = {json.dumps(value)} is not one of {', '.join(choices)}")
+    return value
+
+
+def _flatten(tree, prefix=""):
+    """{"data": {"batch_size": 8}} -> {"data.batch_size": 8}, descending only into schema sections."""
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in SCHEMA):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _unflatten(flat):
+    tree = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def read_json(path):
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a JSON object")
+    return data
+
+
+def load_flat(path, _seen=()):
+    """Flattened keys of ``path`` after following its ``extends`` chain (without defaults)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    data = read_json(path)
+    parent = data.pop("extends", None)
+    flat = load_flat(path.parent / parent, _seen + (path,)) if parent else {}
+    own = _flatten(data)
+    for key in own:
+        if key not in SCHEMA:
+            raise ConfigError(f"{path}: unknown config key '{key}'")
+    flat.update(own)
+    return flat
+
+
+def resolve(flat, name=None):
+    """Defaults, then ``flat``; validated; returned as a nested dict."""
+    merged = {key: copy.deepcopy(spec[0]) for key, spec in SCHEMA.items()}
+    for key, value in flat.items():
+        if key not in SCHEMA:
+            raise ConfigError(f"unknown config key '{key}'")
+        merged[key] = value
+    merged = {key: _check_value(key, value) for key, value in merged.items()}
+    if merged["name"] is None:
+        merged["name"] = name or "run"
+    merged["stage"] = STAGE_ALIASES.get(merged["stage"], merged["stage"])
+    return _unflatten(merged)
+
+
+def parse_override(text):
+    """``key=value`` with the value read as JSON when it parses, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def add_common_args(parser):
+    parser.add_argument("-c", "--config", help="JSON config file")
+    parser.add_argument("-r", "--resume", help="checkpoint to resume from (train) or to evaluate (test)")
+    parser.add_argument("-d", "--device", help="torch device (cpu, cuda, cuda:1) or GPU indices such as 0,1")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set trainer.epochs=3 (repeatable)")
+    parser.add_argument("--run-id", help="name of the run folder under <trainer.save_dir>/<name>/ (default: next number)")
+    parser.add_argument("--mongo", metavar="URL", help="also record the run in MongoDB (sacred MongoObserver)")
+    parser.add_argument("-n", "--neptune", action="store_true", help="also record the run in Neptune (optional package)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def add_train_args(parser):
+    """The reference's training flags, mapped onto config keys."""
+    parser.add_argument("--lr", type=float, help="optimizer.lr")
+    parser.add_argument("--ep", "--epochs", dest="epochs", type=int, help="trainer.epochs")
+    parser.add_argument("--bs", type=int, help="data.batch_size")
+    parser.add_argument("--sp", "--save_period", dest="save_period", type=int, help="trainer.save_period")
+    parser.add_argument("--stage", help="zero-shot, translate-train or c2kd (reference names accepted)")
+    parser.add_argument("--seed", type=int, help="seed")
+    parser.add_argument("--balance", type=float, help="loss.balance")
+    parser.add_argument("--distill_temp", type=float, help="loss.distill_temp")
+    parser.add_argument("--teacher_sim_pool", help="the reference's pooling names (min = element-wise max)")
+    parser.add_argument("--teachtext", type=int, choices=(0, 1), help="loss.teachtext")
+
+
+_FLAG_KEYS = {"lr": "optimizer.lr", "epochs": "trainer.epochs", "bs": "data.batch_size",
+              "save_period": "trainer.save_period", "stage": "stage", "seed": "seed",
+              "balance": "loss.balance", "distill_temp": "loss.distill_temp"}
+
+
+def overrides_from_args(args):
+    flat = {}
+    for attr, key in _FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            flat[key] = value
+    if getattr(args, "teacher_sim_pool", None) is not None:
+        try:
+            flat["loss.teacher_pool"] = legacy_teacher_pool(args.teacher_sim_pool)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if getattr(args, "teachtext", None) is not None:
+        flat["loss.teachtext"] = bool(args.teachtext)
+    for text in args.set:
+        key, value = parse_override(text)
+        flat[key] = value
+    return flat
+
+
+def config_from_args(args, base_flat=None):
+    """Resolved config: ``base_flat`` (e.g. a checkpoint's config), then the ``-c`` file, then flags."""
+    flat = dict(base_flat or {})
+    name = None
+    if args.config:
+        flat.update(load_flat(args.config))
+        name = Path(args.config).stem
+    if not args.config and base_flat is None:
+        raise ConfigError("no config: pass -c CONFIG.json (or -r CHECKPOINT to reuse its config)")
+    flat.update(overrides_from_args(args))
+    if "name" not in flat and base_flat is not None:
+        name = base_flat.get("name")
+    return resolve(flat, name=name)
+
+
+def flatten_config(config):
+    return _flatten(config)
+
+
+def select_device(arg):
+    """``-d`` names a torch device, or, as in the reference, GPU indices for CUDA_VISIBLE_DEVICES."""
+    import torch
+    if arg and all(part.strip().isdigit() for part in arg.split(",")):
+        os.environ["CUDA_VISIBLE_DEVICES"] = arg
+        arg = "cuda"
+    if arg is None:
+        arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(arg)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"-d {arg}: CUDA is not available on this machine; use -d cpu")
+    return device
+
+
+def build_parser(description, train):
+    parser = argparse.ArgumentParser(description=description)
+    add_common_args(parser)
+    if train:
+        add_train_args(parser)
+    return parser

@@ -1,0 +1,192 @@
+import numpy as np
+import pytest
+import torch
+
+from model.metric import format_table, mean_over_languages, retrieval_metrics
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _q(ids):
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def test_perfect_diagonal():
+    sims = torch.eye(4) + 0.1 * torch.arange(4.0)  # diagonal strictly largest in every row and column
+    out = retrieval_metrics(sims, _q([0, 1, 2, 3]))
+    expected = {"R1": 100.0, "R5": 100.0, "R10": 100.0, "R50": 100.0,
+                "MedR": 1.0, "MeanR": 1.0, "num_queries": 4.0}
+    assert out["t2v"] == expected
+    assert out["v2t"] == expected
+    assert all(type(v) is float for d in out.values() for v in d.values())
+
+
+def test_query_with_gt_at_rank_two():
+    sims = _t([[0.9, 0.1, 0.2, 0.3],
+               [0.1, 0.8, 0.6, 0.2],
+               [0.7, 0.6, 0.5, 0.1],
+               [0.2, 0.1, 0.3, 0.9]])
+    out = retrieval_metrics(sims, _q([0, 1, 2, 3]), tie_break="optimistic")
+    # t2v ranks: q0 0, q1 0, q2 2 (0.7 and 0.6 beat 0.5), q3 0 -> [0, 0, 2, 0]
+    # R1 = 3/4; MedR = median(0,0,0,2) + 1 = 1; MeanR = 2/4 + 1 = 1.5
+    assert out["t2v"] == {"R1": 75.0, "R5": 100.0, "R10": 100.0, "R50": 100.0,
+                          "MedR": 1.0, "MeanR": 1.5, "num_queries": 4.0}
+    # v2t: column v2 = [0.2, 0.6, 0.5, 0.3]; q2's 0.5 is beaten by q1's 0.6 -> rank 1; others 0
+    # ranks [0, 0, 1, 0]: R1 = 75, MedR = 1, MeanR = 1/4 + 1 = 1.25
+    assert out["v2t"] == {"R1": 75.0, "R5": 100.0, "R10": 100.0, "R50": 100.0,
+                          "MedR": 1.0, "MeanR": 1.25, "num_queries": 4.0}
+
+
+@pytest.mark.parametrize("tie_break, rank", [("optimistic", 1.0), ("pessimistic", 3.0), ("averaging", 2.0)])
+def test_gt_tied_with_two_other_videos(tie_break, rank):
+    # GT is video 2 (0.5); 0.9 is strictly greater (1), videos 1 and 3 tie with it (2 others).
+    # optimistic 1, pessimistic 1 + 2 = 3, averaging 1 + 2/2 = 2
+    sims = _t([[0.9, 0.5, 0.5, 0.5, 0.1]])
+    out = retrieval_metrics(sims, _q([2]), tie_break=tie_break)
+    assert out["t2v"]["MedR"] == rank + 1
+    assert out["t2v"]["MeanR"] == rank + 1
+    assert out["t2v"]["R1"] == 0.0
+    assert out["t2v"]["R5"] == 100.0
+
+
+@pytest.mark.parametrize("tie_break, r1, medr", [
+    ("optimistic", 100.0, 1.0),   # rank 0
+    ("pessimistic", 0.0, 3.0),    # rank 0 + 2 tied others = 2
+    ("averaging", 0.0, 2.0),      # rank 0 + 2/2 = 1, and 1 < 1 is false
+])
+def test_ties_change_recall_at_1(tie_break, r1, medr):
+    sims = _t([[0.5, 0.5, 0.5, 0.1, 0.0]])
+    out = retrieval_metrics(sims, _q([0]), tie_break=tie_break)
+    assert out["t2v"]["R1"] == r1
+    assert out["t2v"]["MedR"] == medr
+
+
+def test_averaging_gives_fractional_rank():
+    # GT tied with one other video, nothing greater: rank 0 + 1/2 = 0.5 < 1 -> R1 = 100, MedR = 1.5
+    out = retrieval_metrics(_t([[0.5, 0.5, 0.2]]), _q([0]), tie_break="averaging")
+    assert out["t2v"]["R1"] == 100.0
+    assert out["t2v"]["MedR"] == 1.5
+    assert out["t2v"]["MeanR"] == 1.5
+
+
+def test_total_queries_counts_missing_as_failures():
+    sims = _t([[0.9, 0.1],
+               [0.8, 0.2],
+               [0.3, 0.7]])
+    out = retrieval_metrics(sims, _q([0, 0, 1]), total_queries=4)
+    # t2v: all 3 queries at rank 0, denominator 4 -> R@K = 75; MedR/MeanR over the 3 ranked only
+    assert out["t2v"] == {"R1": 75.0, "R5": 75.0, "R10": 75.0, "R50": 75.0,
+                          "MedR": 1.0, "MeanR": 1.0, "num_queries": 3.0}
+    # v2t: both videos at rank 0 (0.9 tops column 0, 0.7 tops column 1), denominator 4 -> 50
+    assert out["v2t"]["R1"] == 50.0
+    assert out["v2t"]["num_queries"] == 2.0
+
+
+def test_v2t_min_over_two_captions_per_video():
+    sims = _t([[0.2, 0.8],
+               [0.9, 0.1],
+               [0.5, 0.4],
+               [0.3, 0.6]])
+    out = retrieval_metrics(sims, _q([0, 0, 1, 1]))
+    # v0 column [0.2, 0.9, 0.5, 0.3]: captions q0 (rank 3), q1 (rank 0) -> 0
+    # v1 column [0.8, 0.1, 0.4, 0.6]: captions q2 (0.8, 0.6 above -> 2), q3 (0.8 above -> 1) -> 1
+    # ranks [0, 1]: R1 = 50, MedR = median(0, 1) + 1 = 1.5, MeanR = 1.5
+    assert out["v2t"] == {"R1": 50.0, "R5": 100.0, "R10": 100.0, "R50": 100.0,
+                          "MedR": 1.5, "MeanR": 1.5, "num_queries": 2.0}
+    # t2v: q0 0.2 < 0.8 -> 1, q1 0, q2 0.4 < 0.5 -> 1, q3 0 -> ranks [1, 0, 1, 0]
+    assert out["t2v"] == {"R1": 50.0, "R5": 100.0, "R10": 100.0, "R50": 100.0,
+                          "MedR": 1.5, "MeanR": 1.5, "num_queries": 4.0}
+
+
+@pytest.mark.parametrize("tie_break, rank", [("optimistic", 0.0), ("pessimistic", 2.0), ("averaging", 1.0)])
+def test_v2t_ties_include_other_relevant_captions(tie_break, rank):
+    # column v0 = [0.5, 0.5, 0.5]; best caption score 0.5 ties with 2 other queries (q1 relevant, q2 not)
+    sims = _t([[0.5, 0.1], [0.5, 0.2], [0.5, 0.9]])
+    out = retrieval_metrics(sims, _q([0, 0, 1]), tie_break=tie_break)
+    # v1 column [0.1, 0.2, 0.9]: q2 on top -> rank 0
+    assert out["v2t"]["MeanR"] == (rank + 0.0) / 2 + 1
+    assert out["v2t"]["num_queries"] == 2.0
+
+
+def test_videos_without_queries_are_skipped_in_v2t():
+    sims = _t([[0.9, 0.3, 0.1],
+               [0.2, 0.8, 0.95]])
+    out = retrieval_metrics(sims, _q([0, 1]))
+    # video 2 has no caption; v0 and v1 are each topped by their own caption -> 2 ranked, both rank 0
+    assert out["v2t"]["num_queries"] == 2.0
+    assert out["v2t"]["R1"] == 100.0
+    # t2v: q1 has 0.95 above its GT 0.8 -> ranks [0, 1], R1 = 50
+    assert out["t2v"]["R1"] == 50.0
+
+
+def test_invalid_tie_break_raises():
+    with pytest.raises(ValueError, match="random.*optimistic.*pessimistic.*averaging"):
+        retrieval_metrics(torch.eye(2), _q([0, 1]), tie_break="random")
+
+
+def test_total_queries_smaller_than_ranked_raises():
+    with pytest.raises(ValueError, match="total_queries"):
+        retrieval_metrics(torch.eye(3), _q([0, 1, 2]), total_queries=2)
+
+
+@pytest.mark.parametrize("tie_break", ["optimistic", "pessimistic", "averaging"])
+def test_chunk_size_does_not_change_result(tie_break):
+    gen = torch.Generator().manual_seed(0)
+    sims = torch.randint(0, 6, (50, 40), generator=gen).float()  # coarse values -> many ties
+    query_video = torch.randint(0, 40, (50,), generator=gen)  # some videos get no query
+    default = retrieval_metrics(sims, query_video, tie_break=tie_break)
+    assert default == retrieval_metrics(sims, query_video, tie_break=tie_break, chunk_size=1)
+    assert default == retrieval_metrics(sims, query_video, tie_break=tie_break, chunk_size=7)
+    assert default["v2t"]["num_queries"] == float(query_video.unique().numel())
+
+
+def _reference(sims, query_video):
+    """Sort-based reference: 0-based rank = position of the GT in the descending-sorted row/column."""
+    order = np.argsort(-sims, axis=1, kind="stable")
+    t2v = np.array([np.where(order[q] == query_video[q])[0][0] for q in range(len(sims))])
+    col_order = np.argsort(-sims, axis=0, kind="stable")
+    v2t = np.array([min(np.where(col_order[:, v] == q)[0][0] for q in np.where(query_video == v)[0])
+                    for v in range(sims.shape[1]) if (query_video == v).any()])
+
+    def stats(r):
+        return {**{f"R{k}": 100.0 * (r < k).mean() for k in (1, 5, 10, 50)},
+                "MedR": np.median(r) + 1, "MeanR": r.mean() + 1, "num_queries": float(len(r))}
+    return {"t2v": stats(t2v), "v2t": stats(v2t)}
+
+
+def test_matches_sort_based_reference_without_ties():
+    rng = np.random.default_rng(1)
+    sims = rng.standard_normal((120, 80))  # continuous -> no ties
+    query_video = np.arange(120) % 80  # 40 videos with two captions
+    expected = _reference(sims, query_video)
+    for tie_break in ("optimistic", "pessimistic", "averaging"):
+        out = retrieval_metrics(torch.from_numpy(sims), torch.from_numpy(query_video), tie_break=tie_break)
+        for direction in ("t2v", "v2t"):
+            assert out[direction] == pytest.approx(expected[direction])
+    assert 0.0 < expected["t2v"]["R10"] < 100.0  # the reference case is non-trivial
+
+
+def test_mean_over_languages_with_exclude():
+    def m(r1, medr):
+        return {"t2v": {"R1": r1, "MedR": medr}, "v2t": {"R1": r1 / 2, "MedR": medr}}
+    per_lang = {"en": m(60.0, 1.0), "de": m(40.0, 3.0), "fr": m(20.0, 6.0)}
+    # all: R1 (60+40+20)/3 = 40, MedR (1+3+6)/3 = 10/3; v2t R1 (30+20+10)/3 = 20
+    mean_all = mean_over_languages(per_lang)
+    assert mean_all["t2v"] == pytest.approx({"R1": 40.0, "MedR": 10 / 3})
+    assert mean_all["v2t"] == pytest.approx({"R1": 20.0, "MedR": 10 / 3})
+    # without en: R1 (40+20)/2 = 30, MedR (3+6)/2 = 4.5; v2t R1 (20+10)/2 = 15
+    assert mean_over_languages(per_lang, exclude=("en",)) == {
+        "t2v": {"R1": 30.0, "MedR": 4.5}, "v2t": {"R1": 15.0, "MedR": 4.5}}
+    assert mean_over_languages(per_lang, exclude=("en", "de", "fr")) == {}
+
+
+def test_format_table():
+    per_lang = {"en": {"t2v": {"R1": 12.345, "MedR": 7.0}},
+                "mean": {"t2v": {"R1": 100.0, "MedR": 1.25}}}
+    table = format_table(per_lang, stats=("R1", "MedR"))
+    # columns: width 4 for names (left), 5 for R1, 4 for MedR (right), two spaces between
+    assert table.splitlines() == ["t2v      R1  MedR",
+                                  "en     12.3   7.0",
+                                  "mean  100.0   1.2"]

@@ -1,0 +1,60 @@
+"""Train a multilingual text-video retrieval model.
+
+    python train.py -c configs/toy/translate_train.json
+    python train.py -c configs/msrvtt/c2kd.json --epochs 20 --lr 1e-4 --stage c2kd
+    python train.py -r runs/toy_translate_train/1/latest.pt          # resume exactly
+"""
+import sys
+from pathlib import Path
+
+from parse_config import build_parser, config_from_args, flatten_config, select_device
+from utils.errors import USER_ERRORS
+
+
+def main(argv=None):
+    args = build_parser(__doc__.splitlines()[0], train=True).parse_args(argv)
+    try:
+        from utils.checkpoint import load_checkpoint
+        from utils.experiment import run_experiment
+
+        device = select_device(args.device)
+        resumed = load_checkpoint(args.resume) if args.resume else None
+        config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
+        run_root = Path(config["trainer"]["save_dir"]) / config["name"]
+        run_experiment("train", config, lambda cfg, run: train(cfg, run, device, args.resume),
+                       run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def train(config, run, device, resume=None):
+    from trainer.build import build_loaders, build_loss, build_student, load_corpora
+    from trainer.evaluate import flat_metrics
+    from trainer.teachers import build_teachers
+    from trainer.trainer import Trainer, seed_everything
+    from utils.experiment import run_dir
+
+    seed_everything(config["seed"])
+    corpora = load_corpora(config)
+    teachers = build_teachers(config, corpora["train"], device)
+    model, tokenizer = build_student(config, pretrained_text=resume is None)
+    train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
+                                              extra_inputs=teachers.text_inputs if teachers else ())
+    loss = build_loss(config, num_teachers=len(teachers) if teachers else 0)
+    model.to(device)
+    loss.to(device)
+    trainer = Trainer(config, model, loss, train_loader, eval_loader, device, run_dir(run),
+                      log_scalar=run.log_scalar, teachers=teachers)
+    if resume:
+        trainer.resume(resume)
+    print(f"run folder: {run_dir(run)}")
+    summary = trainer.fit()
+    return {k: float(v) for k, v in flat_metrics(summary).items()} if summary else {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

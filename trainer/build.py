@@ -1,0 +1,45 @@
+"""Wiring shared by train.py and test.py: config -> data -> model -> loss."""
+from data_loader.dataset import TextInput
+from data_loader.loaders import eval_loader, load_split, train_loader
+from model.loss import RetrievalLoss
+from model.model import build_model, load_tokenizer
+from parse_config import ConfigError
+
+ENGLISH = "en"
+
+
+def load_corpora(config, splits=("train", "eval")):
+    corpora = {split: load_split(config, split) for split in splits}
+    for split, corpus in corpora.items():
+        if ENGLISH not in corpus.languages:
+            raise ConfigError(f"config key 'languages' must include '{ENGLISH}', the pivot language of every "
+                              f"stage (the {split} file has {', '.join(corpus.languages)})")
+    return corpora
+
+
+def student_languages(config, corpus):
+    """Zero-shot training reads English only; every other stage reads all languages."""
+    return [ENGLISH] if config["stage"] == "zero-shot" else corpus.languages
+
+
+def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_size=1):
+    train = None
+    if "train" in corpora:
+        inputs = [TextInput("student", tokenizer, student_languages(config, corpora["train"])), *extra_inputs]
+        train = train_loader(corpora["train"], inputs, config, rank, world_size)
+    evaluation = eval_loader(corpora["eval"], [TextInput("student", tokenizer, corpora["eval"].languages)],
+                             config, rank, world_size)
+    return train, evaluation
+
+
+def build_student(config, pretrained_text=True):
+    tokenizer = load_tokenizer(config["model"]["text_encoder"])
+    model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=pretrained_text)
+    return model, tokenizer
+
+
+def build_loss(config, num_teachers=0):
+    loss = config["loss"]
+    return RetrievalLoss(config["stage"], loss["temperature"], balance=loss["balance"],
+                         distill_temp=loss["distill_temp"], teacher_pool=loss["teacher_pool"],
+                         teachtext=loss["teachtext"], num_teachers=num_teachers, english=ENGLISH)

@@ -1,0 +1,96 @@
+"""Evaluation: embed every (video, caption) pair of the evaluation set, group by video id, rank.
+
+Captions of one video id are averaged into one query (``multi_caption = average``, the
+reference's behaviour, §4) or ranked as separate queries (``separate``). Video embeddings of
+items sharing an id are averaged. The result does not depend on the evaluation batch size.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.metric import mean_over_languages, retrieval_metrics
+from utils.device import autocast, to_device
+
+
+@dataclass
+class LanguageScores:
+    sims: torch.Tensor          # [queries, videos], cosine similarities
+    query_video: torch.Tensor   # [queries] ground-truth column of each query
+    query_ids: list             # video id each query describes
+    video_ids: list
+
+
+@torch.no_grad()
+def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="student"):
+    """Text embeddings per language, video embeddings, and item positions, all on the CPU in fp32."""
+    model.eval()
+    texts = {lang: [] for lang in languages}
+    has = {lang: [] for lang in languages}
+    videos, items = [], []
+    for batch in tqdm(loader, desc="embed", leave=False, dynamic_ncols=True):
+        batch = to_device(batch, device)
+        with autocast(device, amp_dtype):
+            videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())
+            for lang in languages:
+                texts[lang].append(model.encode_text(batch["text"][text_key][lang]).float().cpu())
+        for lang in languages:
+            has[lang].append(batch["has_caption"][lang].cpu())
+        items.append(batch["index"].cpu())
+    return ({lang: torch.cat(v) for lang, v in texts.items()}, torch.cat(videos), torch.cat(items),
+            {lang: torch.cat(v) for lang, v in has.items()})
+
+
+def _group_mean(values, groups, num_groups):
+    out = torch.zeros(num_groups, values.shape[1], dtype=values.dtype)
+    out.index_add_(0, groups, values)
+    counts = torch.bincount(groups, minlength=num_groups).clamp(min=1).unsqueeze(1)
+    return out / counts
+
+
+def score_languages(texts, videos, items, has_caption, item_ids, multi_caption):
+    """Similarity matrices per language, videos grouped by id."""
+    pair_ids = [item_ids[i] for i in items.tolist()]
+    video_ids = list(dict.fromkeys(pair_ids))
+    column = {vid: j for j, vid in enumerate(video_ids)}
+    pair_column = torch.tensor([column[v] for v in pair_ids], dtype=torch.long)
+    video_emb = F.normalize(_group_mean(videos, pair_column, len(video_ids)), dim=1, eps=1e-8)
+    scores = {}
+    for lang, emb in texts.items():
+        keep = has_caption[lang].bool()
+        emb, cols = emb[keep], pair_column[keep]
+        if multi_caption == "average":
+            present = torch.unique(cols)  # sorted video columns that have a caption in this language
+            emb = _group_mean(emb, torch.searchsorted(present, cols), len(present))
+            cols = present
+        query = F.normalize(emb, dim=1, eps=1e-8)
+        scores[lang] = LanguageScores(sims=query @ video_emb.t(), query_video=cols,
+                                      query_ids=[video_ids[c] for c in cols.tolist()], video_ids=video_ids)
+    return scores
+
+
+def metrics_from_scores(scores, tie_break, total_queries=None):
+    per_lang = {lang: retrieval_metrics(s.sims, s.query_video, tie_break=tie_break, total_queries=total_queries)
+                for lang, s in scores.items()}
+    summary = dict(per_lang)
+    summary["mean"] = mean_over_languages(per_lang)
+    if "en" in per_lang and len(per_lang) > 1:
+        summary["mean_no_en"] = mean_over_languages(per_lang, exclude=("en",))
+    return summary
+
+
+def flat_metrics(summary):
+    """{"t2v_de_R1": ..., "v2t_mean_R1": ...} for logging and monitoring."""
+    return {f"{direction}_{lang}_{stat}": value
+            for lang, directions in summary.items()
+            for direction, stats in directions.items()
+            for stat, value in stats.items() if stat != "num_queries"}
+
+
+def evaluate(model, loader, languages, eval_cfg, device, amp_dtype=None, return_scores=False):
+    corpus = loader.dataset.corpus
+    texts, videos, items, has = embed_eval_set(model, loader, languages, device, amp_dtype)
+    scores = score_languages(texts, videos, items, has, corpus.ids, eval_cfg["multi_caption"])
+    summary = metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"])
+    return (summary, scores) if return_scores else summary

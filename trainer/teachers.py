@@ -1,0 +1,152 @@
+"""English-input teachers for C2KD (c2kd-reference §3.1, §5).
+
+A teacher is an ordinary checkpoint of this project, usually trained with the translate-train
+stage, with its own text encoder and tokenizer. During C2KD it is frozen and in eval mode, reads
+the regex-cleaned **English** caption of each item (as the reference's teachers did, §1.3), and
+its text-video similarity matrix over the batch is the distillation target.
+
+``cached`` mode (default) embeds every (video, English caption) pair of the training set once,
+before training, and stores the normalised embeddings on disk keyed by the teacher checkpoint and
+the data; a batch's teacher matrix is then a product of cached rows. ``online`` mode runs the
+teachers on every step, as the reference did; both give the same targets in fp32.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data_loader.dataset import TextInput, _TokenTable, video_tokens
+from model.loss import cosine_sim
+from model.model import build_model, load_tokenizer
+from parse_config import ConfigError
+from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
+
+CACHE_VERSION = 1
+ENGLISH = "en"
+
+
+class Teacher:
+    def __init__(self, path, model, tokenizer):
+        self.path, self.model, self.tokenizer = Path(path), model, tokenizer
+        self.model.eval().requires_grad_(False)
+
+
+def load_teacher(path, feature_dim, device):
+    """A frozen teacher from a checkpoint; every failure names the file."""
+    state = load_checkpoint(path, map_location="cpu")
+    model_cfg = state["config"]["model"]
+    teacher_dim = state["config"]["data"]["feature_dim"]
+    if teacher_dim != feature_dim:
+        raise CheckpointError(f"{path}: teacher was trained on {teacher_dim}-d video features, "
+                              f"but config key 'data.feature_dim' is {feature_dim}")
+    tokenizer = load_tokenizer(model_cfg["text_encoder"])
+    model = build_model(model_cfg, teacher_dim, pretrained_text=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes "
+                              f"({str(e).splitlines()[0]})") from None
+    return Teacher(path, model.to(device), tokenizer)
+
+
+class Teachers:
+    def __init__(self, teachers, corpus, config, device):
+        self.teachers, self.corpus, self.config, self.device = teachers, corpus, config, device
+        self.mode = config["teachers"]["mode"]
+        self.max_words = config["data"]["max_words_train"]
+        self.text_inputs = []
+        self.cache = []
+        if self.mode == "online":
+            self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], clean=True)
+                                for i, t in enumerate(teachers)]
+        else:
+            # Kept on the training device: a batch's targets are then two gathers and a matmul.
+            self.cache = [{k: v.to(device) for k, v in self.cached_outputs(t).items()} for t in teachers]
+
+    def __len__(self):
+        return len(self.teachers)
+
+    @staticmethod
+    def input_name(i):
+        return f"teacher{i}"
+
+    # ---- cache -------------------------------------------------------------------------------
+    def cache_key(self, teacher):
+        def stamp(p):
+            st = Path(p).stat()
+            return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
+        data = self.config["data"]
+        spec = {"version": CACHE_VERSION, "teacher": stamp(teacher.path), "data": stamp(self.corpus.path),
+                "feature_key": data["feature_key"], "n_video_tokens": data["n_video_tokens"],
+                "max_words": self.max_words}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+    def cached_outputs(self, teacher):
+        path = Path(self.config["teachers"]["cache_dir"]) / f"{self.cache_key(teacher)}.pt"
+        if path.is_file():
+            try:
+                cache = torch.load(path, map_location="cpu", weights_only=True)
+                print(f"teacher outputs: reusing {path}")
+                return cache
+            except Exception:  # a damaged cache is recomputed, never trusted
+                print(f"teacher outputs: {path} is unreadable, recomputing")
+        cache = self.embed_training_set(teacher)
+        atomic_save(cache, path)
+        print(f"teacher outputs: wrote {path}")
+        return cache
+
+    @torch.no_grad()
+    def embed_training_set(self, teacher, batch_size=256):
+        """Normalised text embeddings of every (video, English caption) and video embeddings, fp32."""
+        table = _TokenTable(self.corpus.captions[ENGLISH], teacher.tokenizer, self.max_words, clean=True)
+        model, device = teacher.model, self.device
+        texts = []
+        for start in tqdm(range(0, len(table.input_ids), batch_size), desc=f"teacher {teacher.path.name} text",
+                          leave=False):
+            ids = table.input_ids[start:start + batch_size].long().to(device)
+            mask = table.attention_mask[start:start + batch_size].long().to(device)
+            texts.append(F.normalize(model.text(ids, mask).float(), dim=1, eps=1e-8).cpu())
+        videos = []
+        n_tokens = self.config["data"]["n_video_tokens"]
+        for start in range(0, len(self.corpus), batch_size):
+            pairs = [video_tokens(f, n_tokens) for f in self.corpus.features[start:start + batch_size]]
+            video = torch.stack([p[0] for p in pairs]).to(device)
+            mask = torch.stack([p[1] for p in pairs]).to(device)
+            videos.append(F.normalize(model.encode_video(video, mask).float(), dim=1, eps=1e-8).cpu())
+        offsets = torch.from_numpy(table.offsets)
+        return {"text": torch.cat(texts), "video": torch.cat(videos),
+                "offsets": offsets[:-1], "counts": offsets[1:] - offsets[:-1]}
+
+    # ---- targets -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def similarities(self, batch):
+        """One [B, B] matrix per teacher: English captions of the batch against its videos."""
+        if self.mode == "online":
+            sims = []
+            for i, t in enumerate(self.teachers):
+                text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH])
+                video = t.model.encode_video(batch["video"], batch["video_mask"])
+                sims.append(cosine_sim(text, video).float())
+            return sims
+        index, caption = batch["index"], batch["caption_index"]
+        sims = []
+        for cache in self.cache:
+            rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1)
+            sims.append(cache["text"][rows] @ cache["video"][index].t())
+        return sims
+
+
+def build_teachers(config, train_corpus, device):
+    """The frozen teachers of a c2kd config, or None for the other stages. All checks run here,
+    before any training step."""
+    paths = config["teachers"]["checkpoints"]
+    if config["stage"] != "c2kd":
+        return None
+    if not paths:
+        raise ConfigError("stage 'c2kd' needs teachers: set config key 'teachers.checkpoints' "
+                          "to a list of teacher checkpoint paths")
+    teachers = [load_teacher(p, config["data"]["feature_dim"], device) for p in paths]
+    return Teachers(teachers, train_corpus, config, device)

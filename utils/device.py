@@ -1,0 +1,30 @@
+"""Device placement and mixed precision."""
+import contextlib
+
+import torch
+
+
+def to_device(batch, device):
+    """Move every tensor of a nested dict/list batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def amp_dtype(device, mode):
+    """Autocast dtype for ``trainer.mixed_precision``: None means plain fp32 (always on CPU)."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
