@@ -1,0 +1,188 @@
+"""Tiny multilingual text encoders, built locally for the Multi-Toy benchmark.
+
+Each encoder is a randomly initialised Hugging Face model of one of the
+architectures the paper uses (LaBSE and mBERT are BERT, XLM-R, and
+DistilUSE's text tower is DistilBERT) with a tokenizer trained on the toy
+captions. Both are saved with `save_pretrained`, so they load through
+`AutoModel.from_pretrained(folder)` / `AutoTokenizer.from_pretrained(folder)`,
+the same code path as a hub checkpoint such as sentence-transformers/LaBSE.
+"""
+import argparse
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel,
+                          PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
+
+VERSION = 1
+MAX_LEN = 64
+VOCAB_SIZE = 3000
+SIZE = dict(hidden=64, layers=2, heads=4, intermediate=128)
+
+# name -> (tokenizer family, lower-case, model family)
+ENCODERS = {
+    "labse-tiny": ("wordpiece", False, "bert"),
+    "mbert-tiny": ("wordpiece", True, "bert"),
+    "xlmr-tiny": ("unigram", False, "xlmr"),
+    "distiluse-tiny": ("wordpiece", False, "distilbert"),
+}
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+XLMR_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's id order
+
+
+def _wordpiece(texts, lowercase):
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    # BERT's normaliser also splits CJK characters; the uncased variant strips
+    # accents too, like bert-base-multilingual-uncased.
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=BERT_SPECIAL, show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return tok, dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                     sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _unigram(texts):
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()  # as sentencepiece does by default
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    # Chinese has no spaces: with the default 16-character limit, whole clauses
+    # of the small corpus become single pieces; 8 keeps pieces word-sized.
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=XLMR_SPECIAL, unk_token="<unk>",
+        max_piece_length=8, show_progress=False))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", bos), ("</s>", eos)])
+    return tok, dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                     cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+
+
+def _model(family, vocab_size, pad_id):
+    if family == "bert":
+        cfg = BertConfig(vocab_size=vocab_size, hidden_size=SIZE["hidden"],
+                         num_hidden_layers=SIZE["layers"], num_attention_heads=SIZE["heads"],
+                         intermediate_size=SIZE["intermediate"],
+                         max_position_embeddings=MAX_LEN, pad_token_id=pad_id)
+        return BertModel(cfg)
+    if family == "xlmr":
+        # RoBERTa positions start after the padding index (514 = 512 + 2 in XLM-R).
+        cfg = XLMRobertaConfig(vocab_size=vocab_size, hidden_size=SIZE["hidden"],
+                               num_hidden_layers=SIZE["layers"],
+                               num_attention_heads=SIZE["heads"],
+                               intermediate_size=SIZE["intermediate"],
+                               max_position_embeddings=MAX_LEN + pad_id + 1, type_vocab_size=1,
+                               pad_token_id=pad_id, bos_token_id=0, eos_token_id=2)
+        return XLMRobertaModel(cfg)
+    cfg = DistilBertConfig(vocab_size=vocab_size, dim=SIZE["hidden"], n_layers=SIZE["layers"],
+                           n_heads=SIZE["heads"], hidden_dim=SIZE["intermediate"],
+                           max_position_embeddings=MAX_LEN, pad_token_id=pad_id)
+    return DistilBertModel(cfg)
+
+
+def _build_one(name, folder, texts, seed):
+    tok_family, lowercase, family = ENCODERS[name]
+    tok, special = _unigram(texts) if tok_family == "unigram" else _wordpiece(texts, lowercase)
+    # Only BERT takes token_type_ids; DistilBERT and XLM-R reject or ignore them.
+    inputs = ["input_ids", "attention_mask"]
+    if family == "bert":
+        inputs.insert(1, "token_type_ids")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN,
+                                   model_input_names=inputs, **special)
+    torch.manual_seed(seed)
+    model = _model(family, tok.get_vocab_size(), fast.pad_token_id)
+    fast.save_pretrained(folder)
+    model.save_pretrained(folder)
+
+
+def corpus_hash(texts):
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def build(out_dir, corpus_texts, seed=0, names=None):
+    """Build the encoders `names` (default: all of ENCODERS) into
+    out_dir/<name>, reusing folders built from the same corpus and seed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = list(corpus_texts)
+    digest = corpus_hash(texts)
+    paths = {}
+    for index, name in enumerate(names or ENCODERS):
+        folder = out_dir / name
+        info = {"name": name, "seed": seed, "corpus_sha256": digest, "version": VERSION}
+        try:
+            if json.loads((folder / "tiny_build.json").read_text()) == info:
+                paths[name] = folder
+                continue
+        except (OSError, ValueError):
+            pass
+        # Build in a temporary folder and move it into place, so a reader never
+        # sees a half-written encoder.
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
+        try:
+            _build_one(name, tmp, texts, seed * 100 + index)  # a different seed per encoder
+            (tmp / "tiny_build.json").write_text(json.dumps(info, indent=2) + "\n")
+            # mkdtemp and the writers leave owner-only permissions.
+            tmp.chmod(0o755)
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        paths[name] = folder
+    return paths
+
+
+def train_captions(train_pkl):
+    """All training captions of a Multi-MSRVTT-style pickle, every language."""
+    with open(train_pkl, "rb") as f:
+        items = pickle.load(f)
+    return [c for item in items for key, caps in item.items()
+            if key.startswith("caption_") for c in caps]
+
+
+def ensure_toy_assets(root="cache"):
+    """Generate Multi-Toy in root/multi_toy and the tiny encoders in
+    root/encoders (both reused when up to date). Returns
+    {"train": Path, "test": Path, "encoders": {name: Path}}."""
+    from data_loader import toy
+
+    root = Path(root)
+    data = toy.generate(root / "multi_toy")
+    encoders = build(root / "encoders", train_captions(data["train"]))
+    return {"train": data["train"], "test": data["test"], "encoders": encoders}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build Multi-Toy and the tiny text encoders.")
+    parser.add_argument("--root", default="cache")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    assets = ensure_toy_assets(args.root)
+    print(f"train: {assets['train']}")
+    print(f"test: {assets['test']}")
+    for name, path in assets["encoders"].items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
