@@ -19,6 +19,7 @@ NULLABLE = object()  # marker: the key also accepts null
 # key -> (default, type(s), allowed values or None, what it means)
 SCHEMA = {
     "name": (None, (str, NULLABLE), None, "run name; defaults to the config file's stem"),
+    "notes": (None, (str, NULLABLE), None, "free text: where this config's values come from (not used in training)"),
     "seed": (0, int, None, "seed of every random generator"),
     "stage": ("translate-train", str, STAGES, "training objective (model/loss.py)"),
     "languages": (None, (list, NULLABLE), None, "caption languages; null = every language of the training file"),
@@ -33,12 +34,17 @@ SCHEMA = {
     "data.batch_size": (64, int, None, "training batch size"),
     "data.eval_batch_size": (64, int, None, "evaluation batch size (does not change results)"),
     "data.num_workers": (0, int, None, "DataLoader worker processes"),
+    "data.missing_caption_fallback": ("none", str, ("none", "last_available"),
+                                      "item lacking a language: none = no caption (left out of that language's loss "
+                                      "and evaluation); last_available = copy its last available language's caption "
+                                      "(the reference's RUDDER behaviour; parity only)"),
     "model.text_encoder": ("sentence-transformers/LaBSE", str, None, "Hugging Face hub id or local folder"),
     "model.width": (512, int, None, "video transformer width"),
     "model.projection_dim": (512, int, None, "joint embedding size"),
     "model.depth": (2, int, None, "video transformer blocks"),
     "model.heads": (4, int, None, "attention heads per block"),
     "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
+    "model.pool_with_student_mask": (False, bool, None, "teacher pools text with the student's mask (§2.3)"),
     "loss.temperature": (0.05, float, None, "InfoNCE temperature"),
     "loss.balance": (0.5, float, None, "λ: weight of the contrastive terms in c2kd; 1 - λ weighs distillation"),
     "loss.distill_temp": (0.1, float, None, "τd: temperature of the distillation softmaxes"),
@@ -158,10 +164,10 @@ def resolve(flat, name=None):
         if key not in SCHEMA:
             raise ConfigError(f"unknown config key '{key}'")
         merged[key] = value
+    merged["stage"] = STAGE_ALIASES.get(merged["stage"], merged["stage"])
     merged = {key: _check_value(key, value) for key, value in merged.items()}
     if merged["name"] is None:
         merged["name"] = name or "run"
-    merged["stage"] = STAGE_ALIASES.get(merged["stage"], merged["stage"])
     return _unflatten(merged)
 
 

@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel,
                           PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
+
+from data_loader.safe_pickle import load_pickle
 
 VERSION = 1
 MAX_LEN = 64
@@ -153,8 +154,7 @@ def build(out_dir, corpus_texts, seed=0, names=None):
 
 def train_captions(train_pkl):
     """All training captions of a Multi-MSRVTT-style pickle, every language."""
-    with open(train_pkl, "rb") as f:
-        items = pickle.load(f)
+    items = load_pickle(train_pkl)
     return [c for item in items for key, caps in item.items()
             if key.startswith("caption_") for c in caps]
 

@@ -1,0 +1,152 @@
+"""C2KD end to end: teachers trained here, cached teacher outputs, parity with online teachers, bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_entry
+from parse_config import resolve, load_flat
+from tests.conftest import sacred_scalars
+from trainer.build import build_loaders, build_loss, build_student, load_corpora
+from trainer.teachers import build_teachers
+from utils.checkpoint import load_checkpoint, save_checkpoint
+
+
+def base_config(toy_assets, tmp, **overrides):
+    config = {
+        "data": {"train_path": str(toy_assets["train"]), "eval_path": str(toy_assets["test"]),
+                 "n_video_tokens": 24, "max_words_train": 24, "max_words_eval": 24,
+                 "batch_size": 16, "eval_batch_size": 24},
+        "model": {"text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "width": 32,
+                  "projection_dim": 32, "depth": 1, "heads": 2},
+        "optimizer": {"lr": 2e-3},
+        "trainer": {"epochs": 1, "save_dir": str(tmp / "runs"), "log_every": 1},
+        "teachers": {"cache_dir": str(tmp / "teacher_cache")},
+    }
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    return config
+
+
+def write(tmp, name, config):
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, toy_assets):
+    tmp = tmp_path_factory.mktemp("c2kd")
+    teachers = []
+    for encoder in ("xlmr-tiny", "distiluse-tiny"):
+        name = f"teacher_{encoder.split('-')[0]}"
+        path = write(tmp, name, base_config(toy_assets, tmp, stage="translate-train",
+                                            model={"text_encoder": str(toy_assets["encoders"][encoder])}))
+        assert train_entry.main(["-c", str(path), "--run-id", "seed0", "-d", "cpu"]) == 0
+        teachers.append(str(tmp / "runs" / name / "seed0" / "latest.pt"))
+    student = base_config(toy_assets, tmp, stage="c2kd", teachers={"checkpoints": teachers},
+                          loss={"balance": 0.5, "distill_temp": 0.1, "teacher_pool": "max"})
+    return {"tmp": tmp, "teachers": teachers, "student": student, "assets": toy_assets}
+
+
+def test_c2kd_trains_and_reuses_cached_teacher_outputs(setup, capsys):
+    tmp = setup["tmp"]
+    path = write(tmp, "student", setup["student"])
+    assert train_entry.main(["-c", str(path), "--run-id", "a", "-d", "cpu"]) == 0
+    cache_files = sorted((tmp / "teacher_cache").glob("*.pt"))
+    assert len(cache_files) == 2
+    stamps = [f.stat().st_mtime_ns for f in cache_files]
+    assert capsys.readouterr().out.count("teacher outputs: wrote") == 2
+    assert train_entry.main(["-c", str(path), "--run-id", "b", "-d", "cpu"]) == 0
+    assert capsys.readouterr().out.count("teacher outputs: reusing") == 2
+    assert [f.stat().st_mtime_ns for f in cache_files] == stamps
+    run = tmp / "runs" / "student" / "a"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["stage"] == "c2kd" and saved["teachers"]["checkpoints"] == setup["teachers"]
+    assert saved["loss"]["teacher_pool"] == "max"
+    assert len(sacred_scalars(run, "val.t2v_mean_R1")) == 1
+
+
+@pytest.mark.parametrize("pool", ["max", "multitask", "learnable"])
+def test_cached_and_online_teachers_give_the_same_loss(setup, pool):
+    losses = {}
+    for mode in ("cached", "online"):
+        config = resolve({**_flat(setup["student"]), "teachers.mode": mode, "loss.teacher_pool": pool})
+        torch.manual_seed(0)
+        corpora = load_corpora(config)
+        teachers = build_teachers(config, corpora["train"], torch.device("cpu"))
+        model, tokenizer = build_student(config)
+        train_loader, _ = build_loaders(config, corpora, tokenizer, extra_inputs=teachers.text_inputs)
+        loss_fn = build_loss(config, num_teachers=len(teachers))
+        model.eval()  # no dropout, so both modes see identical student outputs
+        train_loader.sampler.set_epoch(0)
+        batch = next(iter(train_loader))
+        with torch.no_grad():
+            video = model.encode_video(batch["video"], batch["video_mask"])
+            text = {lang: model.encode_text(batch["text"]["student"][lang]) for lang in corpora["train"].languages}
+            sims = teachers.similarities(batch)
+            losses[mode] = (loss_fn(text, video, teacher_sims=sims)[0].item(), sims)
+    assert losses["cached"][0] == pytest.approx(losses["online"][0], abs=1e-5)
+    for cached, online in zip(losses["cached"][1], losses["online"][1]):
+        assert torch.allclose(cached, online, atol=1e-5)
+
+
+def _flat(config):
+    from parse_config import flatten_config
+    return flatten_config(config)
+
+
+def bad_run(setup, capsys, **overrides):
+    config = json.loads(json.dumps(setup["student"]))
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    path = write(setup["tmp"], "bad_student", config)
+    code = train_entry.main(["-c", str(path), "-d", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("error: ")
+    assert not list((setup["tmp"] / "runs" / "bad_student").glob("*/latest.pt"))  # nothing trained
+    return err
+
+
+def test_c2kd_without_teachers_is_refused(setup, capsys):
+    err = bad_run(setup, capsys, teachers={"checkpoints": []})
+    assert "set config key 'teachers.checkpoints'" in err
+
+
+def test_missing_and_unreadable_teacher_checkpoints_are_refused(setup, capsys):
+    missing = str(setup["tmp"] / "nowhere.pt")
+    assert f"{missing}: checkpoint not found" in bad_run(setup, capsys, teachers={"checkpoints": [missing]})
+    junk = setup["tmp"] / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    assert f"{junk}: not a readable checkpoint" in bad_run(setup, capsys, teachers={"checkpoints": [str(junk)]})
+
+
+def test_teacher_for_other_features_and_without_tokenizer_are_refused(setup, capsys):
+    state = load_checkpoint(setup["teachers"][0])
+    state["config"]["data"]["feature_dim"] = 1024
+    other = save_checkpoint(state, setup["tmp"] / "s3d_teacher.pt")
+    err = bad_run(setup, capsys, teachers={"checkpoints": [str(other)]})
+    assert "teacher was trained on 1024-d video features, but config key 'data.feature_dim' is 512" in err
+    state = load_checkpoint(setup["teachers"][0])
+    state["config"]["model"]["text_encoder"] = str(setup["tmp"] / "deleted-encoder")
+    lost = save_checkpoint(state, setup["tmp"] / "lost_tokenizer.pt")
+    err = bad_run(setup, capsys, teachers={"checkpoints": [str(lost)]})
+    assert "deleted-encoder" in err and "could not be loaded" in err
+
+
+def test_unknown_pooling_is_refused(setup, capsys):
+    err = bad_run(setup, capsys, loss={"teacher_pool": "median"})
+    assert "config key 'loss.teacher_pool' = \"median\" is not one of" in err
+
+
+def test_toy_configs_resolve():
+    root = Path(__file__).resolve().parents[1] / "configs" / "toy"
+    for path in root.glob("*.json"):
+        resolve(load_flat(path))

@@ -1,0 +1,89 @@
+"""Config files, inheritance, overrides and one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parse_config import ConfigError, build_parser, config_from_args, load_flat, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args_for(*argv):
+    return build_parser("test", train=True).parse_args(list(argv))
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_extends_overrides_and_reference_flags(tmp_path):
+    write(tmp_path, "base.json", {"data": {"batch_size": 32, "feature_key": "s3d"}, "loss": {"temperature": 0.1}})
+    child = write(tmp_path, "child.json", {"extends": "base.json", "data": {"batch_size": 16}})
+    config = config_from_args(args_for("-c", str(child), "--lr", "3e-4", "--epochs", "5", "--bs", "8",
+                                       "--stage", "baseline-zero-shot", "--set", "eval.tie_break=optimistic",
+                                       "--set", "languages=[\"en\",\"de\"]"))
+    assert config["name"] == "child"
+    assert config["data"]["batch_size"] == 8            # --bs beats the file
+    assert config["data"]["feature_key"] == "s3d"       # inherited
+    assert config["loss"]["temperature"] == 0.1
+    assert config["optimizer"]["lr"] == 3e-4 and config["trainer"]["epochs"] == 5
+    assert config["stage"] == "zero-shot"               # the reference's stage name is mapped
+    assert config["eval"]["tie_break"] == "optimistic"
+    assert config["languages"] == ["en", "de"]
+
+
+def test_teacher_sim_pool_flag_maps_reference_names(tmp_path):
+    path = write(tmp_path, "c.json", {"stage": "c2kd"})
+    with pytest.warns(UserWarning, match="element-wise max"):
+        config = config_from_args(args_for("-c", str(path), "--teacher_sim_pool", "min", "--teachtext", "1",
+                                           "--balance", "0.1", "--distill_temp", "0.2"))
+    assert config["loss"]["teacher_pool"] == "max"
+    assert config["loss"]["teachtext"] is True
+    assert config["loss"]["balance"] == 0.1 and config["loss"]["distill_temp"] == 0.2
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"data": {"batchsize": 3}}, "unknown config key 'data.batchsize'"),
+    ({"trainer": {"epochs": "ten"}}, "config key 'trainer.epochs' must be int, got \"ten\""),
+    ({"trainer": {"epochs": True}}, "config key 'trainer.epochs' must be int, got true"),
+    ({"eval": {"tie_break": "random"}}, "config key 'eval.tie_break' = \"random\" is not one of"),
+    ({"stage": "c3kd"}, "config key 'stage' = \"c3kd\" is not one of"),
+    ({"model": {"depth": None}}, "config key 'model.depth' must not be null"),
+    ('{"data": {', "not valid JSON (line 1 column 11"),
+    ("[1, 2]", "a config must be a JSON object"),
+])
+def test_bad_configs_are_reported_in_one_line(tmp_path, content, message):
+    path = write(tmp_path, "bad.json", content)
+    with pytest.raises(ConfigError) as info:
+        resolve(load_flat(path))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_override_names_the_key(tmp_path):
+    path = write(tmp_path, "ok.json", {})
+    with pytest.raises(ConfigError, match="unknown config key 'optimiser.lr'"):
+        config_from_args(args_for("-c", str(path), "--set", "optimiser.lr=1"))
+    with pytest.raises(ConfigError, match="--set expects key=value"):
+        config_from_args(args_for("-c", str(path), "--set", "optimizer.lr"))
+
+
+def test_extends_cycle_is_reported(tmp_path):
+    write(tmp_path, "a.json", {"extends": "b.json"})
+    write(tmp_path, "b.json", {"extends": "a.json"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_flat(tmp_path / "a.json")
+
+
+def test_train_cli_prints_one_line_and_exits_2(tmp_path):
+    path = write(tmp_path, "bad.json", {"trainer": {"epochs": -1.5}})
+    result = subprocess.run([sys.executable, "train.py", "-c", str(path)], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: config key 'trainer.epochs' must be int, got -1.5"
+    assert "Traceback" not in result.stderr

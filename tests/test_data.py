@@ -1,0 +1,147 @@
+"""The restricted unpickler, the released-layout reader and the data set."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from data_loader.corpus import read_corpus
+from data_loader.dataset import RetrievalDataset, TextInput, clean_caption, video_tokens
+from data_loader.safe_pickle import DataFileError, load_pickle
+
+
+class Hostile:
+    """Unpickling this would run a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps([{"id": "x", "payload": Hostile(marker)}]))
+    with pytest.raises(DataFileError, match=r"refused global (posix|os)\.system") as info:
+        load_pickle(path)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_truncated_and_missing_pickles_give_one_line_errors(tmp_path):
+    path = tmp_path / "cut.pkl"
+    path.write_bytes(pickle.dumps([{"a": np.zeros(3)}])[:-7])
+    with pytest.raises(DataFileError, match="not a readable pickle"):
+        load_pickle(path)
+    with pytest.raises(DataFileError, match="file not found"):
+        load_pickle(tmp_path / "nope.pkl")
+
+
+def released_items(training, n=3, dim=8, frames=(4, 0, 6)):
+    """Items in the released Multi-MSRVTT layout (reference §1.2)."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        item = {"id": f"video{i}", "2d": rng.normal(size=(frames[i % len(frames)], dim)).astype(np.float64),
+                "audio": np.zeros((40, 10))}
+        if training:
+            item["caption_en"] = [f"a cat number {i}", f"a dog number {i}"]
+            item["caption_de"] = [f"eine Katze Nummer {i}", f"ein Hund Nummer {i}"]
+            item["caption_zh"] = [f"猫 {i}", f"狗 {i}"]
+        else:
+            item["eval_caption_en"] = f"a cat number {i}"
+            item["eval_caption_de"] = f"eine Katze Nummer {i}"
+        items.append(item)
+    return items
+
+
+def test_reader_on_released_training_layout(tmp_path):
+    path = tmp_path / "train.pkl"
+    path.write_bytes(pickle.dumps(released_items(training=True), protocol=4))
+    corpus = read_corpus(path, "multi-msrvtt", "2d", "train")
+    assert corpus.ids == ["video0", "video1", "video2"]
+    assert corpus.languages == ["en", "de", "zh"]  # English first, then sorted
+    assert corpus.captions["zh"][1] == ["猫 1", "狗 1"]
+    assert corpus.features[0].dtype == np.float32 and corpus.features[0].shape == (4, 8)
+    assert corpus.features[1].shape == (0, 8)
+    assert corpus.feature_dim == 8
+
+
+def test_reader_on_released_eval_layout(tmp_path):
+    path = tmp_path / "test.pkl"
+    path.write_bytes(pickle.dumps(released_items(training=False), protocol=4))
+    corpus = read_corpus(path, "multi-msrvtt", "2d", "eval")
+    assert corpus.languages == ["en", "de"]
+    assert corpus.captions["de"][2] == ["eine Katze Nummer 2"]
+
+
+def test_reader_errors_name_file_key_and_language(tmp_path):
+    path = tmp_path / "train.pkl"
+    path.write_bytes(pickle.dumps(released_items(training=True), protocol=4))
+    with pytest.raises(DataFileError, match=r"train.pkl: item 0 has no feature key 's3d'"):
+        read_corpus(path, "multi-msrvtt", "s3d", "train")
+    with pytest.raises(DataFileError, match=r"no captions for language\(s\) sw"):
+        read_corpus(path, "multi-msrvtt", "2d", "train").select_languages(["en", "sw"])
+    with pytest.raises(DataFileError, match="no 'eval_caption_<lang>' keys"):
+        read_corpus(path, "multi-msrvtt", "2d", "eval")
+    wrong = tmp_path / "dict.pkl"
+    wrong.write_bytes(pickle.dumps({"not": "a list"}))
+    with pytest.raises(DataFileError, match="expected a list of dicts"):
+        read_corpus(wrong, "multi-msrvtt", "2d", "train")
+
+
+def test_video_tokens_truncate_normalise_and_pad():
+    feats = np.arange(12, dtype=np.float32).reshape(4, 3) + 1
+    tokens, mask = video_tokens(feats, 3)
+    assert mask.tolist() == [True, True, True]
+    assert torch.allclose(tokens.norm(dim=1), torch.ones(3))
+    assert torch.allclose(tokens[0], torch.tensor([1.0, 2, 3]) / np.sqrt(14))
+    tokens, mask = video_tokens(feats[:2], 5)
+    assert mask.tolist() == [True, True, False, False, False]
+    assert tokens[2:].abs().sum() == 0
+    tokens, mask = video_tokens(np.zeros((0, 3), np.float32), 2)
+    assert not mask.any()
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and counts how many captions it was asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.texts = inner, 0, 0
+
+    def __call__(self, texts, **kwargs):
+        self.calls += 1
+        self.texts += len(texts)
+        return self.inner(texts, **kwargs)
+
+
+def test_captions_are_tokenized_once_and_caption_index_is_shared(tmp_path, toy_assets):
+    from transformers import AutoTokenizer
+    path = tmp_path / "train.pkl"
+    path.write_bytes(pickle.dumps(released_items(training=True), protocol=4))
+    corpus = read_corpus(path, "multi-msrvtt", "2d", "train")
+    tok = CountingTokenizer(AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"]))
+    data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages)], max_words=12,
+                            n_video_tokens=5, train=True, seed=1)
+    assert tok.calls == 3 and tok.texts == 3 * 2 * 3  # one call per language, every caption once
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            item = data[i]
+            cap = item["caption_index"]
+            expected = tok.inner(corpus.captions["de"][i][cap], padding="max_length", max_length=12,
+                                 truncation=True)["input_ids"]
+            assert item["text"]["student"]["de"]["input_ids"].tolist() == expected
+    assert tok.calls == 3  # reading items over three epochs tokenized nothing more
+    data.set_epoch(7)
+    first = data.caption_choice.copy()
+    data.set_epoch(7)
+    assert (first == data.caption_choice).all()
+
+
+def test_clean_caption_keeps_words_only():
+    assert clean_caption("A man, cutting an onion! (in the kitchen's corner)") == \
+        "A man cutting an onion in the kitchen's corner"

@@ -1,0 +1,105 @@
+"""Train, resume and evaluate on a small Multi-Toy through the real entry points."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import test as test_entry
+import train as train_entry
+from tests.conftest import sacred_scalars
+from utils.checkpoint import load_checkpoint
+
+
+def run_train(config, run_id, *extra):
+    code = train_entry.main(["-c", str(config), "--run-id", run_id, "-d", "cpu", *extra])
+    assert code == 0
+    return Path(json.loads(Path(config).read_text())["trainer"]["save_dir"]) / Path(config).stem / run_id
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, toy_assets):
+    """One uninterrupted 3-epoch translate-train run, and one stopped after 2 epochs then resumed."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    config = {
+        "stage": "translate-train",
+        "data": {"train_path": str(toy_assets["train"]), "eval_path": str(toy_assets["test"]),
+                 "n_video_tokens": 24, "max_words_train": 24, "max_words_eval": 24,
+                 "batch_size": 16, "eval_batch_size": 20},
+        "model": {"text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "width": 32,
+                  "projection_dim": 32, "depth": 1, "heads": 2},
+        "optimizer": {"lr": 2e-3},
+        "trainer": {"epochs": 3, "save_dir": str(tmp / "runs"), "log_every": 1},
+    }
+    path = tmp / "tt.json"
+    path.write_text(json.dumps(config))
+    full = run_train(path, "full")
+    part = run_train(path, "part", "--epochs", "2")
+    resumed = run_train(path, "resumed", "-r", str(part / "latest.pt"), "--epochs", "3")
+    return {"config": path, "full": full, "part": part, "resumed": resumed}
+
+
+def test_training_records_the_run_and_the_loss_falls(trained):
+    run = trained["full"]
+    losses = sacred_scalars(run, "train.epoch_loss")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["stage"] == "translate-train" and saved["trainer"]["epochs"] == 3 and saved["seed"] == 0
+    assert json.loads((run / "run.json").read_text())["status"] == "COMPLETED"
+    assert (run / "latest.pt").is_file() and (run / "best.pt").is_file()
+    state = load_checkpoint(run / "latest.pt")
+    assert state["epoch"] == 3 and state["step"] == 3 * (128 // 16)
+    assert state["config"]["data"]["batch_size"] == 16
+    r1 = sacred_scalars(run, "val.t2v_en_R1")
+    assert len(r1) == 3 and r1[-1] > 100 / 48  # better than chance on 48 test videos
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(trained):
+    full = load_checkpoint(trained["full"] / "latest.pt")
+    resumed = load_checkpoint(trained["resumed"] / "latest.pt")
+    assert resumed["epoch"] == 3 and resumed["step"] == full["step"]
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert sacred_scalars(trained["full"], "val.t2v_mean_R1")[-1] == \
+        sacred_scalars(trained["resumed"], "val.t2v_mean_R1")[-1]
+
+
+def test_test_py_reproduces_training_metrics_and_saves_similarities(trained, tmp_path):
+    run = trained["full"]
+    out, sims = tmp_path / "eval", tmp_path / "sims"
+    assert test_entry.main(["-r", str(run / "latest.pt"), "--out", str(out), "--save-sims", str(sims)]) == 0
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["epoch"] == 3
+    for lang in ("en", "de", "sw"):
+        assert record["metrics"][lang]["t2v"]["R1"] == sacred_scalars(run, f"val.t2v_{lang}_R1")[-1]
+        assert set(record["metrics"][lang]) == {"t2v", "v2t"}
+    assert set(record["metrics"]["mean"]["t2v"]) >= {"R1", "R5", "R10", "R50", "MedR", "MeanR"}
+    matrix = np.load(sims / "de.npy")
+    ids = json.loads((sims / "de.json").read_text())
+    assert matrix.shape == (48, 48) and len(ids["query_ids"]) == 48 and ids["video_ids"][0] == ids["query_ids"][0]
+
+
+def test_evaluation_does_not_depend_on_batch_size(trained, tmp_path):
+    run = trained["full"]
+    records = []
+    for bs in (7, 48):
+        out = tmp_path / f"bs{bs}"
+        assert test_entry.main(["-r", str(run / "latest.pt"), "--out", str(out),
+                                "--set", f"data.eval_batch_size={bs}"]) == 0
+        records.append(json.loads((out / "metrics.json").read_text())["metrics"])
+    for lang in records[0]:
+        for direction in ("t2v", "v2t"):
+            for stat, value in records[0][lang][direction].items():
+                assert records[1][lang][direction][stat] == pytest.approx(value, abs=1e-9)
+
+
+def test_wrong_feature_dim_and_missing_language_are_one_line_errors(trained, capsys):
+    code = train_entry.main(["-c", str(trained["config"]), "--set", "data.feature_dim=1024"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("feature '2d' has dimension 512, but config key 'data.feature_dim' is 1024")
+    assert "\n" not in err
+    code = train_entry.main(["-c", str(trained["config"]), "--set", 'languages=["en","ja"]'])
+    assert code == 2
+    assert "no captions for language(s) ja" in capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""Losses against values worked out by hand on 2x2 matrices."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from model.loss import RetrievalLoss, cosine_sim, distill_kl, info_nce, legacy_teacher_pool
+
+# Text embeddings whose cosine similarities with the identity "videos" are exactly their entries:
+# row 0 = (1, 0), row 1 = (0.6, 0.8), both unit vectors.
+TEXT = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=torch.float64)
+VIDEO = torch.eye(2, dtype=torch.float64)
+S = [[1.0, 0.0], [0.6, 0.8]]
+
+
+def ce(logits, target):
+    """-log softmax(logits)[target], written out."""
+    return -logits[target] + math.log(sum(math.exp(x) for x in logits))
+
+
+def nce_by_hand(s, tau):
+    rows = (ce([s[0][0] / tau, s[0][1] / tau], 0) + ce([s[1][0] / tau, s[1][1] / tau], 1)) / 2
+    cols = (ce([s[0][0] / tau, s[1][0] / tau], 0) + ce([s[0][1] / tau, s[1][1] / tau], 1)) / 2
+    return rows + cols
+
+
+def kl_by_hand(s, t, tau):
+    """KL(softmax(t/tau) || softmax(s/tau)) summed over the 2 rows, divided by 2, plus columns."""
+    def row_kl(srow, trow):
+        zs = sum(math.exp(x / tau) for x in srow)
+        zt = sum(math.exp(x / tau) for x in trow)
+        return sum(math.exp(b / tau) / zt * ((b / tau - math.log(zt)) - (a / tau - math.log(zs)))
+                   for a, b in zip(srow, trow))
+    cols = lambda m: [[m[0][0], m[1][0]], [m[0][1], m[1][1]]]  # noqa: E731
+    return (row_kl(s[0], t[0]) + row_kl(s[1], t[1])) / 2 + \
+        (row_kl(cols(s)[0], cols(t)[0]) + row_kl(cols(s)[1], cols(t)[1])) / 2
+
+
+def test_cosine_sim_of_fixture_is_its_entries():
+    assert torch.allclose(cosine_sim(TEXT, VIDEO), torch.tensor(S, dtype=torch.float64))
+
+
+def test_info_nce_simple_case():
+    # S = I, tau = 1: every row and column has -log(e / (e + 1)) = log(1 + 1/e); rows + columns.
+    expected = 2 * math.log(1 + math.exp(-1))
+    assert info_nce(torch.eye(2), 1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_info_nce_asymmetric_matrix():
+    # logits S / 0.5 = [[2, 0], [1.2, 1.6]]
+    # rows:    log(1 + e^-2) and log(1 + e^(1.2 - 1.6)); columns: log(1 + e^(1.2 - 2)) and log(1 + e^(0 - 1.6))
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-0.4))) / 2 \
+        + (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-1.6))) / 2
+    assert info_nce(torch.tensor(S), 0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert nce_by_hand(S, 0.5) == pytest.approx(expected, rel=1e-12)
+
+
+def test_distill_kl_matches_hand_computation_and_vanishes_on_equal_inputs():
+    t = [[0.9, 0.2], [0.1, 0.7]]
+    got = distill_kl(torch.tensor(S, dtype=torch.float64), torch.tensor(t, dtype=torch.float64), 0.1).item()
+    assert got == pytest.approx(kl_by_hand(S, t, 0.1), rel=1e-9)
+    assert distill_kl(torch.tensor(t), torch.tensor(t), 0.1).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_zero_shot_uses_english_only():
+    loss = RetrievalLoss("zero-shot", temperature=0.5)
+    value, terms = loss({"en": TEXT, "de": TEXT.flip(0)}, VIDEO)
+    assert value.item() == pytest.approx(nce_by_hand(S, 0.5), rel=1e-9)
+    assert set(terms) == {"nce_main"}
+
+
+def test_translate_train_sums_languages_without_normalising():
+    swapped = TEXT.flip(1)  # rows (0, 1) and (0.8, 0.6): sims [[0, 1], [0.8, 0.6]]
+    s_de = [[0.0, 1.0], [0.8, 0.6]]
+    loss = RetrievalLoss("translate-train", temperature=0.5)
+    value, terms = loss({"en": TEXT, "de": swapped, "fr": TEXT}, VIDEO)
+    expected = nce_by_hand(S, 0.5) + nce_by_hand(s_de, 0.5) + nce_by_hand(S, 0.5)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+    assert set(terms) == {"nce_main", "nce_de", "nce_fr"}
+
+
+def test_rows_mask_leaves_items_out_of_a_language():
+    loss = RetrievalLoss("translate-train", temperature=0.5)
+    three_text = torch.cat([TEXT, torch.tensor([[0.0, 1.0]], dtype=torch.float64)])
+    three_video = torch.cat([VIDEO, torch.tensor([[0.6, 0.8]], dtype=torch.float64)])
+    rows = {"main": torch.tensor([True, True, False]), "de": torch.tensor([True, True, False])}
+    value, _ = loss({"en": three_text, "de": three_text}, three_video, rows=rows)
+    # Only the first two items remain: the 2x2 block of the 3x3 matrix, which is S.
+    assert value.item() == pytest.approx(2 * nce_by_hand(S, 0.5), rel=1e-9)
+
+
+T1 = [[0.9, 0.2], [0.1, 0.7]]
+T2 = [[0.5, 0.6], [0.3, 0.4]]
+ELEMENTWISE = {
+    "max": [[max(a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(T1, T2)],
+    "min": [[min(a, b) for a, b in zip(r1, r2)] for r1, r2 in zip(T1, T2)],
+    "mean": [[(a + b) / 2 for a, b in zip(r1, r2)] for r1, r2 in zip(T1, T2)],
+}
+
+
+def c2kd_value(pool, lam=0.3, tau=0.5, tau_d=0.2):
+    loss = RetrievalLoss("c2kd", temperature=tau, balance=lam, distill_temp=tau_d, teacher_pool=pool,
+                         num_teachers=2).double()
+    teachers = [torch.tensor(T1, dtype=torch.float64), torch.tensor(T2, dtype=torch.float64)]
+    value, terms = loss({"en": TEXT, "de": TEXT}, VIDEO, teacher_sims=teachers)
+    return value.item(), terms
+
+
+@pytest.mark.parametrize("pool", ["max", "min", "mean"])
+def test_c2kd_elementwise_pools(pool):
+    lam, tau, tau_d = 0.3, 0.5, 0.2
+    nce = nce_by_hand(S, tau)
+    kl = kl_by_hand(S, ELEMENTWISE[pool], tau_d)
+    # λ NCE(en) + for en and de: λ NCE + (1 - λ) KL
+    expected = lam * nce + 2 * (lam * nce + (1 - lam) * kl)
+    assert c2kd_value(pool)[0] == pytest.approx(expected, rel=1e-9)
+
+
+def test_c2kd_multitask_sums_one_term_per_teacher():
+    lam, tau, tau_d = 0.3, 0.5, 0.2
+    nce = nce_by_hand(S, tau)
+    kl = (1 - lam) * (kl_by_hand(S, T1, tau_d) + kl_by_hand(S, T2, tau_d))
+    assert c2kd_value("multitask")[0] == pytest.approx(lam * nce + 2 * (lam * nce + kl), rel=1e-9)
+
+
+def test_c2kd_learnable_weights_start_equal_and_get_gradients():
+    lam, tau, tau_d = 0.3, 0.5, 0.2
+    nce = nce_by_hand(S, tau)
+    # Equal initial logits: softmax weights 1/2 each, replacing (1 - λ) as in the reference.
+    kl = 0.5 * kl_by_hand(S, T1, tau_d) + 0.5 * kl_by_hand(S, T2, tau_d)
+    assert c2kd_value("learnable")[0] == pytest.approx(lam * nce + 2 * (lam * nce + kl), rel=1e-9)
+    loss = RetrievalLoss("c2kd", 0.5, balance=lam, distill_temp=tau_d, teacher_pool="learnable", num_teachers=2)
+    value, _ = loss({"en": TEXT.float()}, VIDEO.float(), teacher_sims=[torch.tensor(T1), torch.tensor(T2)])
+    value.backward()
+    assert loss.teacher_logits.grad is not None and loss.teacher_logits.grad.abs().sum() > 0
+
+
+def test_c2kd_with_balance_one_keeps_only_contrastive_terms():
+    value, terms = c2kd_value("max", lam=1.0)
+    assert value == pytest.approx(3 * nce_by_hand(S, 0.5), rel=1e-9)
+    assert all(v.item() == 0 for k, v in terms.items() if k.startswith("distill"))
+
+
+def test_c2kd_teachtext_uses_smooth_l1_on_raw_similarities():
+    lam = 0.3
+    loss = RetrievalLoss("c2kd", 0.5, balance=lam, distill_temp=0.2, teacher_pool="max", teachtext=True,
+                         num_teachers=1)
+    value, _ = loss({"en": TEXT}, VIDEO, teacher_sims=[torch.tensor(T1, dtype=torch.float64)])
+    # SmoothL1 (beta 1) of |S - T1| = (0.1, 0.2, 0.5, 0.1): all < 1, so 0.5 d^2, averaged over 4 entries.
+    smooth = sum(0.5 * d * d for d in (0.1, 0.2, 0.5, 0.1)) / 4
+    nce = nce_by_hand(S, 0.5)
+    assert value.item() == pytest.approx(lam * nce + lam * nce + (1 - lam) * smooth, rel=1e-9)
+
+
+def test_legacy_pool_names_map_to_the_operation_they_computed():
+    with pytest.warns(UserWarning, match="element-wise max"):
+        assert legacy_teacher_pool("min") == "max"
+    with pytest.warns(UserWarning, match="element-wise min"):
+        assert legacy_teacher_pool("max") == "min"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert legacy_teacher_pool("mean") == "mean"
+    with pytest.raises(ValueError, match="teacher_sim_pool"):
+        legacy_teacher_pool("median")
+
+
+def test_unknown_stage_and_pool_are_rejected():
+    with pytest.raises(ValueError, match="stage 'c3kd'"):
+        RetrievalLoss("c3kd", 0.05)
+    with pytest.raises(ValueError, match="teacher_pool 'median'"):
+        RetrievalLoss("c2kd", 0.05, teacher_pool="median")
