@@ -32,6 +32,7 @@ def main(argv=None):
 
 
 def train(config, run, device, resume=None):
+    from model.model import load_tokenizer
     from trainer.build import build_loaders, build_loss, build_student, load_corpora
     from trainer.evaluate import flat_metrics
     from trainer.teachers import build_teachers
@@ -40,8 +41,9 @@ def train(config, run, device, resume=None):
 
     seed_everything(config["seed"])
     corpora = load_corpora(config)
-    teachers = build_teachers(config, corpora["train"], device)
-    model, tokenizer = build_student(config, pretrained_text=resume is None)
+    tokenizer = load_tokenizer(config["model"]["text_encoder"])
+    teachers = build_teachers(config, corpora["train"], device, tokenizer)
+    model, tokenizer = build_student(config, pretrained_text=resume is None, tokenizer=tokenizer)
     train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
                                               extra_inputs=teachers.text_inputs if teachers else ())
     loss = build_loss(config, num_teachers=len(teachers) if teachers else 0)

@@ -131,9 +131,17 @@ class ModelError(ValueError):
     """A model cannot be built from its configuration."""
 
 
+def _quiet_transformers():
+    # Loading progress bars and notices would bury the one-line errors and the training log.
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_backbone(name, pretrained=True):
     """The text encoder named by a hub id or a local folder, through transformers' Auto classes."""
     from transformers import AutoConfig, AutoModel
+    _quiet_transformers()
     try:
         if pretrained:
             return AutoModel.from_pretrained(name)
@@ -146,6 +154,7 @@ def load_backbone(name, pretrained=True):
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
+    _quiet_transformers()
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:

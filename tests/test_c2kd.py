@@ -71,15 +71,27 @@ def test_c2kd_trains_and_reuses_cached_teacher_outputs(setup, capsys):
     assert len(sacred_scalars(run, "val.t2v_mean_R1")) == 1
 
 
-@pytest.mark.parametrize("pool", ["max", "multitask", "learnable"])
-def test_cached_and_online_teachers_give_the_same_loss(setup, pool):
+def student_mask_teachers(setup):
+    """Copies of the teachers flagged to pool with the student's mask, as converted reference teachers are."""
+    paths = []
+    for i, path in enumerate(setup["teachers"]):
+        state = load_checkpoint(path)
+        state["config"]["model"]["pool_with_student_mask"] = True
+        paths.append(str(save_checkpoint(state, setup["tmp"] / f"student_mask_teacher{i}.pt")))
+    return paths
+
+
+def cached_and_online(setup, pool, student_mask):
+    """The loss and teacher targets of one batch with cached and with online teachers."""
     losses = {}
+    paths = student_mask_teachers(setup) if student_mask else setup["teachers"]
     for mode in ("cached", "online"):
-        config = resolve({**_flat(setup["student"]), "teachers.mode": mode, "loss.teacher_pool": pool})
+        config = resolve({**_flat(setup["student"]), "teachers.mode": mode, "loss.teacher_pool": pool,
+                          "teachers.checkpoints": paths})
         torch.manual_seed(0)
         corpora = load_corpora(config)
-        teachers = build_teachers(config, corpora["train"], torch.device("cpu"))
         model, tokenizer = build_student(config)
+        teachers = build_teachers(config, corpora["train"], torch.device("cpu"), tokenizer)
         train_loader, _ = build_loaders(config, corpora, tokenizer, extra_inputs=teachers.text_inputs)
         loss_fn = build_loss(config, num_teachers=len(teachers))
         model.eval()  # no dropout, so both modes see identical student outputs
@@ -90,9 +102,23 @@ def test_cached_and_online_teachers_give_the_same_loss(setup, pool):
             text = {lang: model.encode_text(batch["text"]["student"][lang]) for lang in corpora["train"].languages}
             sims = teachers.similarities(batch)
             losses[mode] = (loss_fn(text, video, teacher_sims=sims)[0].item(), sims)
+    return losses
+
+
+@pytest.mark.parametrize("pool, student_mask", [("max", False), ("multitask", False), ("learnable", False),
+                                                ("mean", True)])
+def test_cached_and_online_teachers_give_the_same_loss(setup, pool, student_mask):
+    losses = cached_and_online(setup, pool, student_mask)
     assert losses["cached"][0] == pytest.approx(losses["online"][0], abs=1e-5)
     for cached, online in zip(losses["cached"][1], losses["online"][1]):
         assert torch.allclose(cached, online, atol=1e-5)
+
+
+def test_student_mask_pooling_changes_the_teacher_targets(setup):
+    own = cached_and_online(setup, "mean", False)["cached"][1]
+    student = cached_and_online(setup, "mean", True)["cached"][1]
+    # The teachers' tokenizers split captions differently from the student's, so the masks differ.
+    assert not torch.allclose(own[0], student[0], atol=1e-4)
 
 
 def _flat(config):

@@ -32,8 +32,8 @@ def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_siz
     return train, evaluation
 
 
-def build_student(config, pretrained_text=True):
-    tokenizer = load_tokenizer(config["model"]["text_encoder"])
+def build_student(config, pretrained_text=True, tokenizer=None):
+    tokenizer = tokenizer or load_tokenizer(config["model"]["text_encoder"])
     model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=pretrained_text)
     return model, tokenizer
 

@@ -29,8 +29,11 @@ ENGLISH = "en"
 
 
 class Teacher:
-    def __init__(self, path, model, tokenizer):
+    def __init__(self, path, model, tokenizer, pool_with_student_mask=False):
         self.path, self.model, self.tokenizer = Path(path), model, tokenizer
+        # Converted reference teachers pooled their states with the student tokenizer's mask
+        # of the raw English caption (§2.3); they keep doing so to reproduce their targets.
+        self.pool_with_student_mask = pool_with_student_mask
         self.model.eval().requires_grad_(False)
 
 
@@ -49,12 +52,13 @@ def load_teacher(path, feature_dim, device):
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes "
                               f"({str(e).splitlines()[0]})") from None
-    return Teacher(path, model.to(device), tokenizer)
+    return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False))
 
 
 class Teachers:
-    def __init__(self, teachers, corpus, config, device):
+    def __init__(self, teachers, corpus, config, device, student_tokenizer):
         self.teachers, self.corpus, self.config, self.device = teachers, corpus, config, device
+        self.student_tokenizer = student_tokenizer
         self.mode = config["teachers"]["mode"]
         self.max_words = config["data"]["max_words_train"]
         self.text_inputs = []
@@ -81,7 +85,8 @@ class Teachers:
         data = self.config["data"]
         spec = {"version": CACHE_VERSION, "teacher": stamp(teacher.path), "data": stamp(self.corpus.path),
                 "feature_key": data["feature_key"], "n_video_tokens": data["n_video_tokens"],
-                "max_words": self.max_words}
+                "max_words": self.max_words,
+                "pool_mask": self.config["model"]["text_encoder"] if teacher.pool_with_student_mask else "own"}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
     def cached_outputs(self, teacher):
@@ -101,14 +106,18 @@ class Teachers:
     @torch.no_grad()
     def embed_training_set(self, teacher, batch_size=256):
         """Normalised text embeddings of every (video, English caption) and video embeddings, fp32."""
-        table = _TokenTable(self.corpus.captions[ENGLISH], teacher.tokenizer, self.max_words, clean=True)
+        captions = self.corpus.captions[ENGLISH]
+        table = _TokenTable(captions, teacher.tokenizer, self.max_words, clean=True)
+        pool_masks = (_TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
+                      if teacher.pool_with_student_mask else table.attention_mask)
         model, device = teacher.model, self.device
         texts = []
         for start in tqdm(range(0, len(table.input_ids), batch_size), desc=f"teacher {teacher.path.name} text",
                           leave=False):
-            ids = table.input_ids[start:start + batch_size].long().to(device)
-            mask = table.attention_mask[start:start + batch_size].long().to(device)
-            texts.append(F.normalize(model.text(ids, mask).float(), dim=1, eps=1e-8).cpu())
+            rows = slice(start, start + batch_size)
+            ids, mask = table.input_ids[rows].long().to(device), table.attention_mask[rows].long().to(device)
+            pool = pool_masks[rows].long().to(device)
+            texts.append(F.normalize(model.text(ids, mask, pool_mask=pool).float(), dim=1, eps=1e-8).cpu())
         videos = []
         n_tokens = self.config["data"]["n_video_tokens"]
         for start in range(0, len(self.corpus), batch_size):
@@ -127,7 +136,8 @@ class Teachers:
         if self.mode == "online":
             sims = []
             for i, t in enumerate(self.teachers):
-                text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH])
+                pool = batch["text"]["student"][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
+                text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
                 video = t.model.encode_video(batch["video"], batch["video_mask"])
                 sims.append(cosine_sim(text, video).float())
             return sims
@@ -139,7 +149,7 @@ class Teachers:
         return sims
 
 
-def build_teachers(config, train_corpus, device):
+def build_teachers(config, train_corpus, device, student_tokenizer):
     """The frozen teachers of a c2kd config, or None for the other stages. All checks run here,
     before any training step."""
     paths = config["teachers"]["checkpoints"]
@@ -149,4 +159,4 @@ def build_teachers(config, train_corpus, device):
         raise ConfigError("stage 'c2kd' needs teachers: set config key 'teachers.checkpoints' "
                           "to a list of teacher checkpoint paths")
     teachers = [load_teacher(p, config["data"]["feature_dim"], device) for p in paths]
-    return Teachers(teachers, train_corpus, config, device)
+    return Teachers(teachers, train_corpus, config, device, student_tokenizer)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Teacher for C2KD on Multi-MSRVTT: translate-train with XLM-R (xlm-roberta-base) as text encoder.
+# FEATURE=clip (default) or FEATURE=s3d. Writes runs/msrvtt/$FEATURE/teacher_xlmr/seed$SEED/;
+# configs/msrvtt/$FEATURE/c2kd.json reads runs/msrvtt/$FEATURE/teacher_xlmr/seed0/latest.pt.
+# Environment: SEED (default 0; the run folder is seed$SEED), FEATURE, PY (default python).
+# Extra arguments go to train.py, e.g. --set data.num_workers=8 or -d cuda:1.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+SEED=${SEED:-0}
+exec "${PY:-python}" train.py -c "configs/msrvtt/${FEATURE:-clip}/teacher_xlmr.json" --run-id "seed${SEED}" --seed "${SEED}" "$@"

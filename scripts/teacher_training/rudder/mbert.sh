@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Teacher for C2KD on RUDDER: translate-train with mBERT (bert-base-multilingual-uncased) as text encoder.
+# FEATURE=clip (default). Writes runs/rudder/$FEATURE/teacher_mbert/seed$SEED/;
+# configs/rudder/$FEATURE/c2kd.json reads runs/rudder/$FEATURE/teacher_mbert/seed0/latest.pt.
+# Environment: SEED (default 0; the run folder is seed$SEED), FEATURE, PY (default python).
+# Extra arguments go to train.py, e.g. --set data.num_workers=8 or -d cuda:1.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+SEED=${SEED:-0}
+exec "${PY:-python}" train.py -c "configs/rudder/${FEATURE:-clip}/teacher_mbert.json" --run-id "seed${SEED}" --seed "${SEED}" "$@"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The paper's pipeline on Multi-Toy: three English-input teachers (translate-train), then the
+# zero-shot, translate-train and C2KD students with 3 seeds each, then one table per method and
+# language (R@1 mean ± std over seeds). Finished runs are reused; delete runs/toy to start over.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+SEEDS=${SEEDS:-"0 1 2"}
+
+$PY -m utils.tiny_encoders --root cache >/dev/null
+
+finished() { grep -qs '"status": "COMPLETED"' "$1/run.json"; }
+
+train() {  # train CONFIG RUN_DIR SEED
+  if finished "$2"; then echo "reusing $2"; return; fi
+  rm -rf "$2"
+  $PY train.py -c "$1" --run-id "$(basename "$2")" --seed "$3"
+}
+
+for teacher in xlmr mbert distiluse; do
+  train "configs/toy/teacher_$teacher.json" "runs/toy/teacher_$teacher/seed0" 0
+done
+for method in zero_shot translate_train c2kd; do
+  for seed in $SEEDS; do
+    train "configs/toy/$method.json" "runs/toy/$method/seed$seed" "$seed"
+  done
+done
+
+$PY -m utils.report --out reports/toy --recall 1,5,10 \
+  --method "Zero-shot=runs/toy/zero_shot" \
+  --method "Translate-train=runs/toy/translate_train" \
+  --method "C2KD=runs/toy/c2kd"

@@ -1,0 +1,289 @@
+"""Conversion of the authors' released checkpoints (utils/convert_checkpoint.py).
+
+A checkpoint in the reference's layout (c2kd-reference §2.6, §5) is built here with tiny local text
+encoders and random weights, dead modules included. The converted model must give the embeddings
+that the reference's math (§2.2-2.4), written out below with plain torch ops, gives on the same
+reference weights.
+"""
+import argparse
+import importlib.util
+import math
+import os
+import pathlib
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+import parse_config
+from model.model import build_model
+from utils import tiny_encoders
+from utils.checkpoint import load_checkpoint
+from utils.convert_checkpoint import ConvertError, convert, main
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURE_DIM, WIDTH, PROJ, MLP, DEPTH, HEADS = 24, 32, 16, 64, 2, 4
+ARCH = {"labse": "BaselineTokenFusionPerModModelLaBSE", "mbert": "BaselineTokenFusionPerModModelMBert",
+        "xlm": "BaselineTokenFusionPerModModelXLMbase", "distill": "BaselineTokenFusionPerModModelDistill"}
+ENCODER = {"labse": "labse-tiny", "mbert": "mbert-tiny", "xlm": "xlmr-tiny", "distill": "distiluse-tiny"}
+CAPTIONS = ["a man cuts an onion in the kitchen", "ein Mann schneidet eine Zwiebel",
+            "une femme lave une tasse", "a dog runs in the park then jumps", "一个人在厨房里切洋葱",
+            "người đàn ông mở hộp", "мужчина открывает коробку", "mtu anafungua sanduku"]
+
+
+@pytest.fixture(scope="session")
+def encoders(tmp_path_factory):
+    return tiny_encoders.build(tmp_path_factory.mktemp("encoders"), CAPTIONS * 4)
+
+
+# ---- a checkpoint in the reference layout --------------------------------------------------------
+
+class ConfigParser:
+    """Pickled as parse_config.ConfigParser, with the kinds of attributes the reference's has."""
+
+    def __init__(self):
+        self.config = OrderedDict(name="23_msrvtt_xlm", arch=OrderedDict(type="X", args={}))
+        self.args = argparse.Namespace(config="configs/x.yaml", resume=None, device=None)
+        self.cfg_fname = pathlib.Path("configs/x.yaml")
+        self._save_dir = pathlib.Path("exps/models/x/0101_000000")
+        self.log_levels = {0: 30, 1: 20, 2: 10}
+
+
+def reference_state(encoder_dir, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    def linear(prefix, i, o):
+        return {f"{prefix}.weight": rand(o, i, scale=1 / math.sqrt(i)), f"{prefix}.bias": rand(o, scale=0.1)}
+
+    def norm(prefix, n):
+        return {f"{prefix}.weight": 1 + rand(n, scale=0.2), f"{prefix}.bias": rand(n, scale=0.1)}
+
+    def gated(prefix, i, o):
+        return {**linear(f"{prefix}.fc", i, o), **linear(f"{prefix}.cg.fc", o, o)}
+
+    encoder = AutoModel.from_pretrained(encoder_dir)
+    hidden = encoder.config.hidden_size
+    sd = {**norm("video_norm_layer", WIDTH), **norm("text_norm_layer", WIDTH), **norm("audio_norm_layer", WIDTH)}
+    sd.update({"davenet.conv1.weight": rand(128, 1, 40, 1), "davenet.bn1.running_mean": rand(128),
+               "davenet.bn1.num_batches_tracked": torch.tensor(0),
+               "davenet.layer1.0.downsample.0.weight": rand(128, 128, 1, 1)})
+    sd.update({**gated("video_token_proj", FEATURE_DIM, WIDTH), **gated("text_token_proj", 300, WIDTH),
+               **gated("audio_token_proj", 4096, WIDTH), **gated("video_proj", WIDTH, PROJ)})
+    sd.update({**norm("text_proj.0", hidden), **gated("text_proj.1", hidden, PROJ), **gated("audio_proj", WIDTH, PROJ)})
+    text = {f"fusion_text.{k}": v + rand(*v.shape, scale=0.02) for k, v in encoder.state_dict().items()}
+    text["fusion_text.embeddings.position_ids"] = torch.arange(encoder.config.max_position_embeddings)[None]
+    t2t = {**norm("text_proj_t2t.0", hidden), **gated("text_proj_t2t.1", hidden, PROJ)}
+    fusion = {"cls_token": rand(1, 1, WIDTH), "masking_token": rand(WIDTH), **norm("norm", WIDTH)}
+    for i in range(DEPTH):
+        fusion.update({**norm(f"blocks.{i}.norm1", WIDTH), **linear(f"blocks.{i}.attn.qkv", WIDTH, 3 * WIDTH),
+                       **linear(f"blocks.{i}.attn.proj", WIDTH, WIDTH), **norm(f"blocks.{i}.norm2", WIDTH),
+                       **linear(f"blocks.{i}.mlp.fc1", WIDTH, MLP), **linear(f"blocks.{i}.mlp.fc2", MLP, WIDTH)})
+    fusion_keys = {f"fusion_video.{k}": v for k, v in fusion.items()} | {f"fusion.{k}": v for k, v in fusion.items()}
+    sd.update(text | t2t | fusion_keys if encoder_dir.name == "labse-tiny" else t2t | fusion_keys | text)
+    sd["learnable_weights"] = torch.full((3,), 0.33)
+    return OrderedDict(sd)
+
+
+def save_reference(path, state, arch=None, prefix=""):
+    """torch.save as the reference did: a dict whose config is a pickled parse_config.ConfigParser
+    (or a bare state dict when arch is None)."""
+    state = OrderedDict((prefix + k, v) for k, v in state.items())
+    obj = state if arch is None else {"arch": arch, "epoch": 20, "step": 1234, "state_dict": state,
+                                      "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999)}]},
+                                      "monitor_best": 0, "config": ConfigParser()}
+    ConfigParser.__module__, ConfigParser.__qualname__ = "parse_config", "ConfigParser"
+    with pytest.MonkeyPatch.context() as mp:  # pickle checks that parse_config.ConfigParser is this class
+        mp.setattr(parse_config, "ConfigParser", ConfigParser, raising=False)
+        torch.save(obj, path)
+    return path
+
+
+# ---- the reference's math, from c2kd-reference §2.2-2.4 ------------------------------------------
+
+def ref_gated(sd, prefix, x):
+    h = F.linear(x, sd[f"{prefix}.fc.weight"], sd[f"{prefix}.fc.bias"])
+    return h * torch.sigmoid(F.linear(h, sd[f"{prefix}.cg.fc.weight"], sd[f"{prefix}.cg.fc.bias"]))
+
+
+def ref_video(sd, video, mask):
+    b = video.shape[0]
+    x = F.layer_norm(ref_gated(sd, "video_token_proj", video), (WIDTH,),
+                     sd["video_norm_layer.weight"], sd["video_norm_layer.bias"])
+    mask = mask.clone().float()
+    empty = mask.sum(1) == 0
+    x[empty, 0] = sd["fusion_video.masking_token"]
+    mask[empty, 0] = 1
+    x = torch.cat([sd["fusion_video.cls_token"].expand(b, 1, WIDTH), x], 1)
+    mask = torch.cat([torch.ones(b, 1), mask], 1)
+    n, d = x.shape[1], WIDTH // HEADS
+    for i in range(DEPTH):
+        def p(name):  # (weight, bias) of a layer of block i
+            return sd[f"fusion_video.blocks.{i}.{name}.weight"], sd[f"fusion_video.blocks.{i}.{name}.bias"]
+        h = F.layer_norm(x, (WIDTH,), *p("norm1"), eps=1e-6)
+        q, k, v = F.linear(h, *p("attn.qkv")).reshape(b, n, 3, HEADS, d).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) * d ** -0.5
+        attn = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf")).softmax(-1)
+        x = x + F.linear((attn @ v).transpose(1, 2).reshape(b, n, WIDTH), *p("attn.proj"))
+        h = F.layer_norm(x, (WIDTH,), *p("norm2"), eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, *p("mlp.fc1"))), *p("mlp.fc2"))
+    return ref_gated(sd, "video_proj", x[:, 0])
+
+
+def ref_text(sd, encoder_dir, tokens, pool_mask):
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir)).eval()
+    encoder.load_state_dict({k.removeprefix("fusion_text."): v for k, v in sd.items()
+                             if k.startswith("fusion_text.") and not k.endswith("position_ids")})
+    states = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    m = pool_mask.unsqueeze(-1).float()
+    pooled = (states * m).sum(1) / m.sum(1)
+    pooled = F.layer_norm(pooled, pooled.shape[-1:], sd["text_proj.0.weight"], sd["text_proj.0.bias"], eps=1e-6)
+    return ref_gated(sd, "text_proj.1", pooled)
+
+
+def tokens(encoder_dir, texts=CAPTIONS[:4], length=40):
+    tok = AutoTokenizer.from_pretrained(encoder_dir)
+    out = tok(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+def videos():
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(4, 6, FEATURE_DIM, generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5, [0] * 6])  # the last video is empty
+    return video * mask[..., None], mask
+
+
+def load_converted(path):
+    """As test.py and trainer/teachers.py do."""
+    state = load_checkpoint(path)
+    model = build_model(state["config"]["model"], state["config"]["data"]["feature_dim"], pretrained_text=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+# ---- tests ----------------------------------------------------------------------------------------
+
+# (name, how it was saved): the wrapped file of the reference trainer, DataParallel prefixes, a bare state dict
+CASES = [("labse", "wrapped"), ("mbert", "wrapped"), ("xlm", "bare"), ("distill", "module.")]
+
+
+@pytest.mark.parametrize("kind,saved", CASES)
+def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path):
+    encoder_dir = encoders[ENCODER[kind]]
+    sd = reference_state(encoder_dir, seed=len(kind))
+    src = save_reference(tmp_path / "latest_model.pth", sd, arch=None if saved == "bare" else ARCH[kind],
+                         prefix="module." if saved == "module." else "")
+    summary = convert(src, tmp_path / f"msrvtt_{kind}.pt", encoder_dir)
+    assert summary["unknown"] == [] and sum(summary["dropped"].values()) > 0
+    model, state = load_converted(tmp_path / f"msrvtt_{kind}.pt")
+
+    cfg = state["config"]
+    assert cfg["model"] | {"text_encoder": None} == {
+        "text_encoder": None, "width": WIDTH, "projection_dim": PROJ, "depth": DEPTH, "heads": HEADS,
+        "mlp_ratio": MLP / WIDTH, "pool_with_student_mask": kind != "labse"}
+    assert (cfg["name"], cfg["stage"], cfg["data"]["feature_dim"], cfg["data"]["feature_key"]) == \
+        (f"msrvtt_{kind}", "translate-train", FEATURE_DIM, "2d")
+    assert state["epoch"] == (0 if saved == "bare" else 20) and state["converted_from"] == str(src)
+
+    with torch.no_grad():
+        video, mask = videos()
+        torch.testing.assert_close(model.encode_video(video, mask), ref_video(sd, video, mask), atol=1e-5, rtol=0)
+        tok = tokens(encoder_dir)
+        torch.testing.assert_close(model.encode_text(tok), ref_text(sd, encoder_dir, tok, tok["attention_mask"]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_student_mask_pooling_gives_the_reference_teacher_output(encoders, tmp_path):
+    teacher_dir, student_dir = encoders["xlmr-tiny"], encoders["labse-tiny"]
+    sd = reference_state(teacher_dir)
+    src = save_reference(tmp_path / "latest_model.pth", sd, arch=ARCH["xlm"])
+    convert(src, tmp_path / "own.pt", teacher_dir, student_mask_pooling=False)
+    assert load_checkpoint(tmp_path / "own.pt")["config"]["model"]["pool_with_student_mask"] is False
+    convert(src, tmp_path / "teacher.pt", teacher_dir)
+    model, state = load_converted(tmp_path / "teacher.pt")
+    assert state["config"]["model"]["pool_with_student_mask"] is True
+
+    own, student = tokens(teacher_dir), tokens(student_dir)
+    assert not torch.equal(own["attention_mask"], student["attention_mask"])
+    with torch.no_grad():
+        expected = ref_text(sd, teacher_dir, own, pool_mask=student["attention_mask"])
+        pooled = model.encode_text(own, pool_mask=student["attention_mask"])
+        torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=0)
+        assert (model.encode_text(own) - expected).abs().max() > 1e-3
+
+
+def test_converted_teacher_loads_as_a_c2kd_teacher(encoders, tmp_path):
+    from trainer.teachers import load_teacher
+    src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["mbert-tiny"]), ARCH["mbert"])
+    convert(src, tmp_path / "mbert.pt", encoders["mbert-tiny"])
+    teacher = load_teacher(tmp_path / "mbert.pt", FEATURE_DIM, torch.device("cpu"))
+    assert not teacher.model.training
+
+
+def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
+    from data_loader import toy
+    data = toy.generate(tmp_path / "toy", n_train=4, n_test=12, feature_dim=FEATURE_DIM)
+    src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["xlmr-tiny"]), ARCH["xlm"])
+    convert(src, tmp_path / "xlm.pt", encoders["xlmr-tiny"])
+    spec = importlib.util.spec_from_file_location("test_entry", ROOT / "test.py")  # not the stdlib's test
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    assert entry.main(["-r", str(tmp_path / "xlm.pt"), "-d", "cpu", "--set", f"data.eval_path={data['test']}",
+                       "--set", f"trainer.save_dir={tmp_path / 'runs'}"]) == 0
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "config": Payload()}, path)
+    with pytest.raises(ConvertError, match=r"refused global (posix|nt)\.system") as err:
+        convert(path, tmp_path / "out.pt", "unused")
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_unknown_key_fails_unless_allowed(encoders, tmp_path):
+    sd = reference_state(encoders["distiluse-tiny"])
+    sd["fusion_video.extra_head.weight"] = torch.zeros(3)
+    src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["distill"])
+    with pytest.raises(ConvertError, match=r"unknown key.*'fusion_video\.extra_head\.weight'.*--allow-unknown"):
+        convert(src, tmp_path / "out.pt", encoders["distiluse-tiny"])
+    summary = convert(src, tmp_path / "out.pt", encoders["distiluse-tiny"], allow_unknown=True)
+    assert summary["unknown"] == ["fusion_video.extra_head.weight"]
+    load_converted(tmp_path / "out.pt")
+
+
+def test_mismatches_name_the_key(encoders, tmp_path):
+    src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["xlmr-tiny"]), ARCH["xlm"])
+    with pytest.raises(ConvertError, match=r"'fusion_text\.[^']+' has shape .*check --text-encoder"):
+        convert(src, tmp_path / "out.pt", encoders["labse-tiny"])
+    with pytest.raises(ConvertError, match=r"takes 24-d frame features, but --feature-dim is 512"):
+        convert(src, tmp_path / "out.pt", encoders["xlmr-tiny"], feature_dim=512)
+
+
+def test_cli(encoders, tmp_path):
+    sd = reference_state(encoders["mbert-tiny"])
+    sd["unexpected.weight"] = torch.zeros(1)
+    src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["mbert"])
+    out = tmp_path / "mbert.pt"
+    cmd = [sys.executable, "-m", "utils.convert_checkpoint", str(src), str(out),
+           "--text-encoder", str(encoders["mbert-tiny"]), "--feature-dim", str(FEATURE_DIM)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and not out.exists()
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and "'unexpected.weight'" in run.stderr
+    assert main(cmd[3:] + ["--allow-unknown", "--own-mask-pooling"]) == 0
+    assert load_checkpoint(out)["config"]["model"]["pool_with_student_mask"] is False
