@@ -17,13 +17,21 @@ def main(argv=None):
         from utils.checkpoint import load_checkpoint
         from utils.experiment import run_experiment
 
-        device = select_device(args.device)
+        from trainer.trainer import NonFiniteLoss, TrainingInterrupted
+        from utils.distributed import init_distributed
+
+        dist, device = init_distributed(select_device(args.device))
         resumed = load_checkpoint(args.resume) if args.resume else None
         config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
         run_root = Path(config["trainer"]["save_dir"]) / config["name"]
-        run_experiment("train", config, lambda cfg, run: train(cfg, run, device, args.resume),
-                       run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)
-    except USER_ERRORS as e:
+        # Only rank 0 records the run; the other ranks run the same experiment unobserved.
+        run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),
+                       run_root if dist.is_main else None, run_id=args.run_id,
+                       mongo=args.mongo if dist.is_main else None, neptune=args.neptune and dist.is_main)
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    except (*USER_ERRORS, NonFiniteLoss) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -31,7 +39,7 @@ def main(argv=None):
     return 0
 
 
-def train(config, run, device, resume=None):
+def train(config, run, device, dist, resume=None):
     from model.model import load_tokenizer
     from trainer.build import build_loaders, build_loss, build_student, load_corpora
     from trainer.evaluate import flat_metrics
@@ -45,15 +53,17 @@ def train(config, run, device, resume=None):
     teachers = build_teachers(config, corpora["train"], device, tokenizer)
     model, tokenizer = build_student(config, pretrained_text=resume is None, tokenizer=tokenizer)
     train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
-                                              extra_inputs=teachers.text_inputs if teachers else ())
+                                              extra_inputs=teachers.text_inputs if teachers else (),
+                                              rank=dist.rank, world_size=dist.world_size)
     loss = build_loss(config, num_teachers=len(teachers) if teachers else 0)
     model.to(device)
     loss.to(device)
-    trainer = Trainer(config, model, loss, train_loader, eval_loader, device, run_dir(run),
-                      log_scalar=run.log_scalar, teachers=teachers)
+    folder = run_dir(run) if dist.is_main else None
+    trainer = Trainer(config, model, loss, train_loader, eval_loader, device, folder,
+                      log_scalar=run.log_scalar, teachers=teachers, dist=dist)
     if resume:
         trainer.resume(resume)
-    print(f"run folder: {run_dir(run)}")
+    trainer.print(f"run folder: {folder}")
     summary = trainer.fit()
     return {k: float(v) for k, v in flat_metrics(summary).items()} if summary else {}
 

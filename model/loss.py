@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.distributed import gather, gather_with_grad, world_size
+
 STAGES = ("zero-shot", "translate-train", "c2kd")
 TEACHER_POOLS = ("max", "min", "mean", "multitask", "learnable")
 # The reference's --teacher_sim_pool names, mapped to the operation they really computed (§8.1).
@@ -95,7 +97,15 @@ class RetrievalLoss(nn.Module):
         """``text``: lang -> [B, P] embeddings (the English one under ``self.english``);
         ``video``: [B, P]; ``teacher_sims``: list of [B, B] teacher matrices (c2kd only);
         ``rows``: lang -> [B] bool, the items that have a caption in that language and, for the
-        main English term, a non-empty video. Returns (loss, {term name: detached value})."""
+        main English term, a non-empty video. Returns (loss, {term name: detached value}).
+
+        Under torch.distributed the inputs are this rank's slice of the global batch; they are
+        gathered (with gradients) so every term sees the whole global batch, and ``teacher_sims``
+        must already be global [B_global, B_global] matrices."""
+        if world_size() > 1:
+            text = {lang: gather_with_grad(emb) for lang, emb in text.items()}
+            video = gather_with_grad(video)
+            rows = None if rows is None else {k: gather(v) for k, v in rows.items()}
         terms = {}
         en = self.english
         sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}

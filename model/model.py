@@ -79,13 +79,12 @@ class VideoEncoder(nn.Module):
     def forward(self, video, mask):
         x = self.norm(self.token_proj(video))
         mask = mask.bool()
-        # A video without frames attends to a learned masking token instead of nothing.
-        empty = ~mask.any(dim=1)
-        if empty.any():
-            x = x.clone()
-            x[empty, 0] = self.masking_token.to(x.dtype)
-            mask = mask.clone()
-            mask[empty, 0] = True
+        # A video without frames attends to a learned masking token instead of nothing. Written
+        # without data-dependent branching, so the token is always part of the graph (as DDP expects).
+        empty = ~mask.any(dim=1, keepdim=True)
+        first = torch.where(empty, self.masking_token.to(x.dtype), x[:, 0])
+        x = torch.cat([first.unsqueeze(1), x[:, 1:]], dim=1)
+        mask = torch.cat([mask[:, :1] | empty, mask[:, 1:]], dim=1)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
         mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
@@ -101,6 +100,10 @@ class TextEncoder(nn.Module):
     def __init__(self, backbone, projection_dim=512):
         super().__init__()
         self.backbone = backbone
+        # Mean pooling replaces the encoder's pooler head (if it has one): freeze it so that
+        # no parameter is left without a gradient (which DistributedDataParallel cannot reduce).
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler.requires_grad_(False)
         hidden = backbone.config.hidden_size
         self.norm = nn.LayerNorm(hidden, eps=1e-6)
         self.proj = GatedProjection(hidden, projection_dim)
@@ -119,6 +122,11 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.text = text
         self.video = video
+
+    def forward(self, video, video_mask, texts):
+        """Video embeddings [B, P] and {lang: text embeddings [B, P]} for one batch. Training goes
+        through here so that DistributedDataParallel sees a single forward call."""
+        return self.encode_video(video, video_mask), {lang: self.encode_text(t) for lang, t in texts.items()}
 
     def encode_text(self, tokens, pool_mask=None):
         return self.text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from model.metric import mean_over_languages, retrieval_metrics
 from utils.device import autocast, to_device
+from utils.distributed import gather_objects, rank
 
 
 @dataclass
@@ -29,7 +30,7 @@ def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="s
     texts = {lang: [] for lang in languages}
     has = {lang: [] for lang in languages}
     videos, items = [], []
-    for batch in tqdm(loader, desc="embed", leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="embed", leave=False, dynamic_ncols=True, disable=rank() != 0):
         batch = to_device(batch, device)
         with autocast(device, amp_dtype):
             videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())
@@ -38,8 +39,14 @@ def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="s
         for lang in languages:
             has[lang].append(batch["has_caption"][lang].cpu())
         items.append(batch["index"].cpu())
-    return ({lang: torch.cat(v) for lang, v in texts.items()}, torch.cat(videos), torch.cat(items),
-            {lang: torch.cat(v) for lang, v in has.items()})
+    local = ({lang: torch.cat(v) for lang, v in texts.items()}, torch.cat(videos), torch.cat(items),
+             {lang: torch.cat(v) for lang, v in has.items()})
+    # Under torch.distributed each rank embedded a slice; every rank then ranks the whole set.
+    parts = gather_objects(local)
+    if len(parts) == 1:
+        return local
+    return ({lang: torch.cat([p[0][lang] for p in parts]) for lang in languages}, torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]), {lang: torch.cat([p[3][lang] for p in parts]) for lang in languages})
 
 
 def _group_mean(values, groups, num_groups):

@@ -23,6 +23,7 @@ from model.loss import cosine_sim
 from model.model import build_model, load_tokenizer
 from parse_config import ConfigError
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from utils.distributed import barrier, gather, rank
 
 CACHE_VERSION = 1
 ENGLISH = "en"
@@ -90,17 +91,18 @@ class Teachers:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
     def cached_outputs(self, teacher):
+        """Load the cache of ``teacher``, computing it first if needed (by rank 0 under torch.distributed)."""
         path = Path(self.config["teachers"]["cache_dir"]) / f"{self.cache_key(teacher)}.pt"
-        if path.is_file():
-            try:
-                cache = torch.load(path, map_location="cpu", weights_only=True)
+        if rank() == 0:
+            if _load_cache(path) is None:
+                atomic_save(self.embed_training_set(teacher), path)
+                print(f"teacher outputs: wrote {path}")
+            else:
                 print(f"teacher outputs: reusing {path}")
-                return cache
-            except Exception:  # a damaged cache is recomputed, never trusted
-                print(f"teacher outputs: {path} is unreadable, recomputing")
-        cache = self.embed_training_set(teacher)
-        atomic_save(cache, path)
-        print(f"teacher outputs: wrote {path}")
+        barrier()
+        cache = _load_cache(path)
+        if cache is None:
+            raise CheckpointError(f"{path}: cached teacher outputs could not be read back")
         return cache
 
     @torch.no_grad()
@@ -132,21 +134,30 @@ class Teachers:
     # ---- targets -----------------------------------------------------------------------------
     @torch.no_grad()
     def similarities(self, batch):
-        """One [B, B] matrix per teacher: English captions of the batch against its videos."""
+        """One [B, B] matrix per teacher: English captions of the batch against its videos. Under
+        torch.distributed, B is the global batch: the targets of the whole batch, on every rank."""
         if self.mode == "online":
             sims = []
             for i, t in enumerate(self.teachers):
                 pool = batch["text"]["student"][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
                 text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
                 video = t.model.encode_video(batch["video"], batch["video_mask"])
-                sims.append(cosine_sim(text, video).float())
+                sims.append(cosine_sim(gather(text), gather(video)).float())
             return sims
-        index, caption = batch["index"], batch["caption_index"]
+        index, caption = gather(batch["index"]), gather(batch["caption_index"])
         sims = []
         for cache in self.cache:
             rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1)
             sims.append(cache["text"][rows] @ cache["video"][index].t())
         return sims
+
+
+def _load_cache(path):
+    """The cache at ``path``, or None when it is missing or damaged (then it is recomputed, never trusted)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
 
 
 def build_teachers(config, train_corpus, device, student_tokenizer):

@@ -3,19 +3,36 @@
 Optimisation follows the reference (§5): Adam on every trainable parameter, ExponentialLR
 stepped once per epoch, no gradient clipping. On CUDA the forward pass runs under autocast
 (bf16, or fp16 with a gradient scaler) for every stage; on the CPU it is plain fp32.
+Under torchrun the model is wrapped in DistributedDataParallel and the losses see the global
+batch; only rank 0 writes checkpoints and logs.
 """
-import math
+import contextlib
 import random
+import signal
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from model.metric import format_table
 from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
+from utils.distributed import DistInfo, barrier, world_size
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written (Sacred marks the run INTERRUPTED)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step, the terms and the items."""
 
 
 def seed_everything(seed):
@@ -24,15 +41,36 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def split_batch(batch, parts):
+    """``parts`` micro-batches of a nested dict of tensors, split along dim 0."""
+    if isinstance(batch, torch.Tensor):
+        return batch.chunk(parts)
+    chunks = {k: split_batch(v, parts) for k, v in batch.items()}
+    return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+
+
 class Trainer:
     def __init__(self, config, model, loss_fn, train_loader, eval_loader, device, run_dir,
-                 log_scalar=None, teachers=None):
-        self.config, self.model, self.loss_fn = config, model, loss_fn
+                 log_scalar=None, teachers=None, dist=None):
+        self.config, self.loss_fn = config, loss_fn
         self.train_loader, self.eval_loader = train_loader, eval_loader
         self.device, self.run_dir, self.teachers = device, run_dir, teachers
-        self.log_scalar = log_scalar or (lambda name, value, step: None)
+        self.dist = dist or DistInfo()
+        self.log_scalar = log_scalar if self.dist.is_main and log_scalar else (lambda name, value, step: None)
         self.languages = train_loader.dataset.text_inputs[0].languages
         self.eval_languages = eval_loader.dataset.text_inputs[0].languages
+        trainer_cfg = config["trainer"]
+        self.accumulation = trainer_cfg["accumulation_steps"]
+        if train_loader.sampler.local_batch % self.accumulation:
+            raise ConfigError(f"config key 'trainer.accumulation_steps' = {self.accumulation} does not divide the "
+                              f"per-process batch of {train_loader.sampler.local_batch}")
+
+        self.model = model  # the plain module: state dicts, evaluation
+        self.forward = model
+        if self.dist.world_size > 1:
+            self.forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if trainer_cfg["compile"]:
+            self.forward = torch.compile(self.forward)
 
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config["optimizer"]["lr"]}]
         loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
@@ -40,14 +78,15 @@ class Trainer:
             groups.append({"params": loss_params, "lr": config["teachers"]["learnable_lr"]})
         self.optimizer = torch.optim.Adam(groups)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config["scheduler"]["gamma"])
-        self.amp_dtype = amp_dtype(device, config["trainer"]["mixed_precision"])
+        self.amp_dtype = amp_dtype(device, trainer_cfg["mixed_precision"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
         self.batches_done = 0   # steps already taken in the current epoch (mid-epoch checkpoints)
         self.best = None        # best monitored value so far
-        self.history = []       # flat metrics per evaluated epoch
+        self.skipped_steps = 0  # fp16 steps the scaler skipped for non-finite gradients
+        self._signal = None
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self):
@@ -60,53 +99,145 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
-            "best": self.best, "config": self.config,
+            "best": self.best, "skipped_steps": self.skipped_steps, "config": self.config,
         }
 
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.loss_fn.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state, path):
+        try:
+            self.model.load_state_dict(state["model"])
+            self.loss_fn.load_state_dict(state["loss"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: does not fit this model and config "
+                                  f"({str(e).strip().splitlines()[0][:200]})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
-        self.best = state["best"]
+        self.best, self.skipped_steps = state["best"], state["skipped_steps"]
 
     def resume(self, path):
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
-        print(f"resumed from {path}: epoch {self.epoch}, step {self.step}")
+        self.load_state_dict(load_checkpoint(path, map_location=self.device), path)
+        self.print(f"resumed from {path}: epoch {self.epoch}, step {self.step}, "
+                   f"{self.batches_done} batches into the next epoch")
 
     def save(self, name):
-        return save_checkpoint(self.state_dict(), self.run_dir / name)
+        path = self.run_dir / name if self.run_dir else None
+        if self.dist.is_main:
+            save_checkpoint(self.state_dict(), path)
+        barrier()
+        return path
 
-    # ---- training ----------------------------------------------------------------------------
+    def print(self, *args):
+        if self.dist.is_main:
+            print(*args, flush=True)
+
+    # ---- one optimizer step ------------------------------------------------------------------
+    def _inputs(self, batch):
+        return batch["video"], batch["video_mask"], {lang: batch["text"]["student"][lang] for lang in self.languages}
+
+    def _rows(self, batch):
+        rows = {lang: batch["has_caption"][lang] for lang in self.languages}
+        rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"]["en"]
+        return rows
+
     def training_step(self, batch):
+        """Forward, loss over the (global) batch, backward, optimizer step. Returns (loss, terms)."""
         batch = to_device(batch, self.device)
-        with autocast(self.device, self.amp_dtype):
-            video = self.model.encode_video(batch["video"], batch["video_mask"])
-            text = {lang: self.model.encode_text(batch["text"]["student"][lang]) for lang in self.languages}
-            teacher_sims = self.teachers.similarities(batch) if self.teachers is not None else None
-            rows = {lang: batch["has_caption"][lang] for lang in self.languages}
-            rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"]["en"]
-            loss, terms = self.loss_fn(text, video, teacher_sims=teacher_sims, rows=rows)
+        teacher_sims = self.teachers.similarities(batch) if self.teachers is not None else None
+        rows = self._rows(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        if self.accumulation == 1:
+            with autocast(self.device, self.amp_dtype):
+                video, text = self.forward(*self._inputs(batch))
+                loss, terms = self.loss_fn(text, video, teacher_sims=teacher_sims, rows=rows)
+            self._check_finite(loss, terms, batch)
+            self.scaler.scale(loss).backward()
+        else:
+            loss, terms = self._accumulated_backward(batch, teacher_sims, rows)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if scale is not None and self.scaler.get_scale() < scale:
+            self._count_skipped_step(terms)
         return loss.detach(), terms
 
+    def _accumulated_backward(self, batch, teacher_sims, rows):
+        """Gradient accumulation that gives the gradients of the whole batch (GradCache, Gao et al. 2021).
+
+        A contrastive loss couples every item of the batch, so summing losses of micro-batches would
+        change the objective. Instead: embed each micro-batch without a graph; compute the loss of
+        the whole batch on those embeddings and its gradient with respect to them; then re-run each
+        micro-batch with a graph, under the same random state, and back-propagate that gradient.
+        """
+        micro = split_batch(batch, self.accumulation)
+        states, videos, texts = [], [], []
+        with torch.no_grad():
+            for part in micro:
+                states.append(_rng_state(self.device))
+                with autocast(self.device, self.amp_dtype):
+                    v, t = self.model(*self._inputs(part))
+                videos.append(v)
+                texts.append(t)
+        video = torch.cat(videos).detach().requires_grad_()
+        text = {lang: torch.cat([t[lang] for t in texts]).detach().requires_grad_() for lang in self.languages}
+        with autocast(self.device, self.amp_dtype):
+            loss, terms = self.loss_fn(text, video, teacher_sims=teacher_sims, rows=rows)
+        self._check_finite(loss, terms, batch)
+        self.scaler.scale(loss).backward()
+        sizes = [len(part["video"]) for part in micro]
+        video_grads = video.grad.split(sizes)
+        text_grads = {lang: text[lang].grad.split(sizes) for lang in self.languages}
+        for i, part in enumerate(micro):
+            _set_rng_state(self.device, states[i])
+            last = i == len(micro) - 1
+            sync = self.forward.no_sync() if (isinstance(self.forward, DistributedDataParallel) and not last) \
+                else contextlib.nullcontext()
+            with sync:
+                with autocast(self.device, self.amp_dtype):
+                    v, t = self.forward(*self._inputs(part))
+                outputs = [v, *(t[lang] for lang in self.languages)]
+                grads = [video_grads[i], *(text_grads[lang][i] for lang in self.languages)]
+                torch.autograd.backward(outputs, grads)
+        return loss, terms
+
+    def _check_finite(self, loss, terms, batch):
+        if self.scaler.is_enabled():  # fp16: the scaler skips such steps; they are counted instead
+            return
+        if not torch.isfinite(loss.detach()).item():
+            ids = [self.train_loader.dataset.corpus.ids[i] for i in batch["index"].tolist()]
+            shown = ", ".join(ids[:8]) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
+            raise NonFiniteLoss(
+                f"non-finite loss {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); terms: "
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) + f"; items: {shown}")
+
+    def _count_skipped_step(self, terms):
+        self.skipped_steps += 1
+        limit = self.config["trainer"]["max_skipped_steps"]
+        if self.skipped_steps > limit:
+            raise NonFiniteLoss(f"the fp16 gradient scaler skipped {self.skipped_steps} steps (more than "
+                                f"trainer.max_skipped_steps = {limit}); last terms: "
+                                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
+
+    # ---- epochs ------------------------------------------------------------------------------
+    def _stop_requested(self):
+        flag = torch.tensor([0 if self._signal is None else self._signal], device=self.device)
+        if world_size() > 1:  # every rank stops at the same step
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
     def train_epoch(self):
-        self.model.train()
+        self.forward.train()
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.epoch, start_batch=self.batches_done)
         self.train_loader.dataset.set_epoch(self.epoch)
         cap = self.config["trainer"]["max_steps_per_epoch"]
         total = sampler.num_batches() if cap is None else min(cap, sampler.num_batches())
         log_every = self.config["trainer"]["log_every"]
-        bar = tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
+                   disable=not self.dist.is_main)
         losses = []
         for batch in self.train_loader:
             if self.batches_done >= total:
@@ -116,14 +247,16 @@ class Trainer:
             self.batches_done += 1
             bar.update(1)
             if self.step % log_every == 0 or self.batches_done == total:
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"non-finite loss {value} at step {self.step}: "
-                        + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
-                losses.append(value)
-                bar.set_postfix(loss=f"{value:.4f}")
-                self.log_scalar("train.loss", value, self.step)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                self.log_scalar("train.loss", losses[-1], self.step)
+            signum = self._stop_requested()
+            if signum:
+                bar.close()
+                path = self.save("latest.pt")
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}; "
+                    f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
         bar.close()
         return sum(losses) / max(len(losses), 1)
 
@@ -134,13 +267,28 @@ class Trainer:
     def _improves(self, monitor, flat):
         if monitor not in flat:
             raise ConfigError(f"config key 'trainer.monitor' = '{monitor}' is not an evaluation metric; "
-                           f"for example {', '.join(list(flat)[:3])}")
+                              f"for example {', '.join(list(flat)[:3])}")
         if self.best is None:
             return True
         lower_is_better = monitor.endswith(("MedR", "MeanR"))
         return flat[monitor] < self.best if lower_is_better else flat[monitor] > self.best
 
     def fit(self):
+        """Train until ``trainer.epochs``; SIGINT/SIGTERM stop after the current step with a checkpoint."""
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._fit()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # a second signal: stop now, the last checkpoint stays intact
+            raise KeyboardInterrupt
+        self._signal = signum
+        self.print(f"\n{signal.Signals(signum).name} received: stopping after this step")
+
+    def _fit(self):
         epochs = self.config["trainer"]["epochs"]
         monitor = self.config["trainer"]["monitor"]
         period = self.config["trainer"]["save_period"]
@@ -152,12 +300,11 @@ class Trainer:
             self.batches_done = 0
             summary = self.evaluate()
             flat = flat_metrics(summary)
-            self.history.append({"epoch": self.epoch, "train_loss": train_loss, **flat})
             self.log_scalar("train.epoch_loss", train_loss, self.epoch)
             for name, value in flat.items():
                 self.log_scalar(f"val.{name}", value, self.epoch)
-            print(f"epoch {self.epoch}/{epochs}  train loss {train_loss:.4f}")
-            print(format_table(summary, stats=("R1", "R5", "R10", "MedR")))
+            self.print(f"epoch {self.epoch}/{epochs}  train loss {train_loss:.4f}")
+            self.print(format_table(summary, stats=("R1", "R5", "R10", "MedR")))
             improved = monitor != "off" and self._improves(monitor, flat)
             if improved:
                 self.best = flat[monitor]
@@ -167,3 +314,14 @@ class Trainer:
             if period and self.epoch % period == 0:
                 self.save(f"checkpoint-epoch{self.epoch}.pt")
         return summary
+
+
+def _rng_state(device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+

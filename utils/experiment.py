@@ -6,6 +6,7 @@ per-epoch scalars, cout.txt, sources); checkpoints are written into the same fol
 observer and a Neptune observer can be added from the command line.
 """
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -47,11 +48,11 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
 
     ``config`` is plain JSON-like data; ``run.observers[0].dir`` is the run folder.
     """
-    if run_id is not None and (Path(run_root) / run_id).exists():
-        raise ObserverError(f"{Path(run_root) / run_id}: run folder exists; pick another --run-id or remove it")
     ex = Experiment(name, save_git_info=False)
     ex.add_config(config)
-    ex.observers.append(FileStorageObserver(str(run_root)))
+    if run_root is not None:
+        check_writable(run_root, run_id)
+        ex.observers.append(FileStorageObserver(str(run_root)))
     if mongo:
         ex.observers.append(_mongo_observer(mongo))
     if neptune:
@@ -61,11 +62,26 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     def _main(_run, _config):
         return main(json.loads(json.dumps(_config)), _run)  # Sacred hands out read-only containers
 
-    options = {"--loglevel": "WARNING"}
+    # Ranks other than 0 run unobserved; Sacred would warn about that on each of them.
+    options = {"--loglevel": "WARNING" if run_root is not None else "ERROR"}
     if run_id is not None:
         options["--id"] = run_id
     run = ex.run(options=options)
     return run.result
+
+
+def check_writable(run_root, run_id=None):
+    """Fail before anything runs when the run folder cannot be created or written."""
+    run_root = Path(run_root)
+    if run_id is not None and (run_root / run_id).exists():
+        raise ObserverError(f"{run_root / run_id}: run folder exists; pick another --run-id or remove it")
+    try:
+        run_root.mkdir(parents=True, exist_ok=True)
+        probe = run_root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ObserverError(f"{run_root}: cannot write run folders here ({e.strerror or e})") from None
 
 
 def run_dir(run):

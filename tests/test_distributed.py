@@ -1,0 +1,104 @@
+"""Two gloo processes with half the batch each give the loss and gradients of one process with the
+whole batch; gradient accumulation gives the gradients of the whole batch."""
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import pytest
+
+from model.model import build_model
+from parse_config import flatten_config, resolve
+from trainer.build import build_loaders, build_loss, build_student, load_corpora
+from trainer.teachers import build_teachers
+from trainer.trainer import Trainer
+from utils.checkpoint import save_checkpoint
+from utils.distributed import DistInfo
+
+GLOBAL_BATCH = 16
+
+
+def make_config(toy_assets, tmp, stage, teachers=(), **extra):
+    flat = {
+        "stage": stage,
+        "data.train_path": str(toy_assets["train"]), "data.eval_path": str(toy_assets["test"]),
+        "data.n_video_tokens": 24, "data.max_words_train": 24, "data.max_words_eval": 24,
+        "data.batch_size": GLOBAL_BATCH,
+        "model.text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "model.width": 32,
+        "model.projection_dim": 32, "model.depth": 1, "model.heads": 2,
+        "teachers.checkpoints": list(teachers), "teachers.cache_dir": str(tmp / "cache"),
+        "loss.teacher_pool": "mean", "loss.balance": 0.3,
+    }
+    flat.update(extra)
+    return resolve(flat)
+
+
+def untrained_teachers(toy_assets, tmp):
+    """Teacher checkpoints with random weights: enough to compare gradients."""
+    paths = []
+    for i, encoder in enumerate(("xlmr-tiny", "distiluse-tiny")):
+        config = make_config(toy_assets, tmp, "translate-train",
+                             **{"model.text_encoder": str(toy_assets["encoders"][encoder])})
+        torch.manual_seed(100 + i)
+        model = build_model(config["model"], 512)
+        paths.append(str(save_checkpoint({"model": model.state_dict(), "config": config, "epoch": 0, "step": 0},
+                                         tmp / f"teacher{i}.pt")))
+    return paths
+
+
+def one_step(config, info):
+    """Loss and gradients of the first training batch (eval mode: no dropout, so runs are comparable)."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    corpora = load_corpora(config)
+    model, tokenizer = build_student(config)
+    teachers = build_teachers(config, corpora["train"], device, tokenizer)
+    train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
+                                              extra_inputs=teachers.text_inputs if teachers else (),
+                                              rank=info.rank, world_size=info.world_size)
+    loss_fn = build_loss(config, num_teachers=len(teachers) if teachers else 0)
+    trainer = Trainer(config, model, loss_fn, train_loader, eval_loader, device, None, teachers=teachers, dist=info)
+    model.eval()
+    train_loader.sampler.set_epoch(0)
+    train_loader.dataset.set_epoch(0)
+    loss, _ = trainer.training_step(next(iter(train_loader)))
+    return {"loss": loss.item(),
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
+def _worker(rank, world_size, init_file, flat_config, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        result = one_step(resolve(flat_config), DistInfo(rank, world_size, rank))
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_same(single, parts):
+    for result in parts:
+        assert result["loss"] == pytest.approx(single["loss"], abs=1e-5)
+        assert set(result["grads"]) == set(single["grads"])
+        for name, grad in single["grads"].items():
+            assert torch.allclose(result["grads"][name], grad, atol=1e-5, rtol=1e-4), \
+                (name, (result["grads"][name] - grad).abs().max().item(), grad.abs().max().item(),
+                 (result["grads"][name].norm() / grad.norm()).item())
+
+
+@pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
+def test_two_processes_match_one_process_with_the_whole_batch(toy_assets, tmp_path, stage):
+    teachers = untrained_teachers(toy_assets, tmp_path) if stage == "c2kd" else ()
+    config = make_config(toy_assets, tmp_path, stage, teachers)
+    single = one_step(config, DistInfo())
+    out = tmp_path / "result"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), flatten_config(config), str(out)), nprocs=2, join=True)
+    parts = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    assert_same(single, parts)
+    assert single["grads"]["text.proj.fc.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
+def test_gradient_accumulation_gives_the_whole_batch_gradients(toy_assets, tmp_path, stage):
+    teachers = untrained_teachers(toy_assets, tmp_path) if stage == "c2kd" else ()
+    whole = one_step(make_config(toy_assets, tmp_path, stage, teachers), DistInfo())
+    accumulated = one_step(make_config(toy_assets, tmp_path, stage, teachers,
+                                       **{"trainer.accumulation_steps": 4}), DistInfo())
+    assert_same(whole, [accumulated])

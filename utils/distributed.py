@@ -1,0 +1,79 @@
+"""torch.distributed helpers: process-group setup under torchrun and gathers across ranks.
+
+Under ``torchrun --nproc_per_node N train.py ...`` every process trains on its slice of each
+global batch; the losses gather embeddings (with gradients) so that the contrastive and the
+distillation terms see the whole global batch, exactly as one process with that batch would.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device):
+    """Join the process group torchrun describes in the environment; a single process otherwise.
+    Returns (DistInfo, device): under CUDA each process takes the GPU of its local rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_with_grad(tensor):
+    """Concatenate every rank's ``tensor`` along dim 0; gradients flow back to each rank's slice."""
+    if world_size() == 1:
+        return tensor
+    from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
+    # Its backward reduce-scatters (sums) the gradients of the gathered copies back to their owners.
+    return wait_tensor(all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD))
+
+
+
+@torch.no_grad()
+def gather(tensor):
+    """Concatenate every rank's ``tensor`` along dim 0, without gradients (equal shapes required)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_objects(obj):
+    """Every rank's ``obj`` (any picklable value), in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
