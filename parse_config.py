@@ -33,6 +33,8 @@ SCHEMA = {
     "data.max_words_eval": (40, int, None, "token length of evaluation captions"),
     "data.batch_size": (64, int, None, "training batch size"),
     "data.eval_batch_size": (64, int, None, "evaluation batch size (does not change results)"),
+    "data.allow_duplicate_ids": (False, bool, None,
+                                 "accept items sharing an id (evaluation averages them, as the reference did)"),
     "data.num_workers": (0, int, None, "DataLoader worker processes"),
     "data.missing_caption_fallback": ("none", str, ("none", "last_available"),
                                       "item lacking a language: none = no caption (left out of that language's loss "

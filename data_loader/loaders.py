@@ -1,4 +1,5 @@
 """From the ``data`` section of a config to checked corpora and DataLoaders."""
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -8,16 +9,43 @@ from data_loader.safe_pickle import DataFileError
 
 
 def load_split(config, split):
-    """The train or eval corpus named by the config, checked against it, restricted to its languages."""
+    """The train or eval corpus named by the config, checked against it, restricted to its languages.
+    Every check runs here, before a model is built or a step is trained."""
     data = config["data"]
     path = data["train_path"] if split == "train" else data["eval_path"]
     if not path:
         raise DataFileError(f"config key 'data.{split}_path' is not set")
-    corpus = read_corpus(path, data["layout"], data["feature_key"], split)
+    corpus = read_corpus(path, data["layout"], data["feature_key"], split, languages=config["languages"],
+                         missing_caption_fallback=data["missing_caption_fallback"])
     if corpus.feature_dim != data["feature_dim"]:
         raise DataFileError(f"{path}: feature '{data['feature_key']}' has dimension {corpus.feature_dim}, "
                             f"but config key 'data.feature_dim' is {data['feature_dim']}")
-    return corpus.select_languages(config["languages"] or corpus.languages)
+    check_items(corpus, allow_duplicate_ids=data["allow_duplicate_ids"])
+    return corpus
+
+
+def _listed(ids, limit=5):
+    return ", ".join(ids[:limit]) + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def check_items(corpus, allow_duplicate_ids=False):
+    """Refuse items that would poison training: non-finite features, no caption at all, repeated ids."""
+    bad = [corpus.ids[i] for i, f in enumerate(corpus.features) if f.size and not np.isfinite(f).all()]
+    if bad:
+        raise DataFileError(f"{corpus.path}: NaN or infinite video features in item(s) {_listed(bad)}")
+    uncaptioned = [corpus.ids[i] for i in range(len(corpus))
+                   if not any(c.strip() for lang in corpus.languages for c in corpus.captions[lang][i])]
+    if uncaptioned:
+        raise DataFileError(f"{corpus.path}: item(s) without any caption: {_listed(uncaptioned)}")
+    if not allow_duplicate_ids:
+        seen, repeated = set(), []
+        for vid in corpus.ids:
+            if vid in seen and vid not in repeated:
+                repeated.append(vid)
+            seen.add(vid)
+        if repeated:
+            raise DataFileError(f"{corpus.path}: duplicate id(s): {_listed(repeated)} (set config key "
+                                "'data.allow_duplicate_ids' to true to average items that share an id)")
 
 
 class EpochSampler(Sampler):

@@ -62,8 +62,9 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     def _main(_run, _config):
         return main(json.loads(json.dumps(_config)), _run)  # Sacred hands out read-only containers
 
-    # Ranks other than 0 run unobserved; Sacred would warn about that on each of them.
-    options = {"--loglevel": "WARNING" if run_root is not None else "ERROR"}
+    # Failures are reported by the entry points in one line (and recorded in run.json by the
+    # observer); Sacred's own log lines would repeat them.
+    options = {"--loglevel": "CRITICAL"}
     if run_id is not None:
         options["--id"] = run_id
     run = ex.run(options=options)

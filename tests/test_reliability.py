@@ -1,0 +1,216 @@
+"""Interruptions lose nothing; bad files and configs are refused in one line before anything runs."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_distributed import make_config, untrained_teachers
+from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_config(tmp, name, config):
+    path = tmp / f"{name}.json"
+    config = json.loads(json.dumps(config))
+    config.pop("name", None)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def train_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "train.py", "-d", "cpu", *args], cwd=ROOT, capture_output=True,
+                          text=True, **kwargs)
+
+
+def interrupt_mid_epoch(config_path, run_id, epoch=2, after_steps=3):
+    """Start training, send SIGTERM once the progress bar shows ``after_steps`` steps of ``epoch``."""
+    proc = subprocess.Popen([sys.executable, "train.py", "-c", str(config_path), "--run-id", run_id, "-d", "cpu"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = bytearray()
+    marker = f"epoch {epoch}:".encode()
+
+    def watch():
+        nonlocal marker
+        while True:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                return
+            seen.extend(chunk)
+            tail = bytes(seen[-400:])
+            if proc.returncode is None and marker in tail and f"| {after_steps}/".encode() in tail.split(marker)[-1]:
+                proc.send_signal(signal.SIGTERM)
+                marker = b"\0never"  # signal once, keep reading to the end
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    proc.wait(timeout=300)
+    thread.join(timeout=10)
+    return proc.returncode, seen.decode(errors="replace")
+
+
+@pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
+def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_run(toy_assets, tmp_path, stage):
+    teachers = untrained_teachers(toy_assets, tmp_path) if stage == "c2kd" else ()
+    config = make_config(toy_assets, tmp_path, stage, teachers, **{
+        "data.batch_size": 8, "trainer.epochs": 3, "trainer.save_dir": str(tmp_path / "runs"),
+        "trainer.log_every": 1})
+    path = write_config(tmp_path, "run", config)
+    full = train_cli("-c", str(path), "--run-id", "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    code, stderr = interrupt_mid_epoch(path, "cut")
+    assert code == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and "resume with: python train.py -r" in stderr
+    checkpoint = tmp_path / "runs" / "run" / "cut" / "latest.pt"
+    state = load_checkpoint(checkpoint)
+    assert (state["epoch"], state["batches_done"]) > (1, 0)  # stopped inside epoch 2 or later
+    assert json.loads((checkpoint.parent / "run.json").read_text())["status"] == "INTERRUPTED"
+
+    resumed = train_cli("-r", str(checkpoint), "--run-id", "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "runs" / "run" / "full" / "latest.pt")
+    b = load_checkpoint(tmp_path / "runs" / "run" / "resumed" / "latest.pt")
+    assert a["step"] == b["step"] == 3 * (128 // 8)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_sigkill_leaves_the_last_checkpoint_intact(toy_assets, tmp_path):
+    config = make_config(toy_assets, tmp_path, "translate-train", **{
+        "data.batch_size": 8, "trainer.epochs": 50, "trainer.save_dir": str(tmp_path / "runs")})
+    path = write_config(tmp_path, "run", config)
+    proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "k", "-d", "cpu"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "runs" / "run" / "k" / "latest.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    # Kill repeatedly close to checkpoint writes: every kill must leave a loadable file.
+    mtime = checkpoint.stat().st_mtime_ns
+    while checkpoint.stat().st_mtime_ns == mtime and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] >= 2
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint({"epoch": 1, "model": {"w": torch.ones(3)}}, tmp_path / "latest.pt")
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="latest.pt: cannot write \\(No space left on device\\); "
+                                              "the previous file is unchanged"):
+        save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temporary file left behind
+    with pytest.raises(CheckpointError, match="cannot write"):
+        atomic_save({"x": 1}, tmp_path / "latest.pt" / "inside-a-file.pt")
+
+
+# ---- bad input: one line, exit code 2, nothing trained or overwritten ------------------------------
+
+def released_train_items(n=6, dim=512):
+    rng = np.random.default_rng(0)
+    return [{"id": f"v{i}", "2d": rng.normal(size=(5, dim)).astype(np.float32),
+             "caption_en": [f"a cat {i}"], "caption_de": [f"eine Katze {i}"]} for i in range(n)]
+
+
+def pickled(tmp_path, name, obj, cut=None):
+    import pickle
+    data = pickle.dumps(obj, protocol=4)
+    path = tmp_path / name
+    path.write_bytes(data[:cut] if cut else data)
+    return path
+
+
+class Exec:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/should-not-exist', 'w')",))
+
+
+def bad_data_cases(tmp_path):
+    items = released_train_items()
+    nan = released_train_items()
+    nan[2]["2d"][1, 3] = np.nan
+    nan[4]["2d"][0, 0] = np.inf
+    dup = released_train_items()
+    dup[3]["id"] = "v1"
+    empty = released_train_items()
+    empty[5]["caption_en"], empty[5]["caption_de"] = [], []
+    return {
+        "truncated": (pickled(tmp_path, "cut.pkl", items, cut=-50), "not a readable pickle"),
+        "executes code": (pickled(tmp_path, "exec.pkl", [Exec()]), "refused global builtins.exec"),
+        "wrong structure": (pickled(tmp_path, "dict.pkl", {"items": items}), "expected a list of dicts"),
+        "wrong dimension": (pickled(tmp_path, "dim.pkl", released_train_items(dim=1024)),
+                            "has dimension 1024, but config key 'data.feature_dim' is 512"),
+        "no caption": (pickled(tmp_path, "empty.pkl", empty), "item(s) without any caption: v5"),
+        "duplicate ids": (pickled(tmp_path, "dup.pkl", dup), "duplicate id(s): v1"),
+        "nan features": (pickled(tmp_path, "nan.pkl", nan), "NaN or infinite video features in item(s) v2, v4"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated", "executes code", "wrong structure", "wrong dimension", "no caption",
+                                  "duplicate ids", "nan features"])
+def test_bad_data_files_are_refused_before_training(toy_assets, tmp_path, case):
+    path, message = bad_data_cases(tmp_path)[case]
+    config = make_config(toy_assets, tmp_path, "translate-train", **{
+        "data.train_path": str(path), "trainer.save_dir": str(tmp_path / "runs")})
+    result = train_cli("-c", str(write_config(tmp_path, "bad", config)))
+    assert result.returncode == 2
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert str(path) in err and message in err, err
+    assert not list((tmp_path / "runs").glob("*/*/latest.pt"))
+    assert not Path("/tmp/should-not-exist").exists()
+
+
+def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
+    config = make_config(toy_assets, tmp_path, "translate-train", **{"trainer.save_dir": str(tmp_path / "runs")})
+    path = write_config(tmp_path, "ok", config)
+    # A checkpoint of another architecture (a wider video transformer).
+    other = make_config(toy_assets, tmp_path, "translate-train", **{"model.width": 64})
+    from model.model import build_model
+    state = {"model": build_model(other["model"], 512).state_dict(), "config": other, "epoch": 1, "step": 1}
+    wide = save_checkpoint(state, tmp_path / "wide.pt")
+    result = subprocess.run([sys.executable, "test.py", "-r", str(wide), "-c", str(path), "-d", "cpu"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "weights do not fit the model" in result.stderr
+    assert "\n" not in result.stderr.strip()
+    # A truncated checkpoint.
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(wide.read_bytes()[:2000])
+    result = train_cli("-r", str(cut))
+    assert result.returncode == 2 and f"{cut}: not a readable checkpoint" in result.stderr
+    # A run folder that cannot be written.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the run folder should go")
+    result = train_cli("-c", str(path), "--set", f"trainer.save_dir={blocked}")
+    assert result.returncode == 2 and "cannot write run folders here" in result.stderr
+    # A config that is not JSON.
+    broken = tmp_path / "broken.json"
+    broken.write_text("{'single': 'quotes'}")
+    result = train_cli("-c", str(broken))
+    assert result.returncode == 2 and "broken.json: not valid JSON" in result.stderr
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    result = train_cli("-c", str(broken), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
