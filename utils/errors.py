@@ -4,5 +4,6 @@ from model.model import ModelError
 from parse_config import ConfigError
 from utils.checkpoint import CheckpointError
 from utils.experiment import ObserverError
+from utils.inference import InferenceError
 
-USER_ERRORS = (ConfigError, DataFileError, CheckpointError, ModelError, ObserverError)
+USER_ERRORS = (ConfigError, DataFileError, CheckpointError, ModelError, ObserverError, InferenceError)

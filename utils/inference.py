@@ -1,0 +1,253 @@
+"""Inference from a trained checkpoint: embed texts and videos, index a collection, search it.
+
+    retriever = Retriever.from_checkpoint("runs/toy/translate_train/demo/latest.pt")
+    index = retriever.build_index(corpus.ids, corpus.features)   # encode the collection once
+    index.save("videos.safetensors")                             # ... and reuse it later
+    retriever.search("a person cuts an onion", VideoIndex.load("videos.safetensors"), top=5)
+
+Texts go through the checkpoint's own tokenizer (any language it can read, truncated to
+``data.max_words_eval`` tokens); videos through the data layer's ``video_tokens`` (the first
+``data.n_video_tokens`` frames, each L2-normalised). Embeddings are L2-normalised, so a score is
+the cosine similarity that evaluation ranks by.
+"""
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from data_loader.corpus import read_corpus
+from data_loader.dataset import video_tokens
+from data_loader.safe_pickle import DataFileError
+from model.model import build_model, load_tokenizer
+from utils.checkpoint import CheckpointError, load_checkpoint
+
+INDEX_FORMAT = "c2kd-video-index"
+
+
+class InferenceError(ValueError):
+    """An input to inference is invalid (empty query, unknown id, wrong feature size, bad index)."""
+
+
+class VideoIndex:
+    """Video ids and their L2-normalised embeddings [N, P], stored as one safetensors file."""
+
+    def __init__(self, ids, embeddings):
+        self.ids = [str(i) for i in ids]
+        self.embeddings = embeddings.float().cpu().contiguous()
+        if len(self.ids) != len(self.embeddings):
+            raise InferenceError(f"{len(self.ids)} ids for {len(self.embeddings)} embeddings")
+        self._position = {vid: i for i, vid in enumerate(self.ids)}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def position(self, video_id):
+        if video_id not in self._position:
+            raise InferenceError(f"unknown video id '{video_id}' (the index holds {len(self)} videos, "
+                                 f"e.g. {', '.join(self.ids[:3])})")
+        return self._position[video_id]
+
+    def save(self, path):
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"embeddings": self.embeddings}, str(path),
+                      metadata={"format": INDEX_FORMAT, "ids": json.dumps(self.ids)})
+        except OSError as e:
+            raise InferenceError(f"{path}: cannot write the index ({e.strerror or e})") from None
+        return path
+
+    @classmethod
+    def load(cls, path):
+        path = Path(path)
+        if not path.is_file():
+            raise InferenceError(f"{path}: index file not found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                ours = meta.get("format") == INDEX_FORMAT
+                # A copy in fresh (aligned) memory: matmul kernels round differently on the
+                # offset buffer safetensors returns, and scores must not depend on that.
+                embeddings = f.get_tensor("embeddings").clone() if ours else None
+            ids = json.loads(meta["ids"]) if ours else None
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise InferenceError(f"{path}: not a readable video index ({_first_line(e)})") from None
+        if not ours:
+            raise InferenceError(f"{path}: not a video index written by VideoIndex.save")
+        return cls(ids, embeddings)
+
+
+class Retriever:
+    """A trained model with its tokenizer and the preprocessing settings of its config."""
+
+    def __init__(self, model, tokenizer, config, device="cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.feature_dim = config["data"]["feature_dim"]
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        state = load_checkpoint(path)
+        config = state["config"]
+        model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=False)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit the model of its config "
+                                  f"({str(e).splitlines()[0]})") from None
+        return cls(model, load_tokenizer(config["model"]["text_encoder"]), config, device)
+
+    @torch.no_grad()
+    def encode_texts(self, texts, batch_size=256):
+        """[len(texts), P] normalised text embeddings."""
+        check_texts(texts)
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                                    max_length=self.config["data"]["max_words_eval"],
+                                    return_tensors="pt", return_token_type_ids=False)
+            out.append(self.model.encode_text({k: v.to(self.device) for k, v in tokens.items()}).float().cpu())
+        return F.normalize(torch.cat(out), dim=1, eps=1e-8) if out else torch.zeros(0, self._dim())
+
+    @torch.no_grad()
+    def encode_videos(self, features, batch_size=256, progress=False):
+        """[len(features), P] normalised embeddings of [frames, feature_dim] arrays."""
+        n_tokens = self.config["data"]["n_video_tokens"]
+        out = []
+        for start in tqdm(range(0, len(features), batch_size), desc="encode videos", unit="batch",
+                          disable=None if progress else True, leave=False, dynamic_ncols=True):
+            batch = [video_tokens(self.check_features(f, f"video {start + i}"), n_tokens)
+                     for i, f in enumerate(features[start:start + batch_size])]
+            video = torch.stack([v for v, _ in batch]).to(self.device)
+            mask = torch.stack([m for _, m in batch]).to(self.device)
+            out.append(self.model.encode_video(video, mask).float().cpu())
+        return F.normalize(torch.cat(out), dim=1, eps=1e-8) if out else torch.zeros(0, self._dim())
+
+    def build_index(self, ids, features, batch_size=256, progress=True):
+        """Encode a collection once (a progress bar shows on a terminal); save the index to reuse it."""
+        if len(ids) != len(features):
+            raise InferenceError(f"{len(ids)} video ids for {len(features)} feature arrays")
+        for video_id, f in zip(ids, features):
+            self.check_features(f, f"video '{video_id}'")
+        return VideoIndex(ids, self.encode_videos(features, batch_size, progress=progress))
+
+    def search(self, query, index, top=10):
+        """The ``top`` best videos of ``index`` for ``query``: [(video_id, cosine score)], best first."""
+        if top < 1:
+            raise InferenceError(f"top = {top}: ask for at least 1 video")
+        q = self.encode_texts([query])[0]
+        if index.embeddings.shape[1] != len(q):
+            raise InferenceError(f"the index holds {index.embeddings.shape[1]}-d embeddings but this model "
+                                 f"makes {len(q)}-d ones; rebuild the index with this checkpoint")
+        scores = index.embeddings @ q
+        best = torch.topk(scores, min(top, len(index)))
+        return [(index.ids[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist())]
+
+    def check_features(self, features, name="the video"):
+        """``features`` as a float32 [frames, feature_dim] array; another shape is an InferenceError."""
+        shape = np.shape(features)
+        if len(shape) != 2 or shape[1] != self.feature_dim:
+            raise InferenceError(f"{name}: features of shape {tuple(shape)}, expected [frames, "
+                                 f"{self.feature_dim}] (config data.feature_dim)")
+        return np.asarray(features, dtype=np.float32)
+
+    def _dim(self):
+        return self.config["model"]["projection_dim"]
+
+
+def check_texts(texts):
+    """Every text must hold some words: an empty query is an InferenceError."""
+    if isinstance(texts, str):
+        raise InferenceError("expected a list of texts, got one string")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise InferenceError(f"empty query (text {i} is {text!r}); give some words to search for")
+
+
+def read_videos(path, layout, feature_key):
+    """A data file as the data layer reads it: its evaluation view, or its training view when it has
+    no evaluation captions (a training file)."""
+    try:
+        return read_corpus(path, layout, feature_key, "eval")
+    except DataFileError as eval_error:
+        try:
+            return read_corpus(path, layout, feature_key, "train")
+        except DataFileError:
+            raise eval_error from None
+
+
+def find_video(corpus, video_id):
+    """Position of ``video_id`` in ``corpus``; an unknown id is an InferenceError naming the file."""
+    try:
+        return corpus.ids.index(video_id)
+    except ValueError:
+        raise InferenceError(f"{corpus.path}: unknown video id '{video_id}' ({len(corpus)} videos, "
+                             f"e.g. {', '.join(corpus.ids[:3])})") from None
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 70em; }}
+table {{ border-collapse: collapse; width: 100%; }}
+th, td {{ border-bottom: 1px solid #ccc; padding: .4em; text-align: left; vertical-align: top; }}
+td.score {{ font-family: monospace; white-space: nowrap; }}
+.bar {{ background: #4a7; height: .5em; }}
+.meta {{ color: #555; }}
+ul {{ margin: 0; padding-left: 1.2em; }}
+</style>
+</head>
+<body>
+<h1>Query: <q>{query}</q></h1>
+<p class="meta">checkpoint {checkpoint}<br>{n} videos of {data}</p>
+<table>
+<thead><tr><th>rank</th><th>score</th><th>video</th><th>captions in the data file ({lang})</th></tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+</body>
+</html>
+"""
+
+
+def results_html(query, hits, corpus, checkpoint=""):
+    """A self-contained HTML page (no external resources, all text escaped) of ranked ``hits`` with
+    each video's captions from ``corpus``, so that a person can judge the ranking."""
+    esc = html.escape
+    position = {vid: i for i, vid in enumerate(corpus.ids)}
+    first = "en" if "en" in corpus.captions else next(iter(corpus.captions), None)
+    rows = []
+    for rank, (video_id, score) in enumerate(hits, 1):
+        i = position[video_id]
+        lines = [esc(c) for c in corpus.captions[first][i]] if first else []
+        events = (corpus.extras[i] if corpus.extras else {}).get("events") or []
+        lines += [f"<i>event, frames [{esc(str(e.get('start')))}, {esc(str(e.get('end')))}):</i> "
+                  f"{esc(str(e['caption_en']))}"
+                  for e in events if "caption_en" in e]
+        others = "".join(f"<li>{esc(lang)}: {esc(' | '.join(corpus.captions[lang][i]))}</li>"
+                         for lang in corpus.captions if lang != first)
+        cell = "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"
+        if others:
+            cell += f"<details><summary>other languages</summary><ul>{others}</ul></details>"
+        width = max(0.0, min(1.0, score)) * 6
+        rows.append(f'<tr><td>{rank}</td><td class="score">{score:.3f}<div class="bar" style="width:{width:.2f}em">'
+                    f"</div></td><td>{esc(video_id)}</td><td>{cell}</td></tr>")
+    return _PAGE.format(title=esc(f"Search: {query}"), query=esc(query), checkpoint=esc(str(checkpoint)),
+                        n=len(corpus), data=esc(str(corpus.path)), lang=esc(str(first)), rows="\n".join(rows))
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
