@@ -3,8 +3,22 @@
 A reader knows one on-disk layout; everything downstream (tokenization, batching,
 evaluation) sees only the ``Corpus``. Readers are registered by layout name so a
 config names its layout and new layouts slot in without touching the data set code.
+
+Layouts (``data.layout``):
+
+* ``multi-msrvtt``: the released Multi-MSRVTT and VATEX pickles (c2kd-reference §1.2).
+* ``multi-youcook2``: the released multilingual YouCook2 pickles, one item per clip.
+* ``rudder``: the released RUDDER pickles, a ``captions`` dict per item.
+* ``safe``: this project's pickle-free layout (a JSON file of ids and captions plus one
+  safetensors or .npy array of concatenated frames); see ``read_safe`` and docs/datasets.md.
+
+Every pickle goes through ``load_pickle`` (a restricted unpickler). Pickle readers take an
+optional ``items`` argument: the already-unpickled list, so that tools which inspect a file
+(``data_loader.check``) unpickle it only once.
 """
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -58,11 +72,22 @@ def register_reader(name):
     return wrap
 
 
-def read_corpus(path, layout, feature_key, split):
-    """Read ``path`` with the reader registered for ``layout``; ``split`` is 'train' or 'eval'."""
+def read_corpus(path, layout, feature_key, split, languages=None, missing_caption_fallback="none"):
+    """Read ``path`` with the reader registered for ``layout``; ``split`` is 'train' or 'eval'.
+
+    ``languages`` (optional) keeps those languages in that order. ``missing_caption_fallback``
+    (config key ``data.missing_caption_fallback``) decides what an item that lacks a language
+    gets: ``"none"`` (default) leaves its caption list empty, so the item is left out of that
+    language's loss and evaluation; ``"last_available"`` copies the caption of its last available
+    language, which is what the reference's RUDDER loader did (parity only, see
+    ``fill_missing_captions``). The fallback is applied after the language selection.
+    """
     if layout not in READERS:
         raise DataFileError(f"unknown data layout '{layout}'; known: {', '.join(sorted(READERS))}")
-    return READERS[layout](path, feature_key=feature_key, split=split)
+    corpus = READERS[layout](path, feature_key=feature_key, split=split)
+    if languages:
+        corpus.select_languages(languages)
+    return fill_missing_captions(corpus, missing_caption_fallback)
 
 
 def _features(item, key, path, index):
@@ -88,14 +113,14 @@ def _as_list_of_dicts(data, path):
 
 
 @register_reader("multi-msrvtt")
-def read_multi_msrvtt(path, feature_key, split):
+def read_multi_msrvtt(path, feature_key, split, items=None):
     """Multi-MSRVTT and VATEX pickles (reference §1.2).
 
     Training items hold ``caption_<lang>`` lists aligned by index; evaluation items hold one
     ``eval_caption_<lang>`` string per language. Languages are the caption keys found in
     the file; a language is kept only if every item has it.
     """
-    data = _as_list_of_dicts(load_pickle(path), path)
+    data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
     prefix = "caption_" if split == "train" else "eval_caption_"
     per_item_langs = [{k[len(prefix):] for k in item if k.startswith(prefix)} for item in data]
     languages = sorted(set.intersection(*per_item_langs))
@@ -122,3 +147,381 @@ def read_multi_msrvtt(path, feature_key, split):
                     f"{path}: item {ids[i]} has {len(caps)} '{prefix}{lang}' captions but "
                     f"{len(captions['en'][i])} English ones; captions must be aligned by index")
     return Corpus(path=str(path), ids=ids, features=features, captions=captions, extras=extras)
+
+
+# ---- shared helpers of the readers below ---------------------------------------------------------
+
+ENGLISH = "en"
+
+
+def _ordered_languages(languages, preferred=()):
+    """English first, then ``preferred`` in its order, then the rest alphabetically."""
+    languages = set(languages)
+    head = [lang for lang in (ENGLISH, *preferred) if lang in languages]
+    return list(dict.fromkeys(head)) + sorted(languages - set(head))
+
+
+def json_value(value):
+    """``value`` as plain JSON data (numpy scalars become numbers), or ``_DROP`` if it cannot be."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic) and value.ndim == 0 and value.dtype.kind in "biufU":
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        out = [json_value(v) for v in value]
+        return _DROP if any(v is _DROP for v in out) else out
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        out = {k: json_value(v) for k, v in value.items()}
+        return _DROP if any(v is _DROP for v in out.values()) else out
+    return _DROP
+
+
+_DROP = object()
+
+
+def _plain_extras(item, skip):
+    """The fields of ``item`` that are not in ``skip`` and are plain JSON data (no arrays)."""
+    out = {}
+    for key, value in item.items():
+        if key in skip:
+            continue
+        value = json_value(value)
+        if value is not _DROP:
+            out[key] = value
+    return out
+
+
+def _caption_list(value, path, index, key):
+    """One item's captions of one language as a list of strings; None means 'no caption'."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value):
+        return list(value)
+    raise DataFileError(f"{path}: item {index} field '{key}' must be a string or a list of strings, "
+                        f"got {type(value).__name__}")
+
+
+# ---- YouCook2 ------------------------------------------------------------------------------------
+
+# Language codes stored under another name in a released file.
+YOUCOOK2_RENAMES = {"cz": "cs"}
+
+
+@register_reader("multi-youcook2")
+def read_multi_youcook2(path, feature_key, split, items=None):
+    """Multilingual YouCook2 pickles (reference §1.2): one item per pre-cut clip.
+
+    Each item has ``id`` (kept as a string), the features under ``feature_key`` (``2d_raw``
+    for CLIP, ``s3d`` for S3D), ``caption`` (the English caption, a string) and one
+    ``caption_<lang>`` string per language; Czech is stored as ``caption_cz`` and exposed as
+    ``cs``. Train and evaluation files are read the same way (``split`` is not used). An item
+    that lacks a language gets an empty caption list for it. If an item also has
+    ``caption_en`` and it differs from ``caption``, ``caption`` is used (it is what the
+    reference trained and distilled on) and ``caption_en`` is kept in ``extras``.
+    """
+    data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
+    per_item = []
+    for i, item in enumerate(data):
+        found = {}
+        for key, value in item.items():
+            if not (isinstance(key, str) and key.startswith("caption_")):
+                continue
+            lang = YOUCOOK2_RENAMES.get(key[len("caption_"):], key[len("caption_"):])
+            if lang in found:
+                raise DataFileError(f"{path}: item {i} has captions for '{lang}' under two keys "
+                                    f"(caption_{lang} and its released alias)")
+            found[lang] = _caption_list(value, path, i, key)
+        english = item.get("caption", item.get("caption_en"))
+        if english is None:
+            raise DataFileError(f"{path}: item {i} has no English 'caption' (is this a YouCook2 file?)")
+        found[ENGLISH] = _caption_list(english, path, i, "caption")
+        per_item.append(found)
+    languages = _ordered_languages(set().union(*per_item))
+    ids, features, extras = [], [], []
+    captions = {lang: [] for lang in languages}
+    for i, (item, found) in enumerate(zip(data, per_item)):
+        ids.append(str(item.get("id", i)))
+        features.append(_features(item, feature_key, path, i))
+        for lang in languages:
+            captions[lang].append(found.get(lang, []))
+        extra = _plain_extras(item, {"id", feature_key, "caption"} |
+                              {k for k in item if isinstance(k, str) and k.startswith("caption_")})
+        if "caption_en" in item and "caption" in item and item["caption_en"] != item["caption"]:
+            extra["caption_en"] = json_value(item["caption_en"])
+        extras.append(extra)
+    return Corpus(path=str(path), ids=ids, features=features, captions=captions, extras=extras)
+
+
+# ---- RUDDER --------------------------------------------------------------------------------------
+
+# The languages the reference trained and evaluated on, in its order; ta, te and ml may be in the
+# files too (the reference left them out); they are read, and a config's `languages` selects.
+RUDDER_LANGUAGES = ("en", "hi", "mr", "kn")
+
+
+@register_reader("rudder")
+def read_rudder(path, feature_key, split, items=None):
+    """RUDDER pickles (reference §1.2): ``id``, features (``2d``), ``captions`` {lang: string}.
+
+    An item that lacks a language gets an EMPTY caption list for it, so it is left out of that
+    language's training loss and evaluation (the reference duplicated another language's
+    caption instead; ``data.missing_caption_fallback = "last_available"`` reproduces that).
+    The order of each item's ``captions`` dict is kept in ``extras[i]["caption_languages"]``:
+    the fallback needs it. Per-language audio (``audios``) is not read. ``split`` is not used.
+    """
+    data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
+    per_item = []
+    for i, item in enumerate(data):
+        caps = item.get("captions")
+        if not isinstance(caps, dict):
+            raise DataFileError(f"{path}: item {i} has no 'captions' dict (is this a RUDDER file?)")
+        per_item.append({str(lang): _caption_list(value, path, i, f"captions[{lang}]")
+                         for lang, value in caps.items()})
+    languages = _ordered_languages(set().union(*per_item), RUDDER_LANGUAGES)
+    ids, features, extras = [], [], []
+    captions = {lang: [] for lang in languages}
+    for i, (item, found) in enumerate(zip(data, per_item)):
+        ids.append(str(item.get("id", i)))
+        features.append(_features(item, feature_key, path, i))
+        for lang in languages:
+            captions[lang].append(found.get(lang, []))
+        extra = _plain_extras(item, {"id", feature_key, "captions", "audios"})
+        extra["caption_languages"] = [lang for lang, caps in found.items() if caps]
+        extras.append(extra)
+    return Corpus(path=str(path), ids=ids, features=features, captions=captions, extras=extras)
+
+
+# ---- missing captions ----------------------------------------------------------------------------
+
+MISSING_CAPTION_FALLBACKS = ("none", "last_available")
+
+
+def fill_missing_captions(corpus, mode="none"):
+    """Give items that lack a language the caption of another language, or leave them empty.
+
+    ``"none"``: unchanged; an empty list means "no caption", and that item is left out of the
+    language's loss and evaluation. ``"last_available"`` (parity with the reference's RUDDER
+    loader only): a missing language gets a copy of the captions of the item's *last* available
+    language, in the order of the item's own caption dict (``extras[i]["caption_languages"]``
+    when the reader recorded it, else the corpus' language order), among the corpus' languages.
+    The copy is then trained and evaluated as if it were a caption in the missing language, which
+    inflates that language's numbers; use it only to compare with the reference. Which language
+    was copied is recorded in ``extras[i]["filled_captions"]``.
+    """
+    if mode not in MISSING_CAPTION_FALLBACKS:
+        raise DataFileError(f"data.missing_caption_fallback '{mode}' is not one of "
+                            f"{', '.join(MISSING_CAPTION_FALLBACKS)}")
+    if mode == "none":
+        return corpus
+    languages = corpus.languages
+    if len(corpus.extras) != len(corpus):
+        corpus.extras = [{} for _ in range(len(corpus))]
+    for i in range(len(corpus)):
+        order = [lang for lang in corpus.extras[i].get("caption_languages", ()) if lang in corpus.captions]
+        order += [lang for lang in languages if lang not in order]
+        available = [lang for lang in order if corpus.captions[lang][i]]
+        if not available:
+            continue
+        source = available[-1]
+        filled = {}
+        for lang in languages:
+            if not corpus.captions[lang][i]:
+                corpus.captions[lang][i] = list(corpus.captions[source][i])
+                filled[lang] = source
+        if filled:
+            corpus.extras[i] = {**corpus.extras[i], "filled_captions": filled}
+    return corpus
+
+
+# ---- the safe layout -----------------------------------------------------------------------------
+
+SAFE_FORMAT = "c2kd-safe"
+SAFE_VERSION = 1
+
+
+@dataclass
+class SafeFiles:
+    captions: Path            # captions.json (or <base>.json)
+    features: Path            # features.safetensors / features.npy (or <base>.safetensors / <base>.npy)
+    offsets: Path = None      # offsets.npy (or <base>.offsets.npy); None for safetensors
+
+
+def safe_files(path, must_exist=True):
+    """The files of a safe-layout split. ``path`` is either a folder holding ``captions.json`` and
+    ``features.safetensors`` (or ``features.npy`` + ``offsets.npy``), or a base path ``B`` for
+    ``B.json`` and ``B.safetensors`` (or ``B.npy`` + ``B.offsets.npy``); ``B.json`` itself is accepted."""
+    p = Path(path)
+    if p.is_dir():
+        cands = (p / "captions.json", p / "features.safetensors", p / "features.npy", p / "offsets.npy")
+    else:
+        if p.name.endswith(".offsets.npy"):
+            p = p.with_name(p.name[:-len(".offsets.npy")])
+        elif p.suffix in (".json", ".safetensors", ".npy"):
+            p = p.with_suffix("")
+        cands = tuple(p.with_name(p.name + ext) for ext in (".json", ".safetensors", ".npy", ".offsets.npy"))
+    captions, st, npy, offsets = cands
+    if not must_exist:
+        return SafeFiles(captions, st)
+    if not captions.is_file():
+        raise DataFileError(f"{path}: no {captions.name} (a safe-layout split is a folder with captions.json "
+                            "and features.safetensors, or a base path B with B.json and B.safetensors)")
+    if st.is_file():
+        return SafeFiles(captions, st)
+    if npy.is_file():
+        if not offsets.is_file():
+            raise DataFileError(f"{path}: {npy.name} needs {offsets.name} beside it (item i has frames "
+                                "offsets[i]:offsets[i+1])")
+        return SafeFiles(captions, npy, offsets)
+    raise DataFileError(f"{path}: no features file ({st.name}, or {npy.name} with {offsets.name})")
+
+
+def is_safe_path(path):
+    p = Path(path)
+    if p.is_dir():
+        return True
+    try:
+        return safe_files(p, must_exist=False).captions.is_file()
+    except (ValueError, OSError):
+        return False
+
+
+def _load_safe_arrays(files):
+    name = files.features
+    try:
+        if files.offsets is None:
+            from safetensors.numpy import load_file
+            tensors = load_file(str(name))
+            missing = [k for k in ("features", "offsets") if k not in tensors]
+            if missing:
+                raise DataFileError(f"{name}: no tensor named {' or '.join(repr(k) for k in missing)} "
+                                    f"(tensors: {', '.join(sorted(tensors)) or 'none'})")
+            return tensors["features"], tensors["offsets"]
+        return np.load(name, allow_pickle=False), np.load(files.offsets, allow_pickle=False)
+    except DataFileError:
+        raise
+    except Exception as e:  # safetensors and numpy raise several types for a damaged file
+        raise DataFileError(f"{name}: not a readable array file ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
+def read_safe_raw(path):
+    """(meta dict, features array as stored, offsets array), checked; ``check`` uses the raw dtype."""
+    files = safe_files(path)
+    try:
+        meta = json.loads(files.captions.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFileError(f"{files.captions}: cannot read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"{files.captions}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    if not isinstance(meta, dict):
+        raise DataFileError(f"{files.captions}: expected a JSON object with ids, feature_key and captions")
+    if meta.get("format", SAFE_FORMAT) != SAFE_FORMAT:
+        raise DataFileError(f"{files.captions}: format is {meta.get('format')!r}, expected {SAFE_FORMAT!r}")
+    if not isinstance(meta.get("version", SAFE_VERSION), int) or meta.get("version", SAFE_VERSION) > SAFE_VERSION:
+        raise DataFileError(f"{files.captions}: version {meta.get('version')!r} is newer than this reader "
+                            f"(version {SAFE_VERSION})")
+    for key, kind in (("ids", list), ("captions", dict), ("feature_key", str)):
+        if not isinstance(meta.get(key), kind):
+            raise DataFileError(f"{files.captions}: field '{key}' must be a JSON "
+                                f"{'array' if kind is list else 'object' if kind is dict else 'string'}")
+    feats, offsets = _load_safe_arrays(files)
+    n = len(meta["ids"])
+    if feats.ndim != 2:
+        raise DataFileError(f"{files.features}: features have shape {tuple(feats.shape)}, expected [frames, dim]")
+    if feats.dtype.kind != "f":
+        raise DataFileError(f"{files.features}: features have dtype {feats.dtype}, expected a float type")
+    if offsets.ndim != 1 or offsets.dtype.kind not in "iu":
+        raise DataFileError(f"{files.offsets or files.features}: offsets must be a 1-D integer array, "
+                            f"got {offsets.dtype} {tuple(offsets.shape)}")
+    if len(offsets) != n + 1:
+        raise DataFileError(f"{files.offsets or files.features}: {len(offsets)} offsets for {n} ids "
+                            f"(expected {n + 1}: item i has frames offsets[i]:offsets[i+1])")
+    if n == 0:
+        raise DataFileError(f"{files.captions}: the file holds no items")
+    offsets = offsets.astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != feats.shape[0] or (np.diff(offsets) < 0).any():
+        raise DataFileError(f"{files.offsets or files.features}: offsets must start at 0, never decrease and "
+                            f"end at the number of frames ({feats.shape[0]}); they run {offsets[0]}..{offsets[-1]}")
+    return meta, feats, offsets
+
+
+@register_reader("safe")
+def read_safe(path, feature_key=None, split=None, raw=None):
+    """This project's safe layout (no pickle): see ``safe_files`` and docs/datasets.md.
+
+    ``captions.json``: ``{"format": "c2kd-safe", "version": 1, "ids": [...], "feature_key": "2d",
+    "captions": {lang: [[caption, ...] per item]}, "extras": [{...} per item] (optional)}``; an
+    empty list means the item has no caption in that language. Features: one float array
+    ``[total frames, dim]`` (all videos' frames concatenated, in item order) and int64 ``offsets``
+    ``[items + 1]``. One folder (or base path) holds one split, so ``split`` is not used;
+    ``feature_key`` (when given) must match the file's. ``raw``: the output of ``read_safe_raw``
+    when the caller already has it.
+    """
+    meta, feats, offsets = read_safe_raw(path) if raw is None else raw
+    where = safe_files(path).captions
+    if feature_key is not None and feature_key != meta["feature_key"]:
+        raise DataFileError(f"{path}: the file holds '{meta['feature_key']}' features, but config key "
+                            f"'data.feature_key' is '{feature_key}'")
+    n = len(meta["ids"])
+    captions = {}
+    for lang, per_item in meta["captions"].items():
+        if not isinstance(per_item, list) or len(per_item) != n:
+            raise DataFileError(f"{where}: captions['{lang}'] must be a list with one entry per item ({n}), "
+                                f"got {len(per_item) if isinstance(per_item, list) else type(per_item).__name__}")
+        captions[lang] = [_caption_list(c, where, i, f"captions[{lang}]") for i, c in enumerate(per_item)]
+    if not captions:
+        raise DataFileError(f"{where}: 'captions' holds no language")
+    extras = meta.get("extras") or [{} for _ in range(n)]
+    if not isinstance(extras, list) or len(extras) != n or not all(isinstance(e, dict) for e in extras):
+        raise DataFileError(f"{where}: 'extras' must be a list of {n} objects")
+    feats = np.asarray(feats, dtype=np.float32)
+    features = [feats[offsets[i]:offsets[i + 1]] for i in range(n)]
+    # The file's language order, with English (the pivot language) first.
+    captions = {lang: captions[lang] for lang in sorted(captions, key=lambda lang: lang != ENGLISH)}
+    # A folder, or the captions file of a base path: either names something on disk.
+    source = str(path) if Path(path).is_dir() else str(where)
+    return Corpus(path=source, ids=[str(i) for i in meta["ids"]], features=features, captions=captions,
+                  extras=extras)
+
+
+# ---- layout detection (data_loader.check, data_loader.convert) ----------------------------------
+
+PICKLE_LAYOUTS = ("multi-msrvtt", "multi-youcook2", "rudder")
+# Feature keys of the released files, in the order they are tried when none is given.
+KNOWN_FEATURE_KEYS = ("2d", "2d_raw", "s3d", "3d", "2d_full")
+NON_VIDEO_KEYS = ("audio",)
+
+
+def detect_layout(items, path):
+    """(layout, split) of an unpickled released file, from the keys of its items."""
+    data = _as_list_of_dicts(items, path)
+    keys = set().union(*(item.keys() for item in data[:50]))
+    str_keys = {k for k in keys if isinstance(k, str)}
+    if "captions" in str_keys and isinstance(data[0].get("captions"), dict):
+        return "rudder", "train"
+    if any(k.startswith("eval_caption_") for k in str_keys):
+        return "multi-msrvtt", "eval"
+    multi = sorted(k for k in str_keys if k.startswith("caption_"))
+    # Multi-MSRVTT training items hold lists of captions; YouCook2 items hold one string each.
+    if any(isinstance(item.get(k), (list, tuple)) for item in data[:50] for k in multi):
+        return "multi-msrvtt", "train"
+    if multi or "caption" in str_keys:
+        return "multi-youcook2", "train"
+    raise DataFileError(f"{path}: cannot tell the layout (no 'captions', 'caption', 'caption_<lang>' or "
+                        "'eval_caption_<lang>' keys); pass --layout")
+
+
+def detect_feature_key(items, path):
+    """The video feature key of a released file: the first known key holding a 2-D array."""
+    first = items[0]
+    arrays = [k for k, v in first.items()
+              if isinstance(v, np.ndarray) and v.ndim == 2 and k not in NON_VIDEO_KEYS]
+    for key in KNOWN_FEATURE_KEYS:
+        if key in arrays:
+            return key
+    if arrays:
+        return sorted(arrays)[0]
+    raise DataFileError(f"{path}: no 2-D feature array in the first item (keys: "
+                        f"{', '.join(map(str, first)) or 'none'}); pass --feature-key")

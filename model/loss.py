@@ -96,8 +96,9 @@ class RetrievalLoss(nn.Module):
     def forward(self, text, video, teacher_sims=None, rows=None):
         """``text``: lang -> [B, P] embeddings (the English one under ``self.english``);
         ``video``: [B, P]; ``teacher_sims``: list of [B, B] teacher matrices (c2kd only);
-        ``rows``: lang -> [B] bool, the items that have a caption in that language and, for the
-        main English term, a non-empty video. Returns (loss, {term name: detached value}).
+        ``rows``: lang -> [B] bool, the items that have a caption in that language; "main": those
+        with an English caption and a non-empty video (the first English term); "teacher": those
+        with an English caption (the ones a teacher can score). Returns (loss, {term name: detached value}).
 
         Under torch.distributed the inputs are this rank's slice of the global batch; they are
         gathered (with gradients) so every term sees the whole global batch, and ``teacher_sims``
@@ -106,6 +107,7 @@ class RetrievalLoss(nn.Module):
             text = {lang: gather_with_grad(emb) for lang, emb in text.items()}
             video = gather_with_grad(video)
             rows = None if rows is None else {k: gather(v) for k, v in rows.items()}
+        rows = None if rows is None else dict(rows)
         terms = {}
         en = self.english
         sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}
@@ -135,7 +137,11 @@ class RetrievalLoss(nn.Module):
         targets = self.distill_targets(teacher_sims)
         for lang, s in sims.items():
             nce = info_nce(sub(s, lang), self.temperature)
-            distill = sum(w * self.distance(sub(s, lang), sub(t, lang), self.distill_temp) for w, t in targets)
+            # Teachers read the English caption: an item without one has no target.
+            d = f"{lang}&teacher"
+            if rows is not None and lang in rows and "teacher" in rows:
+                rows[d] = rows[lang] & rows["teacher"]
+            distill = sum(w * self.distance(sub(s, d), sub(t, d), self.distill_temp) for w, t in targets)
             terms[f"nce_{lang}"], terms[f"distill_{lang}"] = nce, distill
             loss = loss + lam * nce + distill
         return loss, _detached(terms)

@@ -170,3 +170,20 @@ def test_unknown_stage_and_pool_are_rejected():
         RetrievalLoss("c3kd", 0.05)
     with pytest.raises(ValueError, match="teacher_pool 'median'"):
         RetrievalLoss("c2kd", 0.05, teacher_pool="median")
+
+
+def test_items_without_english_get_no_distillation_target():
+    lam, tau, tau_d = 0.3, 0.5, 0.2
+    three_text = torch.cat([TEXT, torch.tensor([[0.0, 1.0]], dtype=torch.float64)])
+    three_video = torch.cat([VIDEO, torch.tensor([[0.6, 0.8]], dtype=torch.float64)])
+    garbage = torch.full((3, 3), 5.0, dtype=torch.float64)
+    garbage[:2, :2] = torch.tensor(T1, dtype=torch.float64)
+    has_en = torch.tensor([True, True, False])
+    rows = {"main": has_en, "en": has_en, "teacher": has_en, "hi": torch.ones(3, dtype=torch.bool)}
+    loss = RetrievalLoss("c2kd", tau, balance=lam, distill_temp=tau_d, teacher_pool="max", num_teachers=1).double()
+    value, terms = loss({"en": three_text, "hi": three_text}, three_video, teacher_sims=[garbage], rows=rows)
+    # The third item (no English caption) is in Hindi's contrastive term but in no distillation term.
+    expected_distill = (1 - lam) * kl_by_hand(S, T1, tau_d)
+    assert terms["distill_hi"].item() == pytest.approx(expected_distill, rel=1e-9)
+    assert terms["distill_en"].item() == pytest.approx(expected_distill, rel=1e-9)
+    assert terms["nce_en"].item() == pytest.approx(nce_by_hand(S, tau), rel=1e-9)

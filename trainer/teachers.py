@@ -147,7 +147,10 @@ class Teachers:
         index, caption = gather(batch["index"]), gather(batch["caption_index"])
         sims = []
         for cache in self.cache:
-            rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1)
+            # An item without an English caption (count 0) points at its own offset; the loss
+            # leaves it out of distillation (rows["teacher"]).
+            rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1).clamp(min=0)
+            rows = rows.clamp(max=len(cache["text"]) - 1)
             sims.append(cache["text"][rows] @ cache["video"][index].t())
         return sims
 

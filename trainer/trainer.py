@@ -141,6 +141,7 @@ class Trainer:
     def _rows(self, batch):
         rows = {lang: batch["has_caption"][lang] for lang in self.languages}
         rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"]["en"]
+        rows["teacher"] = batch["has_caption"]["en"]
         return rows
 
     def training_step(self, batch):

@@ -1,0 +1,145 @@
+"""utils.report: gathering Sacred run folders, mean ± sample std over seeds, refusing mixed groups."""
+import csv
+import json
+import math
+import statistics
+
+import pytest
+
+from utils import report
+
+LANGS = ("en", "de", "fr")
+# seed -> {lang: t2v R1}; the expected means and sample standard deviations are computed below
+# by the statistics module, independently of the report's own arithmetic.
+R1 = {0: {"en": 10.0, "de": 5.0, "fr": 4.0},
+      1: {"en": 12.0, "de": 6.0, "fr": 4.5},
+      2: {"en": 14.0, "de": 10.0, "fr": 5.5}}
+
+
+def config(seed, name="c2kd", stage="c2kd", balance=0.5, save_dir="runs/x"):
+    return {"name": name, "seed": seed, "stage": stage, "languages": list(LANGS),
+            "data": {"train_path": "data/x/train.pkl", "num_workers": 4},
+            "loss": {"balance": balance, "temperature": 0.1},
+            "trainer": {"epochs": 3, "save_dir": save_dir}}
+
+
+def metrics(r1, shift=0.0):
+    out = {}
+    for lang, v in r1.items():
+        out[f"t2v_{lang}_R1"] = v + shift
+        out[f"t2v_{lang}_R5"] = 2 * v + shift
+        out[f"t2v_{lang}_MedR"] = 100 - v
+    out["t2v_mean_R1"] = sum(r1.values()) / len(r1)
+    return out
+
+
+def write_run(folder, cfg, result, status="COMPLETED", series=None):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "run.json").write_text(json.dumps({"status": status, "result": result}))
+    if series is not None:
+        (folder / "metrics.json").write_text(json.dumps(
+            {f"val.{k}": {"steps": list(range(1, len(v) + 1)), "values": v} for k, v in series.items()}))
+    (folder / "_sources").mkdir()
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs" / "c2kd"
+    return [write_run(root / f"seed{s}", config(s), metrics(R1[s])) for s in R1]
+
+
+def run_report(capsys, *args):
+    code = report.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_mean_and_sample_std(tmp_path, runs, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_report(capsys, "--method", "C2KD=" + ",".join(map(str, runs)), "--recall", "1,5",
+                                   "--out", out)
+    assert code == 0, err
+    rows = {(r["method"], r["metric"]): r for r in csv.DictReader((out / "table.csv").open())}
+    row = rows[("C2KD", "t2v_R1")]
+    assert row["n_runs"] == "3" and row["seeds"] == "0 1 2"
+    for lang in LANGS:
+        vals = [R1[s][lang] for s in R1]
+        assert float(row[f"{lang}_mean"]) == pytest.approx(statistics.mean(vals))
+        assert float(row[f"{lang}_std"]) == pytest.approx(statistics.stdev(vals))   # ddof = 1
+    non_en = [statistics.mean([R1[s]["de"], R1[s]["fr"]]) for s in R1]
+    every = [statistics.mean(R1[s].values()) for s in R1]
+    assert float(row["avg_no_en_mean"]) == pytest.approx(statistics.mean(non_en))
+    assert float(row["avg_no_en_std"]) == pytest.approx(statistics.stdev(non_en))
+    assert float(row["avg_all_mean"]) == pytest.approx(statistics.mean(every))
+    assert float(rows[("C2KD", "t2v_R5")]["en_mean"]) == pytest.approx(24.0)
+    md = (out / "table.md").read_text()
+    assert "| C2KD | 3 | 12.0 ± 2.0 | 7.0 ± 2.6 | 4.7 ± 0.8 |" in md
+    assert "sample std (ddof=1)" in md and "### t2v R@5" in md
+    assert md in stdout
+    tex = (out / "table.tex").read_text()
+    assert "C2KD & 3 & 12.0 $\\pm$ 2.0" in tex and "\\toprule" in tex
+    assert (out / "r1_bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_positional_runs_group_by_config_and_label(tmp_path, runs, capsys):
+    other = [write_run(tmp_path / "runs" / "tt" / f"seed{s}", config(s, name="translate_train",
+                                                                   stage="translate-train"), metrics(R1[s], 1.0))
+             for s in (0, 1)]
+    # a folder holding run folders is searched; the runs' own save_dir differs but does not count
+    write_run(tmp_path / "runs" / "c2kd" / "seed3", config(3, save_dir="elsewhere"), metrics(R1[0]))
+    code, stdout, err = run_report(capsys, tmp_path / "runs", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "| c2kd | 4 |" in stdout and "| translate_train | 2 | 12.0 ± 1.4 |" in stdout
+
+
+def test_refuses_a_method_mixing_configs(tmp_path, runs, capsys):
+    odd = write_run(tmp_path / "runs" / "c2kd_l01" / "seed3", config(3, balance=0.1), metrics(R1[0]))
+    code, stdout, err = run_report(capsys, "--method", f"C2KD={runs[0]},{runs[1]},{odd}", "--out", tmp_path / "o")
+    assert code == 2 and stdout == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "refusing to average method 'C2KD'" in lines[0] and "loss.balance" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_group_by_name_refuses_mixed_configs(tmp_path, runs, capsys):
+    write_run(tmp_path / "runs" / "c2kd" / "seed7", config(7, balance=0.1), metrics(R1[0]))
+    code, _, err = run_report(capsys, tmp_path / "runs", "--group-by-name", "--out", tmp_path / "o")
+    assert code == 2 and "loss.balance" in err and len(err.strip().splitlines()) == 1
+    # without --group-by-name the two configs become two rows, told apart by the differing key
+    code, stdout, err = run_report(capsys, tmp_path / "runs", "--out", tmp_path / "o")
+    assert code == 0 and "c2kd [loss.balance=0.5]" in stdout and "c2kd [loss.balance=0.1]" in stdout
+
+
+def test_refuses_two_runs_with_one_seed(tmp_path, runs, capsys):
+    again = write_run(tmp_path / "again" / "seed0", config(0), metrics(R1[1]))
+    code, _, err = run_report(capsys, "--method", f"C2KD={runs[0]},{again}", "--out", tmp_path / "o")
+    assert code == 2 and "two runs with seed 0" in err
+
+
+def test_metrics_json_fallback_and_unfinished_runs(tmp_path, capsys):
+    a = write_run(tmp_path / "r" / "seed0", config(0), None,
+                  series={"t2v_en_R1": [1.0, 20.0], "t2v_de_R1": [1.0, 8.0]})
+    b = write_run(tmp_path / "r" / "seed1", config(1), None, status="INTERRUPTED",
+                  series={"t2v_en_R1": [2.0, 22.0], "t2v_de_R1": [3.0, 9.0]})
+    code, stdout, err = run_report(capsys, "--method", f"M={a},{b}", "--out", tmp_path / "o")
+    assert code == 0 and "| M | 1 | 20.0 | 8.0 |" in stdout and "status INTERRUPTED" in err
+    code, stdout, _ = run_report(capsys, "--method", f"M={a},{b}", "--include-unfinished", "--out", tmp_path / "o")
+    assert code == 0 and "| M | 2 | 21.0 ± 1.4 | 8.5 ± 0.7 |" in stdout and "epoch 2 of 3" in stdout
+
+
+def test_mean_std_edge_cases():
+    assert report.mean_std([3.0]) == (3.0, pytest.approx(math.nan, nan_ok=True))
+    mean, std = report.mean_std([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and std == pytest.approx(statistics.stdev([1, 2, 3, 4]))
+
+
+def test_useless_input_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = run_report(capsys, tmp_path / "nothing", "--out", tmp_path / "o")
+    assert code == 2 and "no such run folder" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_report(capsys, tmp_path / "empty", "--out", tmp_path / "o")
+    assert code == 2 and "holds no run folder" in err
+    code, _, err = run_report(capsys, "--method", "nodirs", "--out", tmp_path / "o")
+    assert code == 2 and "NAME=DIR" in err
