@@ -45,7 +45,7 @@ def video_tokens(features, n_tokens):
     return out, mask
 
 
-class _TokenTable:
+class TokenTable:
     """All captions of one language under one tokenizer, as padded int tensors."""
 
     def __init__(self, captions_per_item, tokenizer, max_words, clean):
@@ -83,7 +83,7 @@ class RetrievalDataset(Dataset):
         self.text_inputs = list(text_inputs)
         self.languages = corpus.languages
         self.tables = {
-            ti.name: {lang: _TokenTable(corpus.captions[lang], ti.tokenizer, max_words, ti.clean)
+            ti.name: {lang: TokenTable(corpus.captions[lang], ti.tokenizer, max_words, ti.clean)
                       for lang in ti.languages}
             for ti in self.text_inputs
         }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_loader.dataset import TextInput, _TokenTable, video_tokens
+from data_loader.dataset import TextInput, TokenTable, video_tokens
 from model.loss import cosine_sim
 from model.model import build_model, load_tokenizer
 from parse_config import ConfigError
@@ -109,8 +109,8 @@ class Teachers:
     def embed_training_set(self, teacher, batch_size=256):
         """Normalised text embeddings of every (video, English caption) and video embeddings, fp32."""
         captions = self.corpus.captions[ENGLISH]
-        table = _TokenTable(captions, teacher.tokenizer, self.max_words, clean=True)
-        pool_masks = (_TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
+        table = TokenTable(captions, teacher.tokenizer, self.max_words, clean=True)
+        pool_masks = (TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
                       if teacher.pool_with_student_mask else table.attention_mask)
         model, device = teacher.model, self.device
         texts = []
