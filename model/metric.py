@@ -11,6 +11,9 @@ Protocol:
   ``total_queries`` when given (the complete dataset size: missing items count
   as failures), else the number of ranked items. MedR / MeanR are
   median / mean rank + 1 over the ranked items only.
+
+``retrieval_metrics`` takes a similarity matrix; ``retrieval_metrics_from_embeddings`` takes the
+query and video embeddings and ranks block by block, for sets whose [Q, V] matrix would not fit.
 """
 
 import numpy as np
@@ -38,56 +41,121 @@ def _rank(greater: torch.Tensor, equal_others: torch.Tensor, weight: float) -> t
     return greater.double().cpu() + weight * equal_others.double().cpu()
 
 
-def retrieval_metrics(sims: torch.Tensor, query_video: torch.Tensor, tie_break: str = "averaging",
-                      total_queries: int | None = None, chunk_size: int = 4096) -> dict[str, dict[str, float]]:
-    """Compute t2v and v2t retrieval metrics.
-
-    sims: [Q, V] query-to-video similarities; query_video: [Q] index of each
-    query's ground-truth video. Rows (t2v) and columns (v2t) are processed in
-    chunks of ``chunk_size`` so only a chunk-sized temporary is allocated.
-    """
+def _check_tie_break(tie_break):
     if tie_break not in _TIE_WEIGHT:
         raise ValueError(f"unknown tie_break {tie_break!r}; expected one of {TIE_BREAKS}")
-    if sims.dim() != 2:
-        raise ValueError(f"sims must be 2-D [Q, V], got shape {tuple(sims.shape)}")
-    if not sims.is_floating_point():
-        sims = sims.double()
-    num_q, num_v = sims.shape
-    query_video = torch.as_tensor(query_video, dtype=torch.long, device=sims.device).reshape(-1)
+    return _TIE_WEIGHT[tie_break]
+
+
+def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    # int32 counts: a bool reduction would otherwise go through an int64 copy of the whole block.
+    return mask.sum(dim, dtype=torch.int32)
+
+
+def _check_query_video(query_video, num_q, num_v, device):
+    query_video = torch.as_tensor(query_video, dtype=torch.long, device=device).reshape(-1)
     if query_video.numel() != num_q:
         raise ValueError(f"query_video has {query_video.numel()} entries for {num_q} queries")
     if num_q and (query_video.min() < 0 or query_video.max() >= num_v):
         raise ValueError(f"query_video entries must lie in [0, {num_v})")
+    return query_video
+
+
+def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, weight, chunk_size, total_queries):
+    """Ranks from score blocks. ``row_block(start, end)`` gives scores [end - start, V] of those
+    queries; ``col_block(start, end)`` gives scores [Q, end - start] of those videos."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    weight = _TIE_WEIGHT[tie_break]
+    device = query_video.device
 
     # t2v: compare each row with the score of its ground-truth video.
     t2v = []
     for start in range(0, num_q, chunk_size):
-        rows = sims[start:start + chunk_size]
+        rows = row_block(start, min(start + chunk_size, num_q))
         if rows.isnan().any():
             raise ValueError("sims contains NaN")
         gt = rows.gather(1, query_video[start:start + chunk_size, None])
-        t2v.append(_rank((rows > gt).sum(1), (rows == gt).sum(1) - 1, weight))
+        t2v.append(_rank(_count(rows > gt, 1), _count(rows == gt, 1) - 1, weight))
+        del rows
 
     # v2t: every tie rule gives a rank that is non-increasing in the score, so
     # the minimum over a video's captions is the rank of its best caption score.
     v2t = []
+    all_queries = torch.arange(num_q, device=device)
     for start in range(0, num_v, chunk_size):
-        cols = sims[:, start:start + chunk_size]
-        vids = torch.arange(start, start + cols.shape[1], device=sims.device)
-        relevant = query_video[:, None] == vids[None, :]
-        has_query = relevant.any(0)
-        best = cols.masked_fill(~relevant, float("-inf")).max(0).values[None, :]
-        rank = _rank((cols > best).sum(0), (cols == best).sum(0) - 1, weight)
+        end = min(start + chunk_size, num_v)
+        cols = col_block(start, end)
+        # The queries describing a video of this block, and their scores, read from this block.
+        inside = (query_video >= start) & (query_video < end)
+        q_in, col_in = all_queries[inside], query_video[inside] - start
+        best = torch.full((end - start,), float("-inf"), dtype=cols.dtype, device=device)
+        best = best.scatter_reduce(0, col_in, cols[q_in, col_in], reduce="amax")
+        has_query = torch.zeros(end - start, dtype=torch.bool, device=device)
+        has_query[col_in] = True
+        rank = _rank(_count(cols > best, 0), _count(cols == best, 0) - 1, weight)
         v2t.append(rank[has_query.cpu()])
+        del cols
 
     empty = torch.zeros(0, dtype=torch.float64)
     return {
         "t2v": _summarise(torch.cat(t2v) if t2v else empty, total_queries),
         "v2t": _summarise(torch.cat(v2t) if v2t else empty, total_queries),
     }
+
+
+def retrieval_metrics(sims: torch.Tensor, query_video: torch.Tensor, tie_break: str = "averaging",
+                      total_queries: int | None = None, chunk_size: int = 4096) -> dict[str, dict[str, float]]:
+    """Compute t2v and v2t retrieval metrics.
+
+    sims: [Q, V] query-to-video similarities; query_video: [Q] index of each
+    query's ground-truth video. Rows (t2v) and columns (v2t) are processed in
+    chunks of ``chunk_size`` so only chunk-sized temporaries are allocated.
+    """
+    weight = _check_tie_break(tie_break)
+    if sims.dim() != 2:
+        raise ValueError(f"sims must be 2-D [Q, V], got shape {tuple(sims.shape)}")
+    if not sims.is_floating_point():
+        sims = sims.double()
+    num_q, num_v = sims.shape
+    query_video = _check_query_video(query_video, num_q, num_v, sims.device)
+    return _ranks_by_blocks(lambda a, b: sims[a:b], lambda a, b: sims[:, a:b], query_video, num_q, num_v,
+                            weight, chunk_size, total_queries)
+
+
+def retrieval_metrics_from_embeddings(queries: torch.Tensor, videos: torch.Tensor, query_video: torch.Tensor,
+                                      tie_break: str = "averaging", total_queries: int | None = None,
+                                      chunk_size: int = 4096) -> dict[str, dict[str, float]]:
+    """``retrieval_metrics(queries @ videos.T, ...)`` without ever holding the [Q, V] matrix.
+
+    queries: [Q, D]; videos: [V, D]; query_video: [Q]. The work runs on the device of the
+    embeddings (a GPU in practice). t2v takes blocks of ``chunk_size`` queries (chunk @ videos.T,
+    [chunk_size, V]); v2t takes blocks of ``chunk_size`` videos (queries @ chunk.T, [Q, chunk_size]).
+    Only one block of scores and its comparison masks exist at a time; each score is computed
+    twice in all (once per direction).
+
+    t2v compares each row with its own ground-truth score; v2t takes a video's best caption score
+    from the same block it compares against. Ranks are therefore self-consistent, and equal the
+    materialised matrix's whenever the two matrix products round alike: always for exactly
+    representable scores (e.g. quantised embeddings), and for float embeddings unless a rounding
+    difference reorders two scores that agree to the last bits.
+    """
+    weight = _check_tie_break(tie_break)
+    if queries.dim() != 2 or videos.dim() != 2:
+        raise ValueError(f"queries and videos must be 2-D [N, D], got shapes {tuple(queries.shape)} "
+                         f"and {tuple(videos.shape)}")
+    if queries.shape[1] != videos.shape[1]:
+        raise ValueError(f"queries have dimension {queries.shape[1]} but videos have {videos.shape[1]}")
+    if queries.device != videos.device:
+        raise ValueError(f"queries are on {queries.device} but videos are on {videos.device}")
+    # The dtype of the materialised product, made floating point as retrieval_metrics does.
+    dtype = torch.promote_types(queries.dtype, videos.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.float64
+    queries, videos = queries.to(dtype), videos.to(dtype)
+    num_q, num_v = queries.shape[0], videos.shape[0]
+    query_video = _check_query_video(query_video, num_q, num_v, queries.device)
+    return _ranks_by_blocks(lambda a, b: queries[a:b] @ videos.t(), lambda a, b: queries @ videos[a:b].t(),
+                            query_video, num_q, num_v, weight, chunk_size, total_queries)
 
 
 def mean_over_languages(per_lang: dict[str, dict[str, dict[str, float]]],

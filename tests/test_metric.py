@@ -190,3 +190,108 @@ def test_format_table():
     assert table.splitlines() == ["t2v      R1  MedR",
                                   "en     12.3   7.0",
                                   "mean  100.0   1.2"]
+
+
+# ---- retrieval_metrics_from_embeddings: the same numbers without the [Q, V] matrix ----------
+
+from model.metric import retrieval_metrics_from_embeddings  # noqa: E402
+
+
+def _embeddings(num_q, num_v, dim, seed, levels=None, dtype=torch.float64):
+    """Random embeddings; with ``levels`` they are small integers, so every score is exact and many
+    scores tie."""
+    gen = torch.Generator().manual_seed(seed)
+    if levels is None:
+        return (torch.randn(num_q, dim, generator=gen, dtype=dtype),
+                torch.randn(num_v, dim, generator=gen, dtype=dtype))
+    return (torch.randint(-levels, levels + 1, (num_q, dim), generator=gen).to(dtype),
+            torch.randint(-levels, levels + 1, (num_v, dim), generator=gen).to(dtype))
+
+
+@pytest.mark.parametrize("tie_break", ["optimistic", "pessimistic", "averaging"])
+@pytest.mark.parametrize("levels", [None, 1])
+def test_from_embeddings_matches_materialised_matrix(tie_break, levels):
+    queries, videos = _embeddings(90, 70, 6, seed=2, levels=levels)
+    gen = torch.Generator().manual_seed(5)
+    query_video = torch.randint(0, 70, (90,), generator=gen)  # several captions per video, some videos none
+    expected = retrieval_metrics(queries @ videos.t(), query_video, tie_break=tie_break)
+    for chunk_size in (1, 7, 64, 4096):
+        out = retrieval_metrics_from_embeddings(queries, videos, query_video, tie_break=tie_break,
+                                                chunk_size=chunk_size)
+        assert out == expected
+    if levels is not None:  # the quantised case really has ties at the ground truth
+        sims = queries @ videos.t()
+        gt = sims.gather(1, query_video[:, None])
+        assert ((sims == gt).sum(1) > 1).any()
+
+
+def test_from_embeddings_ties_change_the_result():
+    queries, videos = _embeddings(60, 60, 4, seed=3, levels=1)
+    query_video = torch.arange(60)
+    outs = {tb: retrieval_metrics_from_embeddings(queries, videos, query_video, tie_break=tb, chunk_size=16)
+            for tb in ("optimistic", "pessimistic")}
+    assert outs["optimistic"]["t2v"]["MeanR"] < outs["pessimistic"]["t2v"]["MeanR"]
+    assert outs["optimistic"]["v2t"]["MeanR"] < outs["pessimistic"]["v2t"]["MeanR"]
+
+
+def test_from_embeddings_multi_caption_v2t_by_hand():
+    # 2-D embeddings; scores are the rows of sims below (queries @ videos.T).
+    queries = _t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])
+    videos = _t([[1.0, 0.0], [0.0, 1.0]])
+    # sims = [[1, 0], [0, 1], [1, 1], [2, 0]]; q0, q1 describe v0; q2, q3 describe v1
+    query_video = _q([0, 0, 1, 1])
+    out = retrieval_metrics_from_embeddings(queries, videos, query_video, tie_break="optimistic", chunk_size=1)
+    # v0 column [1, 0, 1, 2]: best caption q0 (1) has q3's 2 above -> rank 1
+    # v1 column [0, 1, 1, 0]: best caption q2 (1), nothing strictly above -> rank 0
+    assert out["v2t"]["MeanR"] == 1.5 and out["v2t"]["R1"] == 50.0
+    # t2v: q0 1 vs 0 -> 0; q1 0 vs 1 -> 1; q2 1 vs 1 tie -> 0; q3 0 vs 2 -> 1
+    assert out["t2v"]["MeanR"] == 1.5
+    assert out == retrieval_metrics(queries @ videos.t(), query_video, tie_break="optimistic")
+
+
+def test_from_embeddings_float32_and_total_queries():
+    queries, videos = _embeddings(300, 120, 16, seed=4, dtype=torch.float32)
+    query_video = torch.arange(300) % 120
+    expected = retrieval_metrics(queries @ videos.t(), query_video, total_queries=400)
+    for chunk_size in (32, 100, 4096):
+        out = retrieval_metrics_from_embeddings(queries, videos, query_video, total_queries=400,
+                                                chunk_size=chunk_size)
+        # float32 products of different shapes may round differently; with continuous random
+        # embeddings a rounding-level near tie at a ground truth is vanishingly unlikely.
+        for direction in ("t2v", "v2t"):
+            assert out[direction] == pytest.approx(expected[direction])
+    assert expected["t2v"]["num_queries"] == 300.0 and expected["t2v"]["R50"] < 100.0 * 300 / 400
+
+
+def test_from_embeddings_integer_inputs_and_empty_queries():
+    queries, videos = _embeddings(20, 10, 3, seed=6, levels=2, dtype=torch.float64)
+    query_video = torch.arange(20) % 10
+    expected = retrieval_metrics(queries.long() @ videos.long().t(), query_video)
+    assert retrieval_metrics_from_embeddings(queries.long(), videos.long(), query_video, chunk_size=3) == expected
+    empty = retrieval_metrics_from_embeddings(torch.zeros(0, 3), videos.float(), torch.zeros(0, dtype=torch.long))
+    assert empty["t2v"]["num_queries"] == 0.0 and empty["v2t"]["num_queries"] == 0.0
+
+
+def test_from_embeddings_rejects_bad_input():
+    queries, videos = _embeddings(4, 3, 2, seed=0)
+    with pytest.raises(ValueError, match="dimension"):
+        retrieval_metrics_from_embeddings(queries, videos[:, :1], _q([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="entries"):
+        retrieval_metrics_from_embeddings(queries, videos, _q([0, 1]))
+    with pytest.raises(ValueError, match="lie in"):
+        retrieval_metrics_from_embeddings(queries, videos, _q([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        retrieval_metrics_from_embeddings(queries, videos, _q([0, 1, 2, 0]), chunk_size=0)
+    with pytest.raises(ValueError, match="random"):
+        retrieval_metrics_from_embeddings(queries, videos, _q([0, 1, 2, 0]), tie_break="random")
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics_from_embeddings(queries * float("nan"), videos, _q([0, 1, 2, 0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_embeddings_on_cuda_matches_cpu():
+    queries, videos = _embeddings(200, 150, 8, seed=7, levels=1)
+    query_video = torch.arange(200) % 150
+    expected = retrieval_metrics(queries @ videos.t(), query_video)
+    out = retrieval_metrics_from_embeddings(queries.cuda(), videos.cuda(), query_video.cuda(), chunk_size=64)
+    assert out == expected
