@@ -10,17 +10,23 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.metric import mean_over_languages, retrieval_metrics
+from model.metric import mean_over_languages, retrieval_metrics_from_embeddings
 from utils.device import autocast, to_device
 from utils.distributed import gather_objects, rank
 
 
 @dataclass
 class LanguageScores:
-    sims: torch.Tensor          # [queries, videos], cosine similarities
+    queries: torch.Tensor       # [queries, P], L2-normalised
+    videos: torch.Tensor        # [videos, P], L2-normalised
     query_video: torch.Tensor   # [queries] ground-truth column of each query
     query_ids: list             # video id each query describes
     video_ids: list
+
+    @property
+    def sims(self):
+        """[queries, videos] cosine similarities (materialised on request only)."""
+        return self.queries @ self.videos.t()
 
 
 @torch.no_grad()
@@ -71,14 +77,16 @@ def score_languages(texts, videos, items, has_caption, item_ids, multi_caption):
             present = torch.unique(cols)  # sorted video columns that have a caption in this language
             emb = _group_mean(emb, torch.searchsorted(present, cols), len(present))
             cols = present
-        query = F.normalize(emb, dim=1, eps=1e-8)
-        scores[lang] = LanguageScores(sims=query @ video_emb.t(), query_video=cols,
+        scores[lang] = LanguageScores(queries=F.normalize(emb, dim=1, eps=1e-8), videos=video_emb, query_video=cols,
                                       query_ids=[video_ids[c] for c in cols.tolist()], video_ids=video_ids)
     return scores
 
 
-def metrics_from_scores(scores, tie_break, total_queries=None):
-    per_lang = {lang: retrieval_metrics(s.sims, s.query_video, tie_break=tie_break, total_queries=total_queries)
+def metrics_from_scores(scores, tie_break, total_queries=None, device="cpu"):
+    """Ranks computed in chunks on ``device`` from the embeddings: memory stays bounded for any size."""
+    per_lang = {lang: retrieval_metrics_from_embeddings(s.queries.to(device), s.videos.to(device),
+                                                        s.query_video.to(device), tie_break=tie_break,
+                                                        total_queries=total_queries)
                 for lang, s in scores.items()}
     summary = dict(per_lang)
     summary["mean"] = mean_over_languages(per_lang)
@@ -99,5 +107,5 @@ def evaluate(model, loader, languages, eval_cfg, device, amp_dtype=None, return_
     corpus = loader.dataset.corpus
     texts, videos, items, has = embed_eval_set(model, loader, languages, device, amp_dtype)
     scores = score_languages(texts, videos, items, has, corpus.ids, eval_cfg["multi_caption"])
-    summary = metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"])
+    summary = metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"], device)
     return (summary, scores) if return_scores else summary
