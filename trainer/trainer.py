@@ -147,7 +147,8 @@ class Trainer:
     def training_step(self, batch):
         """Forward, loss over the (global) batch, backward, optimizer step. Returns (loss, terms)."""
         batch = to_device(batch, self.device)
-        teacher_sims = self.teachers.similarities(batch) if self.teachers is not None else None
+        with autocast(self.device, self.amp_dtype):  # online teachers run under autocast, as in the reference
+            teacher_sims = self.teachers.similarities(batch) if self.teachers is not None else None
         rows = self._rows(batch)
         self.optimizer.zero_grad(set_to_none=True)
         if self.accumulation == 1:

@@ -1,0 +1,133 @@
+"""utils.benchmark: a quick smoke run, the full-size GPU step code on tiny shapes, FLOP counting by hand.
+Timings are never asserted: they depend on the machine and its load."""
+import json
+
+import pytest
+import torch
+
+from model.model import TextEncoder, VideoEncoder
+from utils import benchmark
+
+
+def _bert(h=32, layers=2, inter=64, vocab=100):
+    return benchmark.build_backbone("bert", dict(vocab_size=vocab, hidden_size=h, num_hidden_layers=layers,
+                                                 num_attention_heads=2, intermediate_size=inter))
+
+
+def test_text_forward_flops_by_hand():
+    h, inter, layers, proj = 32, 64, 2, 16
+    encoder = TextEncoder(_bert(h, layers, inter), projection_dim=proj)
+    per_layer = (4 * (h * h + h)          # query, key, value, attention output
+                 + 2 * h                  # attention LayerNorm
+                 + (h * inter + inter)    # intermediate
+                 + (inter * h + h)        # output
+                 + 2 * h)                 # output LayerNorm
+    per_token = layers * per_layer + 2 * h  # plus the embedding LayerNorm; the tables are lookups
+    per_sequence = (h * h + h) + 2 * h + (h * proj + proj) + (proj * proj + proj)  # pooler, norm, gated proj
+    sequences, seq_len = 6, 11
+    assert benchmark.text_forward_flops(encoder, sequences, seq_len) == \
+        2 * (per_token * sequences * seq_len + per_sequence * sequences)
+
+
+def test_video_forward_flops_by_hand():
+    d, w, p = 8, 16, 12
+    video = VideoEncoder(d, width=w, projection_dim=p, depth=1, heads=2, mlp_ratio=1.0)
+    per_frame = (d * w + w) + (w * w + w) + 2 * w                      # gated input projection, LayerNorm
+    per_block_token = 2 * w + (w * 3 * w + 3 * w) + (w * w + w) + 2 * w + 2 * (w * w + w)
+    per_video = (w * p + p) + (p * p + p)                             # gated output projection on CLS
+    videos, frames = 5, 7
+    assert benchmark.video_forward_flops(video, videos, frames) == \
+        2 * videos * (per_frame * frames + per_block_token * (frames + 1) + per_video)
+
+
+def test_c2kd_step_flops_counts_teachers_only_online():
+    torch.manual_seed(0)
+    student = benchmark_model(_bert(32, 2, 64))
+    teachers = [benchmark_model(_bert(32, 1, 64)), benchmark_model(_bert(32, 2, 64))]
+    b, langs, seq, frames = 4, 9, 10, 6
+    student_fwd = (benchmark.text_forward_flops(student.text, b * langs, seq)
+                   + benchmark.video_forward_flops(student.video, b, frames))
+    teacher_fwd = sum(benchmark.text_forward_flops(t.text, b, seq) + benchmark.video_forward_flops(t.video, b, frames)
+                      for t in teachers)
+    online = benchmark.c2kd_step_flops(student, teachers, b, langs, seq, frames, online=True)
+    cached = benchmark.c2kd_step_flops(student, teachers, b, langs, seq, frames, online=False)
+    assert online == {"student": 3 * student_fwd, "teachers": teacher_fwd, "total": 3 * student_fwd + teacher_fwd}
+    assert cached == {"student": 3 * student_fwd, "teachers": 0.0, "total": 3 * student_fwd}
+
+
+def benchmark_model(backbone):
+    from model.model import RetrievalModel
+    return RetrievalModel(TextEncoder(backbone, 16), VideoEncoder(8, width=16, projection_dim=16, depth=1, heads=2))
+
+
+def test_peak_flops_by_device_name():
+    assert benchmark.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert benchmark.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert benchmark.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert benchmark.peak_bf16_flops("Tesla T4") is None
+
+
+TINY_SHAPES = {
+    "student": ("bert", dict(vocab_size=120, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32)),
+    "teachers": [(family, dict(vocab_size=90, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)) for family in ("xlmr", "bert", "distilbert")],
+}
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny models: one thread is fastest, and is not slowed down by other work on a busy machine.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_full_size_step_code_runs_on_tiny_shapes(one_thread, device):
+    out = benchmark.bench_gpu_step(torch.device(device), shapes=TINY_SHAPES, batch_size=4, languages=3, seq_len=6,
+                                   n_video_tokens=5, feature_dim=8, video_width=16, projection_dim=16,
+                                   steps=1, warmup=1, peak_flops=1e12)
+    for mode in ("cached", "online", "online_teachers_amp"):
+        assert out[mode]["step_s"] > 0 and out[mode]["mfu"] > 0
+    assert out["cached"]["teacher_flops"] == 0 and out["online"]["teacher_flops"] > 0
+    assert out["online"]["student_flops"] == out["cached"]["student_flops"]
+    assert out["online_teachers_amp"]["model_flops"] == out["online"]["model_flops"]
+    if device == "cpu":
+        assert out["autocast"] == "off"  # plain fp32, as the trainer does on the CPU
+
+
+def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--out", str(out), "--eval-sizes", "200"]
+    if torch.cuda.is_available():  # full-size models take long to build; their code is tested on tiny shapes
+        argv += ["--skip", "gpu"]
+    assert benchmark.main(argv, assets=toy_assets) == 0
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python -m utils.benchmark --quick")
+    data = report["data_pipeline"]
+    for key in ("project_setup_s", "project_items_per_s", "reference_items_per_s", "steady_state_ratio",
+                "one_epoch_with_setup_ratio"):
+        assert data[key] > 0, key
+    step = report["c2kd_step"]
+    for key in ("cached_step_s", "online_step_s", "online_over_cached", "cache_build_s"):
+        assert step[key] > 0, key
+    (row,) = report["evaluation"]["sizes"]
+    assert row["n"] == 200 and row["same_metrics"]
+    for method in ("matrix", "chunked"):
+        assert row[method]["seconds"] > 0 and row[method]["peak_mib"] >= 0
+    if not torch.cuda.is_available():
+        assert report["gpu_step"] == {"skipped": "no CUDA device"}
+    printed = capsys.readouterr().out
+    assert "steady state" in printed and "online/cached" in printed and f"wrote {out}" in printed
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_tile_corpus_repeats_items(toy_assets, n):
+    from data_loader.corpus import read_corpus
+    corpus = read_corpus(toy_assets["train"], "multi-msrvtt", "2d", "train")
+    tiled = benchmark.tile_corpus(corpus, len(corpus) * n + 3)
+    assert len(tiled) == len(corpus) * n + 3 and len(set(tiled.ids)) == len(tiled)
+    assert tiled.captions["de"][len(corpus)] == corpus.captions["de"][0] if n > 1 else True

@@ -1,0 +1,728 @@
+"""Throughput benchmarks, measured as ratios within one run on one machine.
+
+    python -m utils.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
+
+1. data pipeline: items per second of this project's loader (captions tokenized once per
+   tokenizer, c2kd-reference §1.3 fixed) against a loader that tokenizes every caption of every
+   language with every tokenizer on each access, as the reference did; the one-off
+   pre-tokenization is reported separately and folded into a one-epoch ratio.
+2. C2KD training step (``Trainer.training_step``) with cached against online teachers, on
+   Multi-Toy with the tiny encoders and three randomly initialised teachers.
+3. ranking N x N: ``retrieval_metrics`` on a materialised matrix against
+   ``retrieval_metrics_from_embeddings``; time and peak memory, one subprocess per measurement.
+4. on a CUDA device only: a training step of a LaBSE-shaped student with three base-sized
+   teachers (random weights), cached and online, bf16 autocast, with model FLOPs utilisation.
+
+Timings of two variants are interleaved (A B A B ...) and medians are reported, so that a
+machine shared with other work still gives comparable ratios.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_ENCODERS = ("xlmr-tiny", "mbert-tiny", "distiluse-tiny")
+# The reference's teacher suffixes (§1.3), in the order of TEACHER_ENCODERS.
+TEACHER_SUFFIXES = ("xlm", "mbert", "distill")
+ENGLISH = "en"
+
+# Peak dense bf16 tensor FLOP/s by device name (no sparsity).
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+
+
+# ---- timing helpers ------------------------------------------------------------------------------
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device=None):
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def interleaved(variants, repeats, device=None):
+    """Run each variant ``repeats`` times in the order A B A B ...; {name: [seconds, ...]}."""
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, device)[0])
+    return times
+
+
+def median(values):
+    return float(statistics.median(values))
+
+
+# ---- 1. data pipeline ----------------------------------------------------------------------------
+def tile_corpus(corpus, n_items):
+    """The first ``n_items`` items of ``corpus``, repeated as often as needed."""
+    from data_loader.corpus import Corpus
+    idx = [i % len(corpus) for i in range(n_items)]
+    return Corpus(path=corpus.path, ids=[f"{corpus.ids[i]}#{k}" for k, i in enumerate(idx)],
+                  features=[corpus.features[i] for i in idx],
+                  captions={lang: [caps[i] for i in idx] for lang, caps in corpus.captions.items()})
+
+
+class ReferenceStyleDataset(torch.utils.data.Dataset):
+    """Tokenizes on every access, as the reference's loaders did (c2kd-reference §1.3).
+
+    Per item: one caption index drawn with Python's ``random`` and shared by all languages; the
+    English caption regex-cleaned and tokenized by the student and by every teacher tokenizer;
+    then the caption of every language tokenized by the student and by every teacher tokenizer.
+    Each call pads to ``max_words`` and returns tensors with the reference's shapes (input ids
+    [L], attention mask [1, L], no token type ids). The word2vec lookup and the audio padding
+    the reference also did per item are left out, so this loader is, if anything, faster than
+    the reference's.
+    """
+
+    def __init__(self, corpus, student_tokenizer, teacher_tokenizers, max_words, n_video_tokens):
+        self.corpus, self.student, self.teachers = corpus, student_tokenizer, dict(teacher_tokenizers)
+        self.max_words, self.n_video_tokens = max_words, n_video_tokens
+
+    def __len__(self):
+        return len(self.corpus)
+
+    def _tokenize(self, tokenizer, text):
+        enc = tokenizer(text, padding="max_length", max_length=self.max_words, truncation=True,
+                        return_tensors="pt")
+        return {"input_ids": enc["input_ids"].squeeze(0), "attention_mask": enc["attention_mask"]}
+
+    def __getitem__(self, idx):
+        from data_loader.dataset import clean_caption, video_tokens
+        video, video_mask = video_tokens(self.corpus.features[idx], self.n_video_tokens)
+        cap = random.randrange(max(1, len(self.corpus.captions[ENGLISH][idx])))
+        raw_text = clean_caption(self.corpus.captions[ENGLISH][idx][cap])
+        out = {"index": idx, "video": video, "video_mask": video_mask,
+               "tokens": self._tokenize(self.student, raw_text)}
+        for suffix, tok in self.teachers.items():
+            out[f"tokens_{suffix}"] = self._tokenize(tok, raw_text)
+        for lang, captions in self.corpus.captions.items():
+            caps = captions[idx]
+            text = caps[min(cap, len(caps) - 1)] if caps else ""
+            out[lang] = self._tokenize(self.student, text)
+            for suffix, tok in self.teachers.items():
+                out[f"{lang}_{suffix}"] = self._tokenize(tok, text)
+        return out
+
+
+def _epoch(loader):
+    items = 0
+    for batch in loader:
+        items += len(batch["index"])
+    return items
+
+
+def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_video_tokens=30):
+    """Items per second of the project's loader against the reference-style loader."""
+    from data_loader.corpus import read_corpus
+    from data_loader.dataset import RetrievalDataset, TextInput
+    from data_loader.loaders import EpochSampler, make_loader
+    from model.model import load_tokenizer
+
+    corpus = read_corpus(assets["train"], "multi-msrvtt", "2d", "train")
+    n_items = n_items or len(corpus)
+    corpus = tile_corpus(corpus, n_items)
+    student = load_tokenizer(str(assets["encoders"]["labse-tiny"]))
+    teachers = {s: load_tokenizer(str(assets["encoders"][name])) for s, name in zip(TEACHER_SUFFIXES, TEACHER_ENCODERS)}
+    # The c2kd setup with online teachers: the student reads every language, each teacher English.
+    inputs = [TextInput("student", student, corpus.languages),
+              *(TextInput(f"teacher{i}", tok, [ENGLISH], clean=True) for i, tok in enumerate(teachers.values()))]
+
+    def sampler():
+        return EpochSampler(n_items, batch_size, seed=0, shuffle=True, drop_last=False)
+
+    state = {}
+
+    def project_setup():
+        state["dataset"] = RetrievalDataset(corpus, inputs, max_words, n_video_tokens, train=True, seed=0)
+
+    def project_epoch():
+        assert _epoch(make_loader(state["dataset"], batch_size, sampler(), 0, seed=0)) == n_items
+
+    reference = ReferenceStyleDataset(corpus, student, teachers, max_words, n_video_tokens)
+
+    def reference_epoch():
+        assert _epoch(make_loader(reference, batch_size, sampler(), 0, seed=0)) == n_items
+
+    random.seed(0)
+    project_setup()  # warm-up: first use of each tokenizer, allocator
+    project_epoch()
+    reference_epoch()
+    times = interleaved({"project_setup": project_setup, "project_epoch": project_epoch,
+                         "reference_epoch": reference_epoch}, repeats)
+    setup, epoch, ref = (median(times[k]) for k in ("project_setup", "project_epoch", "reference_epoch"))
+    return {
+        "items": n_items, "batch_size": batch_size, "languages": corpus.languages,
+        "captions_per_item": float(sum(len(c) for c in corpus.captions[ENGLISH]) / n_items),
+        "max_words": max_words, "n_video_tokens": n_video_tokens, "num_workers": 0, "repeats": repeats,
+        "tokenizers": {"student": "labse-tiny", "teachers": list(TEACHER_ENCODERS)},
+        "tokenizer_calls_per_item": {"project": 0,
+                                     "reference": (1 + len(teachers)) * (1 + len(corpus.languages))},
+        "project_setup_s": setup,
+        "project_epoch_s": epoch,
+        "reference_epoch_s": ref,
+        "project_items_per_s": n_items / epoch,
+        "reference_items_per_s": n_items / ref,
+        "steady_state_ratio": ref / epoch,
+        "one_epoch_with_setup_ratio": ref / (setup + epoch),
+        "samples_s": times,
+    }
+
+
+# ---- 2. C2KD training step on Multi-Toy ----------------------------------------------------------
+def make_random_teachers(assets, folder, base_flat):
+    """Checkpoints of three randomly initialised toy teachers (one per teacher encoder)."""
+    from model.model import build_model
+    from parse_config import resolve
+    from utils.checkpoint import save_checkpoint
+
+    paths = []
+    for i, name in enumerate(TEACHER_ENCODERS):
+        config = resolve({**base_flat, "stage": "translate-train", "teachers.checkpoints": [],
+                          "model.text_encoder": str(assets["encoders"][name])}, name=f"teacher_{name}")
+        torch.manual_seed(100 + i)
+        model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=True)
+        paths.append(str(save_checkpoint({"model": model.state_dict(), "config": config},
+                                         Path(folder) / f"teacher_{name}.pt")))
+    return paths
+
+
+def _toy_c2kd_flat(assets, folder):
+    from parse_config import load_flat
+    flat = load_flat(ROOT / "configs" / "toy" / "c2kd.json")
+    flat.update({"data.train_path": str(assets["train"]), "data.eval_path": str(assets["test"]),
+                 "model.text_encoder": str(assets["encoders"]["labse-tiny"]),
+                 "trainer.save_dir": str(Path(folder) / "runs"),
+                 "teachers.cache_dir": str(Path(folder) / "teacher_cache")})
+    return flat
+
+
+def bench_c2kd_step(assets, device, steps=20, warmup=2):
+    """Trainer.training_step with cached against online teachers: same batch, same initial model."""
+    from model.model import load_tokenizer
+    from parse_config import resolve
+    from trainer.build import build_loaders, build_loss, build_student, load_corpora
+    from trainer.teachers import build_teachers
+    from trainer.trainer import Trainer, seed_everything
+    from utils.device import to_device
+
+    with tempfile.TemporaryDirectory(prefix="c2kd-bench-") as folder:
+        flat = _toy_c2kd_flat(assets, folder)
+        flat["teachers.checkpoints"] = make_random_teachers(assets, folder, flat)
+        configs = {mode: resolve({**flat, "teachers.mode": mode}, name="c2kd") for mode in ("cached", "online")}
+        seed_everything(0)
+        corpora = load_corpora(configs["online"])
+        tokenizer = load_tokenizer(configs["online"]["model"]["text_encoder"])
+        build_s = {}
+        teachers = {}
+        for mode in ("online", "cached"):  # cached last: its time then holds loading plus the cache build
+            build_s[mode], teachers[mode] = timed(
+                lambda: build_teachers(configs[mode], corpora["train"], device, tokenizer), device)
+        model, _ = build_student(configs["online"], tokenizer=tokenizer)
+        # The online loader also carries the teachers' tokens; the cached step ignores them.
+        train_loader, eval_loader = build_loaders(configs["online"], corpora, tokenizer,
+                                                  extra_inputs=teachers["online"].text_inputs)
+        train_loader.sampler.set_epoch(0)
+        batch = next(iter(train_loader))
+        trainers = {}
+        for mode in ("cached", "online"):
+            loss = build_loss(configs[mode], num_teachers=len(teachers[mode])).to(device)
+            trainers[mode] = Trainer(configs[mode], copy.deepcopy(model).to(device), loss, train_loader,
+                                     eval_loader, device, None, teachers=teachers[mode])
+            trainers[mode].forward.train()
+        for _ in range(warmup):
+            for trainer in trainers.values():
+                trainer.training_step(batch)
+        times = interleaved({mode: (lambda t=t: t.training_step(batch)) for mode, t in trainers.items()},
+                            steps, device)
+        batch_dev = to_device(batch, device)
+        targets = interleaved({mode: (lambda t=teachers[mode]: t.similarities(batch_dev)) for mode in trainers},
+                              steps, device)
+        cached, online = median(times["cached"]), median(times["online"])
+        cfg = configs["cached"]
+        return {
+            "device": str(device), "steps": steps, "warmup": warmup,
+            "batch_size": cfg["data"]["batch_size"], "languages": trainers["cached"].languages,
+            "max_words": cfg["data"]["max_words_train"], "n_video_tokens": cfg["data"]["n_video_tokens"],
+            "student": "labse-tiny", "teachers": list(TEACHER_ENCODERS),
+            "cached_step_s": cached, "online_step_s": online, "online_over_cached": online / cached,
+            "teacher_targets_s": {mode: median(v) for mode, v in targets.items()},
+            "teacher_load_s": build_s["online"],
+            "cache_build_s": build_s["cached"] - build_s["online"],
+            "cache_videos": len(corpora["train"]),
+            "cache_captions": sum(len(c) for c in corpora["train"].captions[ENGLISH]),
+            "samples_s": times,
+        }
+
+
+# ---- 3. ranking ----------------------------------------------------------------------------------
+def _peak_rss_bytes():
+    """This process's peak resident memory. VmHWM belongs to the process's own address space;
+    getrusage's ru_maxrss (the fallback) also carries the parent's peak across fork and exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _reset_peak_rss():
+    """Lower the process's peak-RSS mark to its current RSS (Linux >= 4.0), so that a following
+    delta measures the peak of what runs next, not a peak left over from start-up."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def eval_worker(spec):
+    """One ranking measurement in a fresh process: seconds and peak extra memory in bytes."""
+    from model.metric import retrieval_metrics, retrieval_metrics_from_embeddings
+    n, dim, device = spec["n"], spec["dim"], torch.device(spec["device"])
+    gen = torch.Generator(device=device).manual_seed(spec.get("seed", 0))
+    # Built in place, so that building leaves no higher memory mark than what it keeps.
+    videos = torch.randn(n, dim, generator=gen, device=device)
+    videos.div_(videos.norm(dim=1, keepdim=True))
+    queries = torch.randn(n, dim, generator=gen, device=device)
+    # Noisy copies of the videos: the ground truth usually, but not always, ranks first.
+    queries.mul_(spec.get("noise", 0.3)).add_(videos)
+    queries.div_(queries.norm(dim=1, keepdim=True))
+    query_video = torch.arange(n, device=device)
+    chunk = spec["chunk_size"]
+
+    def rank(q, v, qv):
+        if spec["method"] == "matrix":
+            return retrieval_metrics(q @ v.t(), qv, chunk_size=chunk)
+        return retrieval_metrics_from_embeddings(q, v, qv, chunk_size=chunk)
+
+    def run():
+        return rank(queries, videos, query_video)
+
+    rank(queries[:16], videos[:16], query_video[:16])  # one-off initialisation (CUDA context, kernels)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        reset = True
+    else:
+        reset = _reset_peak_rss()
+        before = _peak_rss_bytes()
+    seconds, metrics = timed(run, device)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()) - before
+    return {"seconds": seconds, "peak_bytes": int(peak), "peak_mark_reset": reset, "metrics": metrics}
+
+
+def _run_worker(spec):
+    out = subprocess.run([sys.executable, "-m", "utils.benchmark", "--eval-worker", json.dumps(spec)],
+                         cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"ranking worker {spec} failed:\n{out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_eval(sizes, device, dim=512, chunk_size=4096, repeats=3, materialise_limit=20_000, log=print):
+    """Ranking time and peak memory of N x N sets, materialised matrix against chunked."""
+    results = []
+    for n in sizes:
+        methods = ["matrix", "chunked"] if n <= materialise_limit else ["chunked"]
+        reps = repeats if n <= materialise_limit else 1
+        runs = {m: [] for m in methods}
+        for _ in range(reps):
+            for m in methods:
+                runs[m].append(_run_worker({"n": n, "dim": dim, "device": str(device), "method": m,
+                                            "chunk_size": chunk_size}))
+        row = {"n": n, "dim": dim, "chunk_size": chunk_size, "repeats": reps,
+               "peak_mark_reset": all(r["peak_mark_reset"] for rs in runs.values() for r in rs)}
+        for m in methods:
+            row[m] = {"seconds": median([r["seconds"] for r in runs[m]]),
+                      "peak_mib": median([r["peak_bytes"] for r in runs[m]]) / 2**20,
+                      "samples_s": [r["seconds"] for r in runs[m]],
+                      "t2v_R1": runs[m][0]["metrics"]["t2v"]["R1"], "v2t_R1": runs[m][0]["metrics"]["v2t"]["R1"]}
+        if "matrix" in row:
+            row["same_metrics"] = runs["matrix"][0]["metrics"] == runs["chunked"][0]["metrics"]
+            row["chunked_over_matrix_time"] = row["chunked"]["seconds"] / row["matrix"]["seconds"]
+        log(f"  ranking N={n}: " + ", ".join(f"{m} {row[m]['seconds']:.2f} s" for m in methods))
+        results.append(row)
+    return {"device": str(device), "memory": "increase of the peak resident memory (VmHWM) of a fresh process "
+                                              "(CPU), or of torch.cuda.max_memory_allocated (GPU)",
+            "sizes": results}
+
+
+# ---- 4. full-size step on a GPU ------------------------------------------------------------------
+BASE_SHAPES = {
+    # LaBSE student and the reference's three teachers (c2kd-reference §2.1), random weights.
+    "student": ("bert", dict(vocab_size=501_153, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072)),
+    "teachers": [
+        ("xlmr", dict(vocab_size=250_002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072)),
+        ("bert", dict(vocab_size=105_879, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072)),
+        ("distilbert", dict(vocab_size=119_547, hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
+                            intermediate_size=3072)),
+    ],
+}
+
+
+def build_backbone(family, shape):
+    """A randomly initialised Hugging Face encoder of the given family and size."""
+    from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, XLMRobertaConfig,
+                              XLMRobertaModel)
+    if family == "bert":
+        return BertModel(BertConfig(**shape))
+    if family == "xlmr":
+        return XLMRobertaModel(XLMRobertaConfig(**shape, max_position_embeddings=514, type_vocab_size=1,
+                                                pad_token_id=1, bos_token_id=0, eos_token_id=2))
+    if family == "distilbert":
+        return DistilBertModel(DistilBertConfig(vocab_size=shape["vocab_size"], dim=shape["hidden_size"],
+                                                n_layers=shape["num_hidden_layers"],
+                                                n_heads=shape["num_attention_heads"],
+                                                hidden_dim=shape["intermediate_size"]))
+    raise ValueError(f"unknown encoder family '{family}'")
+
+
+def _param_count(modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def text_forward_flops(encoder, sequences, seq_len):
+    """Forward FLOPs of a TextEncoder: 2 per parameter per token it touches. Embedding tables are
+    lookups (no FLOPs); the pooler (if the backbone has one), the LayerNorm and the projection
+    act once per sequence; the attention score products (a few % at 35 tokens) are left out."""
+    backbone = encoder.backbone
+    embedding = [m for m in backbone.modules() if isinstance(m, nn.Embedding)]
+    pooler = [backbone.pooler] if getattr(backbone, "pooler", None) is not None else []
+    per_token = _param_count([backbone]) - _param_count(embedding) - _param_count(pooler)
+    per_sequence = _param_count(pooler) + _param_count([encoder.norm, encoder.proj])
+    return 2.0 * (per_token * sequences * seq_len + per_sequence * sequences)
+
+
+def video_forward_flops(video, videos, n_tokens):
+    """Forward FLOPs of a VideoEncoder: the input projection and norm on every frame token, the
+    transformer blocks on the frames plus CLS, the output projection on CLS only."""
+    per_frame = _param_count([video.token_proj, video.norm])
+    per_block_token = _param_count(video.blocks)
+    return 2.0 * videos * (per_frame * n_tokens + per_block_token * (n_tokens + 1) + _param_count([video.proj]))
+
+
+def c2kd_step_flops(student, teachers, batch_size, languages, seq_len, n_video_tokens, online):
+    """Model FLOPs of one C2KD step: forward and backward (3x forward) of the student's text encoder
+    over every language and of its video encoder, plus, with online teachers, one forward of each
+    teacher's text (English) and video encoders."""
+    student_fwd = (text_forward_flops(student.text, batch_size * languages, seq_len)
+                   + video_forward_flops(student.video, batch_size, n_video_tokens))
+    teacher_fwd = sum(text_forward_flops(t.text, batch_size, seq_len)
+                      + video_forward_flops(t.video, batch_size, n_video_tokens) for t in teachers) if online else 0.0
+    return {"student": 3.0 * student_fwd, "teachers": teacher_fwd, "total": 3.0 * student_fwd + teacher_fwd}
+
+
+def peak_bf16_flops(device_name):
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+class SyntheticTeachers:
+    """Frozen teachers over a synthetic training set of ``num_items`` items; the cached outputs are
+    random unit vectors. ``similarities`` is trainer.teachers.Teachers.similarities itself, run
+    under autocast to ``amp_dtype`` when one is given (the trainer calls it outside autocast)."""
+
+    def __init__(self, teachers, mode, num_items, dim, device, amp_dtype=None):
+        from trainer.teachers import Teachers
+        self.amp_dtype = amp_dtype
+        self._impl = Teachers.__new__(Teachers)
+        self._impl.teachers, self._impl.mode, self._impl.device = teachers, mode, device
+        self._impl.cache = []
+        if mode == "cached":
+            gen = torch.Generator(device=device).manual_seed(1)
+            for _ in teachers:
+                self._impl.cache.append({
+                    "text": F.normalize(torch.randn(num_items, dim, generator=gen, device=device), dim=1),
+                    "video": F.normalize(torch.randn(num_items, dim, generator=gen, device=device), dim=1),
+                    "offsets": torch.arange(num_items, device=device),
+                    "counts": torch.ones(num_items, dtype=torch.long, device=device)})
+
+    def __len__(self):
+        return len(self._impl.teachers)
+
+    def similarities(self, batch):
+        from utils.device import autocast
+        with autocast(self._impl.device, self.amp_dtype):
+            return self._impl.similarities(batch)
+
+
+def synthetic_batch(batch_size, languages, seq_len, n_video_tokens, feature_dim, student_vocab, teacher_vocabs,
+                    num_items, seed=0):
+    """A batch shaped like the loader's: full-length captions, full-length videos."""
+    from trainer.teachers import Teachers
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(vocab):
+        return {"input_ids": torch.randint(5, vocab, (batch_size, seq_len), generator=gen),
+                "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)}
+
+    text = {"student": {lang: tokens(student_vocab) for lang in languages}}
+    for i, vocab in enumerate(teacher_vocabs):
+        text[Teachers.input_name(i)] = {ENGLISH: tokens(vocab)}
+    video = F.normalize(torch.randn(batch_size, n_video_tokens, feature_dim, generator=gen), dim=2)
+    return {"index": torch.randperm(num_items, generator=gen)[:batch_size],
+            "caption_index": torch.zeros(batch_size, dtype=torch.long),
+            "video": video, "video_mask": torch.ones(batch_size, n_video_tokens, dtype=torch.bool),
+            "text": text, "has_caption": {lang: torch.ones(batch_size, dtype=torch.bool) for lang in languages}}
+
+
+def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, n_video_tokens=30,
+                   feature_dim=512, video_width=512, projection_dim=512, steps=10, warmup=3, peak_flops=None,
+                   mixed_precision="bf16"):
+    """Trainer.training_step of a full-size C2KD setup with cached and with online teachers.
+
+    ``online`` is the trainer as it is (teacher forwards outside autocast, so fp32 on a GPU);
+    ``online_teachers_amp`` runs the same teacher forwards under the trainer's autocast dtype, as
+    the reference did (§3.1). The student always runs under the trainer's autocast."""
+    from model.model import RetrievalModel, TextEncoder, VideoEncoder
+    from parse_config import resolve
+    from trainer.build import build_loss
+    from trainer.teachers import Teacher
+    from trainer.trainer import Trainer
+
+    device = torch.device(device)
+    shapes = shapes or BASE_SHAPES
+    langs = ["en", "cs", "de", "es", "fr", "ru", "sw", "vi", "zh", "ja", "hi", "mr", "ta", "te", "kn", "ml"]
+    langs = langs[:languages]
+    num_items = max(1000, batch_size)
+
+    def retrieval_model(family, shape):
+        with torch.device(device):
+            return RetrievalModel(TextEncoder(build_backbone(family, shape), projection_dim),
+                                  VideoEncoder(feature_dim, width=video_width, projection_dim=projection_dim))
+
+    torch.manual_seed(0)
+    student = retrieval_model(*shapes["student"])
+    teachers = [Teacher(f"random-{family}-{i}", retrieval_model(family, shape), tokenizer=None)
+                for i, (family, shape) in enumerate(shapes["teachers"])]
+    batch = synthetic_batch(batch_size, langs, seq_len, n_video_tokens, feature_dim,
+                            shapes["student"][1]["vocab_size"], [s["vocab_size"] for _, s in shapes["teachers"]],
+                            num_items)
+    stub = SimpleNamespace(dataset=SimpleNamespace(text_inputs=[SimpleNamespace(languages=langs)]),
+                           sampler=SimpleNamespace(local_batch=batch_size))
+    trainers = {}
+    for variant in ("cached", "online", "online_teachers_amp"):
+        mode = "cached" if variant == "cached" else "online"
+        config = resolve({"stage": "c2kd", "teachers.mode": mode, "trainer.mixed_precision": mixed_precision,
+                          "data.batch_size": batch_size, "data.max_words_train": seq_len,
+                          "data.n_video_tokens": n_video_tokens, "data.feature_dim": feature_dim,
+                          "teachers.checkpoints": [str(t.path) for t in teachers]}, name="gpu-bench")
+        loss = build_loss(config, num_teachers=len(teachers)).to(device)
+        trainer = Trainer(config, copy.deepcopy(student), loss, stub, stub, device, None)
+        trainer.teachers = SyntheticTeachers(teachers, mode, num_items, projection_dim, device,
+                                             amp_dtype=trainer.amp_dtype if variant.endswith("amp") else None)
+        trainer.forward.train()
+        trainers[variant] = trainer
+    del student
+    for _ in range(warmup):
+        for trainer in trainers.values():
+            trainer.training_step(batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = interleaved({mode: (lambda t=t: t.training_step(batch)) for mode, t in trainers.items()}, steps, device)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+           "batch_size": batch_size, "languages": len(langs), "seq_len": seq_len, "n_video_tokens": n_video_tokens,
+           "autocast": str(trainers["cached"].amp_dtype).replace("torch.", "") if trainers["cached"].amp_dtype else "off",
+           "steps": steps, "warmup": warmup,
+           "student_params": _param_count([trainers["cached"].model]),
+           "teacher_params": [_param_count([t.model]) for t in teachers],
+           "peak_flops": peak_flops}
+    if device.type == "cuda":
+        out["peak_memory_gib_all_trainers"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for mode, trainer in trainers.items():
+        flops = c2kd_step_flops(trainer.model, [t.model for t in teachers], batch_size, len(langs), seq_len,
+                                n_video_tokens, online=mode != "cached")
+        step = median(times[mode])
+        out[mode] = {"step_s": step, "model_flops": flops["total"], "student_flops": flops["student"],
+                     "teacher_flops": flops["teachers"], "achieved_flops_per_s": flops["total"] / step,
+                     "mfu": flops["total"] / step / peak_flops if peak_flops else None,
+                     "samples_s": times[mode]}
+    out["online_over_cached"] = out["online"]["step_s"] / out["cached"]["step_s"]
+    out["online_teachers_amp_over_cached"] = out["online_teachers_amp"]["step_s"] / out["cached"]["step_s"]
+    return out
+
+
+# ---- driver --------------------------------------------------------------------------------------
+def machine_info():
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+        info["load_average"] = list(os.getloadavg())
+    except (ImportError, OSError):
+        pass
+    return info
+
+
+def _sizes(text):
+    return [int(s) for s in text.replace("_", "").split(",") if s.strip()]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Throughput benchmarks (data pipeline, C2KD step, ranking, GPU step).")
+    p.add_argument("--out", default="benchmark.json", help="JSON file to write")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test in seconds")
+    p.add_argument("--assets-root", default="cache", help="Multi-Toy and tiny encoders (built if missing)")
+    p.add_argument("--device", help="device of the C2KD-step and ranking benchmarks (default: cuda if available)")
+    p.add_argument("--data-items", type=int, help="items per data-pipeline epoch (default: the toy training set)")
+    p.add_argument("--data-repeats", type=int, help="interleaved epochs per loader")
+    p.add_argument("--steps", type=int, help="interleaved C2KD steps per mode")
+    p.add_argument("--eval-sizes", help="comma-separated N of the N x N ranking benchmark "
+                                         "(default 1000,10000; --quick: 300)")
+    p.add_argument("--eval-repeats", type=int, help="interleaved measurements per method and N")
+    p.add_argument("--eval-dim", type=int, default=512)
+    p.add_argument("--chunk-size", type=int, default=4096, help="rows/columns per block when ranking")
+    p.add_argument("--materialise-limit", type=int, default=20_000,
+                   help="largest N ranked through a materialised matrix (larger N: chunked only)")
+    p.add_argument("--gpu-steps", type=int, default=10, help="interleaved full-size steps per mode (CUDA only)")
+    p.add_argument("--peak-flops", type=float, help="peak dense bf16 FLOP/s of the GPU, when not detected by name")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice, one per core; --quick: 1, which keeps a "
+                        "smoke run fast on a busy machine)")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: data,c2kd,eval,gpu")
+    p.add_argument("--eval-worker", help=argparse.SUPPRESS)
+    return p
+
+
+def run(args, assets=None, log=print):
+    threads = args.threads or (1 if args.quick else None)
+    if not threads:
+        return _run(args, assets, log)
+    saved = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the ranking subprocesses
+    try:
+        return _run(args, assets, log)
+    finally:
+        torch.set_num_threads(saved[0])
+        if saved[1] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[1]
+
+
+def _run(args, assets, log):
+    from model.model import _quiet_transformers
+    _quiet_transformers()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    quick = args.quick
+    if assets is None and not {"data", "c2kd"} <= skip:
+        from utils.tiny_encoders import ensure_toy_assets
+        assets = ensure_toy_assets(args.assets_root)
+    report = {"machine": machine_info(), "quick": quick}
+    started = time.perf_counter()
+    if "data" not in skip:
+        log("data pipeline ...")
+        report["data_pipeline"] = bench_data(assets, n_items=args.data_items or (128 if quick else None),
+                                             repeats=args.data_repeats or (1 if quick else 3))
+    if "c2kd" not in skip:
+        log("C2KD training step ...")
+        report["c2kd_step"] = bench_c2kd_step(assets, device, steps=args.steps or (2 if quick else 20),
+                                              warmup=1 if quick else 2)
+    if "eval" not in skip:
+        log("ranking ...")
+        sizes = _sizes(args.eval_sizes or ("300" if quick else "1000,10000"))
+        report["evaluation"] = bench_eval(sizes, device, dim=args.eval_dim, chunk_size=args.chunk_size,
+                                          repeats=args.eval_repeats or (1 if quick else 3),
+                                          materialise_limit=args.materialise_limit, log=log)
+    if "gpu" not in skip:
+        if torch.cuda.is_available():
+            log("full-size C2KD step on the GPU ...")
+            name = torch.cuda.get_device_name(0)
+            report["gpu_step"] = bench_gpu_step(torch.device("cuda"), steps=2 if quick else args.gpu_steps,
+                                                warmup=1 if quick else 3,
+                                                peak_flops=args.peak_flops or peak_bf16_flops(name))
+        else:
+            report["gpu_step"] = {"skipped": "no CUDA device"}
+    report["total_s"] = time.perf_counter() - started
+    return report
+
+
+def format_report(report):
+    lines = []
+    d = report.get("data_pipeline")
+    if d:
+        lines.append(f"data pipeline ({d['items']} items, batch {d['batch_size']}, {len(d['languages'])} languages, "
+                     f"student + {len(d['tokenizers']['teachers'])} teacher tokenizers)")
+        lines.append(f"  project   {d['project_items_per_s']:10.0f} items/s   (pre-tokenization once: "
+                     f"{d['project_setup_s']:.2f} s)")
+        lines.append(f"  reference {d['reference_items_per_s']:10.0f} items/s   "
+                     f"({d['tokenizer_calls_per_item']['reference']} tokenizer calls per item)")
+        lines.append(f"  ratio     {d['steady_state_ratio']:.1f}x steady state, "
+                     f"{d['one_epoch_with_setup_ratio']:.1f}x for one epoch including setup")
+    c = report.get("c2kd_step")
+    if c:
+        lines.append(f"C2KD training step ({c['device']}, batch {c['batch_size']}, {len(c['languages'])} languages)")
+        lines.append(f"  cached {1e3 * c['cached_step_s']:.1f} ms   online {1e3 * c['online_step_s']:.1f} ms   "
+                     f"online/cached {c['online_over_cached']:.2f}x   (cache build once: {c['cache_build_s']:.2f} s)")
+    e = report.get("evaluation")
+    if e:
+        lines.append(f"ranking N x N ({e['device']})")
+        for row in e["sizes"]:
+            parts = [f"{m} {row[m]['seconds']:.2f} s, {row[m]['peak_mib']:.0f} MiB"
+                     for m in ("matrix", "chunked") if m in row]
+            lines.append(f"  N={row['n']:<7} " + "   ".join(parts))
+    g = report.get("gpu_step")
+    if g:
+        if "skipped" in g:
+            lines.append(f"GPU step: skipped: {g['skipped'].removeprefix('skipped: ')}")
+        else:
+            mfu = {m: (f"{100 * g[m]['mfu']:.1f}%" if g[m]["mfu"] else "n/a")
+                   for m in ("cached", "online", "online_teachers_amp")}
+            lines.append(f"GPU step ({g['device']}, {g['autocast']})")
+            for m in ("cached", "online", "online_teachers_amp"):
+                lines.append(f"  {m:19} {1e3 * g[m]['step_s']:.1f} ms   MFU {mfu[m]}")
+            lines.append(f"  online/cached {g['online_over_cached']:.2f}x   "
+                         f"online (teachers under autocast)/cached {g['online_teachers_amp_over_cached']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None, assets=None):
+    args = build_parser().parse_args(argv)
+    if args.eval_worker:
+        print(json.dumps(eval_worker(json.loads(args.eval_worker))))
+        return 0
+    report = {"command": " ".join(["python -m utils.benchmark", *(sys.argv[1:] if argv is None else argv)]),
+              **run(args, assets=assets)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
