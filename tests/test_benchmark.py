@@ -90,11 +90,10 @@ def test_full_size_step_code_runs_on_tiny_shapes(one_thread, device):
     out = benchmark.bench_gpu_step(torch.device(device), shapes=TINY_SHAPES, batch_size=4, languages=3, seq_len=6,
                                    n_video_tokens=5, feature_dim=8, video_width=16, projection_dim=16,
                                    steps=1, warmup=1, peak_flops=1e12)
-    for mode in ("cached", "online", "online_teachers_amp"):
+    for mode in ("cached", "online"):
         assert out[mode]["step_s"] > 0 and out[mode]["mfu"] > 0
     assert out["cached"]["teacher_flops"] == 0 and out["online"]["teacher_flops"] > 0
     assert out["online"]["student_flops"] == out["cached"]["student_flops"]
-    assert out["online_teachers_amp"]["model_flops"] == out["online"]["model_flops"]
     if device == "cpu":
         assert out["autocast"] == "off"  # plain fp32, as the trainer does on the CPU
 

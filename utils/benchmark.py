@@ -449,12 +449,10 @@ def peak_bf16_flops(device_name):
 
 class SyntheticTeachers:
     """Frozen teachers over a synthetic training set of ``num_items`` items; the cached outputs are
-    random unit vectors. ``similarities`` is trainer.teachers.Teachers.similarities itself, run
-    under autocast to ``amp_dtype`` when one is given (the trainer calls it outside autocast)."""
+    random unit vectors. ``similarities`` is trainer.teachers.Teachers.similarities itself."""
 
-    def __init__(self, teachers, mode, num_items, dim, device, amp_dtype=None):
+    def __init__(self, teachers, mode, num_items, dim, device):
         from trainer.teachers import Teachers
-        self.amp_dtype = amp_dtype
         self._impl = Teachers.__new__(Teachers)
         self._impl.teachers, self._impl.mode, self._impl.device = teachers, mode, device
         self._impl.cache = []
@@ -471,9 +469,7 @@ class SyntheticTeachers:
         return len(self._impl.teachers)
 
     def similarities(self, batch):
-        from utils.device import autocast
-        with autocast(self._impl.device, self.amp_dtype):
-            return self._impl.similarities(batch)
+        return self._impl.similarities(batch)
 
 
 def synthetic_batch(batch_size, languages, seq_len, n_video_tokens, feature_dim, student_vocab, teacher_vocabs,
@@ -501,9 +497,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
                    mixed_precision="bf16"):
     """Trainer.training_step of a full-size C2KD setup with cached and with online teachers.
 
-    ``online`` is the trainer as it is (teacher forwards outside autocast, so fp32 on a GPU);
-    ``online_teachers_amp`` runs the same teacher forwards under the trainer's autocast dtype, as
-    the reference did (§3.1). The student always runs under the trainer's autocast."""
+    Student and online teachers run under the trainer's autocast, as the reference did (§3.1)."""
     from model.model import RetrievalModel, TextEncoder, VideoEncoder
     from parse_config import resolve
     from trainer.build import build_loss
@@ -531,18 +525,16 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     stub = SimpleNamespace(dataset=SimpleNamespace(text_inputs=[SimpleNamespace(languages=langs)]),
                            sampler=SimpleNamespace(local_batch=batch_size))
     trainers = {}
-    for variant in ("cached", "online", "online_teachers_amp"):
-        mode = "cached" if variant == "cached" else "online"
+    for mode in ("cached", "online"):
         config = resolve({"stage": "c2kd", "teachers.mode": mode, "trainer.mixed_precision": mixed_precision,
                           "data.batch_size": batch_size, "data.max_words_train": seq_len,
                           "data.n_video_tokens": n_video_tokens, "data.feature_dim": feature_dim,
                           "teachers.checkpoints": [str(t.path) for t in teachers]}, name="gpu-bench")
         loss = build_loss(config, num_teachers=len(teachers)).to(device)
         trainer = Trainer(config, copy.deepcopy(student), loss, stub, stub, device, None)
-        trainer.teachers = SyntheticTeachers(teachers, mode, num_items, projection_dim, device,
-                                             amp_dtype=trainer.amp_dtype if variant.endswith("amp") else None)
+        trainer.teachers = SyntheticTeachers(teachers, mode, num_items, projection_dim, device)
         trainer.forward.train()
-        trainers[variant] = trainer
+        trainers[mode] = trainer
     del student
     for _ in range(warmup):
         for trainer in trainers.values():
@@ -568,7 +560,6 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
                      "mfu": flops["total"] / step / peak_flops if peak_flops else None,
                      "samples_s": times[mode]}
     out["online_over_cached"] = out["online"]["step_s"] / out["cached"]["step_s"]
-    out["online_teachers_amp_over_cached"] = out["online_teachers_amp"]["step_s"] / out["cached"]["step_s"]
     return out
 
 
@@ -700,13 +691,11 @@ def format_report(report):
         if "skipped" in g:
             lines.append(f"GPU step: skipped: {g['skipped'].removeprefix('skipped: ')}")
         else:
-            mfu = {m: (f"{100 * g[m]['mfu']:.1f}%" if g[m]["mfu"] else "n/a")
-                   for m in ("cached", "online", "online_teachers_amp")}
             lines.append(f"GPU step ({g['device']}, {g['autocast']})")
-            for m in ("cached", "online", "online_teachers_amp"):
-                lines.append(f"  {m:19} {1e3 * g[m]['step_s']:.1f} ms   MFU {mfu[m]}")
-            lines.append(f"  online/cached {g['online_over_cached']:.2f}x   "
-                         f"online (teachers under autocast)/cached {g['online_teachers_amp_over_cached']:.2f}x")
+            for m in ("cached", "online"):
+                mfu = f"{100 * g[m]['mfu']:.1f}%" if g[m]["mfu"] else "n/a"
+                lines.append(f"  {m:7} {1e3 * g[m]['step_s']:.1f} ms   MFU {mfu}")
+            lines.append(f"  online/cached {g['online_over_cached']:.2f}x")
     return "\n".join(lines)
 
 
