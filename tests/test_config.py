@@ -87,3 +87,17 @@ def test_train_cli_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: config key 'trainer.epochs' must be int, got -1.5"
     assert "Traceback" not in result.stderr
+
+
+def test_optional_observers_fail_with_an_install_hint(tmp_path):
+    import importlib.util
+    path = write(tmp_path, "ok.json", {"trainer": {"save_dir": str(tmp_path / "runs")}})
+    cases = [("-n", "neptune", "needs the optional neptune package"),
+             ("--mongo=mongodb://localhost:1/db", "pymongo", "needs the pymongo package")]
+    missing = [case for case in cases if importlib.util.find_spec(case[1]) is None]
+    if not missing:
+        pytest.skip("neptune and pymongo are both installed here")
+    for flag, module, message in missing:
+        result = subprocess.run([sys.executable, "train.py", "-c", str(path), flag], cwd=ROOT,
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "\n" not in result.stderr.strip()
