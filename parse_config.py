@@ -47,6 +47,9 @@ SCHEMA = {
     "model.heads": (4, int, None, "attention heads per block"),
     "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
     "model.pool_with_student_mask": (False, bool, None, "teacher pools text with the student's mask (§2.3)"),
+    "model.pool_mask_tokenizer": ("sentence-transformers/LaBSE", str, None,
+                                  "with pool_with_student_mask, outside C2KD training: the tokenizer whose mask "
+                                  "pools the text states (the reference student's; in C2KD the student's own)"),
     "loss.temperature": (0.05, float, None, "InfoNCE temperature"),
     "loss.balance": (0.5, float, None, "λ: weight of the contrastive terms in c2kd; 1 - λ weighs distillation"),
     "loss.distill_temp": (0.1, float, None, "τd: temperature of the distillation softmaxes"),

@@ -27,6 +27,9 @@ class TextInput:
     clean: bool = False
 
 
+# Batch key of the tokens whose attention mask a converted reference teacher pools with (§2.3).
+POOL_MASK = "pool_mask"
+
 _WORD = re.compile(r"[\w']+")
 
 

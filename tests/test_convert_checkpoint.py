@@ -188,7 +188,8 @@ def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path)
     cfg = state["config"]
     assert cfg["model"] | {"text_encoder": None} == {
         "text_encoder": None, "width": WIDTH, "projection_dim": PROJ, "depth": DEPTH, "heads": HEADS,
-        "mlp_ratio": MLP / WIDTH, "pool_with_student_mask": kind != "labse"}
+        "mlp_ratio": MLP / WIDTH, "pool_with_student_mask": kind != "labse",
+        "pool_mask_tokenizer": "sentence-transformers/LaBSE"}
     assert (cfg["name"], cfg["stage"], cfg["data"]["feature_dim"], cfg["data"]["feature_key"]) == \
         (f"msrvtt_{kind}", "translate-train", FEATURE_DIM, "2d")
     assert state["epoch"] == (0 if saved == "bare" else 20) and state["converted_from"] == str(src)
@@ -232,13 +233,27 @@ def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
     from data_loader import toy
     data = toy.generate(tmp_path / "toy", n_train=4, n_test=12, feature_dim=FEATURE_DIM)
     src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["xlmr-tiny"]), ARCH["xlm"])
-    convert(src, tmp_path / "xlm.pt", encoders["xlmr-tiny"])
+    convert(src, tmp_path / "xlm.pt", encoders["xlmr-tiny"], pool_mask_tokenizer=encoders["labse-tiny"])
     spec = importlib.util.spec_from_file_location("test_entry", ROOT / "test.py")  # not the stdlib's test
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
     assert entry.main(["-r", str(tmp_path / "xlm.pt"), "-d", "cpu", "--set", f"data.eval_path={data['test']}",
                        "--set", f"trainer.save_dir={tmp_path / 'runs'}"]) == 0
     assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_inference_of_a_converted_teacher_pools_with_the_student_mask(encoders, tmp_path):
+    from utils.inference import Retriever
+    teacher_dir, student_dir = encoders["xlmr-tiny"], encoders["labse-tiny"]
+    sd = reference_state(teacher_dir)
+    src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["xlm"])
+    convert(src, tmp_path / "xlm.pt", teacher_dir, pool_mask_tokenizer=student_dir)
+    retriever = Retriever.from_checkpoint(tmp_path / "xlm.pt")
+    max_words = retriever.config["data"]["max_words_eval"]
+    own, student = tokens(teacher_dir, length=max_words), tokens(student_dir, length=max_words)
+    with torch.no_grad():
+        expected = F.normalize(ref_text(sd, teacher_dir, own, pool_mask=student["attention_mask"]), dim=1)
+    torch.testing.assert_close(retriever.encode_texts(CAPTIONS[:4]), expected, atol=1e-5, rtol=0)
 
 
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):

@@ -1,5 +1,5 @@
 """Wiring shared by train.py and test.py: config -> data -> model -> loss."""
-from data_loader.dataset import TextInput
+from data_loader.dataset import POOL_MASK, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from model.loss import RetrievalLoss
 from model.model import build_model, load_tokenizer
@@ -27,8 +27,11 @@ def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_siz
     if "train" in corpora:
         inputs = [TextInput("student", tokenizer, student_languages(config, corpora["train"])), *extra_inputs]
         train = train_loader(corpora["train"], inputs, config, rank, world_size)
-    evaluation = eval_loader(corpora["eval"], [TextInput("student", tokenizer, corpora["eval"].languages)],
-                             config, rank, world_size)
+    languages = corpora["eval"].languages
+    inputs = [TextInput("student", tokenizer, languages)]
+    if config["model"]["pool_with_student_mask"]:
+        inputs.append(TextInput(POOL_MASK, load_tokenizer(config["model"]["pool_mask_tokenizer"]), languages))
+    evaluation = eval_loader(corpora["eval"], inputs, config, rank, world_size)
     return train, evaluation
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_loader.dataset import POOL_MASK
 from model.metric import mean_over_languages, retrieval_metrics_from_embeddings
 from utils.device import autocast, to_device
 from utils.distributed import gather_objects, rank
@@ -40,8 +41,10 @@ def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="s
         batch = to_device(batch, device)
         with autocast(device, amp_dtype):
             videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())
+            pool = batch["text"].get(POOL_MASK)
             for lang in languages:
-                texts[lang].append(model.encode_text(batch["text"][text_key][lang]).float().cpu())
+                pool_mask = pool[lang]["attention_mask"] if pool is not None else None
+                texts[lang].append(model.encode_text(batch["text"][text_key][lang], pool_mask=pool_mask).float().cpu())
         for lang in languages:
             has[lang].append(batch["has_caption"][lang].cpu())
         items.append(batch["index"].cpu())

@@ -240,11 +240,12 @@ def _count(value):
 
 
 def convert(src, dst, text_encoder, feature_key=None, feature_dim=None, allow_unknown=False,
-            student_mask_pooling=None):
+            student_mask_pooling=None, pool_mask_tokenizer="sentence-transformers/LaBSE"):
     """Write ``dst`` from the reference checkpoint ``src``; returns a summary dict.
 
     ``student_mask_pooling`` None: true for teachers (every reference arch but the LaBSE student),
-    whose text was mean-pooled with the student tokenizer's attention mask (§2.3)."""
+    whose text was mean-pooled with the student tokenizer's attention mask (§2.3); in evaluation
+    and inference that mask comes from ``pool_mask_tokenizer``, in C2KD from the student's tokenizer."""
     state, meta = read_reference(src)
     model_cfg, dim = infer_architecture(state, src)
     if feature_dim is not None and feature_dim != dim:
@@ -255,7 +256,8 @@ def convert(src, dst, text_encoder, feature_key=None, feature_dim=None, allow_un
         student_mask_pooling = not (arch or "").endswith(STUDENT_ARCH)
     if feature_key is None:
         feature_key = "s3d" if dim == 1024 else "2d"  # §1.1: S3D features are 1024-d, CLIP ones 512-d
-    model_cfg = {"text_encoder": str(text_encoder), **model_cfg, "pool_with_student_mask": student_mask_pooling}
+    model_cfg = {"text_encoder": str(text_encoder), **model_cfg, "pool_with_student_mask": student_mask_pooling,
+                 "pool_mask_tokenizer": str(pool_mask_tokenizer)}
     weights, dropped, unknown = map_state(state, expected_state(model_cfg, dim), src, allow_unknown)
     flat = {f"model.{k}": v for k, v in model_cfg.items()}
     flat.update({"name": Path(dst).stem, "stage": "translate-train",
@@ -283,11 +285,14 @@ def main(argv=None):
                               "(default for every checkpoint but the LaBSE student)")
     pooling.add_argument("--own-mask-pooling", dest="student_mask", action="store_false",
                          help="pool text with the encoder's own attention mask")
+    parser.add_argument("--pool-mask-tokenizer", default="sentence-transformers/LaBSE",
+                        help="with student-mask pooling: the student tokenizer (hub id or folder) whose mask "
+                             "test.py and demo.py pool with (default: sentence-transformers/LaBSE)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     try:
         summary = convert(args.src, args.dst, args.text_encoder, args.feature_key, args.feature_dim,
-                          args.allow_unknown, args.student_mask)
+                          args.allow_unknown, args.student_mask, args.pool_mask_tokenizer)
     except (ConvertError, ConfigError, CheckpointError, ModelError) as e:
         if args.debug:
             raise

@@ -92,6 +92,10 @@ class Retriever:
         self.tokenizer = tokenizer
         self.config = config
         self.feature_dim = config["data"]["feature_dim"]
+        # Converted reference teachers pool with another tokenizer's mask (§2.3).
+        model_cfg = config["model"]
+        self.pool_tokenizer = (load_tokenizer(model_cfg["pool_mask_tokenizer"])
+                               if model_cfg.get("pool_with_student_mask") else None)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
@@ -110,11 +114,15 @@ class Retriever:
         """[len(texts), P] normalised text embeddings."""
         check_texts(texts)
         out = []
+        pool_tokenizer = self.pool_tokenizer  # its mask must have the length of the tokens: pad both fully
+        padding = "max_length" if pool_tokenizer else True
+        encode = dict(padding=padding, truncation=True, max_length=self.config["data"]["max_words_eval"],
+                      return_tensors="pt", return_token_type_ids=False)
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                    max_length=self.config["data"]["max_words_eval"],
-                                    return_tensors="pt", return_token_type_ids=False)
-            out.append(self.model.encode_text({k: v.to(self.device) for k, v in tokens.items()}).float().cpu())
+            chunk = list(texts[start:start + batch_size])
+            tokens = {k: v.to(self.device) for k, v in self.tokenizer(chunk, **encode).items()}
+            pool = pool_tokenizer(chunk, **encode)["attention_mask"].to(self.device) if pool_tokenizer else None
+            out.append(self.model.encode_text(tokens, pool_mask=pool).float().cpu())
         return F.normalize(torch.cat(out), dim=1, eps=1e-8) if out else torch.zeros(0, self._dim())
 
     @torch.no_grad()
