@@ -26,7 +26,12 @@ for method in zero_shot translate_train c2kd; do
   done
 done
 
+runs_of() {  # comma-separated run folders of one method, one per seed
+  local dirs=()
+  for seed in $SEEDS; do dirs+=("runs/toy/$1/seed$seed"); done
+  (IFS=,; echo "${dirs[*]}")
+}
 $PY -m utils.report --out reports/toy --recall 1,5,10 \
-  --method "Zero-shot=runs/toy/zero_shot" \
-  --method "Translate-train=runs/toy/translate_train" \
-  --method "C2KD=runs/toy/c2kd"
+  --method "Zero-shot=$(runs_of zero_shot)" \
+  --method "Translate-train=$(runs_of translate_train)" \
+  --method "C2KD=$(runs_of c2kd)"
