@@ -214,3 +214,15 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     broken.write_text("{")
     result = train_cli("-c", str(broken), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_non_finite_loss_stops_the_run_naming_step_terms_and_items(toy_assets, tmp_path):
+    # A zero temperature divides the similarities by zero: the very first loss is not finite.
+    config = make_config(toy_assets, tmp_path, "translate-train", **{
+        "loss.temperature": 0.0, "trainer.save_dir": str(tmp_path / "runs")})
+    result = train_cli("-c", str(write_config(tmp_path, "nan", config)))
+    err = result.stderr.strip().splitlines()[-1]  # after the progress bar of the epoch it stopped in
+    assert result.returncode == 2, result.stderr
+    assert err.startswith("error: non-finite loss nan at step 1 (epoch 1); terms: nce_main=nan")
+    assert "; items: toy" in err and "(+8 more)" in err  # the batch's item ids (16 items, 8 shown)
+    assert not list((tmp_path / "runs").glob("*/*/latest.pt"))

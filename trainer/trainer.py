@@ -238,28 +238,27 @@ class Trainer:
         cap = self.config["trainer"]["max_steps_per_epoch"]
         total = sampler.num_batches() if cap is None else min(cap, sampler.num_batches())
         log_every = self.config["trainer"]["log_every"]
-        bar = tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
-                   disable=not self.dist.is_main)
         losses = []
-        for batch in self.train_loader:
-            if self.batches_done >= total:
-                break
-            loss, terms = self.training_step(batch)
-            self.step += 1
-            self.batches_done += 1
-            bar.update(1)
-            if self.step % log_every == 0 or self.batches_done == total:
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                self.log_scalar("train.loss", losses[-1], self.step)
-            signum = self._stop_requested()
-            if signum:
-                bar.close()
-                path = self.save("latest.pt")
-                raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}; "
-                    f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
-        bar.close()
+        with tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
+                  disable=not self.dist.is_main) as bar:
+            for batch in self.train_loader:
+                if self.batches_done >= total:
+                    break
+                loss, terms = self.training_step(batch)
+                self.step += 1
+                self.batches_done += 1
+                bar.update(1)
+                if self.step % log_every == 0 or self.batches_done == total:
+                    losses.append(loss.item())
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    self.log_scalar("train.loss", losses[-1], self.step)
+                signum = self._stop_requested()
+                if signum:
+                    bar.close()
+                    path = self.save("latest.pt")
+                    raise TrainingInterrupted(
+                        f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}; "
+                        f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
         return sum(losses) / max(len(losses), 1)
 
     def evaluate(self, return_scores=False):
