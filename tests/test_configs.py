@@ -128,8 +128,9 @@ def test_scripts(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     ds = script.parent.name if script.parent.parent.name == "teacher_training" else script.stem
     if script.parent.name == "reproduce":
-        assert f"DATASET={ds}" in text and f"FEATURE=${{FEATURE:-{DEFAULT_FEATURE[ds]}}}" in text
-        assert "utils.report" in text and '"$@"' in text
+        assert f'pipeline.sh" {ds} "${{FEATURE:-{DEFAULT_FEATURE[ds]}}}" "$@"' in text
+        pipeline = (ROOT / "scripts" / "reproduce" / "pipeline.sh").read_text()
+        assert "utils.report" in pipeline and '"$@"' in pipeline
         return
     assert '--run-id "seed${SEED}" --seed "${SEED}" "$@"' in text
     refs = re.findall(r'-c "(configs/[^"\s]+\.json)"', text)

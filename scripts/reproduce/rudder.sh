@@ -1,56 +1,7 @@
 #!/usr/bin/env bash
-# Reproduce the RUDDER results: the three teachers (seed 0, skipped when their checkpoints
-# exist), then zero-shot, translate-train and C2KD with every seed in SEEDS, then the table
-# (mean ± sample std over seeds) with utils.report, written to runs/rudder/$FEATURE/report/.
+# Reproduce the RUDDER results (teachers, then zero-shot, translate-train and C2KD with 3 seeds,
+# then the table): see scripts/reproduce/pipeline.sh.
 #   bash scripts/reproduce/rudder.sh
 #   FEATURE=clip SEEDS="0 1 2" PY=.venv/bin/python bash scripts/reproduce/rudder.sh --set data.num_workers=8
-# FEATURE=clip (default). Extra arguments go to every train.py call. A finished run
-# (its run.json says COMPLETED) is skipped, so the script can be re-run after an interruption.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-DATASET=rudder
-export FEATURE=${FEATURE:-clip}
-SEEDS=${SEEDS:-"0 1 2"}
-RUNS="runs/$DATASET/$FEATURE"
-
-finished() { [ -f "$1/run.json" ] && grep -q '"status": "COMPLETED"' "$1/run.json"; }
-
-run() {  # run SCRIPT RUN_FOLDER SEED [train.py arguments...]
-  local script=$1 folder=$2 seed=$3
-  shift 3
-  if finished "$folder"; then
-    echo "== $folder: finished, skipped"
-    return
-  fi
-  if [ -e "$folder" ]; then
-    echo "error: $folder exists but did not finish; remove it and run this script again" >&2
-    exit 1
-  fi
-  echo "== $folder"
-  SEED=$seed bash "$script" "$@"
-}
-
-for teacher in xlmr mbert distill; do
-  if [ -f "$RUNS/teacher_$teacher/seed0/latest.pt" ]; then
-    echo "== teacher $teacher: using $RUNS/teacher_$teacher/seed0/latest.pt"
-  else
-    run "scripts/teacher_training/$DATASET/$teacher.sh" "$RUNS/teacher_$teacher/seed0" 0 "$@"
-  fi
-done
-
-zero_shot=() translate_train=() c2kd=()
-for seed in $SEEDS; do
-  run "scripts/zero_shot_baseline/$DATASET.sh" "$RUNS/zero_shot/seed$seed" "$seed" "$@"
-  run "scripts/translate_train_baseline/$DATASET.sh" "$RUNS/translate_train/seed$seed" "$seed" "$@"
-  run "scripts/c2kd/$DATASET.sh" "$RUNS/c2kd/seed$seed" "$seed" "$@"
-  zero_shot+=("$RUNS/zero_shot/seed$seed")
-  translate_train+=("$RUNS/translate_train/seed$seed")
-  c2kd+=("$RUNS/c2kd/seed$seed")
-done
-
-join() { local IFS=,; echo "$*"; }
-"${PY:-python}" -m utils.report \
-  --method "Zero-shot=$(join "${zero_shot[@]}")" \
-  --method "Translate-train=$(join "${translate_train[@]}")" \
-  --method "C2KD=$(join "${c2kd[@]}")" \
-  --recall 1,5,10 --out "$RUNS/report"
+# FEATURE=clip (default).
+exec bash "$(dirname "$0")/pipeline.sh" rudder "${FEATURE:-clip}" "$@"
