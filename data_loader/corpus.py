@@ -154,11 +154,11 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
 ENGLISH = "en"
 
 
-def _ordered_languages(languages, preferred=()):
-    """English first, then ``preferred`` in its order, then the rest alphabetically."""
+def _ordered_languages(languages):
+    """English first (the pivot of every stage), then the rest alphabetically."""
     languages = set(languages)
-    head = [lang for lang in (ENGLISH, *preferred) if lang in languages]
-    return list(dict.fromkeys(head)) + sorted(languages - set(head))
+    head = [ENGLISH] if ENGLISH in languages else []
+    return head + sorted(languages - set(head))
 
 
 def json_value(value):
@@ -256,11 +256,6 @@ def read_multi_youcook2(path, feature_key, split, items=None):
 
 # ---- RUDDER --------------------------------------------------------------------------------------
 
-# The languages the reference trained and evaluated on, in its order; ta, te and ml may be in the
-# files too (the reference left them out); they are read, and a config's `languages` selects.
-RUDDER_LANGUAGES = ("en", "hi", "mr", "kn")
-
-
 @register_reader("rudder")
 def read_rudder(path, feature_key, split, items=None):
     """RUDDER pickles (reference §1.2): ``id``, features (``2d``), ``captions`` {lang: string}.
@@ -279,7 +274,9 @@ def read_rudder(path, feature_key, split, items=None):
             raise DataFileError(f"{path}: item {i} has no 'captions' dict (is this a RUDDER file?)")
         per_item.append({str(lang): _caption_list(value, path, i, f"captions[{lang}]")
                          for lang, value in caps.items()})
-    languages = _ordered_languages(set().union(*per_item), RUDDER_LANGUAGES)
+    # Every language of the file is read (ta, te and ml too, which the reference left out);
+    # the RUDDER configs select the paper's en, hi, mr, kn with `languages`.
+    languages = _ordered_languages(set().union(*per_item))
     ids, features, extras = [], [], []
     captions = {lang: [] for lang in languages}
     for i, (item, found) in enumerate(zip(data, per_item)):

@@ -197,7 +197,7 @@ def test_rudder_missing_languages_are_empty(tmp_path):
 
 def test_rudder_reads_unused_languages_for_selection(tmp_path):
     c = read_corpus(dump(tmp_path / "r.pkl", rudder_items()), "rudder", "2d", "train")
-    assert c.languages == ["en", "hi", "mr", "kn", "ta"]
+    assert c.languages == ["en", "hi", "kn", "mr", "ta"]  # English first, then alphabetical
     assert c.captions["ta"][3] == ["ta 3"]
 
 
