@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from parse_config import select_device
-from utils.errors import USER_ERRORS
+from utils.errors import exit_status
 from utils.inference import InferenceError, Retriever, check_texts, find_video, read_videos, results_html
 from utils.moments import matching_event, plot_moments, score_moments
 
@@ -42,15 +42,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+
+    def run():
         retriever = Retriever.from_checkpoint(args.resume, select_device(args.device))
         (run_search if args.command == "search" else run_moments)(retriever, args)
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(run, args.debug)
 
 
 def read_data(retriever, path, args):

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: per-language text-to-video and video-to-text retrieval.
 
-    python test.py -r runs/toy_translate_train/1/best.pt
-    python test.py -c configs/msrvtt/eval_1k.json -r model.pt --save-sims sims/
+    python test.py -r runs/toy/translate_train/1/best.pt
+    python test.py -r model.pt --set data.eval_path=data/other_test.pkl --save-sims sims/
 The checkpoint's own config is the base; ``-c`` and ``--set`` override it (for example another
 evaluation file). Prints the tables and writes metrics.json to --out (default: beside the checkpoint).
 """
@@ -9,8 +9,16 @@ import json
 import sys
 from pathlib import Path
 
-from parse_config import build_parser, config_from_args, flatten_config, select_device
-from utils.errors import USER_ERRORS
+import numpy as np
+
+from model.metric import format_table
+from parse_config import ConfigError, build_parser, config_from_args, flatten_config, select_device
+from trainer.build import build_loaders, build_student, load_corpora
+from trainer.evaluate import evaluate, flat_metrics
+from utils.checkpoint import load_checkpoint, load_weights
+from utils.device import amp_dtype
+from utils.errors import exit_status
+from utils.experiment import run_experiment
 
 
 def main(argv=None):
@@ -18,42 +26,25 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for metrics.json (default: <checkpoint folder>/eval)")
     parser.add_argument("--save-sims", metavar="DIR", help="also write each language's similarity matrix (.npy)")
     args = parser.parse_args(argv)
-    try:
-        from utils.checkpoint import load_checkpoint
-        from utils.experiment import run_experiment
-        from parse_config import ConfigError
+    return exit_status(lambda: run(args), args.debug)
 
-        if not args.resume:
-            raise ConfigError("test.py needs a checkpoint: -r CHECKPOINT")
-        device = select_device(args.device)
-        state = load_checkpoint(args.resume)
-        config = config_from_args(args, flatten_config(state["config"]))
-        out = Path(args.out) if args.out else Path(args.resume).parent / "eval"
-        run_root = Path(config["trainer"]["save_dir"]) / config["name"] / "test_runs"
-        run_experiment("test", config, lambda cfg, run: test(cfg, run, state, args.resume, device, out, args.save_sims),
-                       run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+def run(args):
+    if not args.resume:
+        raise ConfigError("test.py needs a checkpoint: -r CHECKPOINT")
+    device = select_device(args.device)
+    state = load_checkpoint(args.resume)
+    config = config_from_args(args, flatten_config(state["config"]))
+    out = Path(args.out) if args.out else Path(args.resume).parent / "eval"
+    run_root = Path(config["trainer"]["save_dir"]) / config["name"] / "test_runs"
+    run_experiment("test", config, lambda cfg, run: test(cfg, run, state, args.resume, device, out, args.save_sims),
+                   run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)
 
 
 def test(config, run, state, checkpoint, device, out, save_sims=None):
-    from model.metric import format_table
-    from trainer.build import build_loaders, build_student, load_corpora
-    from trainer.evaluate import evaluate, flat_metrics
-    from utils.checkpoint import CheckpointError
-    from utils.device import amp_dtype
-
     corpora = load_corpora(config, splits=("eval",))
     model, tokenizer = build_student(config, pretrained_text=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint weights do not fit the model of its config ({str(e).splitlines()[0]})") from None
-    model.to(device)
+    load_weights(model, state, checkpoint).to(device)
     _, loader = build_loaders(config, corpora, tokenizer)
     summary, scores = evaluate(model, loader, corpora["eval"].languages, config["eval"], device,
                                amp_dtype(device, config["trainer"]["mixed_precision"]), return_scores=True)
@@ -72,7 +63,6 @@ def test(config, run, state, checkpoint, device, out, save_sims=None):
 
 def write_similarities(scores, folder):
     """<lang>.npy (queries x videos) and <lang>.json with the query and video ids of its rows/columns."""
-    import numpy as np
     folder.mkdir(parents=True, exist_ok=True)
     for lang, s in scores.items():
         np.save(folder / f"{lang}.npy", s.sims.numpy())

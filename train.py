@@ -1,52 +1,45 @@
 """Train a multilingual text-video retrieval model.
 
     python train.py -c configs/toy/translate_train.json
-    python train.py -c configs/msrvtt/c2kd.json --epochs 20 --lr 1e-4 --stage c2kd
-    python train.py -r runs/toy_translate_train/1/latest.pt          # resume exactly
+    python train.py -c configs/msrvtt/clip/c2kd.json --epochs 20 --lr 1e-4
+    python train.py -r runs/toy/translate_train/1/latest.pt          # resume exactly
 """
 import sys
 from pathlib import Path
 
+from model.model import load_tokenizer
 from parse_config import build_parser, config_from_args, flatten_config, select_device
-from utils.errors import USER_ERRORS
+from trainer.build import build_loaders, build_loss, build_student, load_corpora
+from trainer.evaluate import flat_metrics
+from trainer.teachers import build_teachers
+from trainer.trainer import Trainer, TrainingInterrupted, seed_everything
+from utils.checkpoint import load_checkpoint
+from utils.distributed import init_distributed
+from utils.errors import exit_status
+from utils.experiment import run_dir, run_experiment
 
 
 def main(argv=None):
     args = build_parser(__doc__.splitlines()[0], train=True).parse_args(argv)
     try:
-        from utils.checkpoint import load_checkpoint
-        from utils.experiment import run_experiment
-
-        from trainer.trainer import NonFiniteLoss, TrainingInterrupted
-        from utils.distributed import init_distributed
-
-        dist, device = init_distributed(select_device(args.device))
-        resumed = load_checkpoint(args.resume) if args.resume else None
-        config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
-        run_root = Path(config["trainer"]["save_dir"]) / config["name"]
-        # Only rank 0 records the run; the other ranks run the same experiment unobserved.
-        run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),
-                       run_root if dist.is_main else None, run_id=args.run_id,
-                       mongo=args.mongo if dist.is_main else None, neptune=args.neptune and dist.is_main)
-    except TrainingInterrupted as e:
+        return exit_status(lambda: run(args), args.debug)
+    except TrainingInterrupted as e:  # a checkpoint was written; the message says how to resume
         print(e, file=sys.stderr)
         return 128 + e.signum
-    except (*USER_ERRORS, NonFiniteLoss) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def run(args):
+    dist, device = init_distributed(select_device(args.device))
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
+    run_root = Path(config["trainer"]["save_dir"]) / config["name"]
+    # Only rank 0 records the run; the other ranks run the same experiment unobserved.
+    run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),
+                   run_root if dist.is_main else None, run_id=args.run_id,
+                   mongo=args.mongo if dist.is_main else None, neptune=args.neptune and dist.is_main)
 
 
 def train(config, run, device, dist, resume=None):
-    from model.model import load_tokenizer
-    from trainer.build import build_loaders, build_loss, build_student, load_corpora
-    from trainer.evaluate import flat_metrics
-    from trainer.teachers import build_teachers
-    from trainer.trainer import Trainer, seed_everything
-    from utils.experiment import run_dir
-
     seed_everything(config["seed"])
     corpora = load_corpora(config)
     tokenizer = load_tokenizer(config["model"]["text_encoder"])

@@ -84,9 +84,9 @@ def test_mean_and_sample_std(tmp_path, runs, capsys):
 
 
 def test_positional_runs_group_by_config_and_label(tmp_path, runs, capsys):
-    other = [write_run(tmp_path / "runs" / "tt" / f"seed{s}", config(s, name="translate_train",
-                                                                   stage="translate-train"), metrics(R1[s], 1.0))
-             for s in (0, 1)]
+    for s in (0, 1):
+        write_run(tmp_path / "runs" / "tt" / f"seed{s}", config(s, name="translate_train", stage="translate-train"),
+                  metrics(R1[s], 1.0))
     # a folder holding run folders is searched; the runs' own save_dir differs but does not count
     write_run(tmp_path / "runs" / "c2kd" / "seed3", config(3, save_dir="elsewhere"), metrics(R1[0]))
     code, stdout, err = run_report(capsys, tmp_path / "runs", "--out", tmp_path / "out")

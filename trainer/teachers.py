@@ -22,7 +22,7 @@ from data_loader.dataset import TextInput, TokenTable, video_tokens
 from model.loss import cosine_sim
 from model.model import build_model, load_tokenizer
 from parse_config import ConfigError
-from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_weights
 from utils.distributed import barrier, gather, rank
 
 CACHE_VERSION = 1
@@ -47,12 +47,7 @@ def load_teacher(path, feature_dim, device):
         raise CheckpointError(f"{path}: teacher was trained on {teacher_dim}-d video features, "
                               f"but config key 'data.feature_dim' is {feature_dim}")
     tokenizer = load_tokenizer(model_cfg["text_encoder"])
-    model = build_model(model_cfg, teacher_dim, pretrained_text=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model its config describes "
-                              f"({str(e).splitlines()[0]})") from None
+    model = load_weights(build_model(model_cfg, teacher_dim, pretrained_text=False), state, path)
     return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False))
 
 

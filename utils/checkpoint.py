@@ -56,3 +56,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: not a checkpoint of this project (a reference checkpoint "
                               "must first go through utils.convert_checkpoint)")
     return state
+
+
+def load_weights(model, state, path):
+    """Load ``state["model"]`` into ``model``; a mismatch is a one-line error naming the file."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes "
+                              f"({str(e).strip().splitlines()[0][:200]})") from None
+    return model

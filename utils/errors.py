@@ -1,9 +1,26 @@
 """The errors a user can act on: entry points print their one-line message instead of a traceback."""
+import sys
+
 from data_loader.safe_pickle import DataFileError
 from model.model import ModelError
 from parse_config import ConfigError
+from trainer.trainer import NonFiniteLoss
 from utils.checkpoint import CheckpointError
 from utils.experiment import ObserverError
 from utils.inference import InferenceError
 
-USER_ERRORS = (ConfigError, DataFileError, CheckpointError, ModelError, ObserverError, InferenceError)
+USER_ERRORS = (ConfigError, DataFileError, CheckpointError, ModelError, ObserverError, InferenceError,
+               NonFiniteLoss)
+
+
+def exit_status(action, debug=False):
+    """Run ``action()``; a user error prints ``error: <one line>`` and gives status 2 (``debug``:
+    the traceback instead)."""
+    try:
+        action()
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -87,8 +87,3 @@ def check_writable(run_root, run_id=None):
 
 def run_dir(run):
     return Path(run.observers[0].dir)
-
-
-def as_float(value):
-    """Sacred stores plain numbers only (numpy and torch scalars break its JSON)."""
-    return float(value)

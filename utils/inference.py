@@ -25,7 +25,7 @@ from data_loader.corpus import read_corpus
 from data_loader.dataset import video_tokens
 from data_loader.safe_pickle import DataFileError
 from model.model import build_model, load_tokenizer
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import load_checkpoint, load_weights
 
 INDEX_FORMAT = "c2kd-video-index"
 
@@ -101,12 +101,8 @@ class Retriever:
     def from_checkpoint(cls, path, device="cpu"):
         state = load_checkpoint(path)
         config = state["config"]
-        model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=False)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path}: weights do not fit the model of its config "
-                                  f"({str(e).splitlines()[0]})") from None
+        model = load_weights(build_model(config["model"], config["data"]["feature_dim"], pretrained_text=False),
+                             state, path)
         return cls(model, load_tokenizer(config["model"]["text_encoder"]), config, device)
 
     @torch.no_grad()
