@@ -123,30 +123,21 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
     data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
     prefix = "caption_" if split == "train" else "eval_caption_"
     per_item_langs = [{k[len(prefix):] for k in item if k.startswith(prefix)} for item in data]
-    languages = sorted(set.intersection(*per_item_langs))
+    languages = _ordered_languages(set.intersection(*per_item_langs))
     if not languages:
         raise DataFileError(f"{path}: no '{prefix}<lang>' keys shared by all items "
                             f"(is this a {'training' if split == 'train' else 'test'} file?)")
-    # English first: it is the pivot language of every stage.
-    languages.sort(key=lambda lang: lang != "en")
-    ids, features, extras = [], [], []
-    captions = {lang: [] for lang in languages}
-    for i, item in enumerate(data):
-        ids.append(str(item.get("id", i)))
-        features.append(_features(item, feature_key, path, i))
-        for lang in languages:
-            value = item[prefix + lang]
-            captions[lang].append([value] if isinstance(value, str) else [str(c) for c in value])
-        extras.append({k: v for k, v in item.items()
-                       if k not in ("id", feature_key) and not k.startswith(("caption_", "eval_caption_"))
-                       and not isinstance(v, np.ndarray)})
-    for lang in languages:
-        for i, caps in enumerate(captions[lang]):
-            if "en" in captions and len(caps) != len(captions["en"][i]):
+    per_item = [{lang: _caption_list(item[prefix + lang], path, i, prefix + lang) for lang in languages}
+                for i, item in enumerate(data)]
+    for i, found in enumerate(per_item):
+        for lang, caps in found.items():
+            if len(caps) != len(found[languages[0]]):
                 raise DataFileError(
-                    f"{path}: item {ids[i]} has {len(caps)} '{prefix}{lang}' captions but "
-                    f"{len(captions['en'][i])} English ones; captions must be aligned by index")
-    return Corpus(path=str(path), ids=ids, features=features, captions=captions, extras=extras)
+                    f"{path}: item {data[i].get('id', i)} has {len(caps)} '{prefix}{lang}' captions but "
+                    f"{len(found[languages[0]])} '{prefix}{languages[0]}' ones; captions must be aligned by index")
+    extras = [_plain_extras(item, {"id", feature_key} |
+                            {k for k in item if k.startswith(("caption_", "eval_caption_"))}) for item in data]
+    return _assemble(path, data, per_item, feature_key, extras)
 
 
 # ---- shared helpers of the readers below ---------------------------------------------------------
@@ -159,6 +150,16 @@ def _ordered_languages(languages):
     languages = set(languages)
     head = [ENGLISH] if ENGLISH in languages else []
     return head + sorted(languages - set(head))
+
+
+def _assemble(path, data, per_item, feature_key, extras):
+    """A Corpus from the items and, per item, their captions {lang: [strings]}: every language that
+    some item has, English first; an item without a language gets an empty list for it."""
+    languages = _ordered_languages(set().union(*per_item))
+    return Corpus(path=str(path), ids=[str(item.get("id", i)) for i, item in enumerate(data)],
+                  features=[_features(item, feature_key, path, i) for i, item in enumerate(data)],
+                  captions={lang: [found.get(lang, []) for found in per_item] for lang in languages},
+                  extras=extras)
 
 
 def json_value(value):
@@ -238,20 +239,14 @@ def read_multi_youcook2(path, feature_key, split, items=None):
             raise DataFileError(f"{path}: item {i} has no English 'caption' (is this a YouCook2 file?)")
         found[ENGLISH] = _caption_list(english, path, i, "caption")
         per_item.append(found)
-    languages = _ordered_languages(set().union(*per_item))
-    ids, features, extras = [], [], []
-    captions = {lang: [] for lang in languages}
-    for i, (item, found) in enumerate(zip(data, per_item)):
-        ids.append(str(item.get("id", i)))
-        features.append(_features(item, feature_key, path, i))
-        for lang in languages:
-            captions[lang].append(found.get(lang, []))
+    extras = []
+    for item in data:
         extra = _plain_extras(item, {"id", feature_key, "caption"} |
                               {k for k in item if isinstance(k, str) and k.startswith("caption_")})
         if "caption_en" in item and "caption" in item and item["caption_en"] != item["caption"]:
             extra["caption_en"] = json_value(item["caption_en"])
         extras.append(extra)
-    return Corpus(path=str(path), ids=ids, features=features, captions=captions, extras=extras)
+    return _assemble(path, data, per_item, feature_key, extras)
 
 
 # ---- RUDDER --------------------------------------------------------------------------------------
@@ -276,18 +271,12 @@ def read_rudder(path, feature_key, split, items=None):
                          for lang, value in caps.items()})
     # Every language of the file is read (ta, te and ml too, which the reference left out);
     # the RUDDER configs select the paper's en, hi, mr, kn with `languages`.
-    languages = _ordered_languages(set().union(*per_item))
-    ids, features, extras = [], [], []
-    captions = {lang: [] for lang in languages}
-    for i, (item, found) in enumerate(zip(data, per_item)):
-        ids.append(str(item.get("id", i)))
-        features.append(_features(item, feature_key, path, i))
-        for lang in languages:
-            captions[lang].append(found.get(lang, []))
+    extras = []
+    for item, found in zip(data, per_item):
         extra = _plain_extras(item, {"id", feature_key, "captions", "audios"})
         extra["caption_languages"] = [lang for lang, caps in found.items() if caps]
         extras.append(extra)
-    return Corpus(path=str(path), ids=ids, features=features, captions=captions, extras=extras)
+    return _assemble(path, data, per_item, feature_key, extras)
 
 
 # ---- missing captions ----------------------------------------------------------------------------
