@@ -98,7 +98,7 @@ class RetrievalLoss(nn.Module):
         ``video``: [B, P]; ``teacher_sims``: list of [B, B] teacher matrices (c2kd only);
         ``rows``: lang -> [B] bool, the items that have a caption in that language; "main": those
         with an English caption and a non-empty video (the first English term); "teacher": those
-        with an English caption (the ones a teacher can score). Returns (loss, {term name: detached value}).
+        with an English caption (the ones a teacher can score). A missing key keeps every item. Returns (loss, {term name: detached value}).
 
         Under torch.distributed the inputs are this rank's slice of the global batch; they are
         gathered (with gradients) so every term sees the whole global batch, and ``teacher_sims``
@@ -107,18 +107,16 @@ class RetrievalLoss(nn.Module):
             text = {lang: gather_with_grad(emb) for lang, emb in text.items()}
             video = gather_with_grad(video)
             rows = None if rows is None else {k: gather(v) for k, v in rows.items()}
-        rows = None if rows is None else dict(rows)
         terms = {}
         en = self.english
         sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}
 
-        def sub(matrix, lang):
-            keep = None if rows is None else rows.get(lang)
-            if keep is None or bool(keep.all()):
-                return matrix
-            return matrix[keep][:, keep]
+        rows = rows or {}
 
-        main = info_nce(sub(sims[en], "main"), self.temperature)
+        def sub(matrix, keep):
+            return matrix if keep is None else matrix[keep][:, keep]
+
+        main = info_nce(sub(sims[en], rows.get("main")), self.temperature)
         terms["nce_main"] = main
         if self.stage == "zero-shot":
             return main, _detached(terms)
@@ -126,7 +124,7 @@ class RetrievalLoss(nn.Module):
             loss = main
             for lang, s in sims.items():
                 if lang != en:
-                    terms[f"nce_{lang}"] = info_nce(sub(s, lang), self.temperature)
+                    terms[f"nce_{lang}"] = info_nce(sub(s, rows.get(lang)), self.temperature)
                     loss = loss + terms[f"nce_{lang}"]
             return loss, _detached(terms)
 
@@ -136,15 +134,18 @@ class RetrievalLoss(nn.Module):
         loss = lam * main
         targets = self.distill_targets(teacher_sims)
         for lang, s in sims.items():
-            nce = info_nce(sub(s, lang), self.temperature)
+            nce = info_nce(sub(s, rows.get(lang)), self.temperature)
             # Teachers read the English caption: an item without one has no target.
-            d = f"{lang}&teacher"
-            if rows is not None and lang in rows and "teacher" in rows:
-                rows[d] = rows[lang] & rows["teacher"]
-            distill = sum(w * self.distance(sub(s, d), sub(t, d), self.distill_temp) for w, t in targets)
+            keep = _both(rows.get(lang), rows.get("teacher"))
+            distill = sum(w * self.distance(sub(s, keep), sub(t, keep), self.distill_temp) for w, t in targets)
             terms[f"nce_{lang}"], terms[f"distill_{lang}"] = nce, distill
             loss = loss + lam * nce + distill
         return loss, _detached(terms)
+
+
+def _both(a, b):
+    """Intersection of two optional row masks (None keeps every row)."""
+    return a if b is None else b if a is None else a & b
 
 
 def _detached(terms):

@@ -139,17 +139,22 @@ class Trainer:
         return batch["video"], batch["video_mask"], {lang: batch["text"]["student"][lang] for lang in self.languages}
 
     def _rows(self, batch):
+        """Row masks of the loss (see RetrievalLoss.forward), computed on the CPU batch. A mask that
+        keeps every row is left out in a single process, so the loss indexes nothing and the GPU
+        is not synchronised; under DDP every rank passes every mask, for the gathers to match."""
         rows = {lang: batch["has_caption"][lang] for lang in self.languages}
         rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"]["en"]
         rows["teacher"] = batch["has_caption"]["en"]
-        return rows
+        if self.dist.world_size == 1:
+            rows = {k: v for k, v in rows.items() if not bool(v.all())}
+        return to_device(rows, self.device)
 
     def training_step(self, batch):
         """Forward, loss over the (global) batch, backward, optimizer step. Returns (loss, terms)."""
+        rows = self._rows(batch)
         batch = to_device(batch, self.device)
         with autocast(self.device, self.amp_dtype):  # online teachers run under autocast, as in the reference
             teacher_sims = self.teachers.similarities(batch) if self.teachers is not None else None
-        rows = self._rows(batch)
         self.optimizer.zero_grad(set_to_none=True)
         if self.accumulation == 1:
             with autocast(self.device, self.amp_dtype):
@@ -225,9 +230,11 @@ class Trainer:
 
     # ---- epochs ------------------------------------------------------------------------------
     def _stop_requested(self):
-        flag = torch.tensor([0 if self._signal is None else self._signal], device=self.device)
-        if world_size() > 1:  # every rank stops at the same step
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = self._signal or 0
+        if world_size() == 1:
+            return signum
+        flag = torch.tensor([signum], device=self.device)  # every rank stops at the same step
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
 
     def train_epoch(self):
