@@ -78,9 +78,10 @@ def assert_same(single, parts):
         assert result["loss"] == pytest.approx(single["loss"], abs=1e-5)
         assert set(result["grads"]) == set(single["grads"])
         for name, grad in single["grads"].items():
-            assert torch.allclose(result["grads"][name], grad, atol=1e-5, rtol=1e-4), \
-                (name, (result["grads"][name] - grad).abs().max().item(), grad.abs().max().item(),
-                 (result["grads"][name].norm() / grad.norm()).item())
+            # Within 1e-5 of the tensor's scale: splitting a batch changes matmul shapes and so the
+            # float32 rounding, which an element-wise tolerance flags on elements near zero.
+            diff = (result["grads"][name] - grad).abs().max().item()
+            assert diff <= 1e-5 * max(1.0, grad.abs().max().item()), (name, diff, grad.abs().max().item())
 
 
 @pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
