@@ -88,14 +88,18 @@ class Teachers:
     def cached_outputs(self, teacher):
         """Load the cache of ``teacher``, computing it first if needed (by rank 0 under torch.distributed)."""
         path = Path(self.config["teachers"]["cache_dir"]) / f"{self.cache_key(teacher)}.pt"
+        cache = None
         if rank() == 0:
-            if _load_cache(path) is None:
-                atomic_save(self.embed_training_set(teacher), path)
+            cache = _load_cache(path)
+            if cache is None:
+                cache = self.embed_training_set(teacher)
+                atomic_save(cache, path)
                 print(f"teacher outputs: wrote {path}")
             else:
                 print(f"teacher outputs: reusing {path}")
         barrier()
-        cache = _load_cache(path)
+        if cache is None:  # the other ranks read what rank 0 wrote
+            cache = _load_cache(path)
         if cache is None:
             raise CheckpointError(f"{path}: cached teacher outputs could not be read back")
         return cache
