@@ -3,9 +3,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_loader import toy
+from model.model import build_model
+from parse_config import resolve
 from utils import tiny_encoders
+from utils.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -16,29 +20,42 @@ def toy_assets(tmp_path_factory):
     return {"train": data["train"], "test": data["test"], "encoders": encoders, "root": root}
 
 
-@pytest.fixture
-def write_config(tmp_path, toy_assets):
-    """Write a small toy config into tmp_path and return its path; ``sections`` override the defaults."""
-    def write(name="toy", **sections):
-        config = {
-            "stage": "translate-train",
-            "data": {"train_path": str(toy_assets["train"]), "eval_path": str(toy_assets["test"]),
-                     "n_video_tokens": 24, "max_words_train": 24, "max_words_eval": 24,
-                     "batch_size": 16, "eval_batch_size": 20},
-            "model": {"text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "width": 32,
-                      "projection_dim": 32, "depth": 1, "heads": 2},
-            "optimizer": {"lr": 2e-3},
-            "trainer": {"epochs": 2, "save_dir": str(tmp_path / "runs"), "log_every": 1},
-        }
-        for key, value in sections.items():
-            if isinstance(value, dict):
-                config.setdefault(key, {}).update(value)
-            else:
-                config[key] = value
-        path = Path(tmp_path) / f"{name}.json"
-        path.write_text(json.dumps(config))
-        return path
-    return write
+def toy_config(toy_assets, tmp, stage="translate-train", teachers=(), **flat):
+    """A resolved config for a tiny model on the small Multi-Toy (batch 16, runs under ``tmp``);
+    ``flat`` overrides dotted keys, e.g. ``**{"trainer.epochs": 3}``."""
+    base = {
+        "stage": stage,
+        "data.train_path": str(toy_assets["train"]), "data.eval_path": str(toy_assets["test"]),
+        "data.n_video_tokens": 24, "data.max_words_train": 24, "data.max_words_eval": 24,
+        "data.batch_size": 16,
+        "model.text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "model.width": 32,
+        "model.projection_dim": 32, "model.depth": 1, "model.heads": 2,
+        "optimizer.lr": 2e-3,
+        "trainer.epochs": 2, "trainer.save_dir": str(Path(tmp) / "runs"), "trainer.log_every": 1,
+        "teachers.checkpoints": list(teachers), "teachers.cache_dir": str(Path(tmp) / "teacher_cache"),
+        "loss.teacher_pool": "mean", "loss.balance": 0.3,
+    }
+    return resolve({**base, **flat})
+
+
+def write_json_config(tmp, name, config):
+    """``config`` as ``tmp/<name>.json``; the run name comes from the file name."""
+    config = {k: v for k, v in config.items() if k != "name"}
+    path = Path(tmp) / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def untrained_teachers(toy_assets, tmp):
+    """Teacher checkpoints with random weights (XLM-R- and DistilBERT-tiny): enough to compare losses."""
+    paths = []
+    for i, encoder in enumerate(("xlmr-tiny", "distiluse-tiny")):
+        config = toy_config(toy_assets, tmp, **{"model.text_encoder": str(toy_assets["encoders"][encoder])})
+        torch.manual_seed(100 + i)
+        model = build_model(config["model"], config["data"]["feature_dim"])
+        paths.append(str(save_checkpoint({"model": model.state_dict(), "config": config, "epoch": 0, "step": 0},
+                                         Path(tmp) / f"teacher{i}.pt")))
+    return paths
 
 
 def sacred_scalars(run_dir, name):

@@ -1,41 +1,15 @@
 """C2KD end to end: teachers trained here, cached teacher outputs, parity with online teachers, bad input."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import train as train_entry
-from parse_config import resolve, load_flat
-from tests.conftest import sacred_scalars
+from parse_config import flatten_config, resolve
+from tests.conftest import sacred_scalars, toy_config, write_json_config
 from trainer.build import build_loaders, build_loss, build_student, load_corpora
 from trainer.teachers import build_teachers
 from utils.checkpoint import load_checkpoint, save_checkpoint
-
-
-def base_config(toy_assets, tmp, **overrides):
-    config = {
-        "data": {"train_path": str(toy_assets["train"]), "eval_path": str(toy_assets["test"]),
-                 "n_video_tokens": 24, "max_words_train": 24, "max_words_eval": 24,
-                 "batch_size": 16, "eval_batch_size": 24},
-        "model": {"text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "width": 32,
-                  "projection_dim": 32, "depth": 1, "heads": 2},
-        "optimizer": {"lr": 2e-3},
-        "trainer": {"epochs": 1, "save_dir": str(tmp / "runs"), "log_every": 1},
-        "teachers": {"cache_dir": str(tmp / "teacher_cache")},
-    }
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            config.setdefault(section, {}).update(values)
-        else:
-            config[section] = values
-    return config
-
-
-def write(tmp, name, config):
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(config))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +18,18 @@ def setup(tmp_path_factory, toy_assets):
     teachers = []
     for encoder in ("xlmr-tiny", "distiluse-tiny"):
         name = f"teacher_{encoder.split('-')[0]}"
-        path = write(tmp, name, base_config(toy_assets, tmp, stage="translate-train",
-                                            model={"text_encoder": str(toy_assets["encoders"][encoder])}))
+        path = write_json_config(tmp, name, toy_config(toy_assets, tmp, **{
+            "trainer.epochs": 1, "model.text_encoder": str(toy_assets["encoders"][encoder])}))
         assert train_entry.main(["-c", str(path), "--run-id", "seed0", "-d", "cpu"]) == 0
         teachers.append(str(tmp / "runs" / name / "seed0" / "latest.pt"))
-    student = base_config(toy_assets, tmp, stage="c2kd", teachers={"checkpoints": teachers},
-                          loss={"balance": 0.5, "distill_temp": 0.1, "teacher_pool": "max"})
+    student = toy_config(toy_assets, tmp, "c2kd", teachers, **{
+        "trainer.epochs": 1, "loss.balance": 0.5, "loss.distill_temp": 0.1, "loss.teacher_pool": "max"})
     return {"tmp": tmp, "teachers": teachers, "student": student, "assets": toy_assets}
 
 
 def test_c2kd_trains_and_reuses_cached_teacher_outputs(setup, capsys):
     tmp = setup["tmp"]
-    path = write(tmp, "student", setup["student"])
+    path = write_json_config(tmp, "student", setup["student"])
     assert train_entry.main(["-c", str(path), "--run-id", "a", "-d", "cpu"]) == 0
     cache_files = sorted((tmp / "teacher_cache").glob("*.pt"))
     assert len(cache_files) == 2
@@ -86,7 +60,7 @@ def cached_and_online(setup, pool, student_mask):
     losses = {}
     paths = student_mask_teachers(setup) if student_mask else setup["teachers"]
     for mode in ("cached", "online"):
-        config = resolve({**_flat(setup["student"]), "teachers.mode": mode, "loss.teacher_pool": pool,
+        config = resolve({**flatten_config(setup["student"]), "teachers.mode": mode, "loss.teacher_pool": pool,
                           "teachers.checkpoints": paths})
         torch.manual_seed(0)
         corpora = load_corpora(config)
@@ -121,11 +95,6 @@ def test_student_mask_pooling_changes_the_teacher_targets(setup):
     assert not torch.allclose(own[0], student[0], atol=1e-4)
 
 
-def _flat(config):
-    from parse_config import flatten_config
-    return flatten_config(config)
-
-
 def bad_run(setup, capsys, **overrides):
     config = json.loads(json.dumps(setup["student"]))
     for section, values in overrides.items():
@@ -133,7 +102,7 @@ def bad_run(setup, capsys, **overrides):
             config.setdefault(section, {}).update(values)
         else:
             config[section] = values
-    path = write(setup["tmp"], "bad_student", config)
+    path = write_json_config(setup["tmp"], "bad_student", config)
     code = train_entry.main(["-c", str(path), "-d", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith("error: ")
@@ -170,9 +139,3 @@ def test_teacher_for_other_features_and_without_tokenizer_are_refused(setup, cap
 def test_unknown_pooling_is_refused(setup, capsys):
     err = bad_run(setup, capsys, loss={"teacher_pool": "median"})
     assert "config key 'loss.teacher_pool' = \"median\" is not one of" in err
-
-
-def test_toy_configs_resolve():
-    root = Path(__file__).resolve().parents[1] / "configs" / "toy"
-    for path in root.glob("*.json"):
-        resolve(load_flat(path))

@@ -5,43 +5,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import pytest
 
-from model.model import build_model
 from parse_config import flatten_config, resolve
+from tests.conftest import toy_config, untrained_teachers
 from trainer.build import build_loaders, build_loss, build_student, load_corpora
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer
-from utils.checkpoint import save_checkpoint
 from utils.distributed import DistInfo
-
-GLOBAL_BATCH = 16
-
-
-def make_config(toy_assets, tmp, stage, teachers=(), **extra):
-    flat = {
-        "stage": stage,
-        "data.train_path": str(toy_assets["train"]), "data.eval_path": str(toy_assets["test"]),
-        "data.n_video_tokens": 24, "data.max_words_train": 24, "data.max_words_eval": 24,
-        "data.batch_size": GLOBAL_BATCH,
-        "model.text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "model.width": 32,
-        "model.projection_dim": 32, "model.depth": 1, "model.heads": 2,
-        "teachers.checkpoints": list(teachers), "teachers.cache_dir": str(tmp / "cache"),
-        "loss.teacher_pool": "mean", "loss.balance": 0.3,
-    }
-    flat.update(extra)
-    return resolve(flat)
-
-
-def untrained_teachers(toy_assets, tmp):
-    """Teacher checkpoints with random weights: enough to compare gradients."""
-    paths = []
-    for i, encoder in enumerate(("xlmr-tiny", "distiluse-tiny")):
-        config = make_config(toy_assets, tmp, "translate-train",
-                             **{"model.text_encoder": str(toy_assets["encoders"][encoder])})
-        torch.manual_seed(100 + i)
-        model = build_model(config["model"], 512)
-        paths.append(str(save_checkpoint({"model": model.state_dict(), "config": config, "epoch": 0, "step": 0},
-                                         tmp / f"teacher{i}.pt")))
-    return paths
 
 
 def one_step(config, info):
@@ -87,7 +56,7 @@ def assert_same(single, parts):
 @pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
 def test_two_processes_match_one_process_with_the_whole_batch(toy_assets, tmp_path, stage):
     teachers = untrained_teachers(toy_assets, tmp_path) if stage == "c2kd" else ()
-    config = make_config(toy_assets, tmp_path, stage, teachers)
+    config = toy_config(toy_assets, tmp_path, stage, teachers)
     single = one_step(config, DistInfo())
     out = tmp_path / "result"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), flatten_config(config), str(out)), nprocs=2, join=True)
@@ -99,7 +68,7 @@ def test_two_processes_match_one_process_with_the_whole_batch(toy_assets, tmp_pa
 @pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
 def test_gradient_accumulation_gives_the_whole_batch_gradients(toy_assets, tmp_path, stage):
     teachers = untrained_teachers(toy_assets, tmp_path) if stage == "c2kd" else ()
-    whole = one_step(make_config(toy_assets, tmp_path, stage, teachers), DistInfo())
-    accumulated = one_step(make_config(toy_assets, tmp_path, stage, teachers,
+    whole = one_step(toy_config(toy_assets, tmp_path, stage, teachers), DistInfo())
+    accumulated = one_step(toy_config(toy_assets, tmp_path, stage, teachers,
                                        **{"trainer.accumulation_steps": 4}), DistInfo())
     assert_same(whole, [accumulated])

@@ -8,7 +8,7 @@ import torch
 
 import test as test_entry
 import train as train_entry
-from tests.conftest import sacred_scalars
+from tests.conftest import sacred_scalars, toy_config, write_json_config
 from utils.checkpoint import load_checkpoint
 
 
@@ -22,18 +22,7 @@ def run_train(config, run_id, *extra):
 def trained(tmp_path_factory, toy_assets):
     """One uninterrupted 4-epoch translate-train run, and one stopped after 2 epochs then resumed."""
     tmp = tmp_path_factory.mktemp("e2e")
-    config = {
-        "stage": "translate-train",
-        "data": {"train_path": str(toy_assets["train"]), "eval_path": str(toy_assets["test"]),
-                 "n_video_tokens": 24, "max_words_train": 24, "max_words_eval": 24,
-                 "batch_size": 16, "eval_batch_size": 20},
-        "model": {"text_encoder": str(toy_assets["encoders"]["labse-tiny"]), "width": 32,
-                  "projection_dim": 32, "depth": 1, "heads": 2},
-        "optimizer": {"lr": 2e-3},
-        "trainer": {"epochs": 4, "save_dir": str(tmp / "runs"), "log_every": 1},
-    }
-    path = tmp / "tt.json"
-    path.write_text(json.dumps(config))
+    path = write_json_config(tmp, "tt", toy_config(toy_assets, tmp, **{"trainer.epochs": 4}))
     full = run_train(path, "full")
     part = run_train(path, "part", "--epochs", "2")
     resumed = run_train(path, "resumed", "-r", str(part / "latest.pt"), "--epochs", "4")
@@ -43,7 +32,7 @@ def trained(tmp_path_factory, toy_assets):
 def test_training_records_the_run_and_the_loss_falls(trained):
     run = trained["full"]
     losses = sacred_scalars(run, "train.epoch_loss")
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
     saved = json.loads((run / "config.json").read_text())
     assert saved["stage"] == "translate-train" and saved["trainer"]["epochs"] == 4 and saved["seed"] == 0
     assert json.loads((run / "run.json").read_text())["status"] == "COMPLETED"
@@ -52,7 +41,7 @@ def test_training_records_the_run_and_the_loss_falls(trained):
     assert state["epoch"] == 4 and state["step"] == 4 * (128 // 16)
     assert state["config"]["data"]["batch_size"] == 16
     r10 = sacred_scalars(run, "val.t2v_mean_R10")
-    assert len(r10) == 4 and r10[-1] > 1.5 * 1000 / 48  # well above chance (R@10 = 20.8) on 48 test videos
+    assert len(r10) == 4 and r10[-1] > 1.5 * 1000 / 48, r10  # well above chance (R@10 = 20.8) on 48 videos
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(trained):

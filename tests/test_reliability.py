@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_distributed import make_config, untrained_teachers
+from tests.conftest import toy_config, untrained_teachers, write_json_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_config(tmp, name, config):
-    path = tmp / f"{name}.json"
-    config = json.loads(json.dumps(config))
-    config.pop("name", None)
-    path.write_text(json.dumps(config))
-    return path
 
 
 def train_cli(*args, **kwargs):
@@ -61,10 +53,9 @@ def interrupt_mid_epoch(config_path, run_id, epoch=2, after_steps=3):
 @pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
 def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_run(toy_assets, tmp_path, stage):
     teachers = untrained_teachers(toy_assets, tmp_path) if stage == "c2kd" else ()
-    config = make_config(toy_assets, tmp_path, stage, teachers, **{
-        "data.batch_size": 8, "trainer.epochs": 3, "trainer.save_dir": str(tmp_path / "runs"),
-        "trainer.log_every": 1})
-    path = write_config(tmp_path, "run", config)
+    config = toy_config(toy_assets, tmp_path, stage, teachers, **{
+        "data.batch_size": 8, "trainer.epochs": 3})
+    path = write_json_config(tmp_path, "run", config)
     full = train_cli("-c", str(path), "--run-id", "full")
     assert full.returncode == 0, full.stderr[-2000:]
 
@@ -86,9 +77,9 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_uninterrupted_run(toy_asse
 
 
 def test_sigkill_leaves_the_last_checkpoint_intact(toy_assets, tmp_path):
-    config = make_config(toy_assets, tmp_path, "translate-train", **{
-        "data.batch_size": 8, "trainer.epochs": 50, "trainer.save_dir": str(tmp_path / "runs")})
-    path = write_config(tmp_path, "run", config)
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{
+        "data.batch_size": 8, "trainer.epochs": 50})
+    path = write_json_config(tmp_path, "run", config)
     proc = subprocess.Popen([sys.executable, "train.py", "-c", str(path), "--run-id", "k", "-d", "cpu"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "runs" / "run" / "k" / "latest.pt"
@@ -169,9 +160,9 @@ def bad_data_cases(tmp_path):
                                   "duplicate ids", "nan features"])
 def test_bad_data_files_are_refused_before_training(toy_assets, tmp_path, case):
     path, message = bad_data_cases(tmp_path)[case]
-    config = make_config(toy_assets, tmp_path, "translate-train", **{
-        "data.train_path": str(path), "trainer.save_dir": str(tmp_path / "runs")})
-    result = train_cli("-c", str(write_config(tmp_path, "bad", config)))
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{
+        "data.train_path": str(path)})
+    result = train_cli("-c", str(write_json_config(tmp_path, "bad", config)))
     assert result.returncode == 2
     err = result.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
@@ -181,10 +172,10 @@ def test_bad_data_files_are_refused_before_training(toy_assets, tmp_path, case):
 
 
 def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
-    config = make_config(toy_assets, tmp_path, "translate-train", **{"trainer.save_dir": str(tmp_path / "runs")})
-    path = write_config(tmp_path, "ok", config)
+    config = toy_config(toy_assets, tmp_path, "translate-train")
+    path = write_json_config(tmp_path, "ok", config)
     # A checkpoint of another architecture (a wider video transformer).
-    other = make_config(toy_assets, tmp_path, "translate-train", **{"model.width": 64})
+    other = toy_config(toy_assets, tmp_path, "translate-train", **{"model.width": 64})
     from model.model import build_model
     state = {"model": build_model(other["model"], 512).state_dict(), "config": other, "epoch": 1, "step": 1}
     wide = save_checkpoint(state, tmp_path / "wide.pt")
@@ -218,9 +209,9 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 def test_non_finite_loss_stops_the_run_naming_step_terms_and_items(toy_assets, tmp_path):
     # A zero temperature divides the similarities by zero: the very first loss is not finite.
-    config = make_config(toy_assets, tmp_path, "translate-train", **{
-        "loss.temperature": 0.0, "trainer.save_dir": str(tmp_path / "runs")})
-    result = train_cli("-c", str(write_config(tmp_path, "nan", config)))
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{
+        "loss.temperature": 0.0})
+    result = train_cli("-c", str(write_json_config(tmp_path, "nan", config)))
     err = result.stderr.strip().splitlines()[-1]  # after the progress bar of the epoch it stopped in
     assert result.returncode == 2, result.stderr
     assert err.startswith("error: non-finite loss nan at step 1 (epoch 1); terms: nce_main=nan")
