@@ -230,3 +230,13 @@ def test_ensure_toy_assets_layout(tmp_path):
         assert folder == tmp_path / "encoders" / name
         assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
     assert len(load(assets["train"])) == 1000 and len(load(assets["test"])) == 200
+
+
+def test_tiny_encoders_are_rebuilt_identically(tmp_path):
+    from utils import tiny_encoders
+    texts = ["A man cuts an onion.", "Ein Mann schneidet eine Zwiebel.", "一个男人切洋葱。", "Мужчина режет лук."] * 3
+    first = tiny_encoders.build(tmp_path / "a", texts)
+    second = tiny_encoders.build(tmp_path / "b", texts)
+    for name in first:
+        assert (first[name] / "tokenizer.json").read_bytes() == (second[name] / "tokenizer.json").read_bytes(), name
+        assert (first[name] / "model.safetensors").read_bytes() == (second[name] / "model.safetensors").read_bytes()

@@ -2,12 +2,14 @@
 
 Each encoder is a randomly initialised Hugging Face model of one of the
 architectures the paper uses (LaBSE and mBERT are BERT, XLM-R, and
-DistilUSE's text tower is DistilBERT) with a tokenizer trained on the toy
-captions. Both are saved with `save_pretrained`, so they load through
+DistilUSE's text tower is DistilBERT) with a tokenizer whose vocabulary is
+counted from the toy captions, deterministically. Both are saved with `save_pretrained`, so they load through
 `AutoModel.from_pretrained(folder)` / `AutoTokenizer.from_pretrained(folder)`,
 the same code path as a hub checkpoint such as sentence-transformers/LaBSE.
 """
 import argparse
+import math
+from collections import Counter
 import hashlib
 import json
 import os
@@ -16,13 +18,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel,
                           PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
 
 from data_loader.safe_pickle import load_pickle
 
-VERSION = 1
+VERSION = 2
 MAX_LEN = 64
 VOCAB_SIZE = 3000
 SIZE = dict(hidden=64, layers=2, heads=4, intermediate=128)
@@ -38,15 +40,34 @@ BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 XLMR_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R's id order
 
 
+def _pieces(tok, texts):
+    """Pre-tokenized words of ``texts`` under ``tok``'s normaliser and pre-tokeniser, with counts."""
+    counts = Counter()
+    for text in texts:
+        counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+    return counts
+
+
+def _frequent(counts, limit):
+    """The ``limit`` most frequent entries, ties broken by the string: the same for the same corpus.
+    (The `tokenizers` trainers break ties in hash order, so their vocabularies change from run to run.)"""
+    return sorted(sorted(counts), key=lambda w: -counts[w])[:max(limit, 0)]
+
+
 def _wordpiece(texts, lowercase):
+    """A WordPiece vocabulary of the corpus's words and characters, built deterministically."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     # BERT's normaliser also splits CJK characters; the uncased variant strips
     # accents too, like bert-base-multilingual-uncased.
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=BERT_SPECIAL, show_progress=False))
+    words = _pieces(tok, texts)
+    chars = sorted({c for w in words for c in w})
+    subwords = chars + [f"##{c}" for c in chars]  # any known-character word still tokenizes
+    vocab = BERT_SPECIAL + subwords + [w for w in _frequent(words, VOCAB_SIZE) if w not in set(subwords)]
+    vocab = vocab[:VOCAB_SIZE]
+    tok.model = models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -56,15 +77,24 @@ def _wordpiece(texts, lowercase):
 
 
 def _unigram(texts):
+    """A sentencepiece-style Unigram model over the corpus's words and characters, scored by their
+    log frequency, built deterministically."""
     tok = Tokenizer(models.Unigram())
     tok.normalizer = normalizers.NFKC()  # as sentencepiece does by default
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    # Chinese has no spaces: with the default 16-character limit, whole clauses
-    # of the small corpus become single pieces; 8 keeps pieces word-sized.
-    tok.train_from_iterator(texts, trainers.UnigramTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=XLMR_SPECIAL, unk_token="<unk>",
-        max_piece_length=8, show_progress=False))
+    words = _pieces(tok, texts)
+    chars = Counter()
+    for w, n in words.items():
+        for c in w:
+            chars[c] += n
+    # Whole words of up to 8 characters: Chinese has no spaces, so longer "words" are clauses,
+    # which its characters cover instead.
+    counts = chars + Counter({w: n for w, n in words.items() if len(w) <= 8})
+    pieces = _frequent(counts, VOCAB_SIZE - len(XLMR_SPECIAL))
+    total = sum(counts[p] for p in pieces)
+    vocab = [(t, 0.0) for t in XLMR_SPECIAL] + [(p, math.log(counts[p] / total)) for p in pieces]
+    tok.model = models.Unigram(vocab, unk_id=XLMR_SPECIAL.index("<unk>"), byte_fallback=False)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
