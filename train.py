@@ -12,7 +12,7 @@ from parse_config import build_parser, config_from_args, flatten_config, select_
 from trainer.build import build_loaders, build_loss, build_student, load_corpora
 from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
-from trainer.trainer import Trainer, TrainingInterrupted, seed_everything
+from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
 from utils.checkpoint import load_checkpoint
 from utils.distributed import init_distributed
 from utils.errors import exit_status
@@ -54,6 +54,7 @@ def train(config, run, device, dist, resume=None):
     folder = run_dir(run) if dist.is_main else None
     trainer = Trainer(config, model, loss, train_loader, eval_loader, device, folder,
                       log_scalar=run.log_scalar, teachers=teachers, dist=dist)
+    seed_rank(config["seed"], dist.rank)  # after the model is built: every rank starts from the same weights
     if resume:
         trainer.resume(resume)
     trainer.print(f"run folder: {folder}")

@@ -101,7 +101,8 @@ class Teachers:
         if cache is None:  # the other ranks read what rank 0 wrote
             cache = _load_cache(path)
         if cache is None:
-            raise CheckpointError(f"{path}: cached teacher outputs could not be read back")
+            raise CheckpointError(f"{path}: cached teacher outputs could not be read back (rank 0 writes them; "
+                                  f"under several nodes 'teachers.cache_dir' must be a folder every node reads)")
         return cache
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
-from utils.distributed import DistInfo, barrier, world_size
+from utils.distributed import DistInfo, barrier, gather_objects, world_size
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -39,6 +39,14 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_rank(seed, rank):
+    """Give each rank its own random stream (dropout) once the model is built. Rank 0 keeps the
+    stream it has, so a single-process run is unchanged; without this every rank would draw the
+    same dropout masks for its slice of the global batch."""
+    if rank:
+        seed_everything(seed + 1_000_003 * rank)
 
 
 def split_batch(batch, parts):
@@ -89,15 +97,15 @@ class Trainer:
         self._signal = None
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self, rng_states=None):
+        """Everything a resumed run needs. ``rng_states``: one random state per rank (see ``save``)."""
         return {
             "model": self.model.state_dict(),
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng_states or [_rng_snapshot()],
             "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
             "best": self.best, "skipped_steps": self.skipped_steps, "config": self.config,
         }
@@ -112,9 +120,13 @@ class Trainer:
                                   f"({str(e).strip().splitlines()[0][:200]})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rng"]
+        if self.dist.rank < len(rng):
+            torch.set_rng_state(rng[self.dist.rank]["torch"])
+            if torch.cuda.is_available() and rng[self.dist.rank]["cuda"]:
+                torch.cuda.set_rng_state_all(rng[self.dist.rank]["cuda"])
+        else:  # resumed with more processes than were saved: a fresh stream for this rank
+            seed_rank(self.config["seed"] + state["step"], self.dist.rank)
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
         self.best, self.skipped_steps = state["best"], state["skipped_steps"]
 
@@ -125,8 +137,9 @@ class Trainer:
 
     def save(self, name):
         path = self.run_dir / name if self.run_dir else None
+        rng_states = gather_objects(_rng_snapshot())  # every rank's stream, so a resume continues each
         if self.dist.is_main:
-            save_checkpoint(self.state_dict(), path)
+            save_checkpoint(self.state_dict(rng_states), path)
         barrier()
         return path
 
@@ -322,6 +335,11 @@ class Trainer:
             if period and self.epoch % period == 0:
                 self.save(f"checkpoint-epoch{self.epoch}.pt")
         return summary
+
+
+def _rng_snapshot():
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _rng_state(device):
