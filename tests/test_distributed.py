@@ -1,5 +1,5 @@
-"""Two gloo processes with half the batch each give the loss and gradients of one process with the
-whole batch; gradient accumulation gives the gradients of the whole batch."""
+"""Every way of running a training step gives the loss and gradients of one plain process with the
+whole batch: two gloo processes with half the batch each, gradient accumulation, torch.compile."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -72,3 +72,15 @@ def test_gradient_accumulation_gives_the_whole_batch_gradients(toy_assets, tmp_p
     accumulated = one_step(toy_config(toy_assets, tmp_path, stage, teachers,
                                        **{"trainer.accumulation_steps": 4}), DistInfo())
     assert_same(whole, [accumulated])
+
+
+def test_compiled_step_gives_the_eager_loss_and_gradients(toy_assets, tmp_path):
+    """``trainer.compile: true`` runs the step through torch.compile (the inductor backend, which
+    generates C++ on the CPU); the algorithm is unchanged."""
+    from torch._dynamo.utils import counters
+    eager = one_step(toy_config(toy_assets, tmp_path, "translate-train"), DistInfo())
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = one_step(toy_config(toy_assets, tmp_path, "translate-train", **{"trainer.compile": True}), DistInfo())
+    assert counters["stats"]["unique_graphs"] >= 1  # the step really went through the compiler
+    assert_same(eager, [compiled])
