@@ -113,6 +113,11 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     step = report["c2kd_step"]
     for key in ("cached_step_s", "online_step_s", "online_over_cached", "cache_build_s"):
         assert step[key] > 0, key
+    for key in ("cached_step_s", "online_step_s", "online_over_cached"):
+        assert step["without_student_dropout"][key] > 0, key
+    flops = step["model_flops"]
+    assert flops["student"] > flops["teachers"] > 0
+    assert flops["online_over_cached_bound"] == pytest.approx(1 + flops["teachers"] / flops["student"])
     (row,) = report["evaluation"]["sizes"]
     assert row["n"] == 200 and row["same_metrics"]
     for method in ("matrix", "chunked"):

@@ -7,7 +7,8 @@
    language with every tokenizer on each access, as the reference did; the one-off
    pre-tokenization is reported separately and folded into a one-epoch ratio.
 2. C2KD training step (``Trainer.training_step``) with cached against online teachers, on
-   Multi-Toy with the tiny encoders and three randomly initialised teachers.
+   Multi-Toy with the tiny encoders and three randomly initialised teachers; as a diagnostic, also
+   with the student's dropout off, and the counted model FLOPs of student and teachers.
 3. ranking N x N: ``retrieval_metrics`` on a materialised matrix against
    ``retrieval_metrics_from_embeddings``; time and peak memory, one subprocess per measurement.
 4. on a CUDA device only: a training step of a LaBSE-shaped student with three base-sized
@@ -243,28 +244,40 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
                                                   extra_inputs=teachers["online"].text_inputs)
         train_loader.sampler.set_epoch(0)
         batch = next(iter(train_loader))
+        # "<mode>" trains as usual; "<mode>_no_dropout" runs the same step with the student in eval
+        # mode, to show how much of the student's step is dropout (a diagnostic, not a training mode).
         trainers = {}
         for mode in ("cached", "online"):
-            loss = build_loss(configs[mode], num_teachers=len(teachers[mode])).to(device)
-            trainers[mode] = Trainer(configs[mode], copy.deepcopy(model).to(device), loss, train_loader,
-                                     eval_loader, device, None, teachers=teachers[mode])
-            trainers[mode].forward.train()
+            for variant, training in ((mode, True), (f"{mode}_no_dropout", False)):
+                loss = build_loss(configs[mode], num_teachers=len(teachers[mode])).to(device)
+                trainers[variant] = Trainer(configs[mode], copy.deepcopy(model).to(device), loss, train_loader,
+                                            eval_loader, device, None, teachers=teachers[mode])
+                trainers[variant].forward.train(training)
         for _ in range(warmup):
             for trainer in trainers.values():
                 trainer.training_step(batch)
-        times = interleaved({mode: (lambda t=t: t.training_step(batch)) for mode, t in trainers.items()},
+        times = interleaved({name: (lambda t=t: t.training_step(batch)) for name, t in trainers.items()},
                             steps, device)
         batch_dev = to_device(batch, device)
-        targets = interleaved({mode: (lambda t=teachers[mode]: t.similarities(batch_dev)) for mode in trainers},
+        targets = interleaved({mode: (lambda t=teachers[mode]: t.similarities(batch_dev)) for mode in teachers},
                               steps, device)
-        cached, online = median(times["cached"]), median(times["online"])
+        step_s = {name: median(v) for name, v in times.items()}
+        cached, online = step_s["cached"], step_s["online"]
         cfg = configs["cached"]
+        flops = c2kd_step_flops(model, [t.model for t in teachers["online"].teachers], cfg["data"]["batch_size"],
+                                len(trainers["cached"].languages), cfg["data"]["max_words_train"],
+                                cfg["data"]["n_video_tokens"], online=True)
         return {
             "device": str(device), "steps": steps, "warmup": warmup,
             "batch_size": cfg["data"]["batch_size"], "languages": trainers["cached"].languages,
             "max_words": cfg["data"]["max_words_train"], "n_video_tokens": cfg["data"]["n_video_tokens"],
             "student": "labse-tiny", "teachers": list(TEACHER_ENCODERS),
             "cached_step_s": cached, "online_step_s": online, "online_over_cached": online / cached,
+            "without_student_dropout": {
+                "cached_step_s": step_s["cached_no_dropout"], "online_step_s": step_s["online_no_dropout"],
+                "online_over_cached": step_s["online_no_dropout"] / step_s["cached_no_dropout"]},
+            "model_flops": {"student": flops["student"], "teachers": flops["teachers"],
+                            "online_over_cached_bound": flops["total"] / flops["student"]},
             "teacher_targets_s": {mode: median(v) for mode, v in targets.items()},
             "teacher_load_s": build_s["online"],
             "cache_build_s": build_s["cached"] - build_s["online"],
@@ -678,6 +691,11 @@ def format_report(report):
         lines.append(f"C2KD training step ({c['device']}, batch {c['batch_size']}, {len(c['languages'])} languages)")
         lines.append(f"  cached {1e3 * c['cached_step_s']:.1f} ms   online {1e3 * c['online_step_s']:.1f} ms   "
                      f"online/cached {c['online_over_cached']:.2f}x   (cache build once: {c['cache_build_s']:.2f} s)")
+        d, f = c["without_student_dropout"], c["model_flops"]
+        lines.append(f"  student without dropout: cached {1e3 * d['cached_step_s']:.1f} ms   online "
+                     f"{1e3 * d['online_step_s']:.1f} ms   online/cached {d['online_over_cached']:.2f}x")
+        lines.append(f"  model FLOPs: student {f['student'] / 1e9:.2f} G, teachers {f['teachers'] / 1e9:.2f} G, "
+                     f"bound on online/cached {f['online_over_cached_bound']:.2f}x")
     e = report.get("evaluation")
     if e:
         lines.append(f"ranking N x N ({e['device']})")
