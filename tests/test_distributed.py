@@ -1,5 +1,6 @@
 """Every way of running a training step gives the loss and gradients of one plain process with the
-whole batch: two gloo processes with half the batch each, gradient accumulation, torch.compile."""
+whole batch: two gloo processes with half the batch each, gradient accumulation, torch.compile.
+Evaluation in two processes gives the metrics of one process."""
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -8,6 +9,7 @@ import pytest
 from parse_config import flatten_config, resolve
 from tests.conftest import toy_config, untrained_teachers
 from trainer.build import build_loaders, build_loss, build_student, load_corpora
+from trainer.evaluate import evaluate
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer
 from utils.distributed import DistInfo
@@ -33,11 +35,23 @@ def one_step(config, info):
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
-def _worker(rank, world_size, init_file, flat_config, out):
+def evaluation(config, info):
+    """Metrics of an untrained model on the evaluation set, and whether this process ranked it."""
+    torch.manual_seed(0)
+    corpora = load_corpora(config)
+    model, tokenizer = build_student(config)
+    _, loader = build_loaders(config, corpora, tokenizer, rank=info.rank, world_size=info.world_size)
+    summary, scores = evaluate(model, loader, corpora["eval"].languages, config["eval"], torch.device("cpu"),
+                               return_scores=True)
+    sims = {lang: (sc.query_ids, sc.video_ids, sc.sims) for lang, sc in scores.items()} if scores else None
+    return {"summary": summary, "sims": sims}
+
+
+def _worker(rank, world_size, init_file, flat_config, out, task="step"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        result = one_step(resolve(flat_config), DistInfo(rank, world_size, rank))
-        torch.save(result, f"{out}.{rank}")
+        run = one_step if task == "step" else evaluation
+        torch.save(run(resolve(flat_config), DistInfo(rank, world_size, rank)), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -84,3 +98,26 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(toy_assets, tmp_path):
     compiled = one_step(toy_config(toy_assets, tmp_path, "translate-train", **{"trainer.compile": True}), DistInfo())
     assert counters["stats"]["unique_graphs"] >= 1  # the step really went through the compiler
     assert_same(eager, [compiled])
+
+
+def test_two_processes_evaluate_as_one_ranking_once(toy_assets, tmp_path):
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{"data.eval_batch_size": 7})
+    single = evaluation(config, DistInfo())
+    out = tmp_path / "result"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), flatten_config(config), str(out), "eval"), nprocs=2, join=True)
+    parts = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    assert parts[1]["sims"] is None  # rank 0 alone ranks the gathered set
+    assert parts[1]["summary"] == parts[0]["summary"]  # and every rank receives its metrics
+    for lang, (query_ids, video_ids, matrix) in single["sims"].items():
+        q_ids, v_ids, gathered = parts[0]["sims"][lang]
+        rows = torch.tensor([q_ids.index(q) for q in query_ids])
+        cols = torch.tensor([v_ids.index(v) for v in video_ids])
+        torch.testing.assert_close(gathered[rows][:, cols], matrix, atol=1e-5, rtol=0)
+    # Different matmul shapes change the embeddings by float32 rounding, which can flip a near tie.
+    one_query = 100 / 48
+    for lang, directions in single["summary"].items():
+        for direction, stats in directions.items():
+            for stat, value in stats.items():
+                tolerance = 1.0 if stat in ("MedR", "MeanR") else one_query
+                assert parts[0]["summary"][lang][direction][stat] == pytest.approx(value, abs=tolerance + 1e-9), \
+                    (lang, direction, stat)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from data_loader.dataset import POOL_MASK
 from model.metric import mean_over_languages, retrieval_metrics_from_embeddings
 from utils.device import autocast, to_device
-from utils.distributed import gather_objects, rank
+from utils.distributed import broadcast_from_main, gather_to_main, rank
 
 
 @dataclass
@@ -32,7 +32,8 @@ class LanguageScores:
 
 @torch.no_grad()
 def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="student"):
-    """Text embeddings per language, video embeddings, and item positions, all on the CPU in fp32."""
+    """Text embeddings per language, video embeddings, item positions and caption flags of this
+    process's slice of the evaluation set, all on the CPU in fp32."""
     model.eval()
     texts = {lang: [] for lang in languages}
     has = {lang: [] for lang in languages}
@@ -48,12 +49,15 @@ def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="s
         for lang in languages:
             has[lang].append(batch["has_caption"][lang].cpu())
         items.append(batch["index"].cpu())
-    local = ({lang: torch.cat(v) for lang, v in texts.items()}, torch.cat(videos), torch.cat(items),
-             {lang: torch.cat(v) for lang, v in has.items()})
-    # Under torch.distributed each rank embedded a slice; every rank then ranks the whole set.
-    parts = gather_objects(local)
+    return ({lang: torch.cat(v) for lang, v in texts.items()}, torch.cat(videos), torch.cat(items),
+            {lang: torch.cat(v) for lang, v in has.items()})
+
+
+def _concat(parts):
+    """The per-rank outputs of ``embed_eval_set`` joined into those of the whole evaluation set."""
     if len(parts) == 1:
-        return local
+        return parts[0]
+    languages = parts[0][0]
     return ({lang: torch.cat([p[0][lang] for p in parts]) for lang in languages}, torch.cat([p[1] for p in parts]),
             torch.cat([p[2] for p in parts]), {lang: torch.cat([p[3][lang] for p in parts]) for lang in languages})
 
@@ -107,8 +111,15 @@ def flat_metrics(summary):
 
 
 def evaluate(model, loader, languages, eval_cfg, device, amp_dtype=None, return_scores=False):
+    """Metrics of ``model`` on the evaluation set. Under torch.distributed each rank embeds its
+    slice, rank 0 ranks the whole set once and every rank receives the metrics; ``scores`` (with
+    ``return_scores``) exist on rank 0 only (None elsewhere)."""
     corpus = loader.dataset.corpus
-    texts, videos, items, has = embed_eval_set(model, loader, languages, device, amp_dtype)
-    scores = score_languages(texts, videos, items, has, corpus.ids, eval_cfg["multi_caption"])
-    summary = metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"], device)
+    parts = gather_to_main(embed_eval_set(model, loader, languages, device, amp_dtype))
+    summary = scores = None
+    if parts is not None:
+        texts, videos, items, has = _concat(parts)
+        scores = score_languages(texts, videos, items, has, corpus.ids, eval_cfg["multi_caption"])
+        summary = metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"], device)
+    summary = broadcast_from_main(summary)
     return (summary, scores) if return_scores else summary

@@ -20,7 +20,7 @@ from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
-from utils.distributed import DistInfo, barrier, gather_objects, world_size
+from utils.distributed import DistInfo, barrier, gather_to_main, world_size
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -137,7 +137,7 @@ class Trainer:
 
     def save(self, name):
         path = self.run_dir / name if self.run_dir else None
-        rng_states = gather_objects(_rng_snapshot())  # every rank's stream, so a resume continues each
+        rng_states = gather_to_main(_rng_snapshot())  # every rank's stream, so a resume continues each
         if self.dist.is_main:
             save_checkpoint(self.state_dict(rng_states), path)
         barrier()
@@ -281,9 +281,9 @@ class Trainer:
                         f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
         return sum(losses) / max(len(losses), 1)
 
-    def evaluate(self, return_scores=False):
+    def evaluate(self):
         return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device,
-                        self.amp_dtype, return_scores=return_scores)
+                        self.amp_dtype)
 
     def _improves(self, monitor, flat):
         if monitor not in flat:

@@ -65,13 +65,22 @@ def gather(tensor):
     return torch.cat(parts, dim=0)
 
 
-def gather_objects(obj):
-    """Every rank's ``obj`` (any picklable value), in rank order."""
+def gather_to_main(obj):
+    """Every rank's ``obj`` (any picklable value) in rank order on rank 0; None on the other ranks."""
     if world_size() == 1:
         return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` (any picklable value), on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier():
