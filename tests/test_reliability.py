@@ -217,3 +217,27 @@ def test_non_finite_loss_stops_the_run_naming_step_terms_and_items(toy_assets, t
     assert err.startswith("error: non-finite loss nan at step 1 (epoch 1); terms: nce_main=nan")
     assert "; items: toy" in err and "(+8 more)" in err  # the batch's item ids (16 items, 8 shown)
     assert not list((tmp_path / "runs").glob("*/*/latest.pt"))
+
+
+def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
+    """The fp16 path (a gradient scaler instead of the finiteness check), with PyTorch's GradScaler
+    on the CPU: steps with non-finite gradients are skipped and counted, and the run stops once
+    more than trainer.max_skipped_steps were skipped."""
+    from trainer.build import build_loaders, build_loss, build_student, load_corpora
+    from trainer.trainer import NonFiniteLoss, Trainer
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{
+        "loss.temperature": 0.0, "trainer.max_skipped_steps": 2})
+    corpora = load_corpora(config)
+    model, tokenizer = build_student(config)
+    train_loader, eval_loader = build_loaders(config, corpora, tokenizer)
+    trainer = Trainer(config, model, build_loss(config), train_loader, eval_loader, torch.device("cpu"), None)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # what fp16 training on CUDA builds
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = next(iter(train_loader))
+    for skipped in (1, 2):
+        trainer.training_step(batch)
+        assert trainer.skipped_steps == skipped
+    assert trainer.scaler.get_scale() == 2.0 ** 14  # halved at each skipped step
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no update was applied
+    with pytest.raises(NonFiniteLoss, match="skipped 3 steps .*max_skipped_steps = 2.*nce_main=nan"):
+        trainer.training_step(batch)

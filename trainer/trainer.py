@@ -87,7 +87,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(groups)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=config["scheduler"]["gamma"])
         self.amp_dtype = amp_dtype(device, trainer_cfg["mixed_precision"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
