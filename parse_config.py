@@ -194,7 +194,8 @@ def parse_override(text):
 def add_common_args(parser):
     parser.add_argument("-c", "--config", help="JSON config file")
     parser.add_argument("-r", "--resume", help="checkpoint to resume from (train) or to evaluate (test)")
-    parser.add_argument("-d", "--device", help="torch device (cpu, cuda, cuda:1) or GPU indices such as 0,1")
+    parser.add_argument("-d", "--device", help="torch device (cpu, cuda, cuda:1), or GPU indices such as 0,1 for "
+                                               "CUDA_VISIBLE_DEVICES; one process uses one GPU, several need torchrun")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set trainer.epochs=3 (repeatable)")
     parser.add_argument("--run-id", help="name of the run folder under <trainer.save_dir>/<name>/ (default: next number)")
@@ -251,8 +252,6 @@ def config_from_args(args, base_flat=None):
     if not args.config and base_flat is None:
         raise ConfigError("no config: pass -c CONFIG.json (or -r CHECKPOINT to reuse its config)")
     flat.update(overrides_from_args(args))
-    if "name" not in flat and base_flat is not None:
-        name = base_flat.get("name")
     return resolve(flat, name=name)
 
 
@@ -268,7 +267,11 @@ def select_device(arg):
         arg = "cuda"
     if arg is None:
         arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(arg)
+    try:
+        device = torch.device(arg)
+    except RuntimeError:
+        raise ConfigError(f"-d '{arg}' is not a torch device; expected cpu, cuda, cuda:N or GPU indices "
+                          "such as 0,1") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"-d {arg}: CUDA is not available on this machine; use -d cpu")
     return device

@@ -114,6 +114,10 @@ class RetrievalDataset(Dataset):
             for lang, table in per_lang.items():
                 ids, mask = table.row(item, cap)
                 text[name][lang] = {"input_ids": ids, "attention_mask": mask}
-        has_caption = {lang: len(self.corpus.captions[lang][item]) > 0 for lang in self.languages}
+        # Training draws one caption index for all languages and a language with fewer captions
+        # uses its last one (TokenTable.row); evaluation ranks each caption once, so pair k of a
+        # video has a caption in a language only if that language has a k-th caption.
+        counts = {lang: len(self.corpus.captions[lang][item]) for lang in self.languages}
+        has_caption = {lang: n > (0 if self.train else cap) for lang, n in counts.items()}
         return {"index": item, "caption_index": cap, "video": video, "video_mask": video_mask,
                 "text": text, "has_caption": has_caption}

@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader, Sampler
 from data_loader.corpus import read_corpus
 from data_loader.dataset import RetrievalDataset
 from data_loader.safe_pickle import DataFileError
+from parse_config import ConfigError
 
 
 def load_split(config, split):
@@ -17,8 +18,11 @@ def load_split(config, split):
         raise DataFileError(f"config key 'data.{split}_path' is not set")
     corpus = read_corpus(path, data["layout"], data["feature_key"], split, languages=config["languages"],
                          missing_caption_fallback=data["missing_caption_fallback"])
-    if corpus.feature_dim != data["feature_dim"]:
-        raise DataFileError(f"{path}: feature '{data['feature_key']}' has dimension {corpus.feature_dim}, "
+    wrong = [(i, f.shape[1]) for i, f in enumerate(corpus.features) if f.ndim == 2 and f.shape[1] != data["feature_dim"]]
+    if wrong:
+        i, dim = wrong[0]
+        where = "" if len(wrong) == len(corpus) else f" in item {corpus.ids[i]} ({len(wrong)} item(s) in all)"
+        raise DataFileError(f"{path}: feature '{data['feature_key']}' has dimension {dim}{where}, "
                             f"but config key 'data.feature_dim' is {data['feature_dim']}")
     check_items(corpus, allow_duplicate_ids=data["allow_duplicate_ids"])
     return corpus
@@ -58,7 +62,8 @@ class EpochSampler(Sampler):
 
     def __init__(self, size, global_batch_size, seed, shuffle=True, drop_last=True, rank=0, world_size=1):
         if global_batch_size % world_size:
-            raise ValueError(f"data.batch_size {global_batch_size} is not divisible by {world_size} processes")
+            raise ConfigError(f"config key 'data.batch_size' = {global_batch_size} is not divisible by the "
+                              f"{world_size} processes")
         self.size, self.global_batch, self.seed = size, global_batch_size, seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
         self.local_batch = global_batch_size // world_size
@@ -85,7 +90,11 @@ class EpochSampler(Sampler):
             yield from batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
 
     def __len__(self):
-        return (self.num_batches() - self.start_batch) * self.local_batch
+        """Indices this rank yields from ``start_batch`` on (the last batch may be partial)."""
+        full, rest = divmod(self.size, self.global_batch)
+        batches = [self.global_batch] * full + ([rest] if rest and not self.drop_last else [])
+        per_rank = (-(-b // self.world_size) for b in batches[self.start_batch:])
+        return sum(max(0, min(p, b - self.rank * p)) for b, p in zip(batches[self.start_batch:], per_rank))
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, seed):

@@ -145,3 +145,28 @@ def test_captions_are_tokenized_once_and_caption_index_is_shared(tmp_path, toy_a
 def test_clean_caption_keeps_words_only():
     assert clean_caption("A man, cutting an onion! (in the kitchen's corner)") == \
         "A man cutting an onion in the kitchen's corner"
+
+
+def test_evaluation_ranks_each_caption_once_when_languages_have_different_counts(toy_assets):
+    from transformers import AutoTokenizer
+    from data_loader.corpus import Corpus
+    corpus = Corpus(path="uneven", ids=["a", "b"], features=[np.ones((3, 4), np.float32)] * 2,
+                    captions={"en": [["a dog", "a brown dog"], ["a cat"]], "de": [["ein Hund"], ["eine Katze"]]})
+    tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
+    data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages)], max_words=8,
+                            n_video_tokens=3, train=False)
+    flags = [(data[i]["index"], data[i]["caption_index"], data[i]["has_caption"]) for i in range(len(data))]
+    # Video a has two English captions and one German one: its second pair is English only.
+    assert flags == [(0, 0, {"en": True, "de": True}), (0, 1, {"en": True, "de": False}),
+                     (1, 0, {"en": True, "de": True})]
+
+
+@pytest.mark.parametrize("size,batch,world,drop_last", [(5, 2, 1, False), (11, 4, 2, False), (11, 4, 2, True),
+                                                        (7, 4, 2, False), (12, 6, 3, False)])
+def test_sampler_length_is_what_it_yields(size, batch, world, drop_last):
+    from data_loader.loaders import EpochSampler
+    for rank in range(world):
+        for start in (0, 1):
+            sampler = EpochSampler(size, batch, 0, shuffle=False, drop_last=drop_last, rank=rank, world_size=world)
+            sampler.set_epoch(0, start_batch=start)
+            assert len(sampler) == len(list(sampler))

@@ -144,20 +144,25 @@ def bad_data_cases(tmp_path):
     dup[3]["id"] = "v1"
     empty = released_train_items()
     empty[5]["caption_en"], empty[5]["caption_de"] = [], []
+    mixed = released_train_items()
+    mixed[4]["2d"] = mixed[4]["2d"][:, :500]
     return {
         "truncated": (pickled(tmp_path, "cut.pkl", items, cut=-50), "not a readable pickle"),
         "executes code": (pickled(tmp_path, "exec.pkl", [Exec()]), "refused global builtins.exec"),
         "wrong structure": (pickled(tmp_path, "dict.pkl", {"items": items}), "expected a list of dicts"),
         "wrong dimension": (pickled(tmp_path, "dim.pkl", released_train_items(dim=1024)),
                             "has dimension 1024, but config key 'data.feature_dim' is 512"),
+        "one item's dimension": (pickled(tmp_path, "mixed.pkl", mixed),
+                                 "has dimension 500 in item v4 (1 item(s) in all), but config key "
+                                 "'data.feature_dim' is 512"),
         "no caption": (pickled(tmp_path, "empty.pkl", empty), "item(s) without any caption: v5"),
         "duplicate ids": (pickled(tmp_path, "dup.pkl", dup), "duplicate id(s): v1"),
         "nan features": (pickled(tmp_path, "nan.pkl", nan), "NaN or infinite video features in item(s) v2, v4"),
     }
 
 
-@pytest.mark.parametrize("case", ["truncated", "executes code", "wrong structure", "wrong dimension", "no caption",
-                                  "duplicate ids", "nan features"])
+@pytest.mark.parametrize("case", ["truncated", "executes code", "wrong structure", "wrong dimension",
+                                  "one item's dimension", "no caption", "duplicate ids", "nan features"])
 def test_bad_data_files_are_refused_before_training(toy_assets, tmp_path, case):
     path, message = bad_data_cases(tmp_path)[case]
     config = toy_config(toy_assets, tmp_path, "translate-train", **{
@@ -188,6 +193,15 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     cut.write_bytes(wide.read_bytes()[:2000])
     result = train_cli("-r", str(cut))
     assert result.returncode == 2 and f"{cut}: not a readable checkpoint" in result.stderr
+    # A checkpoint written by a newer version of the code.
+    from utils.checkpoint import FORMAT, VERSION
+    newer = atomic_save({**load_checkpoint(wide), "format": FORMAT, "version": VERSION + 1}, tmp_path / "newer.pt")
+    result = train_cli("-r", str(newer))
+    assert result.returncode == 2 and f"{newer}: checkpoint format version {VERSION + 1} is newer" in result.stderr
+    # A device torch does not know.
+    result = train_cli("-c", str(path), "-d", "gpu0")
+    assert result.returncode == 2 and "-d 'gpu0' is not a torch device" in result.stderr
+    assert "\n" not in result.stderr.strip()
     # A run folder that cannot be written.
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the run folder should go")

@@ -55,6 +55,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (a reference checkpoint "
                               "must first go through utils.convert_checkpoint)")
+    if state.get("version", 1) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {state['version']} is newer than this code "
+                              f"reads ({VERSION}); update the code")
     return state
 
 
