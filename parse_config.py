@@ -174,9 +174,20 @@ def resolve(flat, name=None):
         merged[key] = value
     merged["stage"] = STAGE_ALIASES.get(merged["stage"], merged["stage"])
     merged = {key: _check_value(key, value) for key, value in merged.items()}
+    _check_combinations(merged)
     if merged["name"] is None:
         merged["name"] = name or "run"
     return _unflatten(merged)
+
+
+def _check_combinations(flat):
+    if flat["trainer.compile"] and flat["trainer.accumulation_steps"] > 1:
+        raise ConfigError("config key 'trainer.compile' cannot be combined with 'trainer.accumulation_steps' > 1: "
+                          "accumulation replays each micro-batch under the random state of its first, uncompiled "
+                          "pass, and compiled dropout draws its masks differently")
+    if flat["eval.total_queries"] is not None and flat["eval.multi_caption"] == "separate":
+        raise ConfigError("config key 'eval.total_queries' counts videos (the reference's complete dataset size) "
+                          "and needs 'eval.multi_caption' = 'average', not 'separate'")
 
 
 def parse_override(text):

@@ -1,5 +1,6 @@
 """C2KD end to end: teachers trained here, cached teacher outputs, parity with online teachers, bad input."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,21 @@ def test_teacher_for_other_features_and_without_tokenizer_are_refused(setup, cap
 def test_unknown_pooling_is_refused(setup, capsys):
     err = bad_run(setup, capsys, loss={"teacher_pool": "median"})
     assert "config key 'loss.teacher_pool' = \"median\" is not one of" in err
+
+
+def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
+    from types import SimpleNamespace
+    from trainer.teachers import Teachers
+    teacher = SimpleNamespace(path=Path(setup["teachers"][0]), pool_with_student_mask=False)
+
+    def key(**flat):
+        config = toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"], **flat)
+        host = SimpleNamespace(config=config, corpus=SimpleNamespace(path=config["data"]["train_path"]),
+                               max_words=config["data"]["max_words_train"])
+        return Teachers.cache_key(host, teacher)
+
+    base = key()
+    assert key(**{"loss.balance": 0.9, "optimizer.lr": 1.0}) == base  # the student's settings do not matter
+    for changed in ({"data.missing_caption_fallback": "last_available"}, {"data.n_video_tokens": 12},
+                    {"data.max_words_train": 16}):
+        assert key(**changed) != base, changed

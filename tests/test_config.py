@@ -56,6 +56,10 @@ def test_teacher_sim_pool_flag_maps_reference_names(tmp_path):
     ({"model": {"depth": None}}, "config key 'model.depth' must not be null"),
     ('{"data": {', "not valid JSON (line 1 column 11"),
     ("[1, 2]", "a config must be a JSON object"),
+    ({"trainer": {"compile": True, "accumulation_steps": 2}},
+     "config key 'trainer.compile' cannot be combined with 'trainer.accumulation_steps' > 1"),
+    ({"eval": {"total_queries": 1000, "multi_caption": "separate"}},
+     "config key 'eval.total_queries' counts videos"),
 ])
 def test_bad_configs_are_reported_in_one_line(tmp_path, content, message):
     path = write(tmp_path, "bad.json", content)

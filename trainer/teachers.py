@@ -79,7 +79,9 @@ class Teachers:
             st = Path(p).stat()
             return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
         data = self.config["data"]
+        # Everything that shapes the English captions and the videos the teacher embeds.
         spec = {"version": CACHE_VERSION, "teacher": stamp(teacher.path), "data": stamp(self.corpus.path),
+                "layout": data["layout"], "missing_caption_fallback": data["missing_caption_fallback"],
                 "feature_key": data["feature_key"], "n_video_tokens": data["n_video_tokens"],
                 "max_words": self.max_words,
                 "pool_mask": self.config["model"]["text_encoder"] if teacher.pool_with_student_mask else "own"}
