@@ -12,11 +12,13 @@ from trainer.build import build_loaders, build_loss, build_student, load_corpora
 from trainer.evaluate import evaluate
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer
-from utils.distributed import DistInfo
+from trainer.trainer import split_batch
+from utils.checkpoint import CheckpointError
+from utils.distributed import DistInfo, on_main
 
 
-def one_step(config, info):
-    """Loss and gradients of the first training batch (eval mode: no dropout, so runs are comparable)."""
+def make_trainer(config, info):
+    """A Trainer of a fresh student (seed 0) and the first training batch of epoch 0."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     corpora = load_corpora(config)
@@ -27,12 +29,21 @@ def one_step(config, info):
                                               rank=info.rank, world_size=info.world_size)
     loss_fn = build_loss(config, num_teachers=len(teachers) if teachers else 0)
     trainer = Trainer(config, model, loss_fn, train_loader, eval_loader, device, None, teachers=teachers, dist=info)
-    model.eval()
     train_loader.sampler.set_epoch(0)
     train_loader.dataset.set_epoch(0)
-    loss, _ = trainer.training_step(next(iter(train_loader)))
-    return {"loss": loss.item(),
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    return trainer, next(iter(train_loader))
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def one_step(config, info):
+    """Loss and gradients of the first training batch (eval mode: no dropout, so runs are comparable)."""
+    trainer, batch = make_trainer(config, info)
+    trainer.model.eval()
+    loss, _ = trainer.training_step(batch)
+    return {"loss": loss.item(), "grads": grads(trainer.model)}
 
 
 def evaluation(config, info):
@@ -47,11 +58,24 @@ def evaluation(config, info):
     return {"summary": summary, "sims": sims}
 
 
+def failure_on_rank_0(config, info):
+    """What every rank sees when work done on rank 0 alone fails."""
+    def fail():
+        raise CheckpointError("disk full")
+    try:
+        on_main(fail)
+    except CheckpointError as e:
+        return {"raised": str(e)}
+    return {"raised": None}
+
+
+TASKS = {"step": one_step, "eval": evaluation, "fail": failure_on_rank_0}
+
+
 def _worker(rank, world_size, init_file, flat_config, out, task="step"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        run = one_step if task == "step" else evaluation
-        torch.save(run(resolve(flat_config), DistInfo(rank, world_size, rank)), f"{out}.{rank}")
+        torch.save(TASKS[task](resolve(flat_config), DistInfo(rank, world_size)), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -121,3 +145,34 @@ def test_two_processes_evaluate_as_one_ranking_once(toy_assets, tmp_path):
                 tolerance = 1.0 if stat in ("MedR", "MeanR") else one_query
                 assert parts[0]["summary"][lang][direction][stat] == pytest.approx(value, abs=tolerance + 1e-9), \
                     (lang, direction, stat)
+
+
+def test_a_failure_on_rank_0_is_raised_on_every_rank(toy_assets, tmp_path):
+    """Checkpoint writing, the teacher cache and ranking run on rank 0 alone; if they fail, the other
+    ranks raise the same error instead of waiting forever."""
+    out = tmp_path / "result"
+    config = flatten_config(toy_config(toy_assets, tmp_path))
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), config, str(out), "fail"), nprocs=2, join=True)
+    assert [torch.load(f"{out}.{r}")["raised"] for r in range(2)] == ["disk full", "disk full"]
+
+
+def test_accumulation_replays_each_micro_batch_with_its_own_dropout_masks(toy_assets, tmp_path):
+    """In train mode: the accumulated gradients equal those of forwarding the same micro-batches
+    with a graph, in order from the same random state, under one loss over the whole batch."""
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{"trainer.accumulation_steps": 4})
+    trainer, batch = make_trainer(config, DistInfo())
+    model = trainer.model.train()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    step_loss, _ = trainer.training_step(batch)
+    accumulated = {"loss": step_loss.item(), "grads": grads(model)}
+
+    model.load_state_dict(initial)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    outputs = [model(*trainer._inputs(part)) for part in split_batch(batch, 4)]
+    video = torch.cat([v for v, _ in outputs])
+    text = {lang: torch.cat([t[lang] for _, t in outputs]) for lang in trainer.languages}
+    loss, _ = trainer.loss_fn(text, video, rows=trainer._rows(batch))
+    loss.backward()
+    assert_same({"loss": loss.item(), "grads": grads(model)}, [accumulated])

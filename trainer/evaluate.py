@@ -13,7 +13,7 @@ from tqdm import tqdm
 from data_loader.dataset import POOL_MASK
 from model.metric import mean_over_languages, retrieval_metrics_from_embeddings
 from utils.device import autocast, to_device
-from utils.distributed import broadcast_from_main, gather_to_main, rank
+from utils.distributed import gather_to_main, on_main, rank
 
 
 @dataclass
@@ -116,10 +116,13 @@ def evaluate(model, loader, languages, eval_cfg, device, amp_dtype=None, return_
     ``return_scores``) exist on rank 0 only (None elsewhere)."""
     corpus = loader.dataset.corpus
     parts = gather_to_main(embed_eval_set(model, loader, languages, device, amp_dtype))
-    summary = scores = None
-    if parts is not None:
+    scores = None
+
+    def rank_all():
+        nonlocal scores
         texts, videos, items, has = _concat(parts)
         scores = score_languages(texts, videos, items, has, corpus.ids, eval_cfg["multi_caption"])
-        summary = metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"], device)
-    summary = broadcast_from_main(summary)
+        return metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"], device)
+
+    summary = on_main(rank_all)
     return (summary, scores) if return_scores else summary

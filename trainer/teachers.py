@@ -23,7 +23,7 @@ from model.loss import cosine_sim
 from model.model import build_model, load_tokenizer
 from parse_config import ConfigError
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_weights
-from utils.distributed import barrier, gather, rank
+from utils.distributed import gather, on_main
 
 CACHE_VERSION = 1
 ENGLISH = "en"
@@ -91,7 +91,9 @@ class Teachers:
         """Load the cache of ``teacher``, computing it first if needed (by rank 0 under torch.distributed)."""
         path = Path(self.config["teachers"]["cache_dir"]) / f"{self.cache_key(teacher)}.pt"
         cache = None
-        if rank() == 0:
+
+        def prepare():
+            nonlocal cache
             cache = _load_cache(path)
             if cache is None:
                 cache = self.embed_training_set(teacher)
@@ -99,7 +101,8 @@ class Teachers:
                 print(f"teacher outputs: wrote {path}")
             else:
                 print(f"teacher outputs: reusing {path}")
-        barrier()
+
+        on_main(prepare)
         if cache is None:  # the other ranks read what rank 0 wrote
             cache = _load_cache(path)
         if cache is None:

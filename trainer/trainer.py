@@ -20,7 +20,7 @@ from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
-from utils.distributed import DistInfo, barrier, gather_to_main, world_size
+from utils.distributed import DistInfo, gather_to_main, on_main, world_size
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -138,10 +138,7 @@ class Trainer:
     def save(self, name):
         path = self.run_dir / name if self.run_dir else None
         rng_states = gather_to_main(_rng_snapshot())  # every rank's stream, so a resume continues each
-        if self.dist.is_main:
-            save_checkpoint(self.state_dict(rng_states), path)
-        barrier()
-        return path
+        return on_main(lambda: save_checkpoint(self.state_dict(rng_states), path))
 
     def print(self, *args):
         if self.dist.is_main:

@@ -5,6 +5,7 @@ global batch; the losses gather embeddings (with gradients) so that the contrast
 distillation terms see the whole global batch, exactly as one process with that batch would.
 """
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,6 @@ import torch.distributed as dist
 class DistInfo:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self):
@@ -34,7 +34,7 @@ def init_distributed(device):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank), device
+    return DistInfo(dist.get_rank(), dist.get_world_size()), device
 
 
 def rank():
@@ -83,6 +83,30 @@ def broadcast_from_main(obj):
     return box[0]
 
 
-def barrier():
-    if world_size() > 1:
-        dist.barrier()
+def on_main(fn):
+    """``fn()`` on rank 0, its result on every rank (keep it small: it is pickled and broadcast).
+    An exception raised there is raised on every rank, instead of leaving the other ranks waiting
+    forever at their next collective call."""
+    if world_size() == 1:
+        return fn()
+    outcome = error = None
+    if rank() == 0:
+        try:
+            outcome = (True, fn())
+        except Exception as e:
+            error = e
+            outcome = (False, e if _picklable(e) else RuntimeError(f"on rank 0: {type(e).__name__}: {e}"))
+    ok, value = broadcast_from_main(outcome)
+    if error is not None:
+        raise error
+    if not ok:
+        raise value
+    return value
+
+
+def _picklable(obj):
+    try:
+        pickle.loads(pickle.dumps(obj))
+        return True
+    except Exception:
+        return False
