@@ -127,7 +127,7 @@ class RetrievalModel(nn.Module):
         """Video embeddings [B, P] and {lang: text embeddings [B, P]} for one batch. Training goes
         through here so that DistributedDataParallel sees a single forward call. The captions of
         all languages go through the text encoder as one [languages x B, L] batch: fewer, larger
-        matrix products than one call per language, with the same result."""
+        matrix products than one call per language, with the same result up to float32 rounding."""
         langs = list(texts)
         tokens = {k: torch.cat([texts[lang][k] for lang in langs]) for k in ("input_ids", "attention_mask")}
         text = self.encode_text(tokens).split(video.shape[0])

@@ -2,7 +2,8 @@
 
 Captions of one video id are averaged into one query (``multi_caption = average``, the
 reference's behaviour, §4) or ranked as separate queries (``separate``). Video embeddings of
-items sharing an id are averaged. The result does not depend on the evaluation batch size.
+items sharing an id are averaged. The evaluation batch size changes the embeddings only by
+float32 rounding (different matrix shapes).
 """
 from dataclasses import dataclass
 

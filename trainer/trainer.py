@@ -248,6 +248,8 @@ class Trainer:
         return int(flag.item())
 
     def train_epoch(self):
+        """Train the rest of the current epoch; return the mean loss of the steps taken here (after a
+        mid-epoch resume, the steps since the resume)."""
         self.forward.train()
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.epoch, start_batch=self.batches_done)
@@ -255,20 +257,23 @@ class Trainer:
         cap = self.config["trainer"]["max_steps_per_epoch"]
         total = sampler.num_batches() if cap is None else min(cap, sampler.num_batches())
         log_every = self.config["trainer"]["log_every"]
-        losses = []
+        # Summed on the device every step; read once per logged step and once per epoch (no sync otherwise).
+        loss_sum, steps = torch.zeros((), device=self.device), 0
         with tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
                   disable=not self.dist.is_main) as bar:
             for batch in self.train_loader:
                 if self.batches_done >= total:
                     break
                 loss, terms = self.training_step(batch)
+                loss_sum += loss
+                steps += 1
                 self.step += 1
                 self.batches_done += 1
                 bar.update(1)
                 if self.step % log_every == 0 or self.batches_done == total:
-                    losses.append(loss.item())
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                    self.log_scalar("train.loss", losses[-1], self.step)
+                    value = loss.item()
+                    bar.set_postfix(loss=f"{value:.4f}")
+                    self.log_scalar("train.loss", value, self.step)
                 signum = self._stop_requested()
                 if signum:
                     bar.close()
@@ -276,7 +281,7 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}; "
                         f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
-        return sum(losses) / max(len(losses), 1)
+        return loss_sum.item() / max(steps, 1)
 
     def evaluate(self):
         return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device,
