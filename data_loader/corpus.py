@@ -17,6 +17,7 @@ optional ``items`` argument: the already-unpickled list, so that tools which ins
 (``data_loader.check``) unpickle it only once.
 """
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,10 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
     prefix = "caption_" if split == "train" else "eval_caption_"
     per_item_langs = [{k[len(prefix):] for k in item if k.startswith(prefix)} for item in data]
     languages = _ordered_languages(set.intersection(*per_item_langs))
+    for lang in _ordered_languages(set.union(*per_item_langs) - set(languages)):
+        lacking = [str(item.get("id", i)) for i, item in enumerate(data) if lang not in per_item_langs[i]]
+        print(f"note: {path}: language '{lang}' left out: {len(lacking)} item(s) have no '{prefix}{lang}', "
+              f"e.g. {', '.join(lacking[:3])}", file=sys.stderr)
     if not languages:
         raise DataFileError(f"{path}: no '{prefix}<lang>' keys shared by all items "
                             f"(is this a {'training' if split == 'train' else 'test'} file?)")

@@ -93,6 +93,17 @@ def test_reader_errors_name_file_key_and_language(tmp_path):
         read_corpus(wrong, "multi-msrvtt", "2d", "train")
 
 
+def test_a_language_some_items_lack_is_left_out_with_a_note(tmp_path, capsys):
+    items = released_items(training=True)
+    del items[1]["caption_de"]
+    path = tmp_path / "train.pkl"
+    path.write_bytes(pickle.dumps(items, protocol=4))
+    corpus = read_corpus(path, "multi-msrvtt", "2d", "train")
+    assert "de" not in corpus.languages and "en" in corpus.languages
+    note = capsys.readouterr().err
+    assert f"{path}: language 'de' left out: 1 item(s) have no 'caption_de', e.g. {items[1]['id']}" in note
+
+
 def test_video_tokens_truncate_normalise_and_pad():
     feats = np.arange(12, dtype=np.float32).reshape(4, 3) + 1
     tokens, mask = video_tokens(feats, 3)
