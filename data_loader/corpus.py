@@ -113,6 +113,10 @@ def _as_list_of_dicts(data, path):
     return data
 
 
+class SplitNotInFile(DataFileError):
+    """The file holds no captions of the requested split (a training file read as a test file, say)."""
+
+
 @register_reader("multi-msrvtt")
 def read_multi_msrvtt(path, feature_key, split, items=None):
     """Multi-MSRVTT and VATEX pickles (reference §1.2).
@@ -130,7 +134,7 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
         print(f"note: {path}: language '{lang}' left out: {len(lacking)} item(s) have no '{prefix}{lang}', "
               f"e.g. {', '.join(lacking[:3])}", file=sys.stderr)
     if not languages:
-        raise DataFileError(f"{path}: no '{prefix}<lang>' keys shared by all items "
+        raise SplitNotInFile(f"{path}: no '{prefix}<lang>' keys shared by all items "
                             f"(is this a {'training' if split == 'train' else 'test'} file?)")
     per_item = [{lang: _caption_list(item[prefix + lang], path, i, prefix + lang) for lang in languages}
                 for i, item in enumerate(data)]

@@ -181,3 +181,12 @@ def test_sampler_length_is_what_it_yields(size, batch, world, drop_last):
             sampler = EpochSampler(size, batch, 0, shuffle=False, drop_last=drop_last, rank=rank, world_size=world)
             sampler.set_epoch(0, start_batch=start)
             assert len(sampler) == len(list(sampler))
+
+
+def test_inference_reads_a_training_file_and_reports_its_own_errors(tmp_path):
+    from utils.inference import read_videos
+    path = tmp_path / "train.pkl"
+    path.write_bytes(pickle.dumps(released_items(training=True), protocol=4))
+    assert len(read_videos(path, "multi-msrvtt", "2d")) == len(released_items(training=True))
+    with pytest.raises(DataFileError, match=r"train.pkl: item 0 has no feature key 's3d'"):
+        read_videos(path, "multi-msrvtt", "s3d")

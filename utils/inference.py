@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data_loader.corpus import read_corpus
+from data_loader.corpus import SplitNotInFile, read_corpus
 from data_loader.dataset import video_tokens
 from data_loader.safe_pickle import DataFileError
 from model.model import build_model, load_tokenizer
@@ -181,11 +181,8 @@ def read_videos(path, layout, feature_key):
     no evaluation captions (a training file)."""
     try:
         return read_corpus(path, layout, feature_key, "eval")
-    except DataFileError as eval_error:
-        try:
-            return read_corpus(path, layout, feature_key, "train")
-        except DataFileError:
-            raise eval_error from None
+    except SplitNotInFile:
+        return read_corpus(path, layout, feature_key, "train")
 
 
 def find_video(corpus, video_id):
