@@ -3,7 +3,8 @@
     python test.py -r runs/toy/translate_train/1/best.pt
     python test.py -r model.pt --set data.eval_path=data/other_test.pkl --save-sims sims/
 The checkpoint's own config is the base; ``-c`` and ``--set`` override it (for example another
-evaluation file). Prints the tables and writes metrics.json to --out (default: beside the checkpoint).
+evaluation file). Prints the tables and writes metrics.json to --out (default:
+<checkpoint folder>/eval/<checkpoint name>/, so best.pt and latest.pt keep separate results).
 """
 import json
 import sys
@@ -23,7 +24,7 @@ from utils.experiment import run_experiment
 
 def main(argv=None):
     parser = build_parser(__doc__.splitlines()[0], train=False)
-    parser.add_argument("--out", help="folder for metrics.json (default: <checkpoint folder>/eval)")
+    parser.add_argument("--out", help="folder for metrics.json (default: <checkpoint folder>/eval/<checkpoint name>)")
     parser.add_argument("--save-sims", metavar="DIR", help="also write each language's similarity matrix (.npy)")
     args = parser.parse_args(argv)
     return exit_status(lambda: run(args), args.debug)
@@ -35,7 +36,7 @@ def run(args):
     device = select_device(args.device)
     state = load_checkpoint(args.resume)
     config = config_from_args(args, flatten_config(state["config"]))
-    out = Path(args.out) if args.out else Path(args.resume).parent / "eval"
+    out = Path(args.out) if args.out else Path(args.resume).parent / "eval" / Path(args.resume).stem
     run_root = Path(config["trainer"]["save_dir"]) / config["name"] / "test_runs"
     run_experiment("test", config, lambda cfg, run: test(cfg, run, state, args.resume, device, out, args.save_sims),
                    run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)

@@ -239,7 +239,7 @@ def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
     spec.loader.exec_module(entry)
     assert entry.main(["-r", str(tmp_path / "xlm.pt"), "-d", "cpu", "--set", f"data.eval_path={data['test']}",
                        "--set", f"trainer.save_dir={tmp_path / 'runs'}"]) == 0
-    assert (tmp_path / "eval" / "metrics.json").is_file()
+    assert (tmp_path / "eval" / "xlm" / "metrics.json").is_file()
 
 
 def test_inference_of_a_converted_teacher_pools_with_the_student_mask(encoders, tmp_path):
