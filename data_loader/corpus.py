@@ -25,6 +25,9 @@ import numpy as np
 
 from data_loader.safe_pickle import DataFileError, load_pickle
 
+# The pivot language: the teachers read it, zero-shot training uses it alone, every stage needs it.
+ENGLISH = "en"
+
 
 @dataclass
 class Corpus:
@@ -150,8 +153,6 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
 
 
 # ---- shared helpers of the readers below ---------------------------------------------------------
-
-ENGLISH = "en"
 
 
 def _ordered_languages(languages):

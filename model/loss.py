@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_loader.corpus import ENGLISH
 from utils.distributed import gather, gather_with_grad, world_size
 
 STAGES = ("zero-shot", "translate-train", "c2kd")
@@ -64,7 +65,7 @@ def distill_smooth_l1(student, teacher, temperature):
 
 class RetrievalLoss(nn.Module):
     def __init__(self, stage, temperature, balance=0.5, distill_temp=0.1, teacher_pool="max",
-                 teachtext=False, num_teachers=0, english="en"):
+                 teachtext=False, num_teachers=0, english=ENGLISH):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage '{stage}' is not one of {', '.join(STAGES)}")

@@ -1,11 +1,10 @@
 """Wiring shared by train.py and test.py: config -> data -> model -> loss."""
+from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from model.loss import RetrievalLoss
 from model.model import build_model, load_tokenizer
 from parse_config import ConfigError
-
-ENGLISH = "en"
 
 
 def load_corpora(config, splits=("train", "eval")):

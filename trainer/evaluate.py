@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK
 from model.metric import mean_over_languages, retrieval_metrics_from_embeddings
 from utils.device import autocast, to_device
@@ -98,8 +99,8 @@ def metrics_from_scores(scores, tie_break, total_queries=None, device="cpu"):
                 for lang, s in scores.items()}
     summary = dict(per_lang)
     summary["mean"] = mean_over_languages(per_lang)
-    if "en" in per_lang and len(per_lang) > 1:
-        summary["mean_no_en"] = mean_over_languages(per_lang, exclude=("en",))
+    if ENGLISH in per_lang and len(per_lang) > 1:
+        summary[f"mean_no_{ENGLISH}"] = mean_over_languages(per_lang, exclude=(ENGLISH,))
     return summary
 
 

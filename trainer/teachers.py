@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_loader.corpus import ENGLISH
 from data_loader.dataset import TextInput, TokenTable, video_tokens
 from model.loss import cosine_sim
 from model.model import build_model, load_tokenizer
@@ -26,7 +27,6 @@ from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load
 from utils.distributed import gather, on_main
 
 CACHE_VERSION = 1
-ENGLISH = "en"
 
 
 class Teacher:

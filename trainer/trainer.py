@@ -15,6 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from data_loader.corpus import ENGLISH
 from model.metric import format_table
 from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
@@ -153,8 +154,8 @@ class Trainer:
         keeps every row is left out in a single process, so the loss indexes nothing and the GPU
         is not synchronised; under DDP every rank passes every mask, for the gathers to match."""
         rows = {lang: batch["has_caption"][lang] for lang in self.languages}
-        rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"]["en"]
-        rows["teacher"] = batch["has_caption"]["en"]
+        rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"][ENGLISH]
+        rows["teacher"] = batch["has_caption"][ENGLISH]
         if self.dist.world_size == 1:
             rows = {k: v for k, v in rows.items() if not bool(v.all())}
         return to_device(rows, self.device)

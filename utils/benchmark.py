@@ -36,11 +36,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_loader.corpus import ENGLISH
+
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_ENCODERS = ("xlmr-tiny", "mbert-tiny", "distiluse-tiny")
 # The reference's teacher suffixes (§1.3), in the order of TEACHER_ENCODERS.
 TEACHER_SUFFIXES = ("xlm", "mbert", "distill")
-ENGLISH = "en"
 
 # Peak dense bf16 tensor FLOP/s by device name (no sparsity).
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))

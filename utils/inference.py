@@ -21,9 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data_loader.corpus import SplitNotInFile, read_corpus
+from data_loader.corpus import ENGLISH, SplitNotInFile, read_corpus
 from data_loader.dataset import video_tokens
-from data_loader.safe_pickle import DataFileError
 from model.model import build_model, load_tokenizer
 from utils.checkpoint import load_checkpoint, load_weights
 
@@ -228,7 +227,7 @@ def results_html(query, hits, corpus, checkpoint=""):
     each video's captions from ``corpus``, so that a person can judge the ranking."""
     esc = html.escape
     position = {vid: i for i, vid in enumerate(corpus.ids)}
-    first = "en" if "en" in corpus.captions else next(iter(corpus.captions), None)
+    first = ENGLISH if ENGLISH in corpus.captions else next(iter(corpus.captions), None)
     rows = []
     for rank, (video_id, score) in enumerate(hits, 1):
         i = position[video_id]

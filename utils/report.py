@@ -32,8 +32,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ENGLISH = "en"
-SUMMARY_ROWS = ("mean", "mean_no_en")
+from data_loader.corpus import ENGLISH
+
+SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
 # Config keys that identify a run or tune bookkeeping, not the experiment: never compared.
 IGNORED_KEYS = frozenset({
     "seed", "name", "notes", "trainer.save_dir", "trainer.save_period", "trainer.log_every",
