@@ -12,9 +12,11 @@ import json
 import os
 from pathlib import Path
 
+from data_loader.corpus import MISSING_CAPTION_FALLBACKS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 
 NULLABLE = object()  # marker: the key also accepts null
+LABSE = "sentence-transformers/LaBSE"  # the paper's student, whose tokenizer converted teachers pool with
 
 # key -> (default, type(s), allowed values or None, what it means)
 SCHEMA = {
@@ -36,18 +38,18 @@ SCHEMA = {
     "data.allow_duplicate_ids": (False, bool, None,
                                  "accept items sharing an id (evaluation averages them, as the reference did)"),
     "data.num_workers": (0, int, None, "DataLoader worker processes"),
-    "data.missing_caption_fallback": ("none", str, ("none", "last_available"),
+    "data.missing_caption_fallback": ("none", str, MISSING_CAPTION_FALLBACKS,
                                       "item lacking a language: none = no caption (left out of that language's loss "
                                       "and evaluation); last_available = copy its last available language's caption "
                                       "(the reference's RUDDER behaviour; parity only)"),
-    "model.text_encoder": ("sentence-transformers/LaBSE", str, None, "Hugging Face hub id or local folder"),
+    "model.text_encoder": (LABSE, str, None, "Hugging Face hub id or local folder"),
     "model.width": (512, int, None, "video transformer width"),
     "model.projection_dim": (512, int, None, "joint embedding size"),
     "model.depth": (2, int, None, "video transformer blocks"),
     "model.heads": (4, int, None, "attention heads per block"),
     "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
     "model.pool_with_student_mask": (False, bool, None, "teacher pools text with the student's mask (§2.3)"),
-    "model.pool_mask_tokenizer": ("sentence-transformers/LaBSE", str, None,
+    "model.pool_mask_tokenizer": (LABSE, str, None,
                                   "with pool_with_student_mask, outside C2KD training: the tokenizer whose mask "
                                   "pools the text states (the reference student's; in C2KD the student's own)"),
     "loss.temperature": (0.05, float, None, "InfoNCE temperature"),

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from model.model import ModelError, build_model
-from parse_config import ConfigError, resolve
+from parse_config import LABSE, ConfigError, resolve
 from utils.checkpoint import FORMAT, CheckpointError, save_checkpoint
 
 # The reference's fusion transformer always has 4 heads (§2.1); weights cannot tell.
@@ -240,7 +240,7 @@ def _count(value):
 
 
 def convert(src, dst, text_encoder, feature_key=None, feature_dim=None, allow_unknown=False,
-            student_mask_pooling=None, pool_mask_tokenizer="sentence-transformers/LaBSE"):
+            student_mask_pooling=None, pool_mask_tokenizer=LABSE):
     """Write ``dst`` from the reference checkpoint ``src``; returns a summary dict.
 
     ``student_mask_pooling`` None: true for teachers (every reference arch but the LaBSE student),
@@ -285,9 +285,9 @@ def main(argv=None):
                               "(default for every checkpoint but the LaBSE student)")
     pooling.add_argument("--own-mask-pooling", dest="student_mask", action="store_false",
                          help="pool text with the encoder's own attention mask")
-    parser.add_argument("--pool-mask-tokenizer", default="sentence-transformers/LaBSE",
+    parser.add_argument("--pool-mask-tokenizer", default=LABSE,
                         help="with student-mask pooling: the student tokenizer (hub id or folder) whose mask "
-                             "test.py and demo.py pool with (default: sentence-transformers/LaBSE)")
+                             f"test.py and demo.py pool with (default: {LABSE})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     try:
