@@ -183,6 +183,8 @@ def resolve(flat, name=None):
 
 
 def _check_combinations(flat):
+    if flat["languages"] == []:
+        raise ConfigError("config key 'languages' is an empty list; list the caption languages, or null for all")
     if flat["trainer.compile"] and flat["trainer.accumulation_steps"] > 1:
         raise ConfigError("config key 'trainer.compile' cannot be combined with 'trainer.accumulation_steps' > 1: "
                           "accumulation replays each micro-batch under the random state of its first, uncompiled "

@@ -58,6 +58,7 @@ def test_teacher_sim_pool_flag_maps_reference_names(tmp_path):
     ("[1, 2]", "a config must be a JSON object"),
     ({"trainer": {"compile": True, "accumulation_steps": 2}},
      "config key 'trainer.compile' cannot be combined with 'trainer.accumulation_steps' > 1"),
+    ({"languages": []}, "config key 'languages' is an empty list"),
     ({"eval": {"total_queries": 1000, "multi_caption": "separate"}},
      "config key 'eval.total_queries' counts videos"),
 ])

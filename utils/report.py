@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_loader.corpus import ENGLISH
+from parse_config import SCHEMA, flatten_config
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
 # Config keys that identify a run or tune bookkeeping, not the experiment: never compared.
@@ -71,16 +72,6 @@ class Method:
 
 # ---- reading runs --------------------------------------------------------------------------------
 
-def flatten(tree, prefix=""):
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _read_json(path):
     try:
         return json.loads(path.read_text())
@@ -111,14 +102,13 @@ def find_run_dirs(path):
 def schema_defaults():
     """Current defaults of every config key: a key missing from an older run's config (added to
     the schema later) counts as its default when configs are compared."""
-    from parse_config import SCHEMA
     return {key: spec[0] for key, spec in SCHEMA.items()}
 
 
 def load_run(path, include_unfinished=False, defaults=None):
     """The run in ``path``; None (with a note on stderr) for an unfinished run unless asked for."""
     path = Path(path)
-    config = {**(defaults or {}), **flatten(_read_json(path / "config.json"))}
+    config = {**(defaults or {}), **flatten_config(_read_json(path / "config.json"))}
     info = _read_json(path / "run.json")
     status = info.get("status", "UNKNOWN")
     if status != "COMPLETED" and not include_unfinished:
