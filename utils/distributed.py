@@ -3,6 +3,8 @@
 Under ``torchrun --nproc_per_node N train.py ...`` every process trains on its slice of each
 global batch; the losses gather embeddings (with gradients) so that the contrastive and the
 distillation terms see the whole global batch, exactly as one process with that batch would.
+Work done by rank 0 alone (checkpoints, the teacher cache, ranking the evaluation set) goes
+through ``on_main``, so that its result, or its error, reaches every rank.
 """
 import os
 import pickle
