@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_loader.corpus import (PICKLE_LAYOUTS, READERS, detect_feature_key, detect_layout, is_safe_path,
-                                read_safe, read_safe_raw)
+from data_loader.corpus import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_feature_key, detect_layout,
+                                is_safe_path, read_safe, read_safe_raw)
 from data_loader.safe_pickle import DataFileError, load_pickle
 
 # Known evaluation quirks of released files, printed as hints: (layout, split, items) -> text.
@@ -64,7 +64,7 @@ def load_any(path, layout=None, feature_key=None, split=None):
         layout, detected = found_layout, detected + ["layout"]
     if split is None:
         split = found_split if layout == found_layout else "train"
-        if layout == "multi-msrvtt":  # the only layout whose splits are read differently
+        if layout in SPLIT_LAYOUTS:
             detected.append("split")
     if feature_key is None:
         feature_key, detected = detect_feature_key(items, path), detected + ["feature key"]
@@ -92,7 +92,7 @@ def summarise(loaded, max_ids=10):
     say = out.lines.append
     tag = f" (detected: {', '.join(loaded.detected)})" if loaded.detected else ""
     say(f"file        {c.path}")
-    split = f", split {loaded.split}" if loaded.layout in ("multi-msrvtt",) else ""
+    split = f", split {loaded.split}" if loaded.layout in SPLIT_LAYOUTS else ""
     say(f"layout      {loaded.layout}{split}{tag}")
     counts = Counter(c.ids)
     dups = {i: n for i, n in counts.items() if n > 1}

@@ -69,9 +69,16 @@ class Corpus:
 READERS = {}
 
 
-def register_reader(name):
+# Layouts whose files hold training and evaluation captions under different keys, so that the
+# split decides what is read (the other layouts read a file the same way for either split).
+SPLIT_LAYOUTS = set()
+
+
+def register_reader(name, reads_split=False):
     def wrap(fn):
         READERS[name] = fn
+        if reads_split:
+            SPLIT_LAYOUTS.add(name)
         return fn
     return wrap
 
@@ -120,7 +127,7 @@ class SplitNotInFile(DataFileError):
     """The file holds no captions of the requested split (a training file read as a test file, say)."""
 
 
-@register_reader("multi-msrvtt")
+@register_reader("multi-msrvtt", reads_split=True)
 def read_multi_msrvtt(path, feature_key, split, items=None):
     """Multi-MSRVTT and VATEX pickles (reference §1.2).
 
