@@ -104,10 +104,13 @@ class RetrievalLoss(nn.Module):
         Under torch.distributed the inputs are this rank's slice of the global batch; they are
         gathered (with gradients) so every term sees the whole global batch, and ``teacher_sims``
         must already be global [B_global, B_global] matrices."""
-        if world_size() > 1:
-            text = {lang: gather_with_grad(emb) for lang, emb in text.items()}
-            video = gather_with_grad(video)
-            rows = None if rows is None else {k: gather(v) for k, v in rows.items()}
+        if world_size() > 1:  # one collective for all embeddings and one for all row masks
+            langs = list(text)
+            gathered = gather_with_grad(torch.stack([*(text[lang] for lang in langs), video], dim=1))
+            text, video = dict(zip(langs, gathered[:, :-1].unbind(1))), gathered[:, -1]
+            if rows is not None:
+                keys = list(rows)
+                rows = dict(zip(keys, gather(torch.stack([rows[k] for k in keys], dim=1)).unbind(1)))
         terms = {}
         en = self.english
         sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}
