@@ -149,7 +149,7 @@ class Teachers:
                 video = t.model.encode_video(batch["video"], batch["video_mask"])
                 sims.append(cosine_sim(gather(text), gather(video)).float())
             return sims
-        index, caption = gather(batch["index"]), gather(batch["caption_index"])
+        index, caption = gather(torch.stack([batch["index"], batch["caption_index"]], dim=1)).unbind(1)
         sims = []
         for cache in self.cache:
             # An item without an English caption (count 0) points at its own offset; the loss
