@@ -69,7 +69,15 @@ def failure_on_rank_0(config, info):
     return {"raised": None}
 
 
-TASKS = {"step": one_step, "eval": evaluation, "fail": failure_on_rank_0}
+def teacher_cache(config, info):
+    """The cached outputs of the first teacher, built (or read) by this process."""
+    corpora = load_corpora(config)
+    _, tokenizer = build_student(config)
+    teachers = build_teachers(config, corpora["train"], torch.device("cpu"), tokenizer)
+    return teachers.cache[0]
+
+
+TASKS = {"step": one_step, "eval": evaluation, "fail": failure_on_rank_0, "cache": teacher_cache}
 
 
 def _worker(rank, world_size, init_file, flat_config, out, task="step"):
@@ -176,3 +184,20 @@ def test_accumulation_replays_each_micro_batch_with_its_own_dropout_masks(toy_as
     loss, _ = trainer.loss_fn(text, video, rows=trainer._rows(batch))
     loss.backward()
     assert_same({"loss": loss.item(), "grads": grads(model)}, [accumulated])
+
+
+def test_two_processes_build_the_teacher_cache_of_one(toy_assets, tmp_path):
+    """Each rank embeds half of the training set; rank 0 joins the halves and writes the file."""
+    teachers = untrained_teachers(toy_assets, tmp_path)
+    single = teacher_cache(toy_config(toy_assets, tmp_path, "c2kd", teachers,
+                                      **{"teachers.cache_dir": str(tmp_path / "cache_one")}), DistInfo())
+    config = toy_config(toy_assets, tmp_path, "c2kd", teachers, **{"teachers.cache_dir": str(tmp_path / "cache_two")})
+    out = tmp_path / "result"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), flatten_config(config), str(out), "cache"), nprocs=2, join=True)
+    assert len(list((tmp_path / "cache_two").glob("*.pt"))) == len(teachers)
+    for r in range(2):
+        shared = torch.load(f"{out}.{r}", weights_only=True)
+        for key in ("offsets", "counts"):
+            assert torch.equal(shared[key], single[key])
+        for key in ("text", "video"):
+            torch.testing.assert_close(shared[key], single[key], atol=1e-5, rtol=0)

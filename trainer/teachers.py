@@ -24,7 +24,7 @@ from model.loss import cosine_sim
 from model.model import build_model, load_tokenizer
 from parse_config import ConfigError
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_weights
-from utils.distributed import gather, on_main
+from utils.distributed import gather, gather_to_main, on_main, rank, world_size
 
 CACHE_VERSION = 1
 
@@ -88,21 +88,30 @@ class Teachers:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
     def cached_outputs(self, teacher):
-        """Load the cache of ``teacher``, computing it first if needed (by rank 0 under torch.distributed)."""
+        """Load the cache of ``teacher``, computing it first if needed. Under torch.distributed every
+        rank embeds a contiguous share of the training set and rank 0 joins the shares and writes the file."""
         path = Path(self.config["teachers"]["cache_dir"]) / f"{self.cache_key(teacher)}.pt"
         cache = None
 
-        def prepare():
+        def load():
             nonlocal cache
             cache = _load_cache(path)
-            if cache is None:
-                cache = self.embed_training_set(teacher)
+            if cache is not None:
+                print(f"teacher outputs: reusing {path}")
+            return cache is not None
+
+        if not on_main(load):
+            shares = gather_to_main(self.embed_training_set(teacher, share=(rank(), world_size())))
+
+            def write():
+                nonlocal cache
+                cache = {"text": torch.cat([s["text"] for s in shares]),
+                         "video": torch.cat([s["video"] for s in shares]),
+                         "offsets": shares[0]["offsets"], "counts": shares[0]["counts"]}
                 atomic_save(cache, path)
                 print(f"teacher outputs: wrote {path}")
-            else:
-                print(f"teacher outputs: reusing {path}")
 
-        on_main(prepare)
+            on_main(write)
         if cache is None:  # the other ranks read what rank 0 wrote
             cache = _load_cache(path)
         if cache is None:
@@ -111,29 +120,36 @@ class Teachers:
         return cache
 
     @torch.no_grad()
-    def embed_training_set(self, teacher, batch_size=256):
-        """Normalised text embeddings of every (video, English caption) and video embeddings, fp32."""
+    def embed_training_set(self, teacher, batch_size=256, share=(0, 1)):
+        """Normalised text embeddings of every (video, English caption) and video embeddings, fp32.
+        ``share = (k, n)``: only the k-th of n contiguous parts of the captions and of the videos
+        (the caption offsets and counts always describe the whole set)."""
         captions = self.corpus.captions[ENGLISH]
         table = TokenTable(captions, teacher.tokenizer, self.max_words, clean=True)
         pool_masks = (TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
                       if teacher.pool_with_student_mask else table.attention_mask)
         model, device = teacher.model, self.device
         texts = []
-        for start in tqdm(range(0, len(table.input_ids), batch_size), desc=f"teacher {teacher.path.name} text",
-                          leave=False):
-            rows = slice(start, start + batch_size)
+        caption_rows = _part(len(table.input_ids), *share)
+        for start in tqdm(range(caption_rows.start, caption_rows.stop, batch_size),
+                          desc=f"teacher {teacher.path.name} text", leave=False, disable=share[0] != 0):
+            rows = slice(start, min(start + batch_size, caption_rows.stop))
             ids, mask = table.input_ids[rows].long().to(device), table.attention_mask[rows].long().to(device)
             pool = pool_masks[rows].long().to(device)
             texts.append(F.normalize(model.text(ids, mask, pool_mask=pool).float(), dim=1, eps=1e-8).cpu())
         videos = []
         n_tokens = self.config["data"]["n_video_tokens"]
-        for start in range(0, len(self.corpus), batch_size):
-            pairs = [video_tokens(f, n_tokens) for f in self.corpus.features[start:start + batch_size]]
+        video_rows = _part(len(self.corpus), *share)
+        for start in range(video_rows.start, video_rows.stop, batch_size):
+            pairs = [video_tokens(f, n_tokens)
+                     for f in self.corpus.features[start:min(start + batch_size, video_rows.stop)]]
             video = torch.stack([p[0] for p in pairs]).to(device)
             mask = torch.stack([p[1] for p in pairs]).to(device)
             videos.append(F.normalize(model.encode_video(video, mask).float(), dim=1, eps=1e-8).cpu())
         offsets = torch.from_numpy(table.offsets)
-        return {"text": torch.cat(texts), "video": torch.cat(videos),
+        projection = model.text.proj.gate.out_features
+        return {"text": torch.cat(texts) if texts else torch.zeros(0, projection),
+                "video": torch.cat(videos) if videos else torch.zeros(0, projection),
                 "offsets": offsets[:-1], "counts": offsets[1:] - offsets[:-1]}
 
     # ---- targets -----------------------------------------------------------------------------
@@ -158,6 +174,12 @@ class Teachers:
             rows = rows.clamp(max=len(cache["text"]) - 1)
             sims.append(cache["text"][rows] @ cache["video"][index].t())
         return sims
+
+
+def _part(n, k, parts):
+    """The k-th of ``parts`` contiguous, nearly equal ranges of ``range(n)``."""
+    size = -(-n // parts)
+    return range(min(n, k * size), min(n, (k + 1) * size))
 
 
 def _load_cache(path):
