@@ -258,3 +258,20 @@ def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no update was applied
     with pytest.raises(NonFiniteLoss, match="skipped 3 steps .*max_skipped_steps = 2.*nce_main=nan"):
         trainer.training_step(batch)
+
+
+def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
+    """Checkpoints written before every rank's random state was kept hold one state, not a list."""
+    from trainer.build import build_loaders, build_loss, build_student, load_corpora
+    from trainer.trainer import Trainer
+    config = toy_config(toy_assets, tmp_path, "translate-train")
+    model, tokenizer = build_student(config)
+    train_loader, eval_loader = build_loaders(config, load_corpora(config), tokenizer)
+    trainer = Trainer(config, model, build_loss(config), train_loader, eval_loader, torch.device("cpu"), None)
+    state = trainer.state_dict()
+    assert isinstance(state["rng"], list) and len(state["rng"]) == 1
+    state["rng"] = state["rng"][0]
+    expected = state["rng"]["torch"].clone()
+    torch.manual_seed(1234)
+    trainer.load_state_dict(state, "old.pt")
+    assert torch.equal(torch.get_rng_state(), expected)

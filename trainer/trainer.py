@@ -122,6 +122,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
+        if isinstance(rng, dict):  # written before checkpoints kept one random state per rank
+            rng = [rng]
         if self.dist.rank < len(rng):
             torch.set_rng_state(rng[self.dist.rank]["torch"])
             if torch.cuda.is_available() and rng[self.dist.rank]["cuda"]:
