@@ -155,6 +155,6 @@ def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
 
     base = key()
     assert key(**{"loss.balance": 0.9, "optimizer.lr": 1.0}) == base  # the student's settings do not matter
-    for changed in ({"data.missing_caption_fallback": "last_available"}, {"data.n_video_tokens": 12},
-                    {"data.max_words_train": 16}):
+    for changed in ({"data.missing_caption_fallback": "last_available"}, {"data.layout": "safe"},
+                    {"data.n_video_tokens": 12}, {"data.max_words_train": 16}):
         assert key(**changed) != base, changed

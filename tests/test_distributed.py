@@ -77,7 +77,20 @@ def teacher_cache(config, info):
     return teachers.cache[0]
 
 
-TASKS = {"step": one_step, "eval": evaluation, "fail": failure_on_rank_0, "cache": teacher_cache}
+def cache_unreadable_on_rank_1(config, info):
+    """Rank 1 on a 'node' that cannot read the file rank 0 wrote."""
+    import trainer.teachers
+    if info.rank == 1:
+        trainer.teachers._load_cache = lambda path: None
+    try:
+        teacher_cache(config, info)
+    except CheckpointError as e:
+        return {"raised": str(e)}
+    return {"raised": None}
+
+
+TASKS = {"step": one_step, "eval": evaluation, "fail": failure_on_rank_0, "cache": teacher_cache,
+         "unreadable": cache_unreadable_on_rank_1}
 
 
 def _worker(rank, world_size, init_file, flat_config, out, task="step"):
@@ -201,3 +214,13 @@ def test_two_processes_build_the_teacher_cache_of_one(toy_assets, tmp_path):
             assert torch.equal(shared[key], single[key])
         for key in ("text", "video"):
             torch.testing.assert_close(shared[key], single[key], atol=1e-5, rtol=0)
+
+
+def test_a_cache_one_rank_cannot_read_stops_every_rank(toy_assets, tmp_path):
+    config = toy_config(toy_assets, tmp_path, "c2kd", untrained_teachers(toy_assets, tmp_path))
+    out = tmp_path / "result"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), flatten_config(config), str(out), "unreadable"), nprocs=2,
+             join=True)
+    for r in range(2):
+        raised = torch.load(f"{out}.{r}")["raised"]
+        assert raised is not None and "could not be read back on rank(s) 1" in raised

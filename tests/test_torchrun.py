@@ -20,20 +20,37 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(train_args, run_id, nnodes=1, nproc_per_node=2):
-    """Launch ``nnodes`` torchrun agents (one per 'node') of train.py; return the stdout of each."""
-    port = free_port()
+def torchrun(train_args, run_id, logs, nnodes=1, nproc_per_node=2):
+    """Launch ``nnodes`` torchrun agents (one per 'node') of train.py; return the stdout of each.
+    Output goes to files in ``logs`` (no pipe can fill up); a port taken in the meantime is retried."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-                               f"--nproc_per_node={nproc_per_node}", f"--node_rank={node}",
-                               "--master_addr=127.0.0.1", f"--master_port={port}",
-                               "train.py", *train_args, "--run-id", run_id, "-d", "cpu"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for node in range(nnodes)]
-    outputs = [p.communicate(timeout=400) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outputs]
+    for attempt in range(3):
+        port = free_port()
+        files = [(Path(logs) / f"{run_id}.{attempt}.{node}.out", Path(logs) / f"{run_id}.{attempt}.{node}.err")
+                 for node in range(nnodes)]
+        procs = []
+        try:
+            for node, (out, err) in enumerate(files):
+                with open(out, "w") as stdout, open(err, "w") as stderr:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
+                         f"--nproc_per_node={nproc_per_node}", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                         f"--master_port={port}", "train.py", *train_args, "--run-id", run_id, "-d", "cpu"],
+                        cwd=ROOT, env=env, stdout=stdout, stderr=stderr))
+            for p in procs:
+                p.wait(timeout=400)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        errors = [err.read_text() for _, err in files]
+        if attempt < 2 and any(p.returncode for p in procs) and any("address already in use" in e.lower()
+                                                                    for e in errors):
+            continue
+        for p, error in zip(procs, errors):
+            assert p.returncode == 0, error[-3000:]
+        return [out.read_text() for out, _ in files]
 
 
 def weights(path):
@@ -53,8 +70,8 @@ def two_process_run(toy_assets, tmp_path_factory):
     config = toy_config(toy_assets, tmp, "translate-train", **{
         "trainer.epochs": 2, "trainer.max_steps_per_epoch": 3, "trainer.save_period": 1})
     path = write_json_config(tmp, "ddp", config)
-    [out] = torchrun(["-c", str(path)], "one_node")
-    return {"config_path": path, "runs": tmp / "runs" / "ddp", "stdout": out}
+    [out] = torchrun(["-c", str(path)], "one_node", logs=tmp)
+    return {"config_path": path, "runs": tmp / "runs" / "ddp", "stdout": out, "tmp": tmp}
 
 
 def test_one_node_two_processes_writes_one_run_with_every_ranks_random_state(two_process_run):
@@ -70,7 +87,8 @@ def test_one_node_two_processes_writes_one_run_with_every_ranks_random_state(two
 
 
 def test_two_nodes_train_exactly_as_one_node_with_as_many_processes(two_process_run):
-    outputs = torchrun(["-c", str(two_process_run["config_path"])], "two_nodes", nnodes=2, nproc_per_node=1)
+    outputs = torchrun(["-c", str(two_process_run["config_path"])], "two_nodes", logs=two_process_run["tmp"],
+                       nnodes=2, nproc_per_node=1)
     assert "run folder:" in outputs[0] and "run folder:" not in outputs[1]
     runs = two_process_run["runs"]
     assert_same_weights(weights(runs / "two_nodes" / "latest.pt"), weights(runs / "one_node" / "latest.pt"))
@@ -78,5 +96,23 @@ def test_two_nodes_train_exactly_as_one_node_with_as_many_processes(two_process_
 
 def test_resuming_two_processes_continues_each_ranks_stream(two_process_run):
     runs = two_process_run["runs"]
-    torchrun(["-r", str(runs / "one_node" / "checkpoint-epoch1.pt")], "resumed")
+    torchrun(["-r", str(runs / "one_node" / "checkpoint-epoch1.pt")], "resumed", logs=two_process_run["tmp"])
     assert_same_weights(weights(runs / "resumed" / "latest.pt"), weights(runs / "one_node" / "latest.pt"))
+
+
+def test_resuming_with_another_number_of_processes(two_process_run):
+    runs = two_process_run["runs"]
+    # One process continues a two-process checkpoint with rank 0's random state.
+    result = subprocess.run([sys.executable, "train.py", "-r", str(runs / "one_node" / "checkpoint-epoch1.pt"),
+                             "--run-id", "one_process", "-d", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(runs / "one_process" / "latest.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2 and len(state["rng"]) == 1
+    # Two processes continue a one-process checkpoint: rank 1 starts a stream of its own.
+    torchrun(["-r", str(runs / "one_process" / "latest.pt"), "--epochs", "3"], "back_to_two",
+             logs=two_process_run["tmp"])
+    state = torch.load(runs / "back_to_two" / "latest.pt", map_location="cpu", weights_only=False)
+    assert state["epoch"] == 3 and state["step"] == 9
+    first, second = (s["torch"] for s in state["rng"])
+    assert not torch.equal(first, second)

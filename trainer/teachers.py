@@ -24,7 +24,7 @@ from model.loss import cosine_sim
 from model.model import build_model, load_tokenizer
 from parse_config import ConfigError
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_weights
-from utils.distributed import gather, gather_to_main, on_main, rank, world_size
+from utils.distributed import gather, gather_objects, gather_to_main, on_main, rank, world_size
 
 CACHE_VERSION = 1
 
@@ -114,9 +114,11 @@ class Teachers:
             on_main(write)
         if cache is None:  # the other ranks read what rank 0 wrote
             cache = _load_cache(path)
-        if cache is None:
-            raise CheckpointError(f"{path}: cached teacher outputs could not be read back (rank 0 writes them; "
-                                  f"under several nodes 'teachers.cache_dir' must be a folder every node reads)")
+        unread = [r for r, ok in enumerate(gather_objects(cache is not None)) if not ok]
+        if unread:  # raised on every rank, so that none waits for the others
+            raise CheckpointError(f"{path}: cached teacher outputs could not be read back on rank(s) "
+                                  f"{', '.join(map(str, unread))} (rank 0 writes them; under several nodes "
+                                  f"'teachers.cache_dir' must be a folder every node reads)")
         return cache
 
     @torch.no_grad()

@@ -106,7 +106,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": rng_states or [_rng_snapshot()],
+            "rng": rng_states or [_rng_state(self.device)],
             "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
             "best": self.best, "skipped_steps": self.skipped_steps, "config": self.config,
         }
@@ -125,9 +125,7 @@ class Trainer:
         if isinstance(rng, dict):  # written before checkpoints kept one random state per rank
             rng = [rng]
         if self.dist.rank < len(rng):
-            torch.set_rng_state(rng[self.dist.rank]["torch"])
-            if torch.cuda.is_available() and rng[self.dist.rank]["cuda"]:
-                torch.cuda.set_rng_state_all(rng[self.dist.rank]["cuda"])
+            _set_rng_state(self.device, rng[self.dist.rank])
         else:  # resumed with more processes than were saved: a fresh stream for this rank
             seed_rank(self.config["seed"] + state["step"], self.dist.rank)
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
@@ -140,7 +138,7 @@ class Trainer:
 
     def save(self, name):
         path = self.run_dir / name if self.run_dir else None
-        rng_states = gather_to_main(_rng_snapshot())  # every rank's stream, so a resume continues each
+        rng_states = gather_to_main(_rng_state(self.device))  # every rank's streams, so a resume continues each
         return on_main(lambda: save_checkpoint(self.state_dict(rng_states), path))
 
     def print(self, *args):
@@ -342,17 +340,18 @@ class Trainer:
         return summary
 
 
-def _rng_snapshot():
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
 def _rng_state(device):
-    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    """The random state that dropout draws from: the CPU generator and, on CUDA, this rank's GPU's."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def _set_rng_state(device, state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
+    # A checkpoint loaded with map_location on a GPU holds CUDA tensors; the generators take CPU bytes.
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None or (isinstance(cuda, list) and not cuda):
+        return
+    if isinstance(cuda, list):  # older checkpoints: the states of every visible GPU
+        cuda = cuda[min(device.index or 0, len(cuda) - 1)]
+    torch.cuda.set_rng_state(cuda.cpu(), device)

@@ -76,6 +76,15 @@ def gather_to_main(obj):
     return out
 
 
+def gather_objects(obj):
+    """Every rank's ``obj`` (any picklable value), in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_from_main(obj):
     """Rank 0's ``obj`` (any picklable value), on every rank."""
     if world_size() == 1:
