@@ -116,3 +116,15 @@ def test_resuming_with_another_number_of_processes(two_process_run):
     assert state["epoch"] == 3 and state["step"] == 9
     first, second = (s["torch"] for s in state["rng"])
     assert not torch.equal(first, second)
+
+
+def test_a_run_folder_that_exists_stops_every_process_in_one_line(two_process_run):
+    """The run folder is checked on rank 0 for every rank: all processes stop, each with the same line."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py",
+                           "-c", str(two_process_run["config_path"]), "--run-id", "one_node", "-d", "cpu"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode != 0
+    line = f"error: {two_process_run['runs'] / 'one_node'}: run folder exists; pick another --run-id or remove it"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
