@@ -14,9 +14,9 @@ from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
 from utils.checkpoint import load_checkpoint
-from utils.distributed import init_distributed, on_main
+from utils.distributed import init_distributed
 from utils.errors import exit_status
-from utils.experiment import check_writable, run_dir, run_experiment
+from utils.experiment import run_dir, run_experiment
 
 
 def main(argv=None):
@@ -33,12 +33,8 @@ def run(args):
     resumed = load_checkpoint(args.resume) if args.resume else None
     config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
     run_root = Path(config["trainer"]["save_dir"]) / config["name"]
-    # Only rank 0 records the run; the other ranks run the same experiment unobserved. Its run
-    # folder is checked first on rank 0 for every rank, so that a bad one stops them all at once.
-    on_main(lambda: check_writable(run_root, args.run_id))
     run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),
-                   run_root if dist.is_main else None, run_id=args.run_id,
-                   mongo=args.mongo if dist.is_main else None, neptune=args.neptune and dist.is_main)
+                   run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)
 
 
 def train(config, run, device, dist, resume=None):

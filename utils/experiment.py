@@ -15,6 +15,8 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated", categor
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 
+from utils.distributed import on_main, rank  # noqa: E402
+
 # tqdm progress bars and Sacred's file-descriptor capture do not mix; capture at sys level.
 SETTINGS.CAPTURE_MODE = "sys"
 SETTINGS.DISCOVER_SOURCES = "dir"
@@ -46,17 +48,19 @@ def _neptune_observer():
 def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptune=False):
     """Run ``main(config, run)`` as a Sacred experiment observed into ``run_root``; return its result.
 
-    ``config`` is plain JSON-like data; ``run.observers[0].dir`` is the run folder.
+    ``config`` is plain JSON-like data; ``run.observers[0].dir`` is the run folder. Under
+    torch.distributed only rank 0 records the run; the other ranks run the same experiment
+    unobserved, and learn from rank 0 whether the run folder can be written.
     """
     ex = Experiment(name, save_git_info=False)
     ex.add_config(config)
-    if run_root is not None:
-        check_writable(run_root, run_id)
+    on_main(lambda: check_writable(run_root, run_id))
+    if rank() == 0:
         ex.observers.append(FileStorageObserver(str(run_root)))
-    if mongo:
-        ex.observers.append(_mongo_observer(mongo))
-    if neptune:
-        ex.observers.append(_neptune_observer())
+        if mongo:
+            ex.observers.append(_mongo_observer(mongo))
+        if neptune:
+            ex.observers.append(_neptune_observer())
 
     @ex.main
     def _main(_run, _config):
