@@ -677,6 +677,11 @@ def _run(args, assets, log):
     return report
 
 
+def _cached_vs_online(step):
+    return (f"cached {1e3 * step['cached_step_s']:.1f} ms   online {1e3 * step['online_step_s']:.1f} ms   "
+            f"online/cached {step['online_over_cached']:.2f}x")
+
+
 def format_report(report):
     lines = []
     d = report.get("data_pipeline")
@@ -692,12 +697,10 @@ def format_report(report):
     c = report.get("c2kd_step")
     if c:
         lines.append(f"C2KD training step ({c['device']}, batch {c['batch_size']}, {len(c['languages'])} languages)")
-        lines.append(f"  cached {1e3 * c['cached_step_s']:.1f} ms   online {1e3 * c['online_step_s']:.1f} ms   "
-                     f"online/cached {c['online_over_cached']:.2f}x   (embedding the training set for the "
-                     f"cache, once: {c['cache_build_s']:.2f} s)")
-        d, f = c["without_student_dropout"], c["model_flops"]
-        lines.append(f"  student without dropout: cached {1e3 * d['cached_step_s']:.1f} ms   online "
-                     f"{1e3 * d['online_step_s']:.1f} ms   online/cached {d['online_over_cached']:.2f}x")
+        lines.append(f"  {_cached_vs_online(c)}   (embedding the training set for the cache, once: "
+                     f"{c['cache_build_s']:.2f} s)")
+        f = c["model_flops"]
+        lines.append(f"  student without dropout: {_cached_vs_online(c['without_student_dropout'])}")
         lines.append(f"  model FLOPs: student {f['student'] / 1e9:.2f} G, teachers {f['teachers'] / 1e9:.2f} G, "
                      f"bound on online/cached {f['online_over_cached_bound']:.2f}x")
     e = report.get("evaluation")
