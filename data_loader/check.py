@@ -14,7 +14,6 @@ features holding NaN or inf (exit status 1). A non-zero exit prints a one-line r
 """
 import argparse
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from data_loader.corpus import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_feature_key, detect_layout,
                                 is_safe_path, read_safe, read_safe_raw)
+from data_loader.loaders import item_problems, listed
 from data_loader.safe_pickle import DataFileError, load_pickle
 
 # Known evaluation quirks of released files, printed as hints: (layout, split, items) -> text.
@@ -73,12 +73,6 @@ def load_any(path, layout=None, feature_key=None, split=None):
     return Loaded(corpus, layout, split, feature_key, dtypes, detected)
 
 
-def _ids(ids, limit):
-    ids = list(ids)
-    shown = ", ".join(map(str, ids[:limit]))
-    return shown + (f", ... (+{len(ids) - limit} more)" if len(ids) > limit else "")
-
-
 @dataclass
 class Findings:
     lines: list = field(default_factory=list)
@@ -94,9 +88,8 @@ def summarise(loaded, max_ids=10):
     say(f"file        {c.path}")
     split = f", split {loaded.split}" if loaded.layout in SPLIT_LAYOUTS else ""
     say(f"layout      {loaded.layout}{split}{tag}")
-    counts = Counter(c.ids)
-    dups = {i: n for i, n in counts.items() if n > 1}
-    say(f"items       {len(c)} ({len(counts)} unique ids)")
+    problems = item_problems(c)
+    say(f"items       {len(c)} ({len(set(c.ids))} unique ids)")
     frames = np.array([f.shape[0] for f in c.features])
     dtypes = "/".join(loaded.stored_dtypes) or "unknown"
     say(f"features    '{loaded.feature_key}': dim {c.feature_dim}, stored {dtypes}, frames per video "
@@ -111,25 +104,26 @@ def summarise(loaded, max_ids=10):
                      str(len(missing)), str(len(blank))))
         if missing:
             out.warnings.append(f"{len(missing)} items have no '{lang}' caption (left out of that language's "
-                                f"loss and evaluation): {_ids(missing, max_ids)}")
+                                f"loss and evaluation): {listed(missing, max_ids)}")
         if blank:
-            out.warnings.append(f"{len(blank)} items have an empty '{lang}' caption string: {_ids(blank, max_ids)}")
+            out.warnings.append(f"{len(blank)} items have an empty '{lang}' caption string: {listed(blank, max_ids)}")
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         say("  " + "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]))
-    no_caption = [c.ids[i] for i in range(len(c)) if not any(c.captions[lang][i] for lang in c.languages)]
+    no_caption = problems["uncaptioned"]
     if no_caption:
-        out.warnings.append(f"{len(no_caption)} items have no caption in any language: {_ids(no_caption, max_ids)}")
+        out.warnings.append(f"{len(no_caption)} items have no caption in any language: {listed(no_caption, max_ids)}")
     empty_videos = [c.ids[i] for i, n in enumerate(frames) if n == 0]
     if empty_videos:
-        out.warnings.append(f"{len(empty_videos)} videos have no frames: {_ids(empty_videos, max_ids)}")
+        out.warnings.append(f"{len(empty_videos)} videos have no frames: {listed(empty_videos, max_ids)}")
+    dups = problems["repeated"]
     if dups:
-        shown = [f"{i} x{n}" for i, n in list(dups.items())]
+        shown = [f"{i} x{n}" for i, n in dups.items()]
         out.warnings.append(f"{len(dups)} ids occur more than once (evaluation averages items sharing an id): "
-                            f"{_ids(shown, max_ids)}")
-    bad = [c.ids[i] for i, f in enumerate(c.features) if f.size and not np.isfinite(f).all()]
+                            f"{listed(shown, max_ids)}")
+    bad = problems["non_finite"]
     if bad:
-        out.errors.append(f"{len(bad)} items have NaN or inf features: {_ids(bad, max_ids)}")
+        out.errors.append(f"{len(bad)} items have NaN or inf features: {listed(bad, max_ids)}")
     hint = HINTS.get((loaded.layout, loaded.split, len(c)))
     if hint:
         say(f"note        {hint}")

@@ -90,8 +90,10 @@ class RetrievalDataset(Dataset):
                       for lang in ti.languages}
             for ti in self.text_inputs
         }
-        self.num_captions = np.array(
-            [max(len(corpus.captions[lang][i]) for lang in self.languages) for i in range(len(corpus))])
+        # [items, languages]: captions of each item in each language
+        self.caption_counts = np.array([[len(corpus.captions[lang][i]) for lang in self.languages]
+                                        for i in range(len(corpus))], dtype=np.int64).reshape(len(corpus), -1)
+        self.num_captions = self.caption_counts.max(axis=1, initial=0)
         if train:
             self.set_epoch(0)
         else:
@@ -117,7 +119,7 @@ class RetrievalDataset(Dataset):
         # Training draws one caption index for all languages and a language with fewer captions
         # uses its last one (TokenTable.row); evaluation ranks each caption once, so pair k of a
         # video has a caption in a language only if that language has a k-th caption.
-        counts = {lang: len(self.corpus.captions[lang][item]) for lang in self.languages}
-        has_caption = {lang: n > (0 if self.train else cap) for lang, n in counts.items()}
+        present = self.caption_counts[item] > (0 if self.train else cap)
+        has_caption = {lang: bool(p) for lang, p in zip(self.languages, present)}
         return {"index": item, "caption_index": cap, "video": video, "video_mask": video_mask,
                 "text": text, "has_caption": has_caption}

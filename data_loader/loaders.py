@@ -1,4 +1,6 @@
 """From the ``data`` section of a config to checked corpora and DataLoaders."""
+from collections import Counter
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -28,28 +30,34 @@ def load_split(config, split):
     return corpus
 
 
-def _listed(ids, limit=5):
+def listed(ids, limit=5):
+    """``a, b, c (+n more)``: the first ``limit`` ids of a list."""
+    ids = [str(i) for i in ids]
     return ", ".join(ids[:limit]) + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def item_problems(corpus):
+    """Ids of items that would poison training: non-finite features, no caption in any language,
+    and {id: count} of ids that occur more than once."""
+    return {
+        "non_finite": [corpus.ids[i] for i, f in enumerate(corpus.features) if f.size and not np.isfinite(f).all()],
+        "uncaptioned": [corpus.ids[i] for i in range(len(corpus))
+                        if not any(c.strip() for lang in corpus.languages for c in corpus.captions[lang][i])],
+        "repeated": {vid: n for vid, n in Counter(corpus.ids).items() if n > 1},
+    }
 
 
 def check_items(corpus, allow_duplicate_ids=False):
     """Refuse items that would poison training: non-finite features, no caption at all, repeated ids."""
-    bad = [corpus.ids[i] for i, f in enumerate(corpus.features) if f.size and not np.isfinite(f).all()]
-    if bad:
-        raise DataFileError(f"{corpus.path}: NaN or infinite video features in item(s) {_listed(bad)}")
-    uncaptioned = [corpus.ids[i] for i in range(len(corpus))
-                   if not any(c.strip() for lang in corpus.languages for c in corpus.captions[lang][i])]
-    if uncaptioned:
-        raise DataFileError(f"{corpus.path}: item(s) without any caption: {_listed(uncaptioned)}")
-    if not allow_duplicate_ids:
-        seen, repeated = set(), []
-        for vid in corpus.ids:
-            if vid in seen and vid not in repeated:
-                repeated.append(vid)
-            seen.add(vid)
-        if repeated:
-            raise DataFileError(f"{corpus.path}: duplicate id(s): {_listed(repeated)} (set config key "
-                                "'data.allow_duplicate_ids' to true to average items that share an id)")
+    problems = item_problems(corpus)
+    if problems["non_finite"]:
+        raise DataFileError(f"{corpus.path}: NaN or infinite video features in item(s) "
+                            f"{listed(problems['non_finite'])}")
+    if problems["uncaptioned"]:
+        raise DataFileError(f"{corpus.path}: item(s) without any caption: {listed(problems['uncaptioned'])}")
+    if problems["repeated"] and not allow_duplicate_ids:
+        raise DataFileError(f"{corpus.path}: duplicate id(s): {listed(list(problems['repeated']))} (set config key "
+                            "'data.allow_duplicate_ids' to true to average items that share an id)")
 
 
 class EpochSampler(Sampler):
@@ -76,6 +84,13 @@ class EpochSampler(Sampler):
         full, rest = divmod(self.size, self.global_batch)
         return full if self.drop_last or not rest else full + 1
 
+    def _rank_slices(self):
+        """(start, stop) in the epoch's order of this rank's part of each remaining global batch."""
+        for j in range(self.start_batch, self.num_batches()):
+            start, stop = j * self.global_batch, min((j + 1) * self.global_batch, self.size)
+            per_rank = -(-(stop - start) // self.world_size)
+            yield min(stop, start + self.rank * per_rank), min(stop, start + (self.rank + 1) * per_rank)
+
     def _order(self):
         if not self.shuffle:
             return torch.arange(self.size)
@@ -84,17 +99,11 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         order = self._order()
-        for j in range(self.start_batch, self.num_batches()):
-            batch = order[j * self.global_batch:(j + 1) * self.global_batch]
-            per_rank = -(-len(batch) // self.world_size)
-            yield from batch[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()
+        for start, stop in self._rank_slices():
+            yield from order[start:stop].tolist()
 
     def __len__(self):
-        """Indices this rank yields from ``start_batch`` on (the last batch may be partial)."""
-        full, rest = divmod(self.size, self.global_batch)
-        batches = [self.global_batch] * full + ([rest] if rest and not self.drop_last else [])
-        per_rank = (-(-b // self.world_size) for b in batches[self.start_batch:])
-        return sum(max(0, min(p, b - self.rank * p)) for b, p in zip(batches[self.start_batch:], per_rank))
+        return sum(stop - start for start, stop in self._rank_slices())
 
 
 def make_loader(dataset, batch_size, sampler, num_workers, seed):

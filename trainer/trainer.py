@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
+from data_loader.loaders import listed
 from model.metric import format_table
 from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
@@ -225,8 +226,7 @@ class Trainer:
         if self.scaler.is_enabled():  # fp16: the scaler skips such steps; they are counted instead
             return
         if not torch.isfinite(loss.detach()).item():
-            ids = [self.train_loader.dataset.corpus.ids[i] for i in batch["index"].tolist()]
-            shown = ", ".join(ids[:8]) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
+            shown = listed([self.train_loader.dataset.corpus.ids[i] for i in batch["index"].tolist()], limit=8)
             raise NonFiniteLoss(
                 f"non-finite loss {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); terms: "
                 + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) + f"; items: {shown}")
