@@ -12,7 +12,6 @@ data (audio arrays) are not carried over; the script says which.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,19 +20,7 @@ import numpy as np
 from data_loader.check import load_any
 from data_loader.corpus import (READERS, SAFE_FORMAT, SAFE_VERSION, _DROP, SafeFiles, json_value, read_safe)
 from data_loader.safe_pickle import DataFileError
-
-
-def _atomic_write(path, write):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create private files; use the usual mode
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+from utils.checkpoint import atomic_write
 
 
 def write_safe(corpus, out, feature_key, fmt="safetensors", dtype="float32", overwrite=False, source=None):
@@ -80,19 +67,14 @@ def write_safe(corpus, out, feature_key, fmt="safetensors", dtype="float32", ove
     for stale in existing:
         stale.unlink()
     if fmt == "safetensors":
-        from safetensors.numpy import save_file
-        _atomic_write(files.features, lambda p: save_file({"features": np.ascontiguousarray(feats),
-                                                           "offsets": offsets}, str(p)))
+        from safetensors.numpy import save
+        data = save({"features": np.ascontiguousarray(feats), "offsets": offsets})
+        atomic_write(files.features, lambda f: f.write(data))
     else:
-        def save_npy(array):
-            def write(p):
-                with open(p, "wb") as f:
-                    np.save(f, array, allow_pickle=False)
-            return write
-        _atomic_write(files.features, save_npy(feats))
-        _atomic_write(files.offsets, save_npy(offsets))
+        atomic_write(files.features, lambda f: np.save(f, feats, allow_pickle=False))
+        atomic_write(files.offsets, lambda f: np.save(f, offsets, allow_pickle=False))
     # captions.json last: a folder without it is not mistaken for a complete split.
-    _atomic_write(files.captions, lambda p: p.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8"))
+    atomic_write(files.captions, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
     return files, sorted(dropped)
 
 

@@ -15,14 +15,14 @@ English text is the cleanest view of a video, as in Multi-MSRVTT.
 """
 import argparse
 import json
-import os
 import pickle
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from utils.checkpoint import atomic_write
 
 VERSION = 1
 KINDS = ("action", "object", "place")
@@ -317,18 +317,6 @@ def _test_item(vid, rng, vecs, dim, seen):
     return item
 
 
-def _atomic_write(path, data):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def generate(out_dir, seed=0, n_train=1000, n_test=200, feature_dim=512, captions_per_video=5):
     """Write multi_toy_{train,test}.pkl and manifest.json to `out_dir`; reuse
     them if they were generated with the same parameters. Returns the paths."""
@@ -354,9 +342,9 @@ def generate(out_dir, seed=0, n_train=1000, n_test=200, feature_dim=512, caption
     test = [_test_item(f"toy{n_train + i:05d}", rng, vecs, feature_dim, seen)
             for i in range(n_test)]
     for split, items in (("train", train), ("test", test)):
-        _atomic_write(paths[split], pickle.dumps(items, protocol=4))
+        atomic_write(paths[split], lambda f: pickle.dump(items, f, protocol=4))
     # The manifest goes last: it is only valid once both splits exist.
-    _atomic_write(manifest, (json.dumps(params, indent=2) + "\n").encode())
+    atomic_write(manifest, lambda f: f.write((json.dumps(params, indent=2) + "\n").encode()))
     return paths
 
 

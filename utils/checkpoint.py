@@ -22,25 +22,34 @@ def save_checkpoint(state, path):
     return atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
 
 
-def atomic_save(state, path):
-    """torch.save to a temporary file in the target folder, fsync, then rename over ``path``."""
+def atomic_write(path, write):
+    """Write ``path`` through ``write(binary file)`` into a temporary file in the same folder, fsync,
+    then rename: a reader, or a run killed at any moment, sees the old file or the new one, whole."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates owner-only files; give the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_save(state, path):
+    """torch.save through ``atomic_write``; a failure leaves the previous file as it was."""
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write ({e.strerror or e}); "
                               "the previous file is unchanged") from None
-    return path
 
 
 def load_checkpoint(path, map_location="cpu"):
