@@ -171,11 +171,6 @@ def languages():
     return tuple(LEXICON)
 
 
-def describe():
-    """A short paragraph describing the generative model (for the README)."""
-    return " ".join(__doc__.split("\n\n", 1)[1].split())
-
-
 def _pattern(word, lang):
     # Chinese has no spaces, so match substrings; elsewhere whole words only.
     if lang == "zh":

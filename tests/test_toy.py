@@ -1,6 +1,4 @@
 """Tests of the Multi-Toy generator and the tiny local text encoders."""
-import io
-import pickle
 import re
 
 import numpy as np
@@ -9,26 +7,15 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from data_loader import toy
+from data_loader.safe_pickle import load_pickle
 from utils import tiny_encoders
 
 LANGS = ("en", "de", "fr", "cs", "zh", "ru", "vi", "sw", "es")
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what the real Multi-MSRVTT reader admits: plain containers,
-    strings, numbers and numpy arrays."""
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-               ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "_reconstruct")}
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"forbidden global {module}.{name}")
-        return super().find_class(module, name)
-
-
 def load(path):
-    return RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
+    """Through the project's restricted unpickler: the toy files hold only what released files hold."""
+    return load_pickle(path)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,6 @@ def test_languages_and_lexicon_are_consistent():
         for fmt in lex["templates"] + [lex["clause"], lex["then"]]:
             assert not toy.mentions(fmt.format(a="", o="", p=""), lang), (lang, fmt)
     assert "Zwiebel" in toy.render("de", 0, [(0, 0, 0)])
-    assert toy.describe() and len(toy.describe()) < 1500
 
 
 def test_generation_is_deterministic(tmp_path):
@@ -196,7 +182,8 @@ def test_encoder_loads_like_a_hub_checkpoint(encoders, small, name):
     long = tok(["x " * 200], padding="max_length", truncation=True, max_length=64,
                return_tensors="pt")
     with torch.no_grad():
-        model(**long)
+        out = model(**long).last_hidden_state
+    assert out.shape == (1, 64, 64) and torch.isfinite(out).all()
 
 
 def test_mbert_is_uncased_and_labse_is_cased(encoders):
