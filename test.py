@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from model.metric import format_table
+from model.model import model_from_checkpoint
 from parse_config import ConfigError, build_parser, config_from_args, flatten_config, select_device
-from trainer.build import build_loaders, build_student, load_corpora
+from trainer.build import build_loaders, load_corpora
 from trainer.evaluate import evaluate, flat_metrics
-from utils.checkpoint import load_checkpoint, load_weights
+from utils.checkpoint import load_checkpoint
 from utils.device import amp_dtype
 from utils.errors import exit_status
 from utils.experiment import run_experiment
@@ -44,8 +45,8 @@ def run(args):
 
 def test(config, run, state, checkpoint, device, out, save_sims=None):
     corpora = load_corpora(config, splits=("eval",))
-    model, tokenizer = build_student(config, pretrained_text=False)
-    load_weights(model, state, checkpoint).to(device)
+    model, tokenizer = model_from_checkpoint(config, state, checkpoint)
+    model.to(device)
     _, loader = build_loaders(config, corpora, tokenizer)
     summary, scores = evaluate(model, loader, corpora["eval"].languages, config["eval"], device,
                                amp_dtype(device, config["trainer"]["mixed_precision"]), return_scores=True)

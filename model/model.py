@@ -83,11 +83,9 @@ class VideoEncoder(nn.Module):
         # without data-dependent branching, so the token is always part of the graph (as DDP expects).
         empty = ~mask.any(dim=1, keepdim=True)
         first = torch.where(empty, self.masking_token.to(x.dtype), x[:, 0])
-        x = torch.cat([first.unsqueeze(1), x[:, 1:]], dim=1)
-        mask = torch.cat([mask[:, :1] | empty, mask[:, 1:]], dim=1)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1)
-        mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)
+        x = torch.cat([cls, first.unsqueeze(1), x[:, 1:]], dim=1)
+        mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask[:, :1] | empty, mask[:, 1:]], dim=1)
         for block in self.blocks:
             x = block(x, mask)
         return self.proj(x[:, 0])
@@ -139,6 +137,24 @@ class RetrievalModel(nn.Module):
     def encode_video(self, video, mask):
         return self.video(video, mask)
 
+    @torch.no_grad()
+    def embed_videos(self, features, n_tokens, batch_size=256, progress=False):
+        """[len(features), P] L2-normalised fp32 embeddings, on the CPU, of [frames, feature_dim]
+        arrays, each cut or padded to ``n_tokens`` frames as in training."""
+        from tqdm import tqdm
+        from data_loader.dataset import video_tokens
+        device = next(self.parameters()).device
+        out = []
+        for start in tqdm(range(0, len(features), batch_size), desc="encode videos", unit="batch",
+                          disable=None if progress else True, leave=False, dynamic_ncols=True):
+            pairs = [video_tokens(f, n_tokens) for f in features[start:start + batch_size]]
+            video = torch.stack([v for v, _ in pairs]).to(device)
+            mask = torch.stack([m for _, m in pairs]).to(device)
+            out.append(self.encode_video(video, mask).float().cpu())
+        if not out:
+            return torch.zeros(0, self.video.proj.gate.out_features)
+        return F.normalize(torch.cat(out), dim=1, eps=1e-8)
+
 
 class ModelError(ValueError):
     """A model cannot be built from its configuration."""
@@ -183,3 +199,11 @@ def build_model(model_cfg, feature_dim, pretrained_text=True):
     video = VideoEncoder(feature_dim, width=model_cfg["width"], projection_dim=model_cfg["projection_dim"],
                          depth=model_cfg["depth"], heads=model_cfg["heads"], mlp_ratio=model_cfg["mlp_ratio"])
     return RetrievalModel(text, video)
+
+
+def model_from_checkpoint(config, state, path):
+    """(model, tokenizer) as ``config`` describes them, with the weights of the loaded checkpoint
+    ``state`` read from ``path`` (a mismatch is a one-line CheckpointError naming the file)."""
+    from utils.checkpoint import load_weights
+    model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=False)
+    return load_weights(model, state, path), load_tokenizer(config["model"]["text_encoder"])

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import TextInput, TokenTable, video_tokens
+from data_loader.dataset import TextInput, TokenTable
 from model.loss import cosine_sim
-from model.model import build_model, load_tokenizer
+from model.model import model_from_checkpoint
 from parse_config import ConfigError
-from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_weights
+from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from utils.distributed import gather, gather_objects, gather_to_main, on_main, rank, world_size
 
 CACHE_VERSION = 1
@@ -46,8 +46,7 @@ def load_teacher(path, feature_dim, device):
     if teacher_dim != feature_dim:
         raise CheckpointError(f"{path}: teacher was trained on {teacher_dim}-d video features, "
                               f"but config key 'data.feature_dim' is {feature_dim}")
-    tokenizer = load_tokenizer(model_cfg["text_encoder"])
-    model = load_weights(build_model(model_cfg, teacher_dim, pretrained_text=False), state, path)
+    model, tokenizer = model_from_checkpoint(state["config"], state, path)
     return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False))
 
 
@@ -129,7 +128,7 @@ class Teachers:
         captions = self.corpus.captions[ENGLISH]
         table = TokenTable(captions, teacher.tokenizer, self.max_words, clean=True)
         pool_masks = (TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
-                      if teacher.pool_with_student_mask else table.attention_mask)
+                      if teacher.pool_with_student_mask else None)
         model, device = teacher.model, self.device
         texts = []
         caption_rows = _part(len(table.input_ids), *share)
@@ -137,22 +136,14 @@ class Teachers:
                           desc=f"teacher {teacher.path.name} text", leave=False, disable=share[0] != 0):
             rows = slice(start, min(start + batch_size, caption_rows.stop))
             ids, mask = table.input_ids[rows].long().to(device), table.attention_mask[rows].long().to(device)
-            pool = pool_masks[rows].long().to(device)
+            pool = pool_masks[rows].long().to(device) if pool_masks is not None else None
             texts.append(F.normalize(model.text(ids, mask, pool_mask=pool).float(), dim=1, eps=1e-8).cpu())
-        videos = []
-        n_tokens = self.config["data"]["n_video_tokens"]
         video_rows = _part(len(self.corpus), *share)
-        for start in range(video_rows.start, video_rows.stop, batch_size):
-            pairs = [video_tokens(f, n_tokens)
-                     for f in self.corpus.features[start:min(start + batch_size, video_rows.stop)]]
-            video = torch.stack([p[0] for p in pairs]).to(device)
-            mask = torch.stack([p[1] for p in pairs]).to(device)
-            videos.append(F.normalize(model.encode_video(video, mask).float(), dim=1, eps=1e-8).cpu())
+        videos = model.embed_videos(self.corpus.features[video_rows.start:video_rows.stop],
+                                    self.config["data"]["n_video_tokens"], batch_size)
         offsets = torch.from_numpy(table.offsets)
-        projection = model.text.proj.gate.out_features
-        return {"text": torch.cat(texts) if texts else torch.zeros(0, projection),
-                "video": torch.cat(videos) if videos else torch.zeros(0, projection),
-                "offsets": offsets[:-1], "counts": offsets[1:] - offsets[:-1]}
+        return {"text": torch.cat(texts) if texts else torch.zeros(0, model.text.proj.gate.out_features),
+                "video": videos, "offsets": offsets[:-1], "counts": offsets[1:] - offsets[:-1]}
 
     # ---- targets -----------------------------------------------------------------------------
     @torch.no_grad()

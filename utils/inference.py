@@ -19,12 +19,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH, SplitNotInFile, read_corpus
-from data_loader.dataset import video_tokens
-from model.model import build_model, load_tokenizer
-from utils.checkpoint import load_checkpoint, load_weights
+from model.model import load_tokenizer, model_from_checkpoint
+from utils.checkpoint import load_checkpoint
 
 INDEX_FORMAT = "c2kd-video-index"
 
@@ -99,10 +97,7 @@ class Retriever:
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
         state = load_checkpoint(path)
-        config = state["config"]
-        model = load_weights(build_model(config["model"], config["data"]["feature_dim"], pretrained_text=False),
-                             state, path)
-        return cls(model, load_tokenizer(config["model"]["text_encoder"]), config, device)
+        return cls(*model_from_checkpoint(state["config"], state, path), state["config"], device)
 
     @torch.no_grad()
     def encode_texts(self, texts, batch_size=256):
@@ -123,24 +118,16 @@ class Retriever:
     @torch.no_grad()
     def encode_videos(self, features, batch_size=256, progress=False):
         """[len(features), P] normalised embeddings of [frames, feature_dim] arrays."""
-        n_tokens = self.config["data"]["n_video_tokens"]
-        out = []
-        for start in tqdm(range(0, len(features), batch_size), desc="encode videos", unit="batch",
-                          disable=None if progress else True, leave=False, dynamic_ncols=True):
-            batch = [video_tokens(self.check_features(f, f"video {start + i}"), n_tokens)
-                     for i, f in enumerate(features[start:start + batch_size])]
-            video = torch.stack([v for v, _ in batch]).to(self.device)
-            mask = torch.stack([m for _, m in batch]).to(self.device)
-            out.append(self.model.encode_video(video, mask).float().cpu())
-        return F.normalize(torch.cat(out), dim=1, eps=1e-8) if out else torch.zeros(0, self._dim())
+        features = [self.check_features(f, f"video {i}") for i, f in enumerate(features)]
+        return self.model.embed_videos(features, self.config["data"]["n_video_tokens"], batch_size, progress)
 
     def build_index(self, ids, features, batch_size=256, progress=True):
         """Encode a collection once (a progress bar shows on a terminal); save the index to reuse it."""
         if len(ids) != len(features):
             raise InferenceError(f"{len(ids)} video ids for {len(features)} feature arrays")
-        for video_id, f in zip(ids, features):
-            self.check_features(f, f"video '{video_id}'")
-        return VideoIndex(ids, self.encode_videos(features, batch_size, progress=progress))
+        checked = [self.check_features(f, f"video '{video_id}'") for video_id, f in zip(ids, features)]
+        return VideoIndex(ids, self.model.embed_videos(checked, self.config["data"]["n_video_tokens"], batch_size,
+                                                       progress))
 
     def search(self, query, index, top=10):
         """The ``top`` best videos of ``index`` for ``query``: [(video_id, cosine score)], best first."""
