@@ -103,26 +103,23 @@ def _unigram(texts):
                      cls_token="<s>", sep_token="</s>", mask_token="<mask>")
 
 
-def _model(family, vocab_size, pad_id):
+def build_backbone(family, shape, max_len=512, pad_id=None):
+    """A randomly initialised Hugging Face encoder: ``family`` is bert, xlmr or distilbert; ``shape``
+    holds vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size."""
     if family == "bert":
-        cfg = BertConfig(vocab_size=vocab_size, hidden_size=SIZE["hidden"],
-                         num_hidden_layers=SIZE["layers"], num_attention_heads=SIZE["heads"],
-                         intermediate_size=SIZE["intermediate"],
-                         max_position_embeddings=MAX_LEN, pad_token_id=pad_id)
-        return BertModel(cfg)
+        return BertModel(BertConfig(**shape, max_position_embeddings=max_len, pad_token_id=pad_id or 0))
     if family == "xlmr":
+        pad_id = 1 if pad_id is None else pad_id
         # RoBERTa positions start after the padding index (514 = 512 + 2 in XLM-R).
-        cfg = XLMRobertaConfig(vocab_size=vocab_size, hidden_size=SIZE["hidden"],
-                               num_hidden_layers=SIZE["layers"],
-                               num_attention_heads=SIZE["heads"],
-                               intermediate_size=SIZE["intermediate"],
-                               max_position_embeddings=MAX_LEN + pad_id + 1, type_vocab_size=1,
-                               pad_token_id=pad_id, bos_token_id=0, eos_token_id=2)
-        return XLMRobertaModel(cfg)
-    cfg = DistilBertConfig(vocab_size=vocab_size, dim=SIZE["hidden"], n_layers=SIZE["layers"],
-                           n_heads=SIZE["heads"], hidden_dim=SIZE["intermediate"],
-                           max_position_embeddings=MAX_LEN, pad_token_id=pad_id)
-    return DistilBertModel(cfg)
+        return XLMRobertaModel(XLMRobertaConfig(**shape, max_position_embeddings=max_len + pad_id + 1,
+                                                type_vocab_size=1, pad_token_id=pad_id, bos_token_id=0,
+                                                eos_token_id=2))
+    if family == "distilbert":
+        return DistilBertModel(DistilBertConfig(
+            vocab_size=shape["vocab_size"], dim=shape["hidden_size"], n_layers=shape["num_hidden_layers"],
+            n_heads=shape["num_attention_heads"], hidden_dim=shape["intermediate_size"],
+            max_position_embeddings=max_len, pad_token_id=pad_id or 0))
+    raise ValueError(f"unknown encoder family '{family}'")
 
 
 def _build_one(name, folder, texts, seed):
@@ -135,7 +132,10 @@ def _build_one(name, folder, texts, seed):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN,
                                    model_input_names=inputs, **special)
     torch.manual_seed(seed)
-    model = _model(family, tok.get_vocab_size(), fast.pad_token_id)
+    model = build_backbone(family, dict(vocab_size=tok.get_vocab_size(), hidden_size=SIZE["hidden"],
+                                        num_hidden_layers=SIZE["layers"], num_attention_heads=SIZE["heads"],
+                                        intermediate_size=SIZE["intermediate"]),
+                           max_len=MAX_LEN, pad_id=fast.pad_token_id)
     fast.save_pretrained(folder)
     model.save_pretrained(folder)
 
