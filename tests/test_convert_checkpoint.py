@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import parse_config
-from model.model import build_model
+from model.model import model_from_checkpoint
 from utils import tiny_encoders
 from utils.checkpoint import load_checkpoint
 from utils.convert_checkpoint import ConvertError, convert, main
@@ -162,10 +162,9 @@ def videos():
 
 
 def load_converted(path):
-    """As test.py and trainer/teachers.py do."""
+    """As test.py, trainer/teachers.py and the inference API do."""
     state = load_checkpoint(path)
-    model = build_model(state["config"]["model"], state["config"]["data"]["feature_dim"], pretrained_text=False)
-    model.load_state_dict(state["model"])
+    model, _ = model_from_checkpoint(state["config"], state, path)
     return model.eval(), state
 
 
@@ -223,10 +222,15 @@ def test_student_mask_pooling_gives_the_reference_teacher_output(encoders, tmp_p
 
 def test_converted_teacher_loads_as_a_c2kd_teacher(encoders, tmp_path):
     from trainer.teachers import load_teacher
-    src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["mbert-tiny"]), ARCH["mbert"])
+    sd = reference_state(encoders["mbert-tiny"])
+    src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["mbert"])
     convert(src, tmp_path / "mbert.pt", encoders["mbert-tiny"])
     teacher = load_teacher(tmp_path / "mbert.pt", FEATURE_DIM, torch.device("cpu"))
-    assert not teacher.model.training
+    assert teacher.pool_with_student_mask  # a reference teacher pooled with the student's mask (§2.3)
+    video, mask = videos()
+    with torch.no_grad():  # the teacher carries the converted weights
+        torch.testing.assert_close(teacher.model.encode_video(video, mask), ref_video(sd, video, mask),
+                                   atol=1e-5, rtol=0)
 
 
 def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
