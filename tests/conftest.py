@@ -9,7 +9,7 @@ from data_loader import toy
 from model.model import build_model
 from parse_config import resolve
 from utils import tiny_encoders
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +61,11 @@ def untrained_teachers(toy_assets, tmp):
 def sacred_scalars(run_dir, name):
     """Values of one scalar series that Sacred recorded for a run."""
     return json.loads((Path(run_dir) / "metrics.json").read_text())[name]["values"]
+
+
+def assert_same_weights(a, b):
+    """Two checkpoint files hold bit-identical model weights."""
+    a, b = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

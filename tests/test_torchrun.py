@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import toy_config, write_json_config
+from tests.conftest import assert_same_weights, toy_config, write_json_config
+from utils.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,16 +54,6 @@ def torchrun(train_args, run_id, logs, nnodes=1, nproc_per_node=2):
         return [out.read_text() for out, _ in files]
 
 
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-
-
 @pytest.fixture(scope="module")
 def two_process_run(toy_assets, tmp_path_factory):
     """Two epochs, one node, two processes; a checkpoint after every epoch."""
@@ -79,7 +70,7 @@ def test_one_node_two_processes_writes_one_run_with_every_ranks_random_state(two
     assert sorted(p.name for p in runs.iterdir() if p.name != "_sources") == ["one_node"]
     assert two_process_run["stdout"].count("run folder:") == 1  # rank 0 alone logs
     assert two_process_run["stdout"].count("epoch 2/2") == 1
-    state = torch.load(runs / "one_node" / "latest.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(runs / "one_node" / "latest.pt")
     assert state["epoch"] == 2 and state["step"] == 6
     first, second = (s["torch"] for s in state["rng"])
     assert not torch.equal(first, second)  # each rank draws its own dropout masks
@@ -91,13 +82,13 @@ def test_two_nodes_train_exactly_as_one_node_with_as_many_processes(two_process_
                        nnodes=2, nproc_per_node=1)
     assert "run folder:" in outputs[0] and "run folder:" not in outputs[1]
     runs = two_process_run["runs"]
-    assert_same_weights(weights(runs / "two_nodes" / "latest.pt"), weights(runs / "one_node" / "latest.pt"))
+    assert_same_weights(runs / "two_nodes" / "latest.pt", runs / "one_node" / "latest.pt")
 
 
 def test_resuming_two_processes_continues_each_ranks_stream(two_process_run):
     runs = two_process_run["runs"]
     torchrun(["-r", str(runs / "one_node" / "checkpoint-epoch1.pt")], "resumed", logs=two_process_run["tmp"])
-    assert_same_weights(weights(runs / "resumed" / "latest.pt"), weights(runs / "one_node" / "latest.pt"))
+    assert_same_weights(runs / "resumed" / "latest.pt", runs / "one_node" / "latest.pt")
 
 
 def test_resuming_with_another_number_of_processes(two_process_run):
@@ -107,12 +98,12 @@ def test_resuming_with_another_number_of_processes(two_process_run):
                              "--run-id", "one_process", "-d", "cpu"], cwd=ROOT, capture_output=True, text=True,
                             timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    state = torch.load(runs / "one_process" / "latest.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(runs / "one_process" / "latest.pt")
     assert state["epoch"] == 2 and len(state["rng"]) == 1
     # Two processes continue a one-process checkpoint: rank 1 starts a stream of its own.
     torchrun(["-r", str(runs / "one_process" / "latest.pt"), "--epochs", "3"], "back_to_two",
              logs=two_process_run["tmp"])
-    state = torch.load(runs / "back_to_two" / "latest.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(runs / "back_to_two" / "latest.pt")
     assert state["epoch"] == 3 and state["step"] == 9
     first, second = (s["torch"] for s in state["rng"])
     assert not torch.equal(first, second)
