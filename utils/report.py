@@ -28,6 +28,7 @@ import io
 import json
 import math
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,13 +223,9 @@ def parse_method(text):
 
 def mean_std(values):
     """Mean and sample standard deviation (ddof=1; NaN for a single value)."""
-    n = len(values)
-    if n == 0:
+    if not values:
         return math.nan, math.nan
-    mean = sum(values) / n
-    if n == 1:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def languages_of(methods, prefix):
