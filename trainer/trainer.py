@@ -225,6 +225,7 @@ class Trainer:
     def _check_finite(self, loss, terms, batch):
         if self.scaler.is_enabled():  # fp16: the scaler skips such steps; they are counted instead
             return
+        # One device sync per step: the price of naming the exact step and items of a bad loss.
         if not torch.isfinite(loss.detach()).item():
             shown = listed([self.train_loader.dataset.corpus.ids[i] for i in batch["index"].tolist()], limit=8)
             raise NonFiniteLoss(
@@ -258,7 +259,7 @@ class Trainer:
         cap = self.config["trainer"]["max_steps_per_epoch"]
         total = sampler.num_batches() if cap is None else min(cap, sampler.num_batches())
         log_every = self.config["trainer"]["log_every"]
-        # Summed on the device every step; read once per logged step and once per epoch (no sync otherwise).
+        # Summed on the device every step and read once per logged step and once per epoch.
         loss_sum, steps = torch.zeros((), device=self.device), 0
         with tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
                   disable=not self.dist.is_main) as bar:
