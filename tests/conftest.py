@@ -69,3 +69,25 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def make_trainer(config, info=None):
+    """A Trainer of a fresh student (seed 0) on the CPU and the first training batch of epoch 0."""
+    from trainer.build import build_loaders, build_loss, build_student, load_corpora
+    from trainer.teachers import build_teachers
+    from trainer.trainer import Trainer
+    from utils.distributed import DistInfo
+    info = info or DistInfo()
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    corpora = load_corpora(config)
+    model, tokenizer = build_student(config)
+    teachers = build_teachers(config, corpora["train"], device, tokenizer)
+    train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
+                                              extra_inputs=teachers.text_inputs if teachers else (),
+                                              rank=info.rank, world_size=info.world_size)
+    loss_fn = build_loss(config, num_teachers=len(teachers) if teachers else 0)
+    trainer = Trainer(config, model, loss_fn, train_loader, eval_loader, device, None, teachers=teachers, dist=info)
+    train_loader.sampler.set_epoch(0)
+    train_loader.dataset.set_epoch(0)
+    return trainer, next(iter(train_loader))

@@ -7,9 +7,7 @@ import torch
 
 import train as train_entry
 from parse_config import flatten_config, resolve
-from tests.conftest import sacred_scalars, toy_config, write_json_config
-from trainer.build import build_loaders, build_loss, build_student, load_corpora
-from trainer.teachers import build_teachers
+from tests.conftest import make_trainer, sacred_scalars, toy_config, write_json_config
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -63,20 +61,13 @@ def cached_and_online(setup, pool, student_mask):
     for mode in ("cached", "online"):
         config = resolve({**flatten_config(setup["student"]), "teachers.mode": mode, "loss.teacher_pool": pool,
                           "teachers.checkpoints": paths})
-        torch.manual_seed(0)
-        corpora = load_corpora(config)
-        model, tokenizer = build_student(config)
-        teachers = build_teachers(config, corpora["train"], torch.device("cpu"), tokenizer)
-        train_loader, _ = build_loaders(config, corpora, tokenizer, extra_inputs=teachers.text_inputs)
-        loss_fn = build_loss(config, num_teachers=len(teachers))
-        model.eval()  # no dropout, so both modes see identical student outputs
-        train_loader.sampler.set_epoch(0)
-        batch = next(iter(train_loader))
+        trainer, batch = make_trainer(config)
+        model = trainer.model.eval()  # no dropout, so both modes see identical student outputs
         with torch.no_grad():
             video = model.encode_video(batch["video"], batch["video_mask"])
-            text = {lang: model.encode_text(batch["text"]["student"][lang]) for lang in corpora["train"].languages}
-            sims = teachers.similarities(batch)
-            losses[mode] = (loss_fn(text, video, teacher_sims=sims)[0].item(), sims)
+            text = {lang: model.encode_text(batch["text"]["student"][lang]) for lang in trainer.languages}
+            sims = trainer.teachers.similarities(batch)
+            losses[mode] = (trainer.loss_fn(text, video, teacher_sims=sims)[0].item(), sims)
     return losses
 
 

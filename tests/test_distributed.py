@@ -7,31 +7,13 @@ import torch.multiprocessing as mp
 import pytest
 
 from parse_config import flatten_config, resolve
-from tests.conftest import toy_config, untrained_teachers
-from trainer.build import build_loaders, build_loss, build_student, load_corpora
+from tests.conftest import make_trainer, toy_config, untrained_teachers
+from trainer.build import build_loaders, build_student, load_corpora
 from trainer.evaluate import evaluate
 from trainer.teachers import build_teachers
-from trainer.trainer import Trainer
 from trainer.trainer import split_batch
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistInfo, on_main
-
-
-def make_trainer(config, info):
-    """A Trainer of a fresh student (seed 0) and the first training batch of epoch 0."""
-    torch.manual_seed(0)
-    device = torch.device("cpu")
-    corpora = load_corpora(config)
-    model, tokenizer = build_student(config)
-    teachers = build_teachers(config, corpora["train"], device, tokenizer)
-    train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
-                                              extra_inputs=teachers.text_inputs if teachers else (),
-                                              rank=info.rank, world_size=info.world_size)
-    loss_fn = build_loss(config, num_teachers=len(teachers) if teachers else 0)
-    trainer = Trainer(config, model, loss_fn, train_loader, eval_loader, device, None, teachers=teachers, dist=info)
-    train_loader.sampler.set_epoch(0)
-    train_loader.dataset.set_epoch(0)
-    return trainer, next(iter(train_loader))
 
 
 def grads(model):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_same_weights, toy_config, untrained_teachers, write_json_config
+from tests.conftest import assert_same_weights, make_trainer, toy_config, untrained_teachers, write_json_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,17 +240,12 @@ def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
     """The fp16 path (a gradient scaler instead of the finiteness check), with PyTorch's GradScaler
     on the CPU: steps with non-finite gradients are skipped and counted, and the run stops once
     more than trainer.max_skipped_steps were skipped."""
-    from trainer.build import build_loaders, build_loss, build_student, load_corpora
-    from trainer.trainer import NonFiniteLoss, Trainer
-    config = toy_config(toy_assets, tmp_path, "translate-train", **{
-        "loss.temperature": 0.0, "trainer.max_skipped_steps": 2})
-    corpora = load_corpora(config)
-    model, tokenizer = build_student(config)
-    train_loader, eval_loader = build_loaders(config, corpora, tokenizer)
-    trainer = Trainer(config, model, build_loss(config), train_loader, eval_loader, torch.device("cpu"), None)
+    from trainer.trainer import NonFiniteLoss
+    trainer, batch = make_trainer(toy_config(toy_assets, tmp_path, "translate-train", **{
+        "loss.temperature": 0.0, "trainer.max_skipped_steps": 2}))
+    model = trainer.model
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # what fp16 training on CUDA builds
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    batch = next(iter(train_loader))
     for skipped in (1, 2):
         trainer.training_step(batch)
         assert trainer.skipped_steps == skipped
@@ -262,12 +257,7 @@ def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
 
 def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
     """Checkpoints written before every rank's random state was kept hold one state, not a list."""
-    from trainer.build import build_loaders, build_loss, build_student, load_corpora
-    from trainer.trainer import Trainer
-    config = toy_config(toy_assets, tmp_path, "translate-train")
-    model, tokenizer = build_student(config)
-    train_loader, eval_loader = build_loaders(config, load_corpora(config), tokenizer)
-    trainer = Trainer(config, model, build_loss(config), train_loader, eval_loader, torch.device("cpu"), None)
+    trainer, _ = make_trainer(toy_config(toy_assets, tmp_path, "translate-train"))
     state = trainer.state_dict()
     assert isinstance(state["rng"], list) and len(state["rng"]) == 1
     state["rng"] = state["rng"][0]
