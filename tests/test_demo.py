@@ -202,3 +202,18 @@ def test_demo_errors_exit_2_with_one_line(trained, tmp_path, capsys):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {trained['test_file']}: unknown video id 'toy99999' (200 videos, e.g. toy01000, toy01001, toy01002)"]
+
+
+def test_search_embeds_queries_and_videos_as_evaluation_does(trained):
+    """The inference API tokenizes and pools as test.py's evaluation does: same embeddings."""
+    from trainer.build import build_loaders, load_corpora
+    from trainer.evaluate import evaluate
+    retriever, corpus = trained["retriever"], trained["corpus"]
+    config = {**retriever.config, "data": {**retriever.config["data"], "eval_path": str(trained["test_file"])}}
+    _, loader = build_loaders(config, load_corpora(config, splits=("eval",)), retriever.tokenizer)
+    _, scores = evaluate(retriever.model, loader, ["en"], config["eval"], retriever.device, return_scores=True)
+    position = {vid: i for i, vid in enumerate(corpus.ids)}
+    queries = retriever.encode_texts([corpus.captions["en"][position[q]][0] for q in scores["en"].query_ids])
+    torch.testing.assert_close(queries, scores["en"].queries, atol=1e-5, rtol=0)
+    videos = trained["index"].embeddings[[position[v] for v in scores["en"].video_ids]]
+    torch.testing.assert_close(videos, scores["en"].videos, atol=1e-5, rtol=0)

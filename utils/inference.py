@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data_loader.corpus import ENGLISH, SplitNotInFile, read_corpus
+from data_loader.dataset import TokenTable
 from model.model import load_tokenizer, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 
@@ -101,17 +102,17 @@ class Retriever:
 
     @torch.no_grad()
     def encode_texts(self, texts, batch_size=256):
-        """[len(texts), P] normalised text embeddings."""
+        """[len(texts), P] normalised text embeddings, tokenized as the evaluation set is."""
         check_texts(texts)
+        max_words = self.config["data"]["max_words_eval"]
         out = []
-        pool_tokenizer = self.pool_tokenizer  # its mask must have the length of the tokens: pad both fully
-        padding = "max_length" if pool_tokenizer else True
-        encode = dict(padding=padding, truncation=True, max_length=self.config["data"]["max_words_eval"],
-                      return_tensors="pt", return_token_type_ids=False)
         for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start:start + batch_size])
-            tokens = {k: v.to(self.device) for k, v in self.tokenizer(chunk, **encode).items()}
-            pool = pool_tokenizer(chunk, **encode)["attention_mask"].to(self.device) if pool_tokenizer else None
+            captions = [[text] for text in texts[start:start + batch_size]]
+            table = TokenTable(captions, self.tokenizer, max_words, clean=False)
+            tokens = {"input_ids": table.input_ids.long().to(self.device),
+                      "attention_mask": table.attention_mask.long().to(self.device)}
+            pool = (TokenTable(captions, self.pool_tokenizer, max_words, clean=False).attention_mask.long()
+                    .to(self.device) if self.pool_tokenizer else None)
             out.append(self.model.encode_text(tokens, pool_mask=pool).float().cpu())
         return F.normalize(torch.cat(out), dim=1, eps=1e-8) if out else torch.zeros(0, self._dim())
 
