@@ -83,8 +83,9 @@ def register_reader(name, reads_split=False):
     return wrap
 
 
-def read_corpus(path, layout, feature_key, split, languages=None, missing_caption_fallback="none"):
-    """Read ``path`` with the reader registered for ``layout``; ``split`` is 'train' or 'eval'.
+def read_corpus(path, layout, feature_key, split, languages=None, missing_caption_fallback="none", items=None):
+    """Read ``path`` with the reader registered for ``layout``; ``split`` is 'train' or 'eval';
+    ``items``: the already unpickled content of a pickle layout's file (it is then not read again).
 
     ``languages`` (optional) keeps those languages in that order. ``missing_caption_fallback``
     (config key ``data.missing_caption_fallback``) decides what an item that lacks a language
@@ -95,7 +96,7 @@ def read_corpus(path, layout, feature_key, split, languages=None, missing_captio
     """
     if layout not in READERS:
         raise DataFileError(f"unknown data layout '{layout}'; known: {', '.join(sorted(READERS))}")
-    corpus = READERS[layout](path, feature_key=feature_key, split=split)
+    corpus = READERS[layout](path, feature_key=feature_key, split=split, **({} if items is None else {"items": items}))
     if languages:
         corpus.select_languages(languages)
     return fill_missing_captions(corpus, missing_caption_fallback)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_loader.corpus import ENGLISH, SplitNotInFile, read_corpus
+from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, read_corpus
 from data_loader.dataset import TokenTable
+from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 
@@ -166,10 +167,11 @@ def check_texts(texts):
 def read_videos(path, layout, feature_key):
     """A data file as the data layer reads it: its evaluation view, or its training view when it has
     no evaluation captions (a training file)."""
+    items = load_pickle(path) if layout in PICKLE_LAYOUTS else None  # unpickled once for both views
     try:
-        return read_corpus(path, layout, feature_key, "eval")
+        return read_corpus(path, layout, feature_key, "eval", items=items)
     except SplitNotInFile:
-        return read_corpus(path, layout, feature_key, "train")
+        return read_corpus(path, layout, feature_key, "train", items=items)
 
 
 def find_video(corpus, video_id):
