@@ -45,9 +45,10 @@ def load_any(path, layout=None, feature_key=None, split=None):
     """Read ``path`` in ``layout`` (detected when None); every failure is a one-line DataFileError."""
     path = Path(path)
     detected = []
-    if not path.exists() and not is_safe_path(path):
+    safe = is_safe_path(path)
+    if not path.exists() and not safe:
         raise DataFileError(f"{path}: file not found")
-    if layout == "safe" or (layout is None and is_safe_path(path)):
+    if layout == "safe" or (layout is None and safe):
         if layout is None:
             detected.append("layout")
         raw = read_safe_raw(path)
