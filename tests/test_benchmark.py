@@ -117,6 +117,9 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
         assert step[key] > 0, key
     for key in ("cached_step_s", "online_step_s", "online_over_cached"):
         assert step["without_student_dropout"][key] > 0, key
+    assert step["online_reference_step_s"] > 0 and step["online_reference_over_cached"] > 0
+    # Only the reference-style variant runs its teachers with dropout; this project's do not.
+    assert step["teachers_in_train_mode"] == {"online": False, "online_no_dropout": False, "online_reference": True}
     flops = step["model_flops"]
     assert flops["student"] > flops["teachers"] > 0
     assert flops["online_over_cached_bound"] == pytest.approx(1 + flops["teachers"] / flops["student"])
@@ -127,7 +130,7 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     if not torch.cuda.is_available():
         assert report["gpu_step"] == {"skipped": "no CUDA device"}
     printed = capsys.readouterr().out
-    assert "steady state" in printed and "online/cached" in printed and f"wrote {out}" in printed
+    assert "steady state" in printed and "online/cached" in printed and "reference/cached" in printed and f"wrote {out}" in printed
 
 
 @pytest.mark.parametrize("n", [1, 5])
