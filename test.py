@@ -1,10 +1,10 @@
 """Evaluate a checkpoint: per-language text-to-video and video-to-text retrieval.
 
-    python test.py -r runs/toy/translate_train/1/best.pt
+    python test.py -r runs/toy/translate_train/1/latest.pt
     python test.py -r model.pt --set data.eval_path=data/other_test.pkl --save-sims sims/
 The checkpoint's own config is the base; ``-c`` and ``--set`` override it (for example another
 evaluation file). Prints the tables and writes metrics.json to --out (default:
-<checkpoint folder>/eval/<checkpoint name>/, so best.pt and latest.pt keep separate results).
+<checkpoint folder>/eval/<checkpoint name>/, so each checkpoint keeps its own results).
 """
 import json
 import sys
@@ -18,7 +18,6 @@ from parse_config import ConfigError, build_parser, config_from_args, flatten_co
 from trainer.build import build_loaders, load_corpora
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import load_checkpoint
-from utils.device import amp_dtype
 from utils.errors import exit_status
 from utils.experiment import run_experiment
 
@@ -48,8 +47,7 @@ def test(config, run, state, checkpoint, device, out, save_sims=None):
     model, tokenizer = model_from_checkpoint(config, state, checkpoint)
     model.to(device)
     _, loader = build_loaders(config, corpora, tokenizer)
-    summary, scores = evaluate(model, loader, corpora["eval"].languages, config["eval"], device,
-                               amp_dtype(device, config["trainer"]["mixed_precision"]), return_scores=True)
+    summary, scores = evaluate(model, loader, corpora["eval"].languages, config["eval"], device, return_scores=True)
     for direction in ("t2v", "v2t"):
         print(format_table(summary, direction=direction))
         print()

@@ -24,7 +24,7 @@ def run_train(config, run_id, *extra):
 def trained(tmp_path_factory, toy_assets):
     """One uninterrupted translate-train run, and one stopped after 2 epochs then resumed."""
     tmp = tmp_path_factory.mktemp("e2e")
-    path = write_json_config(tmp, "tt", toy_config(toy_assets, tmp, **{"trainer.epochs": EPOCHS}))
+    path = write_json_config(tmp, "tt", toy_config(toy_assets, tmp, **{"trainer.epochs": EPOCHS, "trainer.monitor": "t2v_mean_R1"}))
     full = run_train(path, "full")
     part = run_train(path, "part", "--epochs", "2")
     resumed = run_train(path, "resumed", "-r", str(part / "latest.pt"), "--epochs", str(EPOCHS))

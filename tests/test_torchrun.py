@@ -71,6 +71,7 @@ def test_one_node_two_processes_writes_one_run_with_every_ranks_random_state(two
     assert two_process_run["stdout"].count("run folder:") == 1  # rank 0 alone logs
     assert two_process_run["stdout"].count("epoch 2/2") == 1
     state = load_checkpoint(runs / "one_node" / "latest.pt")
+    assert not (runs / "one_node" / "best.pt").exists()  # trainer.monitor is off by default
     assert state["epoch"] == 2 and state["step"] == 6
     first, second = (s["torch"] for s in state["rng"])
     assert not torch.equal(first, second)  # each rank draws its own dropout masks

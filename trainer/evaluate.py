@@ -2,8 +2,9 @@
 
 Captions of one video id are averaged into one query (``multi_caption = average``, the
 reference's behaviour, §4) or ranked as separate queries (``separate``). Video embeddings of
-items sharing an id are averaged. The evaluation batch size changes the embeddings only by
-float32 rounding (different matrix shapes).
+items sharing an id are averaged. Evaluation always runs in float32, as the reference's did (§4),
+whatever ``trainer.mixed_precision`` says, so reported numbers do not depend on the training
+precision; the evaluation batch size then changes the embeddings only by float32 rounding.
 """
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK
 from model.metric import mean_over_languages, retrieval_metrics_from_embeddings
-from utils.device import autocast, to_device
+from utils.device import to_device
 from utils.distributed import gather_to_main, on_main, rank
 
 
@@ -33,7 +34,7 @@ class LanguageScores:
 
 
 @torch.no_grad()
-def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="student"):
+def embed_eval_set(model, loader, languages, device, text_key="student"):
     """Text embeddings per language, video embeddings, item positions and caption flags of this
     process's slice of the evaluation set, all on the CPU in fp32."""
     model.eval()
@@ -42,12 +43,13 @@ def embed_eval_set(model, loader, languages, device, amp_dtype=None, text_key="s
     videos, items = [], []
     for batch in tqdm(loader, desc="embed", leave=False, dynamic_ncols=True, disable=rank() != 0):
         batch = to_device(batch, device)
-        with autocast(device, amp_dtype):
+        with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast
             videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())
             pool = batch["text"].get(POOL_MASK)
             for lang in languages:
                 pool_mask = pool[lang]["attention_mask"] if pool is not None else None
-                texts[lang].append(model.encode_text(batch["text"][text_key][lang], pool_mask=pool_mask).float().cpu())
+                texts[lang].append(model.encode_text(batch["text"][text_key][lang],
+                                                     pool_mask=pool_mask).float().cpu())
         for lang in languages:
             has[lang].append(batch["has_caption"][lang].cpu())
         items.append(batch["index"].cpu())
@@ -112,12 +114,12 @@ def flat_metrics(summary):
             for stat, value in stats.items() if stat != "num_queries"}
 
 
-def evaluate(model, loader, languages, eval_cfg, device, amp_dtype=None, return_scores=False):
+def evaluate(model, loader, languages, eval_cfg, device, return_scores=False):
     """Metrics of ``model`` on the evaluation set. Under torch.distributed each rank embeds its
     slice, rank 0 ranks the whole set once and every rank receives the metrics; ``scores`` (with
     ``return_scores``) exist on rank 0 only (None elsewhere)."""
     corpus = loader.dataset.corpus
-    parts = gather_to_main(embed_eval_set(model, loader, languages, device, amp_dtype))
+    parts = gather_to_main(embed_eval_set(model, loader, languages, device))
     scores = None
 
     def rank_all():

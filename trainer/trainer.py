@@ -286,8 +286,7 @@ class Trainer:
         return loss_sum.item() / max(steps, 1)
 
     def evaluate(self):
-        return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device,
-                        self.amp_dtype)
+        return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device)
 
     def _improves(self, monitor, flat):
         if monitor not in flat:

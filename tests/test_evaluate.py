@@ -1,0 +1,28 @@
+"""Evaluation precision: reported numbers do not depend on the training precision."""
+import torch
+
+from tests.conftest import toy_config
+from trainer.build import build_loaders, build_student, load_corpora
+from trainer.evaluate import embed_eval_set
+
+
+def test_evaluation_embeds_in_float32_inside_a_callers_autocast(toy_assets, tmp_path):
+    config = toy_config(toy_assets, tmp_path)
+    corpora = load_corpora(config, splits=("eval",))
+    torch.manual_seed(0)
+    model, tokenizer = build_student(config)
+    _, loader = build_loaders(config, corpora, tokenizer)
+    languages = corpora["eval"].languages
+    cpu = torch.device("cpu")
+    plain = embed_eval_set(model, loader, languages, cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = embed_eval_set(model, loader, languages, cpu)
+        # The same model under bf16 autocast gives visibly different embeddings...
+        batch = next(iter(loader))
+        rounded = model.encode_video(batch["video"], batch["video_mask"])
+    assert rounded.dtype == torch.bfloat16
+    # ...but evaluation ignores the caller's autocast.
+    assert torch.equal(plain[1], under_autocast[1])
+    for lang in languages:
+        assert plain[0][lang].dtype == torch.float32
+        assert torch.equal(plain[0][lang], under_autocast[0][lang])
