@@ -80,6 +80,28 @@ def test_cached_and_online_teachers_give_the_same_loss(setup, pool, student_mask
         assert torch.allclose(cached, online, atol=1e-5)
 
 
+def test_teacher_targets_are_float32_products_under_autocast(setup):
+    from model.loss import cosine_sim
+    for mode in ("cached", "online"):
+        config = resolve({**flatten_config(setup["student"]), "teachers.mode": mode})
+        trainer, batch = make_trainer(config)
+        teachers = trainer.teachers
+        with torch.no_grad():
+            plain = teachers.similarities(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                rounded = teachers.similarities(batch)
+                if mode == "online":  # the encoders do run under autocast; only the products are fp32
+                    model = teachers.teachers[0].model
+                    text = model.encode_text(batch["text"][teachers.input_name(0)]["en"])
+                    video = model.encode_video(batch["video"], batch["video_mask"])
+        assert all(s.dtype == torch.float32 for s in rounded)
+        if mode == "cached":
+            assert all(torch.equal(a, b) for a, b in zip(plain, rounded))
+        else:
+            assert text.dtype == torch.bfloat16
+            assert torch.equal(rounded[0], cosine_sim(text.float(), video.float()))
+
+
 def test_student_mask_pooling_changes_the_teacher_targets(setup):
     own = cached_and_online(setup, "mean", False)["cached"][1]
     student = cached_and_online(setup, "mean", True)["cached"][1]

@@ -148,15 +148,18 @@ class Teachers:
     # ---- targets -----------------------------------------------------------------------------
     @torch.no_grad()
     def similarities(self, batch):
-        """One [B, B] matrix per teacher: English captions of the batch against its videos. Under
-        torch.distributed, B is the global batch: the targets of the whole batch, on every rank."""
+        """One float32 [B, B] matrix per teacher: English captions of the batch against its videos.
+        Under torch.distributed, B is the global batch: the targets of the whole batch, on every rank.
+        Online teachers embed under the caller's autocast (as the reference's did); the products
+        are float32 in both modes, so half precision rounds no target."""
         if self.mode == "online":
             sims = []
             for i, t in enumerate(self.teachers):
                 pool = batch["text"]["student"][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
                 text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
                 video = t.model.encode_video(batch["video"], batch["video_mask"])
-                sims.append(cosine_sim(gather(text), gather(video)).float())
+                with torch.autocast(self.device.type, enabled=False):
+                    sims.append(cosine_sim(gather(text).float(), gather(video).float()))
             return sims
         index, caption = gather(torch.stack([batch["index"], batch["caption_index"]], dim=1)).unbind(1)
         sims = []
@@ -165,7 +168,8 @@ class Teachers:
             # leaves it out of distillation (rows["teacher"]).
             rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1).clamp(min=0)
             rows = rows.clamp(max=len(cache["text"]) - 1)
-            sims.append(cache["text"][rows] @ cache["video"][index].t())
+            with torch.autocast(self.device.type, enabled=False):
+                sims.append(cache["text"][rows] @ cache["video"][index].t())
         return sims
 
 
