@@ -78,7 +78,8 @@ SCHEMA = {
     "trainer.max_skipped_steps": (50, int, None, "fp16: stop after the scaler skipped this many steps"),
     "trainer.max_steps_per_epoch": (None, (int, NULLABLE), None, "cap on steps per epoch (smoke runs)"),
     "eval.tie_break": ("averaging", str, ("averaging", "optimistic", "pessimistic"),
-                       "rank of a ground truth tied with others; the reference is optimistic"),
+                       "ground truth tied with others: averaging = expected rank and R@K under a random "
+                       "order of the tied items; the reference is optimistic"),
     "eval.total_queries": (None, (int, NULLABLE), None, "R@K denominator when the file lacks some queries"),
     "eval.multi_caption": ("average", str, ("average", "separate"),
                            "captions sharing a video id: averaged into one query, or ranked separately"),

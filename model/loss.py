@@ -9,6 +9,9 @@ l and the batch's videos; T is the teachers' matrix from the English captions of
 
 D is KL(softmax(T/τd) || softmax(S/τd)) over rows plus the same over columns, or the TeachText
 SmoothL1 on raw similarities. The teacher pooling decides the targets T_t and their weights w_t.
+
+Each term runs over the items its row mask keeps (0 when it keeps none), and everything is
+computed in float32 even under autocast.
 """
 import warnings
 
@@ -41,26 +44,63 @@ def cosine_sim(a, b):
     return F.normalize(a, dim=-1, eps=1e-8) @ F.normalize(b, dim=-1, eps=1e-8).t()
 
 
-def info_nce(sims, temperature):
+def info_nce(sims, temperature, keep=None):
     """Cross-entropy of the diagonal over rows plus over columns: the two directions are summed
-    (the reference's NormSoftmaxLoss)."""
+    (the reference's NormSoftmaxLoss). ``keep`` ([B] bool) restricts it to the kept items, as on
+    the sub-matrix of their rows and columns; over no items it is 0."""
     logits = sims / temperature
-    target = torch.arange(sims.shape[0], device=sims.device)
-    return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+    if keep is None:
+        target = torch.arange(sims.shape[0], device=sims.device)
+        return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+    diag = logits.diagonal()
+    rows = torch.logsumexp(_drop_columns(logits, keep), dim=1) - diag
+    cols = torch.logsumexp(_drop_columns(logits.t(), keep), dim=1) - diag
+    return _mean_over_kept(rows, keep) + _mean_over_kept(cols, keep)
 
 
-def distill_kl(student, teacher, temperature):
-    """KL(teacher || student) of the row softmaxes, batch-mean, plus the same on the transposes."""
+def distill_kl(student, teacher, temperature, keep=None):
+    """KL(teacher || student) of the row softmaxes, batch-mean, plus the same on the transposes.
+    ``keep`` as in ``info_nce``."""
     def kl_rows(s, t):
-        log_p_s = F.log_softmax(s / temperature, dim=1)
-        log_p_t = F.log_softmax(t / temperature, dim=1)
-        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+        if keep is None:
+            log_p_s = F.log_softmax(s / temperature, dim=1)
+            log_p_t = F.log_softmax(t / temperature, dim=1)
+            return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+        # Log-probabilities off the kept pairs are set to 0, so they add p * (0 - 0) = 0 (not 0 * inf).
+        off = ~_pairs(keep)
+        log_p_s = F.log_softmax(_drop_columns(s / temperature, keep), dim=1).masked_fill(off, 0.0)
+        log_p_t = F.log_softmax(_drop_columns(t / temperature, keep), dim=1).masked_fill(off, 0.0)
+        return _mean_over_kept((log_p_t.exp() * (log_p_t - log_p_s)).sum(1), keep)
     return kl_rows(student, teacher) + kl_rows(student.t(), teacher.t())
 
 
-def distill_smooth_l1(student, teacher, temperature):
-    """The TeachText ablation: SmoothL1 between raw similarities (the temperature is unused)."""
-    return F.smooth_l1_loss(student, teacher)
+def distill_smooth_l1(student, teacher, temperature, keep=None):
+    """The TeachText ablation: SmoothL1 between raw similarities (the temperature is unused), mean
+    over the kept pairs."""
+    if keep is None:
+        return F.smooth_l1_loss(student, teacher)
+    pairs = _pairs(keep)
+    elementwise = F.smooth_l1_loss(student, teacher, reduction="none")
+    return torch.where(pairs, elementwise, 0.0).sum() / pairs.sum().clamp(min=1)
+
+
+# Row masks are applied by weighting, never by boolean indexing: indexing would need the number of
+# kept rows on the host (a device synchronisation per step), and a sub-batch with no rows gives a
+# 0x0 matrix whose mean is NaN. Weighted, a term over no rows is 0 and its gradients are 0.
+
+def _pairs(keep):
+    return keep[:, None] & keep[None, :]
+
+
+def _drop_columns(logits, keep):
+    """-inf in the columns of left-out items, for kept rows only: a kept row's softmax then runs over
+    the kept items, as on the sub-matrix; a left-out row stays finite (its value is weighted by 0),
+    so neither it nor its gradient is NaN."""
+    return logits.masked_fill(keep[:, None] & ~keep[None, :], float("-inf"))
+
+
+def _mean_over_kept(values, keep):
+    return torch.where(keep, values, 0.0).sum() / keep.sum().clamp(min=1)
 
 
 class RetrievalLoss(nn.Module):
@@ -99,11 +139,19 @@ class RetrievalLoss(nn.Module):
         ``video``: [B, P]; ``teacher_sims``: list of [B, B] teacher matrices (c2kd only);
         ``rows``: lang -> [B] bool, the items that have a caption in that language; "main": those
         with an English caption and a non-empty video (the first English term); "teacher": those
-        with an English caption (the ones a teacher can score). A missing key keeps every item. Returns (loss, {term name: detached value}).
+        with an English caption (the ones a teacher can score). A missing key keeps every item; a term
+        whose mask keeps no item is 0. Similarities and terms are computed in float32 (float64 inputs
+        stay float64), also under autocast. Returns (loss, {term name: detached value}).
 
         Under torch.distributed the inputs are this rank's slice of the global batch; they are
         gathered (with gradients) so every term sees the whole global batch, and ``teacher_sims``
         must already be global [B_global, B_global] matrices."""
+        # Similarities and every term in (at least) float32, whatever autocast encloses the call: a
+        # bf16 cosine is off by ~2e-3, i.e. 0.04 in a logit at temperature 0.05.
+        with torch.autocast(video.device.type, enabled=False):
+            return self._forward(text, video, teacher_sims, rows)
+
+    def _forward(self, text, video, teacher_sims, rows):
         if world_size() > 1:  # one collective for all embeddings and one for all row masks
             langs = list(text)
             gathered = gather_with_grad(torch.stack([*(text[lang] for lang in langs), video], dim=1))
@@ -113,14 +161,16 @@ class RetrievalLoss(nn.Module):
                 rows = dict(zip(keys, gather(torch.stack([rows[k] for k in keys], dim=1)).unbind(1)))
         terms = {}
         en = self.english
-        sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}
+        video = _at_least_float32(video)
+        sims = {lang: cosine_sim(_at_least_float32(emb), video) for lang, emb in text.items()}
+        if teacher_sims:
+            teacher_sims = [_at_least_float32(t) for t in teacher_sims]
 
-        rows = rows or {}
+        # A missing mask keeps every row and takes the unmasked path; a mask that keeps no row in
+        # this batch (e.g. a RUDDER batch without some language) gives a term of 0, not NaN.
+        rows = {k: v.to(video.device, non_blocking=True) for k, v in (rows or {}).items()}
 
-        def sub(matrix, keep):
-            return matrix if keep is None else matrix[keep][:, keep]
-
-        main = info_nce(sub(sims[en], rows.get("main")), self.temperature)
+        main = info_nce(sims[en], self.temperature, rows.get("main"))
         terms["nce_main"] = main
         if self.stage == "zero-shot":
             return main, _detached(terms)
@@ -128,7 +178,7 @@ class RetrievalLoss(nn.Module):
             loss = main
             for lang, s in sims.items():
                 if lang != en:
-                    terms[f"nce_{lang}"] = info_nce(sub(s, rows.get(lang)), self.temperature)
+                    terms[f"nce_{lang}"] = info_nce(s, self.temperature, rows.get(lang))
                     loss = loss + terms[f"nce_{lang}"]
             return loss, _detached(terms)
 
@@ -138,13 +188,17 @@ class RetrievalLoss(nn.Module):
         loss = lam * main
         targets = self.distill_targets(teacher_sims)
         for lang, s in sims.items():
-            nce = info_nce(sub(s, rows.get(lang)), self.temperature)
+            nce = info_nce(s, self.temperature, rows.get(lang))
             # Teachers read the English caption: an item without one has no target.
             keep = _both(rows.get(lang), rows.get("teacher"))
-            distill = sum(w * self.distance(sub(s, keep), sub(t, keep), self.distill_temp) for w, t in targets)
+            distill = sum(w * self.distance(s, t, self.distill_temp, keep) for w, t in targets)
             terms[f"nce_{lang}"], terms[f"distill_{lang}"] = nce, distill
             loss = loss + lam * nce + distill
         return loss, _detached(terms)
+
+
+def _at_least_float32(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _both(a, b):

@@ -1,16 +1,21 @@
 """Text-video retrieval metrics (R@K, MedR, MeanR), vectorised in torch.
 
 Protocol:
-* t2v: the 0-based rank of a query is the number of videos scoring above its
-  ground-truth video, plus a tie term set by ``tie_break``: "optimistic" (ties
-  ignored), "pessimistic" (every other tied item counts as above) or
-  "averaging" (half of the other tied items; ranks may be fractional).
-* v2t: a video's rank is the best (minimum) rank, within its column, over the
-  queries (captions) describing it; videos without any caption are skipped.
-* R@K = 100 * #(rank < K) / denominator, where the denominator is
+* t2v: a query's ground-truth video has a = #videos scoring strictly above it and m = #videos
+  scoring equal to it (itself included), so it sits somewhere in positions [a, a + m) (0-based).
+  ``tie_break`` decides where: "optimistic" at a, "pessimistic" at a + m - 1, or "averaging",
+  the expectation under a uniformly random order of the tied items: rank a + (m - 1) / 2
+  (fractional) for MedR / MeanR, and a hit at K with probability clamp((K - a) / m, 0, 1), so a
+  2-way tie at the top counts 1/2 towards R@1 and a 3-way tie 1/3.
+* v2t: a video's score is its best (maximum) caption score in its column; a and m are counted in
+  that column, over all queries (other captions of the same video that tie with it count as tied
+  items). Videos without any caption are skipped.
+* R@K = 100 * (sum of the hits at K) / denominator, where the denominator is
   ``total_queries`` when given (the complete dataset size: missing items count
   as failures), else the number of ranked items. MedR / MeanR are
   median / mean rank + 1 over the ranked items only.
+
+The reference always ranked optimistically (c2kd-reference §4); "averaging" is the default here.
 
 ``retrieval_metrics`` takes a similarity matrix; ``retrieval_metrics_from_embeddings`` takes the
 query and video embeddings and ranks block by block, for sets whose [Q, V] matrix would not fit.
@@ -20,16 +25,31 @@ import numpy as np
 import torch
 
 TIE_BREAKS = ("optimistic", "pessimistic", "averaging")
-_TIE_WEIGHT = {"optimistic": 0.0, "pessimistic": 1.0, "averaging": 0.5}
 RECALL_KS = (1, 5, 10, 50)
 
 
-def _summarise(ranks: torch.Tensor, total_queries: int | None) -> dict[str, float]:
-    n = ranks.numel()
+def _summarise(above: torch.Tensor, tied: torch.Tensor, tie_break: str,
+               total_queries: int | None) -> dict[str, float]:
+    """Statistics of items whose ground truth has ``above`` strictly better scores and ``tied``
+    equal ones (itself included)."""
+    n = above.numel()
     denom = n if total_queries is None else total_queries
     if denom < n:
         raise ValueError(f"total_queries={total_queries} is smaller than the {n} ranked queries")
-    out = {f"R{k}": 100.0 * (ranks < k).sum().item() / denom if denom else float("nan") for k in RECALL_KS}
+    above, tied = above.double(), tied.double()
+    if tie_break == "optimistic":
+        ranks = above
+    elif tie_break == "pessimistic":
+        ranks = above + tied - 1
+    else:
+        ranks = above + (tied - 1) / 2
+
+    def hits(k):
+        if tie_break == "averaging":  # the chance that a random order puts it before position k
+            return ((k - above) / tied).clamp(0, 1)
+        return (ranks < k).double()
+
+    out = {f"R{k}": 100.0 * hits(k).sum().item() / denom if denom else float("nan") for k in RECALL_KS}
     arr = ranks.numpy()
     out["MedR"] = float(np.median(arr)) + 1 if n else float("nan")
     out["MeanR"] = float(arr.mean()) + 1 if n else float("nan")
@@ -37,14 +57,10 @@ def _summarise(ranks: torch.Tensor, total_queries: int | None) -> dict[str, floa
     return out
 
 
-def _rank(greater: torch.Tensor, equal_others: torch.Tensor, weight: float) -> torch.Tensor:
-    return greater.double().cpu() + weight * equal_others.double().cpu()
-
-
 def _check_tie_break(tie_break):
-    if tie_break not in _TIE_WEIGHT:
+    if tie_break not in TIE_BREAKS:
         raise ValueError(f"unknown tie_break {tie_break!r}; expected one of {TIE_BREAKS}")
-    return _TIE_WEIGHT[tie_break]
+    return tie_break
 
 
 def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -61,7 +77,7 @@ def _check_query_video(query_video, num_q, num_v, device):
     return query_video
 
 
-def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, weight, chunk_size, total_queries):
+def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, tie_break, chunk_size, total_queries):
     """Ranks from score blocks. ``row_block(start, end)`` gives scores [end - start, V] of those
     queries; ``col_block(start, end)`` gives scores [Q, end - start] of those videos."""
     if chunk_size < 1:
@@ -69,18 +85,19 @@ def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, weight, ch
     device = query_video.device
 
     # t2v: compare each row with the score of its ground-truth video.
-    t2v = []
+    t2v = ([], [])
     for start in range(0, num_q, chunk_size):
         rows = row_block(start, min(start + chunk_size, num_q))
         if rows.isnan().any():
             raise ValueError("sims contains NaN")
         gt = rows.gather(1, query_video[start:start + chunk_size, None])
-        t2v.append(_rank(_count(rows > gt, 1), _count(rows == gt, 1) - 1, weight))
+        t2v[0].append(_count(rows > gt, 1).cpu())
+        t2v[1].append(_count(rows == gt, 1).cpu())
         del rows
 
     # v2t: every tie rule gives a rank that is non-increasing in the score, so
     # the minimum over a video's captions is the rank of its best caption score.
-    v2t = []
+    v2t = ([], [])
     all_queries = torch.arange(num_q, device=device)
     for start in range(0, num_v, chunk_size):
         end = min(start + chunk_size, num_v)
@@ -92,15 +109,15 @@ def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, weight, ch
         best = best.scatter_reduce(0, col_in, cols[q_in, col_in], reduce="amax")
         has_query = torch.zeros(end - start, dtype=torch.bool, device=device)
         has_query[col_in] = True
-        rank = _rank(_count(cols > best, 0), _count(cols == best, 0) - 1, weight)
-        v2t.append(rank[has_query.cpu()])
+        has_query = has_query.cpu()
+        v2t[0].append(_count(cols > best, 0).cpu()[has_query])
+        v2t[1].append(_count(cols == best, 0).cpu()[has_query])
         del cols
 
-    empty = torch.zeros(0, dtype=torch.float64)
-    return {
-        "t2v": _summarise(torch.cat(t2v) if t2v else empty, total_queries),
-        "v2t": _summarise(torch.cat(v2t) if v2t else empty, total_queries),
-    }
+    def summarise(counts):
+        above, tied = (torch.cat(c) if c else torch.zeros(0, dtype=torch.int32) for c in counts)
+        return _summarise(above, tied, tie_break, total_queries)
+    return {"t2v": summarise(t2v), "v2t": summarise(v2t)}
 
 
 def retrieval_metrics(sims: torch.Tensor, query_video: torch.Tensor, tie_break: str = "averaging",
@@ -111,7 +128,7 @@ def retrieval_metrics(sims: torch.Tensor, query_video: torch.Tensor, tie_break: 
     query's ground-truth video. Rows (t2v) and columns (v2t) are processed in
     chunks of ``chunk_size`` so only chunk-sized temporaries are allocated.
     """
-    weight = _check_tie_break(tie_break)
+    _check_tie_break(tie_break)
     if sims.dim() != 2:
         raise ValueError(f"sims must be 2-D [Q, V], got shape {tuple(sims.shape)}")
     if not sims.is_floating_point():
@@ -119,7 +136,7 @@ def retrieval_metrics(sims: torch.Tensor, query_video: torch.Tensor, tie_break: 
     num_q, num_v = sims.shape
     query_video = _check_query_video(query_video, num_q, num_v, sims.device)
     return _ranks_by_blocks(lambda a, b: sims[a:b], lambda a, b: sims[:, a:b], query_video, num_q, num_v,
-                            weight, chunk_size, total_queries)
+                            tie_break, chunk_size, total_queries)
 
 
 def retrieval_metrics_from_embeddings(queries: torch.Tensor, videos: torch.Tensor, query_video: torch.Tensor,
@@ -139,7 +156,7 @@ def retrieval_metrics_from_embeddings(queries: torch.Tensor, videos: torch.Tenso
     representable scores (e.g. quantised embeddings), and for float embeddings unless a rounding
     difference reorders two scores that agree to the last bits.
     """
-    weight = _check_tie_break(tie_break)
+    _check_tie_break(tie_break)
     if queries.dim() != 2 or videos.dim() != 2:
         raise ValueError(f"queries and videos must be 2-D [N, D], got shapes {tuple(queries.shape)} "
                          f"and {tuple(videos.shape)}")
@@ -155,7 +172,7 @@ def retrieval_metrics_from_embeddings(queries: torch.Tensor, videos: torch.Tenso
     num_q, num_v = queries.shape[0], videos.shape[0]
     query_video = _check_query_video(query_video, num_q, num_v, queries.device)
     return _ranks_by_blocks(lambda a, b: queries[a:b] @ videos.t(), lambda a, b: queries @ videos[a:b].t(),
-                            query_video, num_q, num_v, weight, chunk_size, total_queries)
+                            query_video, num_q, num_v, tie_break, chunk_size, total_queries)
 
 
 def mean_over_languages(per_lang: dict[str, dict[str, dict[str, float]]],

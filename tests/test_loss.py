@@ -187,3 +187,108 @@ def test_items_without_english_get_no_distillation_target():
     assert terms["distill_hi"].item() == pytest.approx(expected_distill, rel=1e-9)
     assert terms["distill_en"].item() == pytest.approx(expected_distill, rel=1e-9)
     assert terms["nce_en"].item() == pytest.approx(nce_by_hand(S, tau), rel=1e-9)
+
+
+# ---- row masks: a term over no rows is 0, and the weighted form equals sub-matrix indexing ----
+
+from model.loss import distill_smooth_l1  # noqa: E402
+
+
+def _indexed(fn, keep, *matrices, **kw):
+    """The term computed on the sub-matrix of the kept rows and columns."""
+    return fn(*(m[keep][:, keep] for m in matrices), **kw)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masked_terms_equal_sub_matrix_indexing(seed):
+    gen = torch.Generator().manual_seed(seed)
+    b = 9
+    s = torch.rand(b, b, generator=gen) * 2 - 1
+    t = torch.rand(b, b, generator=gen) * 2 - 1
+    keep = torch.rand(b, generator=gen) < 0.6
+    keep[seed % b] = True  # at least one row; the empty case is tested below
+    for fn, args, kw in [(info_nce, (s,), {"temperature": 0.05}),
+                         (distill_kl, (s, t), {"temperature": 0.1}),
+                         (distill_smooth_l1, (s, t), {"temperature": 0.1})]:
+        masked = fn(*args, **kw, keep=keep)
+        assert masked.item() == pytest.approx(_indexed(fn, keep, *args, **kw).item(), rel=1e-6, abs=1e-6)
+        # A mask that keeps every row gives the unmasked value.
+        assert fn(*args, **kw, keep=torch.ones(b, dtype=torch.bool)).item() == \
+            pytest.approx(fn(*args, **kw).item(), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("fn, n_args", [(info_nce, 1), (distill_kl, 2), (distill_smooth_l1, 2)])
+def test_masked_terms_over_no_rows_are_zero_with_finite_gradients(fn, n_args):
+    s = torch.randn(5, 5, requires_grad=True)
+    t = torch.randn(5, 5)
+    value = fn(*(s, t)[:n_args], 0.1, keep=torch.zeros(5, dtype=torch.bool))
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.isfinite(s.grad).all() and (s.grad == 0).all()
+
+
+def test_masked_terms_give_finite_gradients_only_to_kept_pairs():
+    s = torch.randn(6, 6, requires_grad=True)
+    keep = torch.tensor([True, False, True, True, False, False])
+    (info_nce(s, 0.05, keep=keep) + distill_kl(s, torch.randn(6, 6), 0.1, keep=keep)).backward()
+    assert torch.isfinite(s.grad).all()
+    pair = keep[:, None] & keep[None, :]
+    assert (s.grad[~pair] == 0).all() and (s.grad[pair] != 0).any()
+
+
+def test_a_single_kept_row_gives_zero_contrastive_and_distillation_terms():
+    keep = torch.tensor([False, True, False])
+    s, t = torch.randn(3, 3), torch.randn(3, 3)
+    assert info_nce(s, 0.05, keep=keep).item() == 0.0  # InfoNCE of a 1x1 matrix
+    assert distill_kl(s, t, 0.1, keep=keep).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
+def test_a_language_with_no_rows_in_the_batch_adds_zero_not_nan(stage):
+    # RUDDER-like batch: no item has a German caption, and no item has an English one.
+    text = {"en": torch.randn(4, 8, requires_grad=True), "de": torch.randn(4, 8, requires_grad=True)}
+    video = torch.randn(4, 8, requires_grad=True)
+    none, every = torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
+    rows = {"de": none, "en": every, "main": none, "teacher": none}
+    loss = RetrievalLoss(stage, 0.05, balance=0.5, distill_temp=0.1, num_teachers=1)
+    teachers = [torch.rand(4, 4)] if stage == "c2kd" else None
+    value, terms = loss(text, video, teacher_sims=teachers, rows=rows)
+    assert torch.isfinite(value)
+    assert terms["nce_main"].item() == 0.0 and terms["nce_de"].item() == 0.0
+    if stage == "c2kd":
+        assert terms["distill_en"].item() == 0.0 and terms["distill_de"].item() == 0.0
+        # Only English's contrastive term over all four items remains.
+        assert value.item() == pytest.approx(0.5 * info_nce(cosine_sim(text["en"], video), 0.05).item(), rel=1e-6)
+    value.backward()
+    assert all(torch.isfinite(x.grad).all() for x in (text["en"], text["de"], video))
+    assert (text["de"].grad == 0).all()
+
+
+# ---- precision: similarities and loss terms are float32 under autocast --------------------------
+
+@pytest.mark.parametrize("stage, pool", [("translate-train", "max"), ("c2kd", "max"), ("c2kd", "learnable")])
+def test_loss_under_bf16_autocast_equals_the_float32_loss(stage, pool):
+    gen = torch.Generator().manual_seed(0)
+    text = {lang: torch.randn(16, 32, generator=gen) for lang in ("en", "de")}
+    video = torch.randn(16, 32, generator=gen)
+    teachers = [torch.rand(16, 16, generator=gen) * 2 - 1 for _ in range(2)] if stage == "c2kd" else None
+    rows = {"de": torch.rand(16, generator=gen) < 0.7}
+    loss = RetrievalLoss(stage, 0.05, balance=0.5, distill_temp=0.1, teacher_pool=pool, num_teachers=2)
+    plain, plain_terms = loss(text, video, teacher_sims=teachers, rows=rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, auto_terms = loss(text, video, teacher_sims=teachers, rows=rows)
+    assert auto.dtype == torch.float32 and all(v.dtype == torch.float32 for v in auto_terms.values())
+    assert auto.item() == pytest.approx(plain.item(), rel=1e-6)
+    for name, value in plain_terms.items():
+        assert auto_terms[name].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7)
+
+
+def test_half_precision_embeddings_are_scored_in_float32():
+    gen = torch.Generator().manual_seed(1)
+    text = {"en": torch.randn(8, 16, generator=gen).bfloat16()}
+    video = torch.randn(8, 16, generator=gen).bfloat16()
+    loss = RetrievalLoss("translate-train", 0.05)
+    value, terms = loss(text, video)
+    assert value.dtype == torch.float32
+    expected = info_nce(cosine_sim(text["en"].float(), video.float()), 0.05)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -51,24 +51,48 @@ def test_gt_tied_with_two_other_videos(tie_break, rank):
     assert out["t2v"]["R5"] == 100.0
 
 
-@pytest.mark.parametrize("tie_break, r1, medr", [
-    ("optimistic", 100.0, 1.0),   # rank 0
-    ("pessimistic", 0.0, 3.0),    # rank 0 + 2 tied others = 2
-    ("averaging", 0.0, 2.0),      # rank 0 + 2/2 = 1, and 1 < 1 is false
+@pytest.mark.parametrize("tie_break, r1, r5, medr", [
+    ("optimistic", 100.0, 100.0, 1.0),   # rank 0
+    ("pessimistic", 0.0, 100.0, 3.0),    # rank 0 + 2 tied others = 2
+    ("averaging", 100.0 / 3, 100.0, 2.0),  # positions 0, 1, 2 equally likely: R@1 1/3; rank 0 + 2/2 = 1
 ])
-def test_ties_change_recall_at_1(tie_break, r1, medr):
+def test_three_way_tie_at_the_top(tie_break, r1, r5, medr):
     sims = _t([[0.5, 0.5, 0.5, 0.1, 0.0]])
     out = retrieval_metrics(sims, _q([0]), tie_break=tie_break)
-    assert out["t2v"]["R1"] == r1
+    assert out["t2v"]["R1"] == pytest.approx(r1, rel=1e-12)
+    assert out["t2v"]["R5"] == r5
     assert out["t2v"]["MedR"] == medr
 
 
-def test_averaging_gives_fractional_rank():
-    # GT tied with one other video, nothing greater: rank 0 + 1/2 = 0.5 < 1 -> R1 = 100, MedR = 1.5
-    out = retrieval_metrics(_t([[0.5, 0.5, 0.2]]), _q([0]), tie_break="averaging")
-    assert out["t2v"]["R1"] == 100.0
-    assert out["t2v"]["MedR"] == 1.5
-    assert out["t2v"]["MeanR"] == 1.5
+@pytest.mark.parametrize("tie_break, r1, medr", [
+    ("optimistic", 100.0, 1.0),   # rank 0
+    ("pessimistic", 0.0, 2.0),    # rank 0 + 1 tied other = 1
+    ("averaging", 50.0, 1.5),     # positions 0 and 1 equally likely: R@1 1/2; rank 0 + 1/2
+])
+def test_two_way_tie_at_the_top(tie_break, r1, medr):
+    out = retrieval_metrics(_t([[0.5, 0.5, 0.2]]), _q([0]), tie_break=tie_break)
+    assert out["t2v"]["R1"] == r1
+    assert out["t2v"]["MedR"] == medr
+    assert out["t2v"]["MeanR"] == medr
+
+
+def test_averaging_is_the_expectation_over_random_tie_breaks():
+    # q0: GT 0.5 below 0.9, 0.8, 0.7 (a = 3) and tied with 3 others (m = 4): positions 3..6.
+    #     R@1 0, R@5 = 2/4 (positions 3, 4 of 3..6), R@10 1; rank 3 + 3/2 = 4.5
+    # q1: GT tied at the top with one other (a = 0, m = 2): R@1 1/2, R@5 1; rank 0.5
+    # q2: GT strictly best: R@1 1; rank 0
+    sims = _t([[0.9, 0.8, 0.7, 0.5, 0.5, 0.5, 0.5, 0.1],
+               [0.1, 0.6, 0.6, 0.2, 0.0, 0.0, 0.0, 0.0],
+               [0.0, 0.0, 0.9, 0.1, 0.0, 0.0, 0.0, 0.0]])
+    out = retrieval_metrics(sims, _q([3, 2, 2]), tie_break="averaging")
+    assert out["t2v"]["R1"] == pytest.approx(100.0 * (0 + 0.5 + 1) / 3, rel=1e-12)
+    assert out["t2v"]["R5"] == pytest.approx(100.0 * (0.5 + 1 + 1) / 3, rel=1e-12)
+    assert out["t2v"]["R10"] == 100.0
+    assert out["t2v"]["MedR"] == 0.5 + 1
+    assert out["t2v"]["MeanR"] == pytest.approx((4.5 + 0.5 + 0) / 3 + 1, rel=1e-12)
+    # With a denominator of 4, the missing query counts as a miss.
+    out4 = retrieval_metrics(sims, _q([3, 2, 2]), tie_break="averaging", total_queries=4)
+    assert out4["t2v"]["R5"] == pytest.approx(100.0 * (0.5 + 1 + 1) / 4, rel=1e-12)
 
 
 def test_total_queries_counts_missing_as_failures():
@@ -100,13 +124,15 @@ def test_v2t_min_over_two_captions_per_video():
                           "MedR": 1.5, "MeanR": 1.5, "num_queries": 4.0}
 
 
-@pytest.mark.parametrize("tie_break, rank", [("optimistic", 0.0), ("pessimistic", 2.0), ("averaging", 1.0)])
-def test_v2t_ties_include_other_relevant_captions(tie_break, rank):
+@pytest.mark.parametrize("tie_break, rank, hit", [("optimistic", 0.0, 1.0), ("pessimistic", 2.0, 0.0),
+                                                  ("averaging", 1.0, 1 / 3)])
+def test_v2t_ties_include_other_relevant_captions(tie_break, rank, hit):
     # column v0 = [0.5, 0.5, 0.5]; best caption score 0.5 ties with 2 other queries (q1 relevant, q2 not)
     sims = _t([[0.5, 0.1], [0.5, 0.2], [0.5, 0.9]])
     out = retrieval_metrics(sims, _q([0, 0, 1]), tie_break=tie_break)
-    # v1 column [0.1, 0.2, 0.9]: q2 on top -> rank 0
+    # v1 column [0.1, 0.2, 0.9]: q2 on top -> rank 0, a hit
     assert out["v2t"]["MeanR"] == (rank + 0.0) / 2 + 1
+    assert out["v2t"]["R1"] == pytest.approx(100.0 * (hit + 1) / 2, rel=1e-12)
     assert out["v2t"]["num_queries"] == 2.0
 
 
@@ -223,6 +249,11 @@ def test_from_embeddings_matches_materialised_matrix(tie_break, levels):
         sims = queries @ videos.t()
         gt = sims.gather(1, query_video[:, None])
         assert ((sims == gt).sum(1) > 1).any()
+        if tie_break == "averaging":  # ...that straddle a cut-off, so fractional hits are compared too
+            bounds = [retrieval_metrics(sims, query_video, tie_break=tb) for tb in ("pessimistic", "optimistic")]
+            for direction in ("t2v", "v2t"):
+                assert any(bounds[0][direction][k] < expected[direction][k] < bounds[1][direction][k]
+                           for k in ("R1", "R5", "R10"))
 
 
 def test_from_embeddings_ties_change_the_result():

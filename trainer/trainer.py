@@ -152,8 +152,8 @@ class Trainer:
 
     def _rows(self, batch):
         """Row masks of the loss (see RetrievalLoss.forward), computed on the CPU batch. A mask that
-        keeps every row is left out in a single process, so the loss indexes nothing and the GPU
-        is not synchronised; under DDP every rank passes every mask, for the gathers to match."""
+        keeps every row is left out in a single process, so the loss takes its plain, unmasked path;
+        under DDP every rank passes every mask, for the gathers to match."""
         rows = {lang: batch["has_caption"][lang] for lang in self.languages}
         rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"][ENGLISH]
         rows["teacher"] = batch["has_caption"][ENGLISH]
