@@ -33,6 +33,10 @@ SCHEMA = {
     "data.n_video_tokens": (30, int, None, "frames kept per video (the first ones)"),
     "data.max_words_train": (35, int, None, "token length of training captions"),
     "data.max_words_eval": (40, int, None, "token length of evaluation captions"),
+    "data.clean_english": (False, bool, None,
+                           "regex-clean English captions (words of [\\w']+ joined by spaces) before tokenizing, in "
+                           "training and evaluation: the reference's teachers read English so (§1.3), its students "
+                           "read the raw caption; a teacher is distilled from with the setting it was trained with"),
     "data.batch_size": (64, int, None, "training batch size"),
     "data.eval_batch_size": (64, int, None, "evaluation batch size (does not change results)"),
     "data.allow_duplicate_ids": (False, bool, None,

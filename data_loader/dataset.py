@@ -12,19 +12,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data_loader.corpus import ENGLISH
+
 
 @dataclass
 class TextInput:
     """How one text encoder sees the captions.
 
     ``name`` keys this encoder's tokens in the batch, ``languages`` are the caption
-    languages it reads, and ``clean`` applies the reference's regex cleaning (words
-    matching ``[\\w']+`` joined by spaces), which its teachers saw (§1.3).
+    languages it reads, and ``clean_english`` applies the reference's regex cleaning (words
+    matching ``[\\w']+`` joined by spaces) to the English captions, as its teachers read
+    them (§1.3); every other language is read as written.
     """
     name: str
     tokenizer: object
     languages: list
-    clean: bool = False
+    clean_english: bool = False
 
 
 # Batch key of the tokens whose attention mask a converted reference teacher pools with (§2.3).
@@ -86,7 +89,8 @@ class RetrievalDataset(Dataset):
         self.text_inputs = list(text_inputs)
         self.languages = corpus.languages
         self.tables = {
-            ti.name: {lang: TokenTable(corpus.captions[lang], ti.tokenizer, max_words, ti.clean)
+            ti.name: {lang: TokenTable(corpus.captions[lang], ti.tokenizer, max_words,
+                                       clean=ti.clean_english and lang == ENGLISH)
                       for lang in ti.languages}
             for ti in self.text_inputs
         }

@@ -44,20 +44,23 @@ def test_c2kd_trains_and_reuses_cached_teacher_outputs(setup, capsys):
     assert len(sacred_scalars(run, "val.t2v_mean_R1")) == 1
 
 
-def student_mask_teachers(setup):
-    """Copies of the teachers flagged to pool with the student's mask, as converted reference teachers are."""
+def flagged_teachers(setup, student_mask=False, clean_english=False):
+    """Copies of the teachers flagged to pool with the student's mask and to read cleaned English, as
+    converted reference teachers are."""
     paths = []
     for i, path in enumerate(setup["teachers"]):
         state = load_checkpoint(path)
-        state["config"]["model"]["pool_with_student_mask"] = True
-        paths.append(str(save_checkpoint(state, setup["tmp"] / f"student_mask_teacher{i}.pt")))
+        state["config"]["model"]["pool_with_student_mask"] = student_mask
+        state["config"]["data"]["clean_english"] = clean_english
+        name = f"teacher{i}_mask{int(student_mask)}_clean{int(clean_english)}.pt"
+        paths.append(str(save_checkpoint(state, setup["tmp"] / name)))
     return paths
 
 
-def cached_and_online(setup, pool, student_mask):
+def cached_and_online(setup, pool, student_mask, clean_english=False):
     """The loss and teacher targets of one batch with cached and with online teachers."""
     losses = {}
-    paths = student_mask_teachers(setup) if student_mask else setup["teachers"]
+    paths = flagged_teachers(setup, student_mask, clean_english)
     for mode in ("cached", "online"):
         config = resolve({**flatten_config(setup["student"]), "teachers.mode": mode, "loss.teacher_pool": pool,
                           "teachers.checkpoints": paths})
@@ -71,10 +74,10 @@ def cached_and_online(setup, pool, student_mask):
     return losses
 
 
-@pytest.mark.parametrize("pool, student_mask", [("max", False), ("multitask", False), ("learnable", False),
-                                                ("mean", True)])
-def test_cached_and_online_teachers_give_the_same_loss(setup, pool, student_mask):
-    losses = cached_and_online(setup, pool, student_mask)
+@pytest.mark.parametrize("pool, student_mask, clean_english", [
+    ("max", False, False), ("multitask", False, False), ("learnable", False, False), ("mean", True, True)])
+def test_cached_and_online_teachers_give_the_same_loss(setup, pool, student_mask, clean_english):
+    losses = cached_and_online(setup, pool, student_mask, clean_english)
     assert losses["cached"][0] == pytest.approx(losses["online"][0], abs=1e-5)
     for cached, online in zip(losses["cached"][1], losses["online"][1]):
         assert torch.allclose(cached, online, atol=1e-5)
@@ -100,6 +103,25 @@ def test_teacher_targets_are_float32_products_under_autocast(setup):
         else:
             assert text.dtype == torch.bfloat16
             assert torch.equal(rounded[0], cosine_sim(text.float(), video.float()))
+
+
+def test_teachers_read_english_as_they_were_trained(setup):
+    from data_loader.dataset import clean_caption
+    tokens = {}
+    for clean in (False, True):
+        config = resolve({**flatten_config(setup["student"]), "teachers.mode": "online",
+                          "teachers.checkpoints": flagged_teachers(setup, clean_english=clean)})
+        trainer, batch = make_trainer(config)
+        teacher = trainer.teachers.teachers[0]
+        assert teacher.clean_english is clean
+        caption = trainer.train_loader.dataset.corpus.captions["en"][int(batch["index"][0])][
+            int(batch["caption_index"][0])]
+        text = clean_caption(caption) if clean else caption
+        expected = teacher.tokenizer(text, padding="max_length", truncation=True,
+                                     max_length=config["data"]["max_words_train"])["input_ids"]
+        tokens[clean] = batch["text"][trainer.teachers.input_name(0)]["en"]["input_ids"][0].tolist()
+        assert tokens[clean] == expected
+    assert tokens[False] != tokens[True]  # Multi-Toy captions carry punctuation
 
 
 def test_student_mask_pooling_changes_the_teacher_targets(setup):
@@ -158,15 +180,17 @@ def test_unknown_pooling_is_refused(setup, capsys):
 def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
     from types import SimpleNamespace
     from trainer.teachers import Teachers
-    teacher = SimpleNamespace(path=Path(setup["teachers"][0]), pool_with_student_mask=False)
 
-    def key(**flat):
+    def key(clean_english=False, **flat):
+        teacher = SimpleNamespace(path=Path(setup["teachers"][0]), pool_with_student_mask=False,
+                                  clean_english=clean_english)
         config = toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"], **flat)
         host = SimpleNamespace(config=config, corpus=SimpleNamespace(path=config["data"]["train_path"]),
                                max_words=config["data"]["max_words_train"])
         return Teachers.cache_key(host, teacher)
 
     base = key()
+    assert key(clean_english=True) != base
     assert key(**{"loss.balance": 0.9, "optimizer.lr": 1.0}) == base  # the student's settings do not matter
     for changed in ({"data.missing_caption_fallback": "last_available"}, {"data.layout": "safe"},
                     {"data.n_video_tokens": 12}, {"data.max_words_train": 16}):

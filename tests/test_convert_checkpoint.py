@@ -191,6 +191,7 @@ def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path)
         "pool_mask_tokenizer": "sentence-transformers/LaBSE"}
     assert (cfg["name"], cfg["stage"], cfg["data"]["feature_dim"], cfg["data"]["feature_key"]) == \
         (f"msrvtt_{kind}", "translate-train", FEATURE_DIM, "2d")
+    assert cfg["data"]["clean_english"] is (kind != "labse")  # teachers read cleaned English, the student raw
     assert state["epoch"] == (0 if saved == "bare" else 20) and state["converted_from"] == str(src)
 
     with torch.no_grad():
@@ -210,6 +211,7 @@ def test_student_mask_pooling_gives_the_reference_teacher_output(encoders, tmp_p
     convert(src, tmp_path / "teacher.pt", teacher_dir)
     model, state = load_converted(tmp_path / "teacher.pt")
     assert state["config"]["model"]["pool_with_student_mask"] is True
+    assert state["config"]["data"]["clean_english"] is True  # reference teachers read cleaned English (§3.1)
 
     own, student = tokens(teacher_dir), tokens(student_dir)
     assert not torch.equal(own["attention_mask"], student["attention_mask"])

@@ -158,6 +158,25 @@ def test_clean_caption_keeps_words_only():
         "A man cutting an onion in the kitchen's corner"
 
 
+@pytest.mark.parametrize("clean_english", [False, True])
+def test_clean_english_cleans_english_captions_only(toy_assets, clean_english):
+    from transformers import AutoTokenizer
+    from data_loader.corpus import Corpus
+    captions = {"en": [["A dog, running!"]], "de": [["Ein Hund, rennend!"]]}
+    corpus = Corpus(path="punctuated", ids=["a"], features=[np.ones((3, 4), np.float32)], captions=captions)
+    tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
+    data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages, clean_english)], max_words=12,
+                            n_video_tokens=3, train=True)
+    item = data[0]["text"]["student"]
+
+    def ids(text):
+        return tok(text, padding="max_length", max_length=12, truncation=True)["input_ids"]
+    english = clean_caption(captions["en"][0][0]) if clean_english else captions["en"][0][0]
+    assert item["en"]["input_ids"].tolist() == ids(english)
+    assert item["de"]["input_ids"].tolist() == ids(captions["de"][0][0])  # other languages as written
+    assert ids("A dog running") != ids("A dog, running!")  # the tokenizer does see the punctuation
+
+
 def test_evaluation_ranks_each_caption_once_when_languages_have_different_counts(toy_assets):
     from transformers import AutoTokenizer
     from data_loader.corpus import Corpus

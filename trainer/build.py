@@ -23,11 +23,13 @@ def student_languages(config, corpus):
 
 def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_size=1):
     train = None
+    clean_english = config["data"]["clean_english"]
     if "train" in corpora:
-        inputs = [TextInput("student", tokenizer, student_languages(config, corpora["train"])), *extra_inputs]
+        inputs = [TextInput("student", tokenizer, student_languages(config, corpora["train"]), clean_english),
+                  *extra_inputs]
         train = train_loader(corpora["train"], inputs, config, rank, world_size)
     languages = corpora["eval"].languages
-    inputs = [TextInput("student", tokenizer, languages)]
+    inputs = [TextInput("student", tokenizer, languages, clean_english)]
     if config["model"]["pool_with_student_mask"]:
         inputs.append(TextInput(POOL_MASK, load_tokenizer(config["model"]["pool_mask_tokenizer"]), languages))
     evaluation = eval_loader(corpora["eval"], inputs, config, rank, world_size)

@@ -2,8 +2,9 @@
 
 A teacher is an ordinary checkpoint of this project, usually trained with the translate-train
 stage, with its own text encoder and tokenizer. During C2KD it is frozen and in eval mode, reads
-the regex-cleaned **English** caption of each item (as the reference's teachers did, §1.3), and
-its text-video similarity matrix over the batch is the distillation target.
+the **English** caption of each item as it was trained to (regex-cleaned with the teacher configs'
+``data.clean_english``, as the reference's teachers, §1.3), and its text-video similarity matrix
+over the batch is the distillation target.
 
 ``cached`` mode (default) embeds every (video, English caption) pair of the training set once,
 before training, and stores the normalised embeddings on disk keyed by the teacher checkpoint and
@@ -30,11 +31,13 @@ CACHE_VERSION = 1
 
 
 class Teacher:
-    def __init__(self, path, model, tokenizer, pool_with_student_mask=False):
+    def __init__(self, path, model, tokenizer, pool_with_student_mask=False, clean_english=True):
         self.path, self.model, self.tokenizer = Path(path), model, tokenizer
         # Converted reference teachers pooled their states with the student tokenizer's mask
         # of the raw English caption (§2.3); they keep doing so to reproduce their targets.
         self.pool_with_student_mask = pool_with_student_mask
+        # English is read as the teacher was trained to read it (data.clean_english).
+        self.clean_english = clean_english
         self.model.eval().requires_grad_(False)
 
 
@@ -47,7 +50,9 @@ def load_teacher(path, feature_dim, device):
         raise CheckpointError(f"{path}: teacher was trained on {teacher_dim}-d video features, "
                               f"but config key 'data.feature_dim' is {feature_dim}")
     model, tokenizer = model_from_checkpoint(state["config"], state, path)
-    return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False))
+    # Checkpoints written before data.clean_english existed were distilled from with cleaned English.
+    clean_english = state["config"]["data"].get("clean_english", True)
+    return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False), clean_english)
 
 
 class Teachers:
@@ -59,7 +64,7 @@ class Teachers:
         self.text_inputs = []
         self.cache = []
         if self.mode == "online":
-            self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], clean=True)
+            self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], t.clean_english)
                                 for i, t in enumerate(teachers)]
         else:
             # Kept on the training device: a batch's targets are then two gathers and a matmul.
@@ -82,7 +87,7 @@ class Teachers:
         spec = {"version": CACHE_VERSION, "teacher": stamp(teacher.path), "data": stamp(self.corpus.path),
                 "layout": data["layout"], "missing_caption_fallback": data["missing_caption_fallback"],
                 "feature_key": data["feature_key"], "n_video_tokens": data["n_video_tokens"],
-                "max_words": self.max_words,
+                "max_words": self.max_words, "clean_english": teacher.clean_english,
                 "pool_mask": self.config["model"]["text_encoder"] if teacher.pool_with_student_mask else "own"}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -126,7 +131,7 @@ class Teachers:
         ``share = (k, n)``: only the k-th of n contiguous parts of the captions and of the videos
         (the caption offsets and counts always describe the whole set)."""
         captions = self.corpus.captions[ENGLISH]
-        table = TokenTable(captions, teacher.tokenizer, self.max_words, clean=True)
+        table = TokenTable(captions, teacher.tokenizer, self.max_words, clean=teacher.clean_english)
         pool_masks = (TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
                       if teacher.pool_with_student_mask else None)
         model, device = teacher.model, self.device

@@ -149,7 +149,7 @@ def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_v
     teachers = {s: load_tokenizer(str(assets["encoders"][name])) for s, name in zip(TEACHER_SUFFIXES, TEACHER_ENCODERS)}
     # The c2kd setup with online teachers: the student reads every language, each teacher English.
     inputs = [TextInput("student", student, corpus.languages),
-              *(TextInput(f"teacher{i}", tok, [ENGLISH], clean=True) for i, tok in enumerate(teachers.values()))]
+              *(TextInput(f"teacher{i}", tok, [ENGLISH], clean_english=True) for i, tok in enumerate(teachers.values()))]
 
     def sampler():
         return EpochSampler(n_items, batch_size, seed=0, shuffle=True, drop_last=False)

@@ -252,15 +252,17 @@ def convert(src, dst, text_encoder, feature_key=None, feature_dim=None, allow_un
         raise ConvertError(f"{src}: 'video_token_proj.fc.weight' takes {dim}-d frame features, "
                            f"but --feature-dim is {feature_dim}")
     arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
+    teacher = not (arch or "").endswith(STUDENT_ARCH)
     if student_mask_pooling is None:
-        student_mask_pooling = not (arch or "").endswith(STUDENT_ARCH)
+        student_mask_pooling = teacher
     if feature_key is None:
         feature_key = "s3d" if dim == 1024 else "2d"  # §1.1: S3D features are 1024-d, CLIP ones 512-d
     model_cfg = {"text_encoder": str(text_encoder), **model_cfg, "pool_with_student_mask": student_mask_pooling,
                  "pool_mask_tokenizer": str(pool_mask_tokenizer)}
     weights, dropped, unknown = map_state(state, expected_state(model_cfg, dim), src, allow_unknown)
     flat = {f"model.{k}": v for k, v in model_cfg.items()}
-    flat.update({"name": Path(dst).stem, "stage": "translate-train",
+    # The reference's teachers were trained on regex-cleaned English (§3.1), its student on raw captions.
+    flat.update({"name": Path(dst).stem, "stage": "translate-train", "data.clean_english": teacher,
                  "data.feature_key": feature_key, "data.feature_dim": dim})
     config = resolve(flat)
     save_checkpoint({"model": weights, "config": config, "epoch": _count(meta.get("epoch")),

@@ -5,8 +5,10 @@
     index.save("videos.safetensors")                             # ... and reuse it later
     retriever.search("a person cuts an onion", VideoIndex.load("videos.safetensors"), top=5)
 
-Texts go through the checkpoint's own tokenizer (any language it can read, truncated to
-``data.max_words_eval`` tokens); videos through the data layer's ``video_tokens`` (the first
+Texts go through the checkpoint's own tokenizer as typed (any language it can read, truncated to
+``data.max_words_eval`` tokens; a checkpoint trained with ``data.clean_english`` read its English
+captions regex-cleaned, and ``data_loader.dataset.clean_caption`` does the same to a query); videos
+through the data layer's ``video_tokens`` (the first
 ``data.n_video_tokens`` frames, each L2-normalised). Embeddings are L2-normalised, so a score is
 the cosine similarity that evaluation ranks by.
 """
