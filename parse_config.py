@@ -238,6 +238,8 @@ def add_train_args(parser):
     parser.add_argument("--distill_temp", type=float, help="loss.distill_temp")
     parser.add_argument("--teacher_sim_pool", help="the reference's pooling names (min = element-wise max)")
     parser.add_argument("--teachtext", type=int, choices=(0, 1), help="loss.teachtext")
+    parser.add_argument("--teachers", help="only 'None' (no teachers) is taken; teachers are checkpoint paths in "
+                                           "teachers.checkpoints")
 
 
 _FLAG_KEYS = {"lr": "optimizer.lr", "epochs": "trainer.epochs", "bs": "data.batch_size",
@@ -258,6 +260,13 @@ def overrides_from_args(args):
             raise ConfigError(str(e)) from None
     if getattr(args, "teachtext", None) is not None:
         flat["loss.teachtext"] = bool(args.teachtext)
+    teachers = getattr(args, "teachers", None)
+    if teachers == "None":
+        flat["teachers.checkpoints"] = []
+    elif teachers is not None:  # the reference mapped names to hard-coded checkpoint paths (§5)
+        raise ConfigError(f"--teachers '{teachers}': the reference's teacher names are not taken; set config key "
+                          "'teachers.checkpoints' to the teacher checkpoint paths, e.g. "
+                          "--set 'teachers.checkpoints=[\"a.pt\", \"b.pt\"]'")
     for text in args.set:
         key, value = parse_override(text)
         flat[key] = value

@@ -96,6 +96,9 @@ def read_corpus(path, layout, feature_key, split, languages=None, missing_captio
     """
     if layout not in READERS:
         raise DataFileError(f"unknown data layout '{layout}'; known: {', '.join(sorted(READERS))}")
+    if items is None and layout in PICKLE_LAYOUTS and is_safe_path(path):
+        raise DataFileError(f"{path}: a folder or safe-layout files, but config key 'data.layout' is '{layout}', "
+                            "which reads one pickle file; data written by data_loader.convert needs 'safe'")
     corpus = READERS[layout](path, feature_key=feature_key, split=split, **({} if items is None else {"items": items}))
     if languages:
         corpus.select_languages(languages)
@@ -237,8 +240,9 @@ def read_multi_youcook2(path, feature_key, split, items=None):
     ``caption_<lang>`` string per language; Czech is stored as ``caption_cz`` and exposed as
     ``cs``. Train and evaluation files are read the same way (``split`` is not used). An item
     that lacks a language gets an empty caption list for it. If an item also has
-    ``caption_en`` and it differs from ``caption``, ``caption`` is used (it is what the
-    reference trained and distilled on) and ``caption_en`` is kept in ``extras``.
+    ``caption_en`` and it differs from ``caption``, ``caption`` is used and ``caption_en`` is
+    kept in ``extras``: the reference's teachers read ``caption``, while its student's English
+    input came from ``caption_en`` (§1.2, §1.3); one English caption per item serves both here.
     """
     data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
     per_item = []

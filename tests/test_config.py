@@ -47,6 +47,13 @@ def test_teacher_sim_pool_flag_maps_reference_names(tmp_path):
     assert config["loss"]["balance"] == 0.1 and config["loss"]["distill_temp"] == 0.2
 
 
+def test_teachers_flag_takes_none_and_refuses_reference_names(tmp_path):
+    path = write(tmp_path, "c.json", {"stage": "translate-train", "teachers": {"checkpoints": ["t.pt"]}})
+    assert config_from_args(args_for("-c", str(path), "--teachers", "None"))["teachers"]["checkpoints"] == []
+    with pytest.raises(ConfigError, match=r"--teachers 'xlm,mbert': .* set config key 'teachers.checkpoints'"):
+        config_from_args(args_for("-c", str(path), "--teachers", "xlm,mbert"))
+
+
 @pytest.mark.parametrize("content, message", [
     ({"data": {"batchsize": 3}}, "unknown config key 'data.batchsize'"),
     ({"trainer": {"epochs": "ten"}}, "config key 'trainer.epochs' must be int, got \"ten\""),

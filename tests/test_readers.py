@@ -415,13 +415,14 @@ def test_configs_load_the_new_layouts(tmp_path):
     from parse_config import resolve
     rudder = dump(tmp_path / "rudder.pkl", rudder_items())
     cfg = resolve({"data.layout": "rudder", "data.train_path": str(rudder), "data.eval_path": str(rudder),
-                   "data.feature_key": "2d", "data.feature_dim": 8, "languages": ["en", "hi", "mr", "kn"]})
+                   "data.feature_key": "2d", "data.feature_dim": 8, "data.batch_size": 4,
+                   "languages": ["en", "hi", "mr", "kn"]})
     corpus = load_split(cfg, "train")
     assert corpus.languages == ["en", "hi", "mr", "kn"] and corpus.captions["en"][2] == []
     convert.main([str(rudder), str(tmp_path / "safe")])
     cfg = resolve({"data.layout": "safe", "data.train_path": str(tmp_path / "safe"),
                    "data.eval_path": str(tmp_path / "safe"), "data.feature_key": "2d", "data.feature_dim": 8,
-                   "languages": ["en", "hi", "mr", "kn"]})
+                   "data.batch_size": 4, "languages": ["en", "hi", "mr", "kn"]})
     assert load_split(cfg, "eval").captions == corpus.captions
     cfg["data"]["missing_caption_fallback"] = "last_available"
     assert load_split(cfg, "train").captions["en"][2] == ["hi 2"]

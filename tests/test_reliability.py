@@ -179,6 +179,25 @@ def test_bad_data_files_are_refused_before_training(toy_assets, tmp_path, case):
     assert not Path("/tmp/should-not-exist").exists()
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.batch_size": 1000}, "training items, fewer than config key 'data.batch_size' = 1000"),
+    ({"eval.total_queries": 3}, "config key 'eval.total_queries' = 3 is smaller than the"),
+    ({"model.pool_with_student_mask": True, "model.pool_mask_tokenizer": "LABSE"}, "training with it is not supported"),
+    ({"data.train_path": "FOLDER"}, "a folder or safe-layout files, but config key 'data.layout' is 'multi-msrvtt'"),
+])
+def test_settings_that_cannot_train_are_refused_before_training(toy_assets, tmp_path, overrides, message):
+    if overrides.get("data.train_path") == "FOLDER":
+        overrides = {"data.train_path": str(tmp_path)}
+    if overrides.get("model.pool_mask_tokenizer") == "LABSE":
+        overrides = {**overrides, "model.pool_mask_tokenizer": str(toy_assets["encoders"]["labse-tiny"])}
+    config = toy_config(toy_assets, tmp_path, "translate-train", **overrides)
+    result = train_cli("-c", str(write_json_config(tmp_path, "bad", config)))
+    err = result.stderr.strip()
+    assert result.returncode == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert message in err, err
+    assert not list((tmp_path / "runs").glob("*/*/latest.pt"))
+
+
 def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     config = toy_config(toy_assets, tmp_path, "translate-train")
     path = write_json_config(tmp_path, "ok", config)
@@ -190,6 +209,12 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     result = subprocess.run([sys.executable, "test.py", "-r", str(wide), "-c", str(path), "-d", "cpu"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2 and "weights do not fit the model" in result.stderr
+    assert "\n" not in result.stderr.strip()
+    # Weights without training state (a converted reference checkpoint looks like this).
+    weights = save_checkpoint({"model": build_model(config["model"], 512).state_dict(), "config": config,
+                               "epoch": 0, "step": 0}, tmp_path / "weights.pt")
+    result = train_cli("-r", str(weights))
+    assert result.returncode == 2 and f"{weights}: holds model weights but no training state" in result.stderr
     assert "\n" not in result.stderr.strip()
     # A truncated checkpoint.
     cut = tmp_path / "cut.pt"

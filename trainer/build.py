@@ -24,6 +24,11 @@ def student_languages(config, corpus):
 def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_size=1):
     train = None
     clean_english = config["data"]["clean_english"]
+    if "train" in corpora and config["model"]["pool_with_student_mask"]:
+        # Training pools with the model's own mask; the student-mask quirk (§2.3) is reproduced only
+        # where converted reference teachers are used: evaluation, inference and distillation.
+        raise ConfigError("config key 'model.pool_with_student_mask' is for evaluating and distilling from "
+                          "converted reference teachers; training with it is not supported (set it to false)")
     if "train" in corpora:
         inputs = [TextInput("student", tokenizer, student_languages(config, corpora["train"]), clean_english),
                   *extra_inputs]

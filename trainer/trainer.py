@@ -113,6 +113,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state, path):
+        missing = [k for k in ("loss", "optimizer", "scheduler", "scaler", "rng", "batches_done") if k not in state]
+        if missing:
+            raise CheckpointError(f"{path}: holds model weights but no training state ({', '.join(missing)}), so "
+                                  "it cannot be resumed; use it as a teacher (config key 'teachers.checkpoints') "
+                                  "or evaluate it with test.py")
         try:
             self.model.load_state_dict(state["model"])
             self.loss_fn.load_state_dict(state["loss"])
