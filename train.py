@@ -3,6 +3,8 @@
     python train.py -c configs/toy/translate_train.json
     python train.py -c configs/msrvtt/clip/c2kd.json --epochs 20 --lr 1e-4
     python train.py -r runs/toy/translate_train/1/latest.pt          # resume exactly
+A run that did not finish, resumed from its folder's latest.pt, continues in that folder under its
+own run id; any other resume is a new run (see utils.experiment.continued_run_id).
 """
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_
 from utils.checkpoint import load_checkpoint
 from utils.distributed import init_distributed
 from utils.errors import exit_status
-from utils.experiment import run_dir, run_experiment
+from utils.experiment import continued_run_id, run_dir, run_experiment
 
 
 def main(argv=None):
@@ -33,8 +35,10 @@ def run(args):
     resumed = load_checkpoint(args.resume) if args.resume else None
     config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
     run_root = Path(config["trainer"]["save_dir"]) / config["name"]
+    continued = continued_run_id(args.resume, run_root, args.run_id) if args.resume else None
     run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),
-                   run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)
+                   run_root, run_id=continued or args.run_id, mongo=args.mongo, neptune=args.neptune,
+                   continue_run=continued is not None)
 
 
 def train(config, run, device, dist, resume=None):

@@ -4,26 +4,211 @@ Each run gets a folder ``<trainer.save_dir>/<name>/<run id>/`` written by Sacred
 FileStorageObserver (config.json, run.json with host and dependencies, metrics.json with the
 per-epoch scalars, cout.txt, sources); checkpoints are written into the same folder. A MongoDB
 observer and a Neptune observer can be added from the command line.
+
+A run that did not finish continues in its own folder when resumed from that folder's latest.pt
+(see ``continued_run_id``): the Sacred run keeps its id, run.json ends with the status of the last
+attempt and lists the earlier ones under ``earlier_attempts``, cout.txt goes on, and metrics.json
+keeps one value per step of each series: the first value a resumed attempt logs for a series
+replaces that series' values from the same step on (work after the checkpoint that was redone).
+While a run lives, its process holds an exclusive lock on its run.json, so a run folder in use is
+never resumed, removed or written by a second process.
+
+    python -m utils.experiment state RUN_FOLDER   # what scripts/reproduce/pipeline.sh does with it
 """
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # no advisory locks on this platform: runs in use are not detected
+    fcntl = None
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 
-from utils.distributed import on_main, rank  # noqa: E402
-
 # tqdm progress bars and Sacred's file-descriptor capture do not mix; capture at sys level.
 SETTINGS.CAPTURE_MODE = "sys"
 SETTINGS.DISCOVER_SOURCES = "dir"
 
+RESUMABLE = "latest.pt"  # the checkpoint that holds where an unfinished run stopped
+
 
 class ObserverError(RuntimeError):
-    """An optional observer was requested but cannot be used."""
+    """An optional observer was requested but cannot be used, or the run folder cannot be used."""
+
+
+# ---- run folders ---------------------------------------------------------------------------------
+
+def run_status(folder):
+    """Sacred's status of the run in ``folder`` (COMPLETED, RUNNING, INTERRUPTED, FAILED, ...), or
+    None when the folder holds no readable run.json."""
+    try:
+        return json.loads((Path(folder) / "run.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def lock_file(path, create=False):
+    """An open descriptor holding an exclusive lock on ``path``; None when another process holds
+    it. Opened read-write, as NFS needs for an exclusive lock."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def in_progress(folder):
+    """Whether a live process is running the run in ``folder`` (it holds the lock on run.json)."""
+    try:
+        fd = lock_file(Path(folder) / "run.json")
+    except OSError:
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def continued_run_id(checkpoint, run_root, run_id=None):
+    """The id of the run that resuming from ``checkpoint`` continues in its own folder, or None
+    when the resumed run is a new run.
+
+    It continues in place when the checkpoint is the latest.pt of a run folder directly under
+    ``run_root`` (the resumed config's ``<trainer.save_dir>/<name>``), that run did not complete,
+    and ``run_id`` is unset or names that folder. Any other checkpoint (an epoch checkpoint, one of
+    a completed run, one from elsewhere) starts a new run, as does an explicit other ``run_id``.
+    """
+    checkpoint = Path(checkpoint).resolve()
+    folder = checkpoint.parent
+    if checkpoint.name != RESUMABLE or folder.parent != Path(run_root).resolve():
+        return None
+    if run_id is not None and run_id != folder.name:
+        return None
+    status = run_status(folder)
+    return folder.name if status is not None and status != "COMPLETED" else None
+
+
+# What scripts/reproduce/pipeline.sh does with a run folder, by ``folder_state``:
+STATES = {
+    "new": "no folder yet: run it",
+    "finished": "run.json says COMPLETED: use it",
+    "busy": "another process is running it: stop",
+    "resume": "did not finish and has a latest.pt: resume from it in place",
+    "rerun": "did not finish and wrote no checkpoint (failed before training): remove it and run again",
+    "weights": "a latest.pt without run.json: converted or provided weights, not a run",
+    "foreign": "a folder with neither run.json nor latest.pt: not a run of this project",
+}
+
+
+def folder_state(folder):
+    """One of ``STATES`` for the run folder ``folder``."""
+    folder = Path(folder)
+    if not folder.exists():
+        return "new"
+    has_record = (folder / "run.json").is_file()
+    has_checkpoint = (folder / RESUMABLE).is_file()
+    if not has_record:
+        return "weights" if has_checkpoint else "foreign"
+    if run_status(folder) == "COMPLETED":
+        return "finished"
+    if in_progress(folder):
+        return "busy"
+    return "resume" if has_checkpoint else "rerun"
+
+
+# ---- observers -----------------------------------------------------------------------------------
+
+class RunFolderObserver(FileStorageObserver):
+    """Sacred's FileStorageObserver that can continue an unfinished run in its own folder
+    (``continue_id``), and that locks run.json for as long as its run lives."""
+
+    def __init__(self, basedir, continue_id=None):
+        super().__init__(basedir)
+        self.continue_id = continue_id
+        self._lock = None
+        self._earlier = None     # run.json of the attempt this one continues
+        self._reconciled = set()  # series already cut at the first step this attempt logged
+
+    def _make_run_dir(self, _id):
+        if self.continue_id is None or _id != self.continue_id:
+            super()._make_run_dir(_id)
+            self._lock = lock_file(os.path.join(self.dir, "run.json"), create=True)
+            return
+        folder = os.path.join(self.basedir, str(_id))
+        self._lock = lock_file(os.path.join(folder, "run.json"))
+        if self._lock is None:
+            raise ObserverError(f"{folder}: its run is in progress in another process")
+        with open(os.path.join(folder, "run.json")) as f:
+            self._earlier = json.load(f)
+        self.dir = folder
+
+    def started_event(self, *args, **kwargs):
+        _id = super().started_event(*args, **kwargs)
+        if self._earlier is not None:
+            attempt = {k: self._earlier.get(k) for k in ("start_time", "stop_time", "heartbeat", "status")}
+            attempt["host"] = (self._earlier.get("host") or {}).get("hostname")
+            self.run_entry["earlier_attempts"] = self._earlier.get("earlier_attempts", []) + [attempt]
+            self.save_json(self.run_entry, "run.json")
+        return _id
+
+    def log_metrics(self, metrics_by_name, info):
+        if self._earlier is not None:
+            self._drop_redone_steps(metrics_by_name)
+        super().log_metrics(metrics_by_name, info)
+
+    def _drop_redone_steps(self, metrics_by_name):
+        first = {name: min(m["steps"]) for name, m in metrics_by_name.items()
+                 if name not in self._reconciled and m["steps"]}
+        if not first:
+            return
+        self._reconciled.update(first)
+        path = os.path.join(self.dir, "metrics.json")
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return
+        for name, step in first.items():
+            series = saved.get(name)
+            if series:
+                keep = [i for i, s in enumerate(series["steps"]) if s < step]
+                for key in ("values", "steps", "timestamps"):
+                    series[key] = [series[key][i] for i in keep]
+        self.save_json(saved, "metrics.json")
+
+    def _release(self):
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def completed_event(self, *args, **kwargs):
+        try:
+            super().completed_event(*args, **kwargs)
+        finally:
+            self._release()
+
+    def interrupted_event(self, *args, **kwargs):
+        try:
+            super().interrupted_event(*args, **kwargs)
+        finally:
+            self._release()
+
+    def failed_event(self, *args, **kwargs):
+        try:
+            if self.dir is not None and self.run_entry is not None:
+                super().failed_event(*args, **kwargs)
+        finally:
+            self._release()
 
 
 def _mongo_observer(url):
@@ -45,18 +230,21 @@ def _neptune_observer():
     return NeptuneObserver(run=neptune.init_run())
 
 
-def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptune=False):
+def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptune=False, continue_run=False):
     """Run ``main(config, run)`` as a Sacred experiment observed into ``run_root``; return its result.
 
-    ``config`` is plain JSON-like data; ``run.observers[0].dir`` is the run folder. Under
-    torch.distributed only rank 0 records the run; the other ranks run the same experiment
-    unobserved, and learn from rank 0 whether the run folder can be written.
+    ``config`` is plain JSON-like data; ``run_dir(run)`` is the run folder. ``continue_run``: the
+    existing folder ``run_root/run_id`` holds an unfinished run that this one continues (see
+    ``continued_run_id``). Under torch.distributed only rank 0 records the run; the other ranks
+    run the same experiment unobserved, and learn from rank 0 whether the run folder can be written.
     """
+    from utils.distributed import on_main, rank  # torch: not needed by the folder-state command
+
     ex = Experiment(name, save_git_info=False)
     ex.add_config(config)
-    on_main(lambda: check_writable(run_root, run_id))
+    on_main(lambda: check_writable(run_root, run_id, continue_run))
     if rank() == 0:
-        ex.observers.append(FileStorageObserver(str(run_root)))
+        ex.observers.append(RunFolderObserver(str(run_root), continue_id=run_id if continue_run else None))
         if mongo:
             ex.observers.append(_mongo_observer(mongo))
         if neptune:
@@ -75,10 +263,14 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     return run.result
 
 
-def check_writable(run_root, run_id=None):
-    """Fail before anything runs when the run folder cannot be created or written."""
+def check_writable(run_root, run_id=None, continue_run=False):
+    """Fail before anything runs when the run folder cannot be created or written, or, for a run
+    that continues in its folder, when another process is running it."""
     run_root = Path(run_root)
-    if run_id is not None and (run_root / run_id).exists():
+    if continue_run:
+        if in_progress(run_root / run_id):
+            raise ObserverError(f"{run_root / run_id}: its run is in progress in another process")
+    elif run_id is not None and (run_root / run_id).exists():
         raise ObserverError(f"{run_root / run_id}: run folder exists; pick another --run-id or remove it")
     try:
         run_root.mkdir(parents=True, exist_ok=True)
@@ -90,4 +282,19 @@ def check_writable(run_root, run_id=None):
 
 
 def run_dir(run):
-    return Path(run.observers[0].dir)
+    """The run folder: the file-storage observer's (other observers may sort before it)."""
+    return Path(next(o for o in run.observers if isinstance(o, FileStorageObserver)).dir)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "state":
+        print("usage: python -m utils.experiment state RUN_FOLDER\n"
+              "prints one of: " + "; ".join(f"{k} ({v})" for k, v in STATES.items()), file=sys.stderr)
+        return 2
+    print(folder_state(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,41 +1,57 @@
 #!/usr/bin/env bash
 # The reproduction pipeline of one dataset, shared by scripts/reproduce/<dataset>.sh: the three
-# teachers (seed 0, skipped when their checkpoints exist), then zero-shot, translate-train and C2KD
-# with every seed in SEEDS, then the table (mean ± sample std over seeds) with utils.report,
-# written to runs/<dataset>/$FEATURE/report/.
+# teachers (seed 0), then zero-shot, translate-train and C2KD with every seed in SEEDS, then the
+# table (mean ± sample std over seeds) with utils.report, written to runs/<dataset>/$FEATURE/report/.
 #   bash scripts/reproduce/pipeline.sh DATASET FEATURE [train.py arguments...]
-# A finished run (its run.json says COMPLETED) is skipped, so a script can be re-run after an
-# interruption. Extra arguments go to every train.py call.
+# The script can be re-run after an interruption: each run folder decides what happens to it
+# (python -m utils.experiment state FOLDER). A finished run (run.json says COMPLETED) is skipped; a
+# run that stopped after writing latest.pt is resumed in its folder; a run that failed before its
+# first checkpoint (missing data or teacher) is removed and run again; a folder whose run is in
+# progress in another process stops the script. A teacher folder holding a latest.pt without a
+# run.json is used as given weights (e.g. converted with utils.convert_checkpoint).
+# Extra arguments go to every train.py call. DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATASET=$1
 export FEATURE=$2
 shift 2
 SEEDS=${SEEDS:-"0 1 2"}
+PY=${PY:-python}
 RUNS="runs/$DATASET/$FEATURE"
-
-finished() { [ -f "$1/run.json" ] && grep -q '"status": "COMPLETED"' "$1/run.json"; }
+DRY=${DRY_RUN:+echo}
 
 run() {  # run SCRIPT RUN_FOLDER SEED [train.py arguments...]
-  local script=$1 folder=$2 seed=$3
+  local script=$1 folder=$2 seed=$3 state
   shift 3
-  if finished "$folder"; then
-    echo "== $folder: finished, skipped"
-    return
-  fi
-  if [ -e "$folder" ]; then
-    echo "error: $folder exists but did not finish; remove it and run this script again" >&2
-    exit 1
-  fi
-  echo "== $folder"
-  SEED=$seed bash "$script" "$@"
+  state=$("$PY" -m utils.experiment state "$folder")
+  case $state in
+    finished)
+      echo "== $folder: finished, skipped" ;;
+    new)
+      echo "== $folder"
+      $DRY env SEED="$seed" bash "$script" "$@" ;;
+    resume)
+      echo "== $folder: did not finish, resuming from its latest.pt"
+      $DRY "$PY" train.py -r "$folder/latest.pt" --run-id "$(basename "$folder")" "$@" ;;
+    rerun)
+      echo "== $folder: failed before its first checkpoint, running it again"
+      $DRY rm -rf -- "$folder"
+      $DRY env SEED="$seed" bash "$script" "$@" ;;
+    busy)
+      echo "error: $folder: its run is in progress in another process" >&2
+      exit 1 ;;
+    *)
+      echo "error: $folder: not a run folder of this pipeline ($state); move it away and run this script again" >&2
+      exit 1 ;;
+  esac
 }
 
 for teacher in xlmr mbert distill; do
-  if [ -f "$RUNS/teacher_$teacher/seed0/latest.pt" ]; then
-    echo "== teacher $teacher: using $RUNS/teacher_$teacher/seed0/latest.pt"
+  folder="$RUNS/teacher_$teacher/seed0"
+  if [ "$("$PY" -m utils.experiment state "$folder")" = weights ]; then
+    echo "== teacher $teacher: using the given weights $folder/latest.pt"
   else
-    run "scripts/teacher_training/$DATASET/$teacher.sh" "$RUNS/teacher_$teacher/seed0" 0 "$@"
+    run "scripts/teacher_training/$DATASET/$teacher.sh" "$folder" 0 "$@"
   fi
 done
 
@@ -50,7 +66,7 @@ for seed in $SEEDS; do
 done
 
 join() { local IFS=,; echo "$*"; }
-"${PY:-python}" -m utils.report \
+$DRY "$PY" -m utils.report \
   --method "Zero-shot=$(join "${zero_shot[@]}")" \
   --method "Translate-train=$(join "${translate_train[@]}")" \
   --method "C2KD=$(join "${c2kd[@]}")" \

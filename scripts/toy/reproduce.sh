@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's pipeline on Multi-Toy: three English-input teachers (translate-train), then the
 # zero-shot, translate-train and C2KD students with 3 seeds each, then one table per method and
-# language (R@1 mean ± std over seeds). Finished runs are reused; delete runs/toy to start over.
+# language (R@1 mean ± std over seeds). Finished runs are reused and interrupted ones resumed;
+# delete runs/toy to start over.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -9,10 +10,12 @@ SEEDS=${SEEDS:-"0 1 2"}
 
 $PY -m utils.tiny_encoders --root cache >/dev/null
 
-finished() { grep -qs '"status": "COMPLETED"' "$1/run.json"; }
-
 train() {  # train CONFIG RUN_DIR SEED
-  if finished "$2"; then echo "reusing $2"; return; fi
+  case $($PY -m utils.experiment state "$2") in
+    finished) echo "reusing $2"; return ;;
+    resume) $PY train.py -r "$2/latest.pt" --run-id "$(basename "$2")"; return ;;
+    busy) echo "error: $2: its run is in progress in another process" >&2; exit 1 ;;
+  esac
   rm -rf "$2"
   $PY train.py -c "$1" --run-id "$(basename "$2")" --seed "$3"
 }
