@@ -94,6 +94,8 @@ class Trainer:
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
         self.batches_done = 0   # steps already taken in the current epoch (mid-epoch checkpoints)
+        self.epoch_loss_sum = 0.0  # summed loss of those steps, so a resumed epoch reports its whole mean
+        self._epoch_loss_steps = 0
         self.best = None        # best monitored value so far
         self.skipped_steps = 0  # fp16 steps the scaler skipped for non-finite gradients
         self._signal = None
@@ -109,6 +111,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states or [_rng_state(self.device)],
             "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
+            "epoch_loss_sum": float(self.epoch_loss_sum),
             "best": self.best, "skipped_steps": self.skipped_steps, "config": self.config,
         }
 
@@ -135,6 +138,9 @@ class Trainer:
         else:  # resumed with more processes than were saved: a fresh stream for this rank
             seed_rank(self.config["seed"] + state["step"], self.dist.rank)
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
+        # Absent from older checkpoints: a resumed epoch then reports the mean of its remaining steps.
+        self.epoch_loss_sum = state.get("epoch_loss_sum", 0.0)
+        self._epoch_loss_steps = self.batches_done if "epoch_loss_sum" in state else 0
         self.best, self.skipped_steps = state["best"], state["skipped_steps"]
 
     def resume(self, path):
@@ -255,8 +261,8 @@ class Trainer:
         return int(flag.item())
 
     def train_epoch(self):
-        """Train the rest of the current epoch; return the mean loss of the steps taken here (after a
-        mid-epoch resume, the steps since the resume)."""
+        """Train the rest of the current epoch; return the mean loss over the epoch's steps (those taken
+        before a mid-epoch resume included)."""
         self.forward.train()
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.epoch, start_batch=self.batches_done)
@@ -265,15 +271,17 @@ class Trainer:
         total = sampler.num_batches() if cap is None else min(cap, sampler.num_batches())
         log_every = self.config["trainer"]["log_every"]
         # Summed on the device every step and read once per logged step and once per epoch.
-        loss_sum, steps = torch.zeros((), device=self.device), 0
+        if self.batches_done == 0:
+            self.epoch_loss_sum, self._epoch_loss_steps = 0.0, 0
+        self.epoch_loss_sum = torch.as_tensor(self.epoch_loss_sum, dtype=torch.float32, device=self.device)
         with tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
                   disable=not self.dist.is_main) as bar:
             for batch in self.train_loader:
                 if self.batches_done >= total:
                     break
                 loss, terms = self.training_step(batch)
-                loss_sum += loss
-                steps += 1
+                self.epoch_loss_sum += loss.float()
+                self._epoch_loss_steps += 1
                 self.step += 1
                 self.batches_done += 1
                 bar.update(1)
@@ -288,7 +296,7 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}; "
                         f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
-        return loss_sum.item() / max(steps, 1)
+        return self.epoch_loss_sum.item() / max(self._epoch_loss_steps, 1)
 
     def evaluate(self):
         return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device)
