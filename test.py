@@ -43,6 +43,9 @@ def run(args):
 
 
 def test(config, run, state, checkpoint, device, out, save_sims=None):
+    for folder in (out, save_sims):  # an unwritable output fails now, not after the evaluation
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     corpora = load_corpora(config, splits=("eval",))
     model, tokenizer = model_from_checkpoint(config, state, checkpoint)
     model.to(device)
@@ -51,7 +54,6 @@ def test(config, run, state, checkpoint, device, out, save_sims=None):
     for direction in ("t2v", "v2t"):
         print(format_table(summary, direction=direction))
         print()
-    out.mkdir(parents=True, exist_ok=True)
     record = {"checkpoint": str(checkpoint), "eval_path": config["data"]["eval_path"],
               "epoch": state["epoch"], "eval": config["eval"], "metrics": summary}
     (out / "metrics.json").write_text(json.dumps(record, indent=2))

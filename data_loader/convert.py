@@ -128,6 +128,11 @@ def main(argv=None):
     except DataFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     frames = sum(f.shape[0] for f in corpus.features)
     print(f"wrote {args.out_dir}: {len(corpus)} items, {frames} frames of '{loaded.feature_key}' "
           f"(dim {corpus.feature_dim}, {args.dtype}), languages {' '.join(corpus.languages)}")

@@ -242,6 +242,25 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     assert result.returncode == 2 and "broken.json: not valid JSON" in result.stderr
 
 
+def test_unwritable_outputs_are_one_line_errors_before_any_work(toy_assets, tmp_path):
+    from model.model import build_model
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    config = toy_config(toy_assets, tmp_path, "translate-train")
+    checkpoint = save_checkpoint({"model": build_model(config["model"], 512).state_dict(), "config": config,
+                                  "epoch": 0, "step": 0}, tmp_path / "weights.pt")
+    commands = {
+        "test.py": ["test.py", "-r", str(checkpoint), "-d", "cpu", "--save-sims", str(blocked / "sims")],
+        "convert": ["-m", "data_loader.convert", str(toy_assets["test"]), str(blocked / "safe")],
+    }
+    for name, args in commands.items():
+        result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+        err = result.stderr.strip()
+        assert result.returncode == 2 and err == f"error: {blocked}/{args[-1].split('/')[-1]}: Not a directory", \
+            (name, err[-500:])
+        assert "R1" not in result.stdout  # nothing was evaluated or converted first
+
+
 def test_debug_flag_shows_the_traceback(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{")

@@ -143,3 +143,10 @@ def test_useless_input_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "holds no run folder" in err
     code, _, err = run_report(capsys, "--method", "nodirs", "--out", tmp_path / "o")
     assert code == 2 and "NAME=DIR" in err
+
+
+def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path, runs, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    code, _, err = run_report(capsys, *runs, "--out", blocked / "report")
+    assert code == 2 and err.strip() == f"error: {blocked / 'report'}: Not a directory"

@@ -14,13 +14,18 @@ USER_ERRORS = (ConfigError, DataFileError, CheckpointError, ModelError, Observer
 
 
 def exit_status(action, debug=False):
-    """Run ``action()``; a user error prints ``error: <one line>`` and gives status 2 (``debug``:
-    the traceback instead)."""
+    """Run ``action()``; a user error, or a file that cannot be read or written, prints
+    ``error: <one line>`` and gives status 2 (``debug``: the traceback instead)."""
     try:
         action()
     except USER_ERRORS as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if debug or e.filename is None:  # not about a path the user named
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     return 0

@@ -435,13 +435,19 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     md = markdown(methods, tables, languages, args.metric_prefix, recalls, args.digits)
-    (out / "table.md").write_text(md)
-    (out / "table.tex").write_text(latex(methods, tables, languages, args.metric_prefix, recalls, args.digits))
-    (out / "table.csv").write_text(csv_text(methods, tables, languages, args.metric_prefix, recalls))
     k_chart = 1 if 1 in recalls else recalls[0]
-    bar_chart(methods, tables[k_chart], languages, args.metric_prefix, k_chart, out / f"r{k_chart}_bars.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(md)
+        (out / "table.tex").write_text(latex(methods, tables, languages, args.metric_prefix, recalls, args.digits))
+        (out / "table.csv").write_text(csv_text(methods, tables, languages, args.metric_prefix, recalls))
+        bar_chart(methods, tables[k_chart], languages, args.metric_prefix, k_chart, out / f"r{k_chart}_bars.png")
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     print(md)
     print(f"wrote {out}/table.md, table.tex, table.csv, r{k_chart}_bars.png")
     return 0
