@@ -209,3 +209,12 @@ def test_inference_reads_a_training_file_and_reports_its_own_errors(tmp_path):
     assert len(read_videos(path, "multi-msrvtt", "2d")) == len(released_items(training=True))
     with pytest.raises(DataFileError, match=r"train.pkl: item 0 has no feature key 's3d'"):
         read_videos(path, "multi-msrvtt", "s3d")
+
+
+def test_inference_reads_a_safe_folder_whatever_layout_the_checkpoint_names(tmp_path, toy_assets):
+    from data_loader import convert
+    from utils.inference import read_videos
+    assert convert.main([str(toy_assets["test"]), str(tmp_path / "safe")]) == 0
+    pickled = read_videos(toy_assets["test"], "multi-msrvtt", "2d")
+    safe = read_videos(tmp_path / "safe", "multi-msrvtt", "2d")
+    assert safe.ids == pickled.ids and safe.captions == pickled.captions

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, read_corpus
+from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, is_safe_path, read_corpus
 from data_loader.dataset import TokenTable
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
@@ -168,7 +168,10 @@ def check_texts(texts):
 
 def read_videos(path, layout, feature_key):
     """A data file as the data layer reads it: its evaluation view, or its training view when it has
-    no evaluation captions (a training file)."""
+    no evaluation captions (a training file). A folder (or the files) of the safe layout is read as
+    such, whatever pickle layout the checkpoint's config names."""
+    if layout in PICKLE_LAYOUTS and is_safe_path(path):
+        layout = "safe"
     items = load_pickle(path) if layout in PICKLE_LAYOUTS else None  # unpickled once for both views
     try:
         return read_corpus(path, layout, feature_key, "eval", items=items)
