@@ -198,6 +198,22 @@ def test_settings_that_cannot_train_are_refused_before_training(toy_assets, tmp_
     assert not list((tmp_path / "runs").glob("*/*/latest.pt"))
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_run_again_under_its_id(toy_assets, tmp_path):
+    bad = toy_config(toy_assets, tmp_path, "translate-train", **{"data.batch_size": 1000})
+    result = train_cli("-c", str(write_json_config(tmp_path, "retry", bad)), "--run-id", "seed0")
+    folder = tmp_path / "runs" / "retry" / "seed0"
+    assert result.returncode == 2 and json.loads((folder / "run.json").read_text())["status"] == "FAILED"
+    good = toy_config(toy_assets, tmp_path, "translate-train", **{"trainer.epochs": 1,
+                                                                    "trainer.max_steps_per_epoch": 2})
+    result = train_cli("-c", str(write_json_config(tmp_path, "retry", good)), "--run-id", "seed0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"replacing {folder}: its run (FAILED) stopped before writing a checkpoint" in result.stdout
+    assert json.loads((folder / "run.json").read_text())["status"] == "COMPLETED"
+    # A run that did write a checkpoint is never replaced.
+    result = train_cli("-c", str(write_json_config(tmp_path, "retry", good)), "--run-id", "seed0")
+    assert result.returncode == 2 and "run folder exists" in result.stderr
+
+
 def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     config = toy_config(toy_assets, tmp_path, "translate-train")
     path = write_json_config(tmp_path, "ok", config)

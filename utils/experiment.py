@@ -17,6 +17,7 @@ never resumed, removed or written by a second process.
 """
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -265,13 +266,19 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
 
 def check_writable(run_root, run_id=None, continue_run=False):
     """Fail before anything runs when the run folder cannot be created or written, or, for a run
-    that continues in its folder, when another process is running it."""
+    that continues in its folder, when another process is running it. A named run folder whose run
+    failed before writing a checkpoint (a missing file, a wrong setting) is replaced, so that the
+    corrected command can be run again as it was."""
     run_root = Path(run_root)
+    folder = run_root / run_id if run_id is not None else None
     if continue_run:
-        if in_progress(run_root / run_id):
-            raise ObserverError(f"{run_root / run_id}: its run is in progress in another process")
-    elif run_id is not None and (run_root / run_id).exists():
-        raise ObserverError(f"{run_root / run_id}: run folder exists; pick another --run-id or remove it")
+        if in_progress(folder):
+            raise ObserverError(f"{folder}: its run is in progress in another process")
+    elif folder is not None and folder.exists():
+        if folder_state(folder) != "rerun":
+            raise ObserverError(f"{folder}: run folder exists; pick another --run-id or remove it")
+        print(f"replacing {folder}: its run ({run_status(folder)}) stopped before writing a checkpoint")
+        shutil.rmtree(folder)
     try:
         run_root.mkdir(parents=True, exist_ok=True)
         probe = run_root / f".write-test-{os.getpid()}"
