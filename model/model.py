@@ -5,6 +5,8 @@ converted: gated projections, a LayerNorm on both sides, a learned CLS token and
 attention blocks over the video frames with key masking and no positional embedding. The
 reference's dead parts (audio network, unused heads, a duplicated module alias) are left out.
 """
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -167,9 +169,17 @@ def _quiet_transformers():
     logging.disable_progress_bar()
 
 
+def _check_local_folder(what, name):
+    """A name that can only be a local path (a hub id is 'name' or 'org/name') must exist; otherwise
+    transformers would report it as a malformed hub id."""
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
+        raise ModelError(f"{what} '{name}': no such folder (a hub id has the form 'name' or 'org/name')")
+
+
 def load_backbone(name, pretrained=True):
     """The text encoder named by a hub id or a local folder, through transformers' Auto classes."""
     from transformers import AutoConfig, AutoModel
+    _check_local_folder("text encoder", name)
     _quiet_transformers()
     try:
         if pretrained:
@@ -183,6 +193,7 @@ def load_backbone(name, pretrained=True):
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
+    _check_local_folder("tokenizer", name)
     _quiet_transformers()
     try:
         return AutoTokenizer.from_pretrained(name)

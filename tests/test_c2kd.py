@@ -169,7 +169,7 @@ def test_teacher_for_other_features_and_without_tokenizer_are_refused(setup, cap
     state["config"]["model"]["text_encoder"] = str(setup["tmp"] / "deleted-encoder")
     lost = save_checkpoint(state, setup["tmp"] / "lost_tokenizer.pt")
     err = bad_run(setup, capsys, teachers={"checkpoints": [str(lost)]})
-    assert "deleted-encoder" in err and "could not be loaded" in err
+    assert "deleted-encoder': no such folder" in err
 
 
 def test_unknown_pooling_is_refused(setup, capsys):
