@@ -70,6 +70,7 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     (killed / "metrics.json").write_text(json.dumps(metrics))
 
     first_cout = (cut / "cout.txt").read_text()
+    assert "SIGTERM received: stopping after this step" in first_cout  # an interrupted run keeps its output
 
     # A run that a live process holds is not resumed.
     lock = lock_file(cut / "run.json")

@@ -253,7 +253,13 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
 
     @ex.main
     def _main(_run, _config):
-        return main(json.loads(json.dumps(_config)), _run)  # Sacred hands out read-only containers
+        try:
+            return main(json.loads(json.dumps(_config)), _run)  # Sacred hands out read-only containers
+        finally:
+            # Sacred (0.8.7) collects the captured console output on heartbeats and after a main that
+            # returned, so a run that was interrupted or failed lost what it printed since the last
+            # heartbeat; collected here, its last heartbeat writes it to cout.txt.
+            _run._get_captured_output()
 
     # Failures are reported by the entry points in one line (and recorded in run.json by the
     # observer); Sacred's own log lines would repeat them.
