@@ -37,7 +37,14 @@ def test_training_records_the_run_and_the_loss_falls(trained):
     assert len(losses) == EPOCHS and losses[-1] < losses[0], losses
     saved = json.loads((run / "config.json").read_text())
     assert saved["stage"] == "translate-train" and saved["trainer"]["epochs"] == EPOCHS and saved["seed"] == 0
-    assert json.loads((run / "run.json").read_text())["status"] == "COMPLETED"
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "COMPLETED"
+    # What produced the numbers: the project's modules and the versions of the packages that matter.
+    import importlib.metadata
+    for package in ("torch", "transformers", "tokenizers"):
+        assert f"{package}=={importlib.metadata.version(package)}" in record["experiment"]["dependencies"]
+    sources = {path for path, _ in record["experiment"]["sources"]}
+    assert {"trainer/trainer.py", "model/loss.py", "model/metric.py", "data_loader/dataset.py"} <= sources
     assert (run / "latest.pt").is_file() and (run / "best.pt").is_file()
     state = load_checkpoint(run / "latest.pt")
     assert state["epoch"] == EPOCHS and state["step"] == EPOCHS * (128 // 16)

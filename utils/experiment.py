@@ -15,6 +15,7 @@ never resumed, removed or written by a second process.
 
     python -m utils.experiment state RUN_FOLDER   # what scripts/reproduce/pipeline.sh does with it
 """
+import importlib.metadata
 import json
 import os
 import shutil
@@ -30,11 +31,18 @@ except ImportError:  # no advisory locks on this platform: runs in use are not d
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 from sacred import SETTINGS, Experiment  # noqa: E402
+from sacred.dependencies import PackageDependency  # noqa: E402
 from sacred.observers import FileStorageObserver  # noqa: E402
 
 # tqdm progress bars and Sacred's file-descriptor capture do not mix; capture at sys level.
 SETTINGS.CAPTURE_MODE = "sys"
-SETTINGS.DISCOVER_SOURCES = "dir"
+# run.json records every loaded module of this project as a source (copied into _sources/) and
+# every loaded package with its version (torch, transformers, tokenizers, ...).
+SETTINGS.DISCOVER_SOURCES = "sys"
+SETTINGS.DISCOVER_DEPENDENCIES = "sys"
+ROOT = Path(__file__).resolve().parents[1]
+# Imported lazily (after the run starts), so named here to be recorded in every run.json.
+RECORDED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "numpy")
 
 RESUMABLE = "latest.pt"  # the checkpoint that holds where an unfinished run stopped
 
@@ -241,7 +249,12 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     """
     from utils.distributed import on_main, rank  # torch: not needed by the folder-state command
 
-    ex = Experiment(name, save_git_info=False)
+    ex = Experiment(name, base_dir=str(ROOT), save_git_info=False)
+    entry = getattr(sys.modules.get("__main__"), "__file__", None)  # train.py / test.py: not a module name
+    if entry and Path(entry).resolve().is_relative_to(ROOT):
+        ex.add_source_file(entry)
+    for package in RECORDED_PACKAGES:  # added directly: add_package_dependency refuses "2.13.0+cpu"
+        ex.dependencies.add(PackageDependency(package, importlib.metadata.version(package)))
     ex.add_config(config)
     on_main(lambda: check_writable(run_root, run_id, continue_run))
     if rank() == 0:
