@@ -16,7 +16,10 @@ DATASET=$1
 export FEATURE=$2
 shift 2
 SEEDS=${SEEDS:-"0 1 2"}
-PY=${PY:-python}
+# The project's .venv (made by make) when it exists, else the active environment's python; the
+# per-experiment scripts it calls inherit it.
+if [ -z "${PY:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+export PY=${PY:-python}
 RUNS="runs/$DATASET/$FEATURE"
 DRY=${DRY_RUN:+echo}
 
