@@ -189,7 +189,16 @@ def resolve(flat, name=None):
     return _unflatten(merged)
 
 
+# Counts and sizes that must be at least 1 (0 would train or evaluate nothing, or crash later).
+POSITIVE_KEYS = ("trainer.epochs", "trainer.accumulation_steps", "trainer.log_every", "data.batch_size",
+                 "data.eval_batch_size", "data.n_video_tokens", "data.max_words_train", "data.max_words_eval",
+                 "model.width", "model.projection_dim", "model.depth", "model.heads")
+
+
 def _check_combinations(flat):
+    for key in POSITIVE_KEYS:
+        if flat[key] < 1:
+            raise ConfigError(f"config key '{key}' = {flat[key]} must be at least 1")
     if flat["languages"] == []:
         raise ConfigError("config key 'languages' is an empty list; list the caption languages, or null for all")
     if flat["trainer.compile"] and flat["trainer.accumulation_steps"] > 1:

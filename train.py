@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from model.model import load_tokenizer
-from parse_config import build_parser, config_from_args, flatten_config, select_device
+from parse_config import ConfigError, build_parser, config_from_args, flatten_config, select_device
 from trainer.build import build_loaders, build_loss, build_student, load_corpora
 from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
@@ -34,6 +34,10 @@ def run(args):
     dist, device = init_distributed(select_device(args.device))
     resumed = load_checkpoint(args.resume) if args.resume else None
     config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
+    if resumed and resumed.get("epoch", 0) >= config["trainer"]["epochs"]:
+        raise ConfigError(f"{args.resume}: has already trained {resumed['epoch']} of config key 'trainer.epochs' = "
+                          f"{config['trainer']['epochs']} epochs; pass --epochs N with N > {resumed['epoch']} "
+                          "to train further")
     run_root = Path(config["trainer"]["save_dir"]) / config["name"]
     continued = continued_run_id(args.resume, run_root, args.run_id) if args.resume else None
     run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),

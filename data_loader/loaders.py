@@ -32,21 +32,19 @@ def load_split(config, split):
         raise ConfigError(f"{path}: {len(corpus)} training items, fewer than config key 'data.batch_size' = "
                           f"{data['batch_size']}; lower the batch size")
     total = config["eval"]["total_queries"]
-    if split == "eval" and total is not None:
-        lang, queries = max(ranked_queries(corpus, config["eval"]["multi_caption"]).items(), key=lambda kv: kv[1])
+    if split == "eval" and total is not None:  # only with eval.multi_caption = average (parse_config)
+        lang, queries = max(videos_with_captions(corpus).items(), key=lambda kv: kv[1])
         if total < queries:
             raise ConfigError(f"config key 'eval.total_queries' = {total} is smaller than the {queries} queries "
                               f"that {path} gives in language '{lang}'; set it to at least {queries}, or to null")
     return corpus
 
 
-def ranked_queries(corpus, multi_caption):
-    """{language: queries that evaluation ranks}: videos (unique ids) with a caption in that language
-    when captions are averaged per video, else the captions themselves."""
-    if multi_caption == "average":
-        return {lang: len({vid for vid, caps in zip(corpus.ids, corpus.captions[lang]) if caps})
-                for lang in corpus.languages}
-    return {lang: sum(len(caps) for caps in corpus.captions[lang]) for lang in corpus.languages}
+def videos_with_captions(corpus):
+    """{language: videos (unique ids) with a caption in it}: the queries evaluation ranks when the
+    captions of a video are averaged into one."""
+    return {lang: len({vid for vid, caps in zip(corpus.ids, corpus.captions[lang]) if caps})
+            for lang in corpus.languages}
 
 
 def listed(ids, limit=5):

@@ -60,6 +60,8 @@ def test_teachers_flag_takes_none_and_refuses_reference_names(tmp_path):
     ({"trainer": {"epochs": True}}, "config key 'trainer.epochs' must be int, got true"),
     ({"eval": {"tie_break": "random"}}, "config key 'eval.tie_break' = \"random\" is not one of"),
     ({"stage": "c3kd"}, "config key 'stage' = \"c3kd\" is not one of"),
+    ({"trainer": {"epochs": 0}}, "config key 'trainer.epochs' = 0 must be at least 1"),
+    ({"data": {"batch_size": -8}}, "config key 'data.batch_size' = -8 must be at least 1"),
     ({"model": {"depth": None}}, "config key 'model.depth' must not be null"),
     ('{"data": {', "not valid JSON (line 1 column 11"),
     ("[1, 2]", "a config must be a JSON object"),

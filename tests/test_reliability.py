@@ -232,6 +232,11 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     result = train_cli("-r", str(weights))
     assert result.returncode == 2 and f"{weights}: holds model weights but no training state" in result.stderr
     assert "\n" not in result.stderr.strip()
+    # A checkpoint that has trained every epoch its config asks for.
+    done = save_checkpoint({**load_checkpoint(weights), "epoch": config["trainer"]["epochs"]}, tmp_path / "done.pt")
+    result = train_cli("-r", str(done))
+    assert result.returncode == 2 and "has already trained 2 of config key 'trainer.epochs' = 2 epochs" in result.stderr
+    assert not (tmp_path / "runs" / "ok").exists()  # refused before a run folder was made
     # A truncated checkpoint.
     cut = tmp_path / "cut.pt"
     cut.write_bytes(wide.read_bytes()[:2000])
