@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from parse_config import select_device
-from utils.errors import exit_status
+from utils.errors import run_command
 from utils.inference import InferenceError, Retriever, check_texts, find_video, read_videos, results_html
 from utils.moments import matching_event, plot_moments, score_moments
 
@@ -46,7 +46,7 @@ def main(argv=None):
     def run():
         retriever = Retriever.from_checkpoint(args.resume, select_device(args.device))
         (run_search if args.command == "search" else run_moments)(retriever, args)
-    return exit_status(run, args.debug)
+    return run_command(run, args.debug)
 
 
 def read_data(retriever, path, args):

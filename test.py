@@ -18,7 +18,7 @@ from parse_config import ConfigError, build_parser, config_from_args, flatten_co
 from trainer.build import build_loaders, load_corpora
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import load_checkpoint
-from utils.errors import exit_status
+from utils.errors import run_command
 from utils.experiment import run_experiment
 
 
@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for metrics.json (default: <checkpoint folder>/eval/<checkpoint name>)")
     parser.add_argument("--save-sims", metavar="DIR", help="also write each language's similarity matrix (.npy)")
     args = parser.parse_args(argv)
-    return exit_status(lambda: run(args), args.debug)
+    return run_command(lambda: run(args), args.debug)
 
 
 def run(args):

@@ -17,14 +17,14 @@ from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
 from utils.checkpoint import load_checkpoint
 from utils.distributed import init_distributed
-from utils.errors import exit_status
+from utils.errors import run_command
 from utils.experiment import continued_run_id, run_dir, run_experiment
 
 
 def main(argv=None):
     args = build_parser(__doc__.splitlines()[0], train=True).parse_args(argv)
     try:
-        return exit_status(lambda: run(args), args.debug)
+        return run_command(lambda: run(args), args.debug)
     except TrainingInterrupted as e:  # a checkpoint was written; the message says how to resume
         print(e, file=sys.stderr)
         return 128 + e.signum

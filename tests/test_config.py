@@ -103,6 +103,18 @@ def test_train_cli_prints_one_line_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_warnings_are_one_line(tmp_path):
+    path = write(tmp_path, "c.json", {"stage": "c2kd", "data": {"train_path": str(tmp_path / "missing.pkl")},
+                                      "trainer": {"save_dir": str(tmp_path / "runs")}})
+    result = subprocess.run([sys.executable, "train.py", "-c", str(path), "--teacher_sim_pool", "min", "-d", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "warning: --teacher_sim_pool min computed the element-wise max over teachers in the reference; "
+        "using loss.teacher_pool = 'max'",
+        f"error: {tmp_path / 'missing.pkl'}: file not found"]
+
+
 def test_optional_observers_fail_with_an_install_hint(tmp_path):
     import importlib.util
     path = write(tmp_path, "ok.json", {"trainer": {"save_dir": str(tmp_path / "runs")}})

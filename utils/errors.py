@@ -1,5 +1,6 @@
 """The errors a user can act on: entry points print their one-line message instead of a traceback."""
 import sys
+import warnings
 
 from data_loader.safe_pickle import DataFileError
 from model.model import ModelError
@@ -13,9 +14,12 @@ USER_ERRORS = (ConfigError, DataFileError, CheckpointError, ModelError, Observer
                NonFiniteLoss)
 
 
-def exit_status(action, debug=False):
-    """Run ``action()``; a user error, or a file that cannot be read or written, prints
-    ``error: <one line>`` and gives status 2 (``debug``: the traceback instead)."""
+def run_command(action, debug=False):
+    """Run ``action()`` as a command-line program and return its exit status: a user error, or a
+    file that cannot be read or written, prints ``error: <one line>`` and gives status 2 (``debug``:
+    the traceback instead); warnings print as ``warning: <message>``, without file and source line."""
+    if not debug:
+        warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         action()
     except USER_ERRORS as e:
