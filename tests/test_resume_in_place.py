@@ -99,10 +99,12 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     cout = (cut / "cout.txt").read_text()
     assert cout.startswith(first_cout) and "resumed from" in cout[len(first_cout):]  # the console output goes on
 
-    # A completed run is not reopened: resuming it is a new run, or refused under its own id.
-    after = train_cli("-r", str(cut / "latest.pt"))
+    # A completed run is not reopened: training it further is a new run, or refused under its own id.
+    finished = train_cli("-r", str(cut / "latest.pt"))
+    assert finished.returncode == 2 and "has already trained 3 of config key 'trainer.epochs' = 3" in finished.stderr
+    after = train_cli("-r", str(cut / "latest.pt"), "--epochs", "4")
     assert after.returncode == 0 and f"run folder: {runs / '1'}\n" in after.stdout, after.stderr[-2000:]
-    refused = train_cli("-r", str(cut / "latest.pt"), "--run-id", "seed0")
+    refused = train_cli("-r", str(cut / "latest.pt"), "--run-id", "seed0", "--epochs", "4")
     assert refused.returncode == 2 and f"{cut}: run folder exists" in refused.stderr
 
 
