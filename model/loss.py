@@ -10,8 +10,8 @@ l and the batch's videos; T is the teachers' matrix from the English captions of
 D is KL(softmax(T/τd) || softmax(S/τd)) over rows plus the same over columns, or the TeachText
 SmoothL1 on raw similarities. The teacher pooling decides the targets T_t and their weights w_t.
 
-Each term runs over the items its row mask keeps (0 when it keeps none), and everything is
-computed in float32 even under autocast.
+Each term runs over the items its row mask keeps (0 when it keeps none). Similarities are float32
+even under autocast (``cosine_sim``), so every term is too.
 """
 import warnings
 
@@ -41,7 +41,12 @@ def legacy_teacher_pool(name):
 
 
 def cosine_sim(a, b):
-    return F.normalize(a, dim=-1, eps=1e-8) @ F.normalize(b, dim=-1, eps=1e-8).t()
+    """[len(a), len(b)] cosine similarities in float32 (float64 inputs stay float64) whatever autocast
+    encloses the call: a bf16 product is off by ~2e-3, 0.04 in a logit at temperature 0.05. Every
+    similarity of the loss and of the teacher targets is computed here."""
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = _at_least_float32(a), _at_least_float32(b)
+        return F.normalize(a, dim=-1, eps=1e-8) @ F.normalize(b, dim=-1, eps=1e-8).t()
 
 
 def info_nce(sims, temperature, keep=None):
@@ -146,12 +151,6 @@ class RetrievalLoss(nn.Module):
         Under torch.distributed the inputs are this rank's slice of the global batch; they are
         gathered (with gradients) so every term sees the whole global batch, and ``teacher_sims``
         must already be global [B_global, B_global] matrices."""
-        # Similarities and every term in (at least) float32, whatever autocast encloses the call: a
-        # bf16 cosine is off by ~2e-3, i.e. 0.04 in a logit at temperature 0.05.
-        with torch.autocast(video.device.type, enabled=False):
-            return self._forward(text, video, teacher_sims, rows)
-
-    def _forward(self, text, video, teacher_sims, rows):
         if world_size() > 1:  # one collective for all embeddings and one for all row masks
             langs = list(text)
             gathered = gather_with_grad(torch.stack([*(text[lang] for lang in langs), video], dim=1))
@@ -161,8 +160,7 @@ class RetrievalLoss(nn.Module):
                 rows = dict(zip(keys, gather(torch.stack([rows[k] for k in keys], dim=1)).unbind(1)))
         terms = {}
         en = self.english
-        video = _at_least_float32(video)
-        sims = {lang: cosine_sim(_at_least_float32(emb), video) for lang, emb in text.items()}
+        sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}  # float32 (see cosine_sim)
         if teacher_sims:
             teacher_sims = [_at_least_float32(t) for t in teacher_sims]
 

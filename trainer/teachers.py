@@ -163,8 +163,7 @@ class Teachers:
                 pool = batch["text"]["student"][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
                 text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
                 video = t.model.encode_video(batch["video"], batch["video_mask"])
-                with torch.autocast(self.device.type, enabled=False):
-                    sims.append(cosine_sim(gather(text).float(), gather(video).float()))
+                sims.append(cosine_sim(gather(text), gather(video)))
             return sims
         index, caption = gather(torch.stack([batch["index"], batch["caption_index"]], dim=1)).unbind(1)
         sims = []
@@ -173,8 +172,7 @@ class Teachers:
             # leaves it out of distillation (rows["teacher"]).
             rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1).clamp(min=0)
             rows = rows.clamp(max=len(cache["text"]) - 1)
-            with torch.autocast(self.device.type, enabled=False):
-                sims.append(cache["text"][rows] @ cache["video"][index].t())
+            sims.append(cosine_sim(cache["text"][rows], cache["video"][index]))
         return sims
 
 
