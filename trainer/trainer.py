@@ -94,8 +94,11 @@ class Trainer:
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
         self.batches_done = 0   # steps already taken in the current epoch (mid-epoch checkpoints)
-        self.epoch_loss_sum = 0.0  # summed loss of those steps, so a resumed epoch reports its whole mean
-        self._epoch_loss_steps = 0
+        # Summed loss of those steps, on the device (read once per epoch), so that a resumed epoch
+        # reports the mean of all its steps; it counts from batch loss_counted_from (0 but after
+        # resuming a checkpoint written before the sum was saved).
+        self.epoch_loss_sum = torch.zeros((), device=device)
+        self.loss_counted_from = 0
         self.best = None        # best monitored value so far
         self.skipped_steps = 0  # fp16 steps the scaler skipped for non-finite gradients
         self._signal = None
@@ -138,9 +141,8 @@ class Trainer:
         else:  # resumed with more processes than were saved: a fresh stream for this rank
             seed_rank(self.config["seed"] + state["step"], self.dist.rank)
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
-        # Absent from older checkpoints: a resumed epoch then reports the mean of its remaining steps.
-        self.epoch_loss_sum = state.get("epoch_loss_sum", 0.0)
-        self._epoch_loss_steps = self.batches_done if "epoch_loss_sum" in state else 0
+        self.epoch_loss_sum = torch.tensor(state.get("epoch_loss_sum", 0.0), device=self.device)
+        self.loss_counted_from = 0 if "epoch_loss_sum" in state else self.batches_done
         self.best, self.skipped_steps = state["best"], state["skipped_steps"]
 
     def resume(self, path):
@@ -270,18 +272,16 @@ class Trainer:
         cap = self.config["trainer"]["max_steps_per_epoch"]
         total = sampler.num_batches() if cap is None else min(cap, sampler.num_batches())
         log_every = self.config["trainer"]["log_every"]
-        # Summed on the device every step and read once per logged step and once per epoch.
         if self.batches_done == 0:
-            self.epoch_loss_sum, self._epoch_loss_steps = 0.0, 0
-        self.epoch_loss_sum = torch.as_tensor(self.epoch_loss_sum, dtype=torch.float32, device=self.device)
+            self.epoch_loss_sum.zero_()
+            self.loss_counted_from = 0
         with tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
                   disable=not self.dist.is_main) as bar:
             for batch in self.train_loader:
                 if self.batches_done >= total:
                     break
                 loss, terms = self.training_step(batch)
-                self.epoch_loss_sum += loss.float()
-                self._epoch_loss_steps += 1
+                self.epoch_loss_sum += loss
                 self.step += 1
                 self.batches_done += 1
                 bar.update(1)
@@ -296,7 +296,7 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}; "
                         f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
-        return self.epoch_loss_sum.item() / max(self._epoch_loss_steps, 1)
+        return self.epoch_loss_sum.item() / max(self.batches_done - self.loss_counted_from, 1)
 
     def evaluate(self):
         return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device)
