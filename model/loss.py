@@ -11,7 +11,7 @@ D is KL(softmax(T/τd) || softmax(S/τd)) over rows plus the same over columns, 
 SmoothL1 on raw similarities. The teacher pooling decides the targets T_t and their weights w_t.
 
 Each term runs over the items its row mask keeps (0 when it keeps none). Similarities are float32
-even under autocast (``cosine_sim``), so every term is too.
+even under autocast (``similarity``), so every term is too.
 """
 import warnings
 
@@ -40,13 +40,17 @@ def legacy_teacher_pool(name):
     return honest
 
 
-def cosine_sim(a, b):
-    """[len(a), len(b)] cosine similarities in float32 (float64 inputs stay float64) whatever autocast
-    encloses the call: a bf16 product is off by ~2e-3, 0.04 in a logit at temperature 0.05. Every
-    similarity of the loss and of the teacher targets is computed here."""
+def similarity(a, b):
+    """``a @ b.T`` in float32 (float64 inputs stay float64) whatever autocast encloses the call: a
+    bf16 product is off by ~2e-3, 0.04 in a logit at temperature 0.05. Every similarity of the loss
+    and of the teacher targets is computed here."""
     with torch.autocast(a.device.type, enabled=False):
-        a, b = _at_least_float32(a), _at_least_float32(b)
-        return F.normalize(a, dim=-1, eps=1e-8) @ F.normalize(b, dim=-1, eps=1e-8).t()
+        return _at_least_float32(a) @ _at_least_float32(b).t()
+
+
+def cosine_sim(a, b):
+    return similarity(F.normalize(_at_least_float32(a), dim=-1, eps=1e-8),
+                      F.normalize(_at_least_float32(b), dim=-1, eps=1e-8))
 
 
 def info_nce(sims, temperature, keep=None):
@@ -160,7 +164,7 @@ class RetrievalLoss(nn.Module):
                 rows = dict(zip(keys, gather(torch.stack([rows[k] for k in keys], dim=1)).unbind(1)))
         terms = {}
         en = self.english
-        sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}  # float32 (see cosine_sim)
+        sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}  # float32 (see similarity)
         if teacher_sims:
             teacher_sims = [_at_least_float32(t) for t in teacher_sims]
 

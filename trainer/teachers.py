@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import TextInput, TokenTable
-from model.loss import cosine_sim
+from model.loss import cosine_sim, similarity
 from model.model import model_from_checkpoint
 from parse_config import ConfigError
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
@@ -172,7 +172,7 @@ class Teachers:
             # leaves it out of distillation (rows["teacher"]).
             rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1).clamp(min=0)
             rows = rows.clamp(max=len(cache["text"]) - 1)
-            sims.append(cosine_sim(cache["text"][rows], cache["video"][index]))
+            sims.append(similarity(cache["text"][rows], cache["video"][index]))  # rows are normalised
         return sims
 
 

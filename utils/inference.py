@@ -105,7 +105,8 @@ class Retriever:
 
     @torch.no_grad()
     def encode_texts(self, texts, batch_size=256):
-        """[len(texts), P] normalised text embeddings, tokenized as the evaluation set is."""
+        """[len(texts), P] normalised text embeddings, tokenized as typed (as evaluation reads every
+        caption, except English under ``data.clean_english``)."""
         check_texts(texts)
         max_words = self.config["data"]["max_words_eval"]
         out = []
