@@ -21,7 +21,7 @@ import numpy as np
 
 from data_loader.corpus import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_feature_key, detect_layout,
                                 is_safe_path, read_safe, read_safe_raw)
-from data_loader.loaders import item_problems, listed
+from data_loader.corpus import item_problems, listed
 from data_loader.safe_pickle import DataFileError, load_pickle
 
 # Known evaluation quirks of released files, printed as hints: (layout, split, items) -> text.

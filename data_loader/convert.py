@@ -20,7 +20,7 @@ import numpy as np
 from data_loader.check import load_any
 from data_loader.corpus import (READERS, SAFE_FORMAT, SAFE_VERSION, _DROP, SafeFiles, json_value, read_safe)
 from data_loader.safe_pickle import DataFileError
-from utils.checkpoint import atomic_write
+from utils.files import atomic_write
 
 
 def write_safe(corpus, out, feature_key, fmt="safetensors", dtype="float32", overwrite=False, source=None):

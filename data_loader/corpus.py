@@ -17,6 +17,7 @@ optional ``items`` argument: the already-unpickled list, so that tools which ins
 (``data_loader.check``) unpickle it only once.
 """
 import json
+from collections import Counter
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -533,3 +534,20 @@ def detect_feature_key(items, path):
         return sorted(arrays)[0]
     raise DataFileError(f"{path}: no 2-D feature array in the first item (keys: "
                         f"{', '.join(map(str, first)) or 'none'}); pass --feature-key")
+
+
+def listed(ids, limit=5):
+    """``a, b, c (+n more)``: the first ``limit`` ids of a list."""
+    ids = [str(i) for i in ids]
+    return ", ".join(ids[:limit]) + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def item_problems(corpus):
+    """Ids of items that would poison training: non-finite features, no caption in any language,
+    and {id: count} of ids that occur more than once."""
+    return {
+        "non_finite": [corpus.ids[i] for i, f in enumerate(corpus.features) if f.size and not np.isfinite(f).all()],
+        "uncaptioned": [corpus.ids[i] for i in range(len(corpus))
+                        if not any(c.strip() for lang in corpus.languages for c in corpus.captions[lang][i])],
+        "repeated": {vid: n for vid, n in Counter(corpus.ids).items() if n > 1},
+    }

@@ -1,11 +1,10 @@
 """From the ``data`` section of a config to checked corpora and DataLoaders."""
-from collections import Counter
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from data_loader.corpus import read_corpus
+from data_loader.corpus import item_problems, listed, read_corpus
 from data_loader.dataset import RetrievalDataset
 from data_loader.safe_pickle import DataFileError
 from parse_config import ConfigError
@@ -45,23 +44,6 @@ def videos_with_captions(corpus):
     captions of a video are averaged into one."""
     return {lang: len({vid for vid, caps in zip(corpus.ids, corpus.captions[lang]) if caps})
             for lang in corpus.languages}
-
-
-def listed(ids, limit=5):
-    """``a, b, c (+n more)``: the first ``limit`` ids of a list."""
-    ids = [str(i) for i in ids]
-    return ", ".join(ids[:limit]) + (f" (+{len(ids) - limit} more)" if len(ids) > limit else "")
-
-
-def item_problems(corpus):
-    """Ids of items that would poison training: non-finite features, no caption in any language,
-    and {id: count} of ids that occur more than once."""
-    return {
-        "non_finite": [corpus.ids[i] for i, f in enumerate(corpus.features) if f.size and not np.isfinite(f).all()],
-        "uncaptioned": [corpus.ids[i] for i in range(len(corpus))
-                        if not any(c.strip() for lang in corpus.languages for c in corpus.captions[lang][i])],
-        "repeated": {vid: n for vid, n in Counter(corpus.ids).items() if n > 1},
-    }
 
 
 def check_items(corpus, allow_duplicate_ids=False):

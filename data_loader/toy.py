@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.checkpoint import atomic_write
+from utils.files import atomic_write
 
 VERSION = 1
 KINDS = ("action", "object", "place")

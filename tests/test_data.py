@@ -218,3 +218,14 @@ def test_inference_reads_a_safe_folder_whatever_layout_the_checkpoint_names(tmp_
     pickled = read_videos(toy_assets["test"], "multi-msrvtt", "2d")
     safe = read_videos(tmp_path / "safe", "multi-msrvtt", "2d")
     assert safe.ids == pickled.ids and safe.captions == pickled.captions
+
+
+def test_data_tools_start_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, data_loader.check, data_loader.convert, data_loader.toy; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # check and convert are run on data before any training

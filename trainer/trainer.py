@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.loaders import listed
+from data_loader.corpus import listed
 from model.metric import format_table
 from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
