@@ -9,9 +9,9 @@ own run id; any other resume is a new run (see utils.experiment.continued_run_id
 import sys
 from pathlib import Path
 
-from model.model import load_tokenizer
+from model.model import load_tokenizer, model_from_config
 from parse_config import ConfigError, build_parser, config_from_args, flatten_config, select_device
-from trainer.build import build_loaders, build_loss, build_student, load_corpora
+from trainer.build import build_loaders, build_loss, load_corpora
 from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
@@ -50,7 +50,7 @@ def train(config, run, device, dist, resume=None):
     corpora = load_corpora(config)
     tokenizer = load_tokenizer(config["model"]["text_encoder"])
     teachers = build_teachers(config, corpora["train"], device, tokenizer)
-    model, tokenizer = build_student(config, pretrained_text=resume is None, tokenizer=tokenizer)
+    model, tokenizer = model_from_config(config, pretrained_text=resume is None, tokenizer=tokenizer)
     train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
                                               extra_inputs=teachers.text_inputs if teachers else (),
                                               rank=dist.rank, world_size=dist.world_size)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.checkpoint import load_weights
+
 
 class GatedProjection(nn.Module):
     """y = h * sigmoid(W_g h) with h = W x + b: the reference's 'gated' unit (§2.2)."""
@@ -212,9 +214,14 @@ def build_model(model_cfg, feature_dim, pretrained_text=True):
     return RetrievalModel(text, video)
 
 
+def model_from_config(config, pretrained_text=True, tokenizer=None):
+    """(model, tokenizer) as a resolved config describes them; ``tokenizer`` reuses one already loaded."""
+    tokenizer = tokenizer or load_tokenizer(config["model"]["text_encoder"])
+    return build_model(config["model"], config["data"]["feature_dim"], pretrained_text=pretrained_text), tokenizer
+
+
 def model_from_checkpoint(config, state, path):
     """(model, tokenizer) as ``config`` describes them, with the weights of the loaded checkpoint
     ``state`` read from ``path`` (a mismatch is a one-line CheckpointError naming the file)."""
-    from utils.checkpoint import load_weights
-    model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=False)
-    return load_weights(model, state, path), load_tokenizer(config["model"]["text_encoder"])
+    model, tokenizer = model_from_config(config, pretrained_text=False)
+    return load_weights(model, state, path), tokenizer

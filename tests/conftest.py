@@ -73,7 +73,8 @@ def assert_same_weights(a, b):
 
 def make_trainer(config, info=None):
     """A Trainer of a fresh student (seed 0) on the CPU and the first training batch of epoch 0."""
-    from trainer.build import build_loaders, build_loss, build_student, load_corpora
+    from trainer.build import build_loaders, build_loss, load_corpora
+    from model.model import model_from_config
     from trainer.teachers import build_teachers
     from trainer.trainer import Trainer
     from utils.distributed import DistInfo
@@ -81,7 +82,7 @@ def make_trainer(config, info=None):
     torch.manual_seed(0)
     device = torch.device("cpu")
     corpora = load_corpora(config)
-    model, tokenizer = build_student(config)
+    model, tokenizer = model_from_config(config)
     teachers = build_teachers(config, corpora["train"], device, tokenizer)
     train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
                                               extra_inputs=teachers.text_inputs if teachers else (),

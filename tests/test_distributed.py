@@ -8,7 +8,8 @@ import pytest
 
 from parse_config import flatten_config, resolve
 from tests.conftest import make_trainer, toy_config, untrained_teachers
-from trainer.build import build_loaders, build_student, load_corpora
+from trainer.build import build_loaders, load_corpora
+from model.model import model_from_config
 from trainer.evaluate import evaluate
 from trainer.teachers import build_teachers
 from trainer.trainer import split_batch
@@ -32,7 +33,7 @@ def evaluation(config, info):
     """Metrics of an untrained model on the evaluation set, and whether this process ranked it."""
     torch.manual_seed(0)
     corpora = load_corpora(config)
-    model, tokenizer = build_student(config)
+    model, tokenizer = model_from_config(config)
     _, loader = build_loaders(config, corpora, tokenizer, rank=info.rank, world_size=info.world_size)
     summary, scores = evaluate(model, loader, corpora["eval"].languages, config["eval"], torch.device("cpu"),
                                return_scores=True)
@@ -54,7 +55,7 @@ def failure_on_rank_0(config, info):
 def teacher_cache(config, info):
     """The cached outputs of the first teacher, built (or read) by this process."""
     corpora = load_corpora(config)
-    _, tokenizer = build_student(config)
+    _, tokenizer = model_from_config(config)
     teachers = build_teachers(config, corpora["train"], torch.device("cpu"), tokenizer)
     return teachers.cache[0]
 

@@ -2,7 +2,8 @@
 import torch
 
 from tests.conftest import toy_config
-from trainer.build import build_loaders, build_student, load_corpora
+from trainer.build import build_loaders, load_corpora
+from model.model import model_from_config
 from trainer.evaluate import embed_eval_set
 
 
@@ -10,7 +11,7 @@ def test_evaluation_embeds_in_float32_inside_a_callers_autocast(toy_assets, tmp_
     config = toy_config(toy_assets, tmp_path)
     corpora = load_corpora(config, splits=("eval",))
     torch.manual_seed(0)
-    model, tokenizer = build_student(config)
+    model, tokenizer = model_from_config(config)
     _, loader = build_loaders(config, corpora, tokenizer)
     languages = corpora["eval"].languages
     cpu = torch.device("cpu")

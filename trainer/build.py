@@ -3,7 +3,7 @@ from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from model.loss import RetrievalLoss
-from model.model import build_model, load_tokenizer
+from model.model import load_tokenizer
 from parse_config import ConfigError
 
 
@@ -39,12 +39,6 @@ def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_siz
         inputs.append(TextInput(POOL_MASK, load_tokenizer(config["model"]["pool_mask_tokenizer"]), languages))
     evaluation = eval_loader(corpora["eval"], inputs, config, rank, world_size)
     return train, evaluation
-
-
-def build_student(config, pretrained_text=True, tokenizer=None):
-    tokenizer = tokenizer or load_tokenizer(config["model"]["text_encoder"])
-    model = build_model(config["model"], config["data"]["feature_dim"], pretrained_text=pretrained_text)
-    return model, tokenizer
 
 
 def build_loss(config, num_teachers=0):

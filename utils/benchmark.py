@@ -222,9 +222,9 @@ def _toy_c2kd_flat(assets, folder):
 
 def bench_c2kd_step(assets, device, steps=20, warmup=2):
     """Trainer.training_step with cached against online teachers: same batch, same initial model."""
-    from model.model import load_tokenizer
+    from model.model import load_tokenizer, model_from_config
     from parse_config import resolve
-    from trainer.build import build_loaders, build_loss, build_student, load_corpora
+    from trainer.build import build_loaders, build_loss, load_corpora
     from trainer.teachers import build_teachers
     from trainer.trainer import Trainer, seed_everything
     from utils.device import to_device
@@ -247,7 +247,7 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         # second pass, with the teachers loaded; loading and writing the file are left out).
         cache_build_s = sum(timed(lambda t=t: teachers["cached"].embed_training_set(t), device)[0]
                             for t in teachers["cached"].teachers)
-        model, _ = build_student(configs["online"], tokenizer=tokenizer)
+        model, _ = model_from_config(configs["online"], tokenizer=tokenizer)
         # The online loader also carries the teachers' tokens; the cached step ignores them.
         train_loader, eval_loader = build_loaders(configs["online"], corpora, tokenizer,
                                                   extra_inputs=teachers["online"].text_inputs)
