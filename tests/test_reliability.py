@@ -330,3 +330,15 @@ def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
     torch.manual_seed(1234)
     trainer.load_state_dict(state, "old.pt")
     assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_saved_random_states_of_older_checkpoints_are_normalised():
+    from trainer.trainer import _saved_rng_states
+    cpu, gpu0, gpu1 = torch.get_rng_state(), torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)
+    # One state with every visible GPU's: the GPU of this rank's device is taken.
+    [state] = _saved_rng_states({"torch": cpu, "cuda": [gpu0, gpu1]}, torch.device("cuda", 1))
+    assert torch.equal(state["torch"], cpu) and torch.equal(state["cuda"], gpu1)
+    [state] = _saved_rng_states({"torch": cpu, "cuda": []}, torch.device("cuda", 0))
+    assert state["cuda"] is None
+    states = _saved_rng_states([{"torch": cpu, "cuda": None}, {"torch": cpu, "cuda": gpu0}], torch.device("cpu"))
+    assert [s["cuda"] is None for s in states] == [True, False]

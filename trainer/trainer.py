@@ -133,9 +133,7 @@ class Trainer:
                                   f"({str(e).strip().splitlines()[0][:200]})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        if isinstance(rng, dict):  # written before checkpoints kept one random state per rank
-            rng = [rng]
+        rng = _saved_rng_states(state["rng"], self.device)
         if self.dist.rank < len(rng):
             _set_rng_state(self.device, rng[self.dist.rank])
         else:  # resumed with more processes than were saved: a fresh stream for this rank
@@ -360,11 +358,19 @@ def _rng_state(device):
 
 
 def _set_rng_state(device, state):
-    # A checkpoint loaded with map_location on a GPU holds CUDA tensors; the generators take CPU bytes.
-    torch.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda")
-    if device.type != "cuda" or cuda is None or (isinstance(cuda, list) and not cuda):
-        return
-    if isinstance(cuda, list):  # older checkpoints: the states of every visible GPU
-        cuda = cuda[min(device.index or 0, len(cuda) - 1)]
-    torch.cuda.set_rng_state(cuda.cpu(), device)
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _saved_rng_states(rng, device):
+    """A checkpoint's per-rank random states in the form ``_rng_state`` makes. Older checkpoints kept
+    one state (a dict) holding the CUDA states of every visible GPU (a list); a checkpoint loaded
+    with map_location on a GPU holds CUDA tensors, while the generators take CPU bytes."""
+    states = []
+    for state in [rng] if isinstance(rng, dict) else rng:
+        cuda = state.get("cuda")
+        if isinstance(cuda, list):
+            cuda = cuda[min(device.index or 0, len(cuda) - 1)] if cuda else None
+        states.append({"torch": state["torch"].cpu(), "cuda": None if cuda is None else cuda.cpu()})
+    return states
