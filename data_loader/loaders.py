@@ -1,6 +1,5 @@
 """From the ``data`` section of a config to checked corpora and DataLoaders."""
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 

@@ -141,23 +141,48 @@ class RetrievalModel(nn.Module):
     def encode_video(self, video, mask):
         return self.video(video, mask)
 
+    @property
+    def embedding_dim(self):
+        return self.video.proj.gate.out_features
+
+    @torch.no_grad()
+    def embed_texts(self, input_ids, attention_mask, pool_mask=None, batch_size=256, progress=False):
+        """[rows, P] L2-normalised fp32 embeddings, on the CPU, of token rows as a TokenTable holds
+        them; ``pool_mask`` rows replace the attention mask for pooling (see TextEncoder)."""
+        device = next(self.parameters()).device
+        out = []
+        for start in _batches(len(input_ids), batch_size, "embed texts", progress):
+            rows = slice(start, start + batch_size)
+            pool = pool_mask[rows].long().to(device) if pool_mask is not None else None
+            out.append(self.text(input_ids[rows].long().to(device), attention_mask[rows].long().to(device),
+                                 pool_mask=pool).float().cpu())
+        return self._normalized(out)
+
     @torch.no_grad()
     def embed_videos(self, features, n_tokens, batch_size=256, progress=False):
         """[len(features), P] L2-normalised fp32 embeddings, on the CPU, of [frames, feature_dim]
         arrays, each cut or padded to ``n_tokens`` frames as in training."""
-        from tqdm import tqdm
         from data_loader.dataset import video_tokens
         device = next(self.parameters()).device
         out = []
-        for start in tqdm(range(0, len(features), batch_size), desc="encode videos", unit="batch",
-                          disable=None if progress else True, leave=False, dynamic_ncols=True):
+        for start in _batches(len(features), batch_size, "embed videos", progress):
             pairs = [video_tokens(f, n_tokens) for f in features[start:start + batch_size]]
             video = torch.stack([v for v, _ in pairs]).to(device)
             mask = torch.stack([m for _, m in pairs]).to(device)
             out.append(self.encode_video(video, mask).float().cpu())
-        if not out:
-            return torch.zeros(0, self.video.proj.gate.out_features)
-        return F.normalize(torch.cat(out), dim=1, eps=1e-8)
+        return self._normalized(out)
+
+    def _normalized(self, parts):
+        if not parts:
+            return torch.zeros(0, self.embedding_dim)
+        return F.normalize(torch.cat(parts), dim=1, eps=1e-8)
+
+
+def _batches(n, batch_size, desc, progress):
+    """Batch starts over ``n`` rows, with a progress bar on a terminal when ``progress``."""
+    from tqdm import tqdm
+    return tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=None if progress else True,
+                leave=False, dynamic_ncols=True)
 
 
 class ModelError(ValueError):

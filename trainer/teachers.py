@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import TextInput, TokenTable
@@ -134,21 +132,17 @@ class Teachers:
         table = TokenTable(captions, teacher.tokenizer, self.max_words, clean=teacher.clean_english)
         pool_masks = (TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
                       if teacher.pool_with_student_mask else None)
-        model, device = teacher.model, self.device
-        texts = []
+        model = teacher.model
         caption_rows = _part(len(table.input_ids), *share)
-        for start in tqdm(range(caption_rows.start, caption_rows.stop, batch_size),
-                          desc=f"teacher {teacher.path.name} text", leave=False, disable=share[0] != 0):
-            rows = slice(start, min(start + batch_size, caption_rows.stop))
-            ids, mask = table.input_ids[rows].long().to(device), table.attention_mask[rows].long().to(device)
-            pool = pool_masks[rows].long().to(device) if pool_masks is not None else None
-            texts.append(F.normalize(model.text(ids, mask, pool_mask=pool).float(), dim=1, eps=1e-8).cpu())
+        rows = slice(caption_rows.start, caption_rows.stop)
+        texts = model.embed_texts(table.input_ids[rows], table.attention_mask[rows],
+                                  pool_masks[rows] if pool_masks is not None else None, batch_size,
+                                  progress=share[0] == 0)
         video_rows = _part(len(self.corpus), *share)
         videos = model.embed_videos(self.corpus.features[video_rows.start:video_rows.stop],
-                                    self.config["data"]["n_video_tokens"], batch_size)
+                                    self.config["data"]["n_video_tokens"], batch_size, progress=share[0] == 0)
         offsets = torch.from_numpy(table.offsets)
-        return {"text": torch.cat(texts) if texts else torch.zeros(0, model.text.proj.gate.out_features),
-                "video": videos, "offsets": offsets[:-1], "counts": offsets[1:] - offsets[:-1]}
+        return {"text": texts, "video": videos, "offsets": offsets[:-1], "counts": offsets[1:] - offsets[:-1]}
 
     # ---- targets -----------------------------------------------------------------------------
     @torch.no_grad()

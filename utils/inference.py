@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -103,36 +102,29 @@ class Retriever:
         state = load_checkpoint(path)
         return cls(*model_from_checkpoint(state["config"], state, path), state["config"], device)
 
-    @torch.no_grad()
     def encode_texts(self, texts, batch_size=256):
         """[len(texts), P] normalised text embeddings, tokenized as typed (as evaluation reads every
         caption, except English under ``data.clean_english``)."""
         check_texts(texts)
+        captions = [[text] for text in texts]
         max_words = self.config["data"]["max_words_eval"]
-        out = []
-        for start in range(0, len(texts), batch_size):
-            captions = [[text] for text in texts[start:start + batch_size]]
-            table = TokenTable(captions, self.tokenizer, max_words, clean=False)
-            tokens = {"input_ids": table.input_ids.long().to(self.device),
-                      "attention_mask": table.attention_mask.long().to(self.device)}
-            pool = (TokenTable(captions, self.pool_tokenizer, max_words, clean=False).attention_mask.long()
-                    .to(self.device) if self.pool_tokenizer else None)
-            out.append(self.model.encode_text(tokens, pool_mask=pool).float().cpu())
-        return F.normalize(torch.cat(out), dim=1, eps=1e-8) if out else torch.zeros(0, self._dim())
+        table = TokenTable(captions, self.tokenizer, max_words, clean=False)
+        pool = (TokenTable(captions, self.pool_tokenizer, max_words, clean=False).attention_mask
+                if self.pool_tokenizer else None)
+        return self.model.embed_texts(table.input_ids, table.attention_mask, pool, batch_size)
 
-    @torch.no_grad()
-    def encode_videos(self, features, batch_size=256, progress=False):
-        """[len(features), P] normalised embeddings of [frames, feature_dim] arrays."""
-        features = [self.check_features(f, f"video {i}") for i, f in enumerate(features)]
-        return self.model.embed_videos(features, self.config["data"]["n_video_tokens"], batch_size, progress)
+    def encode_videos(self, features, batch_size=256, progress=False, ids=None):
+        """[len(features), P] normalised embeddings of [frames, feature_dim] arrays; ``ids`` name
+        the videos in errors."""
+        names = [f"video '{i}'" for i in ids] if ids is not None else [f"video {i}" for i in range(len(features))]
+        checked = [self.check_features(f, name) for name, f in zip(names, features)]
+        return self.model.embed_videos(checked, self.config["data"]["n_video_tokens"], batch_size, progress)
 
     def build_index(self, ids, features, batch_size=256, progress=True):
         """Encode a collection once (a progress bar shows on a terminal); save the index to reuse it."""
         if len(ids) != len(features):
             raise InferenceError(f"{len(ids)} video ids for {len(features)} feature arrays")
-        checked = [self.check_features(f, f"video '{video_id}'") for video_id, f in zip(ids, features)]
-        return VideoIndex(ids, self.model.embed_videos(checked, self.config["data"]["n_video_tokens"], batch_size,
-                                                       progress))
+        return VideoIndex(ids, self.encode_videos(features, batch_size, progress, ids=ids))
 
     def search(self, query, index, top=10):
         """The ``top`` best videos of ``index`` for ``query``: [(video_id, cosine score)], best first."""
@@ -153,9 +145,6 @@ class Retriever:
             raise InferenceError(f"{name}: features of shape {tuple(shape)}, expected [frames, "
                                  f"{self.feature_dim}] (config data.feature_dim)")
         return np.asarray(features, dtype=np.float32)
-
-    def _dim(self):
-        return self.config["model"]["projection_dim"]
 
 
 def check_texts(texts):
