@@ -89,6 +89,11 @@ SCHEMA = {
                            "captions sharing a video id: averaged into one query, or ranked separately"),
 }
 
+# Keys that change neither what a run trains nor what it reports: a finished run is reused whatever
+# they say (see config_differences).
+RESULT_NEUTRAL_KEYS = ("notes", "data.eval_batch_size", "data.num_workers", "teachers.cache_dir",
+                       "trainer.save_period", "trainer.log_every")
+
 # The reference's stage names (§3.1).
 STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
 
@@ -297,6 +302,21 @@ def config_from_args(args, base_flat=None):
 
 def flatten_config(config):
     return _flatten(config)
+
+
+def config_differences(recorded, config):
+    """``[(key, recorded value, value in config)]`` for every key outside ``RESULT_NEUTRAL_KEYS``
+    where two resolved configs differ; a key that one of them lacks counts at its default."""
+    old, new = _flatten(recorded), _flatten(config)
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESULT_NEUTRAL_KEYS:
+            continue
+        default = SCHEMA[key][0] if key in SCHEMA else None
+        before, now = old.get(key, default), new.get(key, default)
+        if before != now:
+            differences.append((key, before, now))
+    return differences
 
 
 def select_device(arg):

@@ -4,7 +4,9 @@
     python train.py -c configs/msrvtt/clip/c2kd.json --epochs 20 --lr 1e-4
     python train.py -r runs/toy/translate_train/1/latest.pt          # resume exactly
 A run that did not finish, resumed from its folder's latest.pt, continues in that folder under its
-own run id; any other resume is a new run (see utils.experiment.continued_run_id).
+own run id; any other resume is a new run (see utils.experiment.continued_run_id). A --run-id that
+names a finished run of the same config trains nothing; of another config, it is an error
+(utils.experiment.reuse_finished).
 """
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_
 from utils.checkpoint import load_checkpoint
 from utils.distributed import init_distributed
 from utils.errors import run_command
-from utils.experiment import continued_run_id, run_dir, run_experiment
+from utils.experiment import continued_run_id, reuse_finished, run_dir, run_experiment
 
 
 def main(argv=None):
@@ -39,6 +41,8 @@ def run(args):
                           f"{config['trainer']['epochs']} epochs; pass --epochs N with N > {resumed['epoch']} "
                           "to train further")
     run_root = Path(config["trainer"]["save_dir"]) / config["name"]
+    if args.run_id is not None and not args.resume and reuse_finished(run_root / args.run_id, config):
+        return
     continued = continued_run_id(args.resume, run_root, args.run_id) if args.resume else None
     run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),
                    run_root, run_id=continued or args.run_id, mongo=args.mongo, neptune=args.neptune,

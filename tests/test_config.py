@@ -127,3 +127,15 @@ def test_optional_observers_fail_with_an_install_hint(tmp_path):
         result = subprocess.run([sys.executable, "train.py", "-c", str(path), flag], cwd=ROOT,
                                 capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "\n" not in result.stderr.strip()
+
+
+def test_config_differences_ignore_settings_that_change_no_result():
+    from parse_config import RESULT_NEUTRAL_KEYS, config_differences, flatten_config, resolve
+    config = resolve({"trainer.epochs": 3})
+    recorded = resolve({"trainer.epochs": 3, "data.num_workers": 4, "data.eval_batch_size": 7, "notes": "x"})
+    assert config_differences(recorded, config) == []
+    del recorded["data"]["clean_english"]  # a run recorded before the key existed: read at its default
+    assert config_differences(recorded, config) == []
+    assert config_differences(recorded, resolve({"trainer.epochs": 4, "optimizer.lr": 2e-4})) == [
+        ("optimizer.lr", 1e-4, 2e-4), ("trainer.epochs", 3, 4)]
+    assert set(RESULT_NEUTRAL_KEYS) <= set(flatten_config(config))

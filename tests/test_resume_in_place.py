@@ -48,6 +48,15 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     runs = tmp_path / "runs" / "run"
     full = train_cli("-c", str(path), "--run-id", "full")
     assert full.returncode == 0, full.stderr[-2000:]
+    # The same command again reuses the finished run (settings that change no result aside); with
+    # another config it stops and names what differs, and the finished run is left as it was.
+    again = train_cli("-c", str(path), "--run-id", "full", "--set", "data.num_workers=1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{runs / 'full'}: finished with this config, nothing to train" in again.stdout
+    other = train_cli("-c", str(path), "--run-id", "full", "--epochs", "2")
+    assert other.returncode == 2 and (f"{runs / 'full'}: finished with another config (trainer.epochs: 3 in the "
+                                      "run, 2 now)") in other.stderr, other.stderr
+    assert read_json(runs / "full" / "run.json")["status"] == "COMPLETED" and not (runs / "1").exists()
 
     code, stderr = interrupt_mid_epoch(path, "seed0")
     assert code == 128 + signal.SIGTERM, stderr[-2000:]
@@ -71,6 +80,11 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
 
     first_cout = (cut / "cout.txt").read_text()
     assert "SIGTERM received: stopping after this step" in first_cout  # an interrupted run keeps its output
+
+    # A new run under its id is refused, with the command that resumes it.
+    fresh = train_cli("-c", str(path), "--run-id", "seed0")
+    assert fresh.returncode == 2 and (f"{cut}: its run did not finish; resume it with: python train.py -r "
+                                      f"{cut / 'latest.pt'}") in fresh.stderr, fresh.stderr
 
     # A run that a live process holds is not resumed.
     lock = lock_file(cut / "run.json")
@@ -155,7 +169,8 @@ def test_pipeline_acts_on_each_run_folder_by_its_state(tmp_path):
     extra = "--set data.num_workers=0"
     r = "runs/msrvtt/clip"
     assert result.stdout.splitlines() == [
-        f"== {r}/teacher_xlmr/seed0: finished, skipped",
+        f"== {r}/teacher_xlmr/seed0: finished, checking its config",
+        f"env SEED=0 bash scripts/teacher_training/msrvtt/xlmr.sh {extra}",
         f"== teacher mbert: using the given weights {r}/teacher_mbert/seed0/latest.pt",
         f"== {r}/teacher_distill/seed0: did not finish, resuming from its latest.pt",
         f"{sys.executable} train.py -r {r}/teacher_distill/seed0/latest.pt --run-id seed0 {extra}",
@@ -177,10 +192,13 @@ def test_pipeline_acts_on_each_run_folder_by_its_state(tmp_path):
     lock = lock_file(runs / "c2kd" / "seed0" / "run.json")
     try:
         busy = pipeline(tmp_path)
+        fresh = train_cli("-c", str(ROOT / "configs" / "toy" / "c2kd.json"), "--run-id", "seed0",
+                          "--set", f"trainer.save_dir={runs.parent}", "--set", "name=clip/c2kd")
     finally:
         os.close(lock)
     assert busy.returncode == 1
     assert f"error: {r}/c2kd/seed0: its run is in progress in another process" in busy.stderr
+    assert fresh.returncode == 2 and f"{runs / 'c2kd' / 'seed0'}: its run is in progress" in fresh.stderr
     (runs / "c2kd" / "seed0" / "run.json").unlink()
     assert folder_state(runs / "c2kd" / "seed0") == "weights"
     foreign = pipeline(tmp_path)

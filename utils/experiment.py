@@ -135,6 +135,31 @@ def folder_state(folder):
     return "resume" if has_checkpoint else "rerun"
 
 
+def reuse_finished(folder, config):
+    """True when ``folder`` holds a finished run of ``config``: there is nothing to train. A finished
+    run of another config (outside the keys that change no result) is a one-line ConfigError naming
+    what differs, so that a re-run command never passes off another run's results as its own."""
+    from parse_config import ConfigError, config_differences  # torch: not needed by the state command
+    from utils.distributed import rank
+    folder = Path(folder)
+    if folder_state(folder) != "finished":
+        return False
+    try:
+        recorded = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{folder}: finished, but its config.json cannot be read to compare "
+                          "with this config; remove the folder or pick another --run-id") from None
+    changed = config_differences(recorded, config)
+    if changed:
+        shown = "; ".join(f"{key}: {json.dumps(old)} in the run, {json.dumps(new)} now" for key, old, new in changed[:3])
+        more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise ConfigError(f"{folder}: finished with another config ({shown}{more}); remove the folder "
+                          "or pick another --run-id")
+    if rank() == 0:
+        print(f"{folder}: finished with this config, nothing to train (remove the folder to train it again)")
+    return True
+
+
 # ---- observers -----------------------------------------------------------------------------------
 
 class RunFolderObserver(FileStorageObserver):
@@ -294,7 +319,13 @@ def check_writable(run_root, run_id=None, continue_run=False):
         if in_progress(folder):
             raise ObserverError(f"{folder}: its run is in progress in another process")
     elif folder is not None and folder.exists():
-        if folder_state(folder) != "rerun":
+        state = folder_state(folder)
+        if state == "busy":
+            raise ObserverError(f"{folder}: its run is in progress in another process")
+        if state == "resume":
+            raise ObserverError(f"{folder}: its run did not finish; resume it with: python train.py -r "
+                                f"{folder / RESUMABLE}")
+        if state != "rerun":
             raise ObserverError(f"{folder}: run folder exists; pick another --run-id or remove it")
         print(f"replacing {folder}: its run ({run_status(folder)}) stopped before writing a checkpoint")
         shutil.rmtree(folder)

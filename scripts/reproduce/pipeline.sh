@@ -4,10 +4,11 @@
 # table (mean ± sample std over seeds) with utils.report, written to runs/<dataset>/$FEATURE/report/.
 #   bash scripts/reproduce/pipeline.sh DATASET FEATURE [train.py arguments...]
 # The script can be re-run after an interruption: each run folder decides what happens to it
-# (python -m utils.experiment state FOLDER). A finished run (run.json says COMPLETED) is skipped; a
-# run that stopped after writing latest.pt is resumed in its folder; a run that failed before its
-# first checkpoint (missing data or teacher) is removed and run again; a folder whose run is in
-# progress in another process stops the script. A teacher folder holding a latest.pt without a
+# (python -m utils.experiment state FOLDER). A finished run (run.json says COMPLETED) is reused if it
+# was trained with the config its script runs now, and stops the script otherwise (train.py compares
+# the two and names the keys that differ); a run that stopped after writing latest.pt is resumed in
+# its folder; a run that failed before its first checkpoint (missing data or teacher) is removed and
+# run again; a folder whose run is in progress in another process stops the script. A teacher folder holding a latest.pt without a
 # run.json is used as given weights (e.g. converted with utils.convert_checkpoint).
 # Extra arguments go to every train.py call. DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
@@ -28,8 +29,9 @@ run() {  # run SCRIPT RUN_FOLDER SEED [train.py arguments...]
   shift 3
   state=$("$PY" -m utils.experiment state "$folder")
   case $state in
-    finished)
-      echo "== $folder: finished, skipped" ;;
+    finished)  # train.py reuses it if it ran this config, and stops with the differences if not
+      echo "== $folder: finished, checking its config"
+      $DRY env SEED="$seed" bash "$script" "$@" ;;
     new)
       echo "== $folder"
       $DRY env SEED="$seed" bash "$script" "$@" ;;

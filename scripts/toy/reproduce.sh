@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's pipeline on Multi-Toy: three English-input teachers (translate-train), then the
 # zero-shot, translate-train and C2KD students with 3 seeds each, then one table per method and
-# language (R@1 mean ± std over seeds). Finished runs are reused and interrupted ones resumed;
-# delete runs/toy to start over.
+# language (R@1 mean ± std over seeds). Finished runs of the same configs are reused and interrupted
+# ones resumed; delete runs/toy to start over.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -11,13 +11,13 @@ SEEDS=${SEEDS:-"0 1 2"}
 $PY -m utils.tiny_encoders --root cache >/dev/null
 
 train() {  # train CONFIG RUN_DIR SEED
-  case $($PY -m utils.experiment state "$2") in
-    finished) echo "reusing $2"; return ;;
-    resume) $PY train.py -r "$2/latest.pt" --run-id "$(basename "$2")"; return ;;
-    busy) echo "error: $2: its run is in progress in another process" >&2; exit 1 ;;
-  esac
-  rm -rf "$2"
-  $PY train.py -c "$1" --run-id "$(basename "$2")" --seed "$3"
+  # An unfinished run resumes in its folder. Otherwise train.py runs it, reuses a finished run of the
+  # same config, refuses one of another config or in progress, and replaces one that failed early.
+  if [ "$($PY -m utils.experiment state "$2")" = resume ]; then
+    $PY train.py -r "$2/latest.pt" --run-id "$(basename "$2")"
+  else
+    $PY train.py -c "$1" --run-id "$(basename "$2")" --seed "$3"
+  fi
 }
 
 for teacher in xlmr mbert distiluse; do
