@@ -211,3 +211,17 @@ def test_pipeline_acts_on_each_run_folder_by_its_state(tmp_path):
 def test_folder_state(tmp_path, status, checkpoint, state):
     assert folder_state(tmp_path / "absent") == "new"
     assert folder_state(fake_run(tmp_path / "run", status, checkpoint)) == state
+
+
+def test_toy_train_script_resumes_unfinished_runs_and_hands_the_rest_to_train_py(tmp_path):
+    def toy_train(folder):
+        env = {**os.environ, "PY": sys.executable}
+        return subprocess.run(["bash", str(ROOT / "scripts" / "toy" / "train.sh"), str(tmp_path / "absent.json"),
+                               str(folder), "0"], env=env, capture_output=True, text=True, check=False)
+
+    cut = fake_run(tmp_path / "cut" / "seed0", "INTERRUPTED", checkpoint=True)
+    resumed = toy_train(cut)  # resumed from its latest.pt (here not a real checkpoint)
+    assert resumed.returncode == 2 and f"error: {cut / 'latest.pt'}" in resumed.stderr, resumed.stderr
+    for folder in (tmp_path / "new" / "seed0", fake_run(tmp_path / "done" / "seed0", "COMPLETED", checkpoint=True)):
+        started = toy_train(folder)  # train.py -c CONFIG: a new run, or one it may reuse
+        assert started.returncode == 2 and f"error: {tmp_path / 'absent.json'}: cannot read config" in started.stderr

@@ -5,27 +5,17 @@
 # ones resumed; delete runs/toy to start over.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+export PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-"0 1 2"}
 
 $PY -m utils.tiny_encoders --root cache >/dev/null
 
-train() {  # train CONFIG RUN_DIR SEED
-  # An unfinished run resumes in its folder. Otherwise train.py runs it, reuses a finished run of the
-  # same config, refuses one of another config or in progress, and replaces one that failed early.
-  if [ "$($PY -m utils.experiment state "$2")" = resume ]; then
-    $PY train.py -r "$2/latest.pt" --run-id "$(basename "$2")"
-  else
-    $PY train.py -c "$1" --run-id "$(basename "$2")" --seed "$3"
-  fi
-}
-
 for teacher in xlmr mbert distiluse; do
-  train "configs/toy/teacher_$teacher.json" "runs/toy/teacher_$teacher/seed0" 0
+  bash scripts/toy/train.sh "configs/toy/teacher_$teacher.json" "runs/toy/teacher_$teacher/seed0" 0
 done
 for method in zero_shot translate_train c2kd; do
   for seed in $SEEDS; do
-    train "configs/toy/$method.json" "runs/toy/$method/seed$seed" "$seed"
+    bash scripts/toy/train.sh "configs/toy/$method.json" "runs/toy/$method/seed$seed" "$seed"
   done
 done
 
