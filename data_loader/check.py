@@ -23,6 +23,7 @@ from data_loader.corpus import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_f
                                 is_safe_path, read_safe, read_safe_raw)
 from data_loader.corpus import item_problems, listed
 from data_loader.safe_pickle import DataFileError, load_pickle
+from utils.errors import run_command
 
 # Known evaluation quirks of released files, printed as hints: (layout, split, items) -> text.
 HINTS = {
@@ -141,12 +142,11 @@ def main(argv=None):
     parser.add_argument("--strict", action="store_true", help="treat warnings as errors (exit status 1)")
     parser.add_argument("--max-ids", type=int, default=10, help="ids listed per finding (default 10)")
     args = parser.parse_args(argv)
-    try:
-        loaded = load_any(args.path, args.layout, args.feature_key, args.split)
-    except DataFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    found = summarise(loaded, args.max_ids)
+    return run_command(lambda: check(args), errors=(DataFileError,))
+
+
+def check(args):
+    found = summarise(load_any(args.path, args.layout, args.feature_key, args.split), args.max_ids)
     print("\n".join(found.lines))
     for w in found.warnings:
         print(f"warning: {w}")
@@ -157,7 +157,6 @@ def main(argv=None):
         return 1
     print("ok")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,6 +20,7 @@ import numpy as np
 from data_loader.check import load_any
 from data_loader.corpus import (READERS, SAFE_FORMAT, SAFE_VERSION, _DROP, SafeFiles, json_value, read_safe)
 from data_loader.safe_pickle import DataFileError
+from utils.errors import run_command
 from utils.files import atomic_write
 
 
@@ -114,25 +115,20 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="overwrite an existing converted folder")
     parser.add_argument("--no-verify", action="store_true", help="skip reading the result back")
     args = parser.parse_args(argv)
-    try:
-        loaded = load_any(args.input, args.layout, args.feature_key, args.split)
-        corpus = loaded.corpus
-        source = {"path": str(args.input), "layout": loaded.layout, "split": loaded.split}
-        files, dropped = write_safe(corpus, args.out_dir, loaded.feature_key, args.format, args.dtype,
-                                    overwrite=args.force, source=source)
-        if not args.no_verify:
-            back = read_safe(args.out_dir, loaded.feature_key)
-            diff = same_corpus(corpus, back, atol=0.0 if args.dtype == "float32" else 1e-2)
-            if diff:
-                raise DataFileError(f"{args.out_dir}: reading the converted folder back failed: {diff}")
-    except DataFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.filename is None:
-            raise
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    return run_command(lambda: convert(args), errors=(DataFileError,))
+
+
+def convert(args):
+    loaded = load_any(args.input, args.layout, args.feature_key, args.split)
+    corpus = loaded.corpus
+    source = {"path": str(args.input), "layout": loaded.layout, "split": loaded.split}
+    _, dropped = write_safe(corpus, args.out_dir, loaded.feature_key, args.format, args.dtype,
+                            overwrite=args.force, source=source)
+    if not args.no_verify:
+        back = read_safe(args.out_dir, loaded.feature_key)
+        diff = same_corpus(corpus, back, atol=0.0 if args.dtype == "float32" else 1e-2)
+        if diff:
+            raise DataFileError(f"{args.out_dir}: reading the converted folder back failed: {diff}")
     frames = sum(f.shape[0] for f in corpus.features)
     print(f"wrote {args.out_dir}: {len(corpus)} items, {frames} frames of '{loaded.feature_key}' "
           f"(dim {corpus.feature_dim}, {args.dtype}), languages {' '.join(corpus.languages)}")
@@ -140,8 +136,6 @@ def main(argv=None):
         print(f"not carried over (not plain data): {', '.join(dropped)}")
     print(f'in a config: "data": {{"layout": "safe", "train_path" (or "eval_path"): "{args.out_dir}", '
           f'"feature_key": "{loaded.feature_key}", "feature_dim": {corpus.feature_dim}}}')
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -209,9 +209,11 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_run_again_under_it
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"replacing {folder}: its run (FAILED) stopped before writing a checkpoint" in result.stdout
     assert json.loads((folder / "run.json").read_text())["status"] == "COMPLETED"
-    # A run that did write a checkpoint is never replaced.
+    # A run that did write a checkpoint is never replaced: the same command finds it finished.
+    written = (folder / "latest.pt").stat().st_mtime_ns
     result = train_cli("-c", str(write_json_config(tmp_path, "retry", good)), "--run-id", "seed0")
-    assert result.returncode == 2 and "run folder exists" in result.stderr
+    assert result.returncode == 0 and "finished with this config, nothing to train" in result.stdout
+    assert (folder / "latest.pt").stat().st_mtime_ns == written
 
 
 def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):

@@ -110,13 +110,27 @@ def test_resuming_with_another_number_of_processes(two_process_run):
     assert not torch.equal(first, second)
 
 
-def test_a_run_folder_that_exists_stops_every_process_in_one_line(two_process_run):
-    """The run folder is checked on rank 0 for every rank: all processes stop, each with the same line."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py",
-                           "-c", str(two_process_run["config_path"]), "--run-id", "one_node", "-d", "cpu"],
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode != 0
-    line = f"error: {two_process_run['runs'] / 'one_node'}: run folder exists; pick another --run-id or remove it"
-    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+def test_an_existing_run_folder_is_judged_alike_by_every_process(two_process_run):
+    """A finished run of the same config is reused by all processes (said once); one of another
+    config, or a folder that is not a run, stops every process, each with the same line."""
+    def launch(run_id, *extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py",
+                               "-c", str(two_process_run["config_path"]), "--run-id", run_id, "-d", "cpu", *extra],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=400)
+
+    runs = two_process_run["runs"]
+    reused = launch("one_node")
+    assert reused.returncode == 0, reused.stderr[-3000:]
+    assert reused.stdout.count(f"{runs / 'one_node'}: finished with this config, nothing to train") == 1
+    other = launch("one_node", "--lr", "0.5")
+    assert other.returncode != 0
+    assert other.stderr.count(f"error: {runs / 'one_node'}: finished with another config (optimizer.lr: ") == 2, \
+        other.stderr[-3000:]
+    (runs / "not_a_run").mkdir()
+    foreign = launch("not_a_run")
+    (runs / "not_a_run").rmdir()
+    assert foreign.returncode != 0
+    line = f"error: {runs / 'not_a_run'}: run folder exists; pick another --run-id or remove it"
+    assert foreign.stderr.count(line) == 2, foreign.stderr[-3000:]

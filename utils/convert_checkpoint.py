@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from model.model import ModelError, build_model
-from parse_config import LABSE, ConfigError, resolve
-from utils.checkpoint import FORMAT, CheckpointError, save_checkpoint
+from model.model import build_model
+from parse_config import LABSE, resolve
+from utils.checkpoint import FORMAT, save_checkpoint
+from utils.errors import run_command, user_errors
 
 # The reference's fusion transformer always has 4 heads (§2.1); weights cannot tell.
 REFERENCE_HEADS = 4
@@ -292,14 +293,12 @@ def main(argv=None):
                              f"test.py and demo.py pool with (default: {LABSE})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
-    try:
-        summary = convert(args.src, args.dst, args.text_encoder, args.feature_key, args.feature_dim,
-                          args.allow_unknown, args.student_mask, args.pool_mask_tokenizer)
-    except (ConvertError, ConfigError, CheckpointError, ModelError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: convert_and_describe(args), args.debug, errors=user_errors() + (ConvertError,))
+
+
+def convert_and_describe(args):
+    summary = convert(args.src, args.dst, args.text_encoder, args.feature_key, args.feature_dim,
+                      args.allow_unknown, args.student_mask, args.pool_mask_tokenizer)
     cfg = summary["config"]
     print(f"{args.src}: {summary['arch'] or 'bare state dict'} -> {summary['tensors']} tensors")
     for reason, n in sorted(summary["dropped"].items()):
@@ -311,8 +310,6 @@ def main(argv=None):
           f"projection_dim {m['projection_dim']}, pool_with_student_mask {m['pool_with_student_mask']}; "
           f"data: {cfg['data']['feature_key']} {cfg['data']['feature_dim']}-d")
     print(f"wrote {args.dst}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

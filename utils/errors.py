@@ -2,27 +2,31 @@
 import sys
 import warnings
 
-from data_loader.safe_pickle import DataFileError
-from model.model import ModelError
-from parse_config import ConfigError
-from trainer.trainer import NonFiniteLoss
-from utils.checkpoint import CheckpointError
-from utils.experiment import ObserverError
-from utils.inference import InferenceError
 
-USER_ERRORS = (ConfigError, DataFileError, CheckpointError, ModelError, ObserverError, InferenceError,
-               NonFiniteLoss)
+def user_errors():
+    """The project's error types whose message tells the user what to change. Imported on use, so
+    that the data tools, which need only their own, start without torch."""
+    from data_loader.safe_pickle import DataFileError
+    from model.model import ModelError
+    from parse_config import ConfigError
+    from trainer.trainer import NonFiniteLoss
+    from utils.checkpoint import CheckpointError
+    from utils.experiment import ObserverError
+    from utils.inference import InferenceError
+    return (ConfigError, DataFileError, CheckpointError, ModelError, ObserverError, InferenceError, NonFiniteLoss)
 
 
-def run_command(action, debug=False):
-    """Run ``action()`` as a command-line program and return its exit status: a user error, or a
-    file that cannot be read or written, prints ``error: <one line>`` and gives status 2 (``debug``:
-    the traceback instead); warnings print as ``warning: <message>``, without file and source line."""
+def run_command(action, debug=False, errors=None):
+    """Run ``action()`` as a command-line program and return its exit status (what it returns, 0 for
+    None): one of ``errors`` (default: ``user_errors()``), or a file that cannot be read or written,
+    prints ``error: <one line>`` and gives status 2 (``debug``: the traceback instead); warnings
+    print as ``warning: <message>``, without file and source line."""
+    errors = user_errors() if errors is None else errors
     if not debug:
         warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
-        action()
-    except USER_ERRORS as e:
+        return action() or 0
+    except errors as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -32,4 +36,3 @@ def run_command(action, debug=False):
             raise
         print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
-    return 0

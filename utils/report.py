@@ -35,6 +35,7 @@ from pathlib import Path
 
 from data_loader.corpus import ENGLISH
 from parse_config import SCHEMA, flatten_config
+from utils.errors import run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
 # Config keys that identify a run or tune bookkeeping, not the experiment: never compared.
@@ -417,41 +418,32 @@ def main(argv=None):
     parser.add_argument("--include-unfinished", action="store_true",
                         help="also use runs that did not complete (their last logged epoch)")
     args = parser.parse_args(argv)
+    return run_command(lambda: report(args), errors=(ReportError,))
+
+
+def report(args):
     try:
-        try:
-            recalls = [int(k) for k in args.recall.split(",") if k.strip()]
-        except ValueError:
-            raise ReportError(f"--recall expects integers such as 1,5,10, got '{args.recall}'") from None
-        methods = build_methods(args)
-        languages = (args.languages.split(",") if args.languages
-                     else languages_of(methods, args.metric_prefix))
-        if not languages:
-            raise ReportError(f"the runs hold no '{args.metric_prefix}_<lang>_R<K>' metrics")
-        tables = {k: table(methods, languages, args.metric_prefix, k) for k in recalls}
-        for k in recalls:
-            if all(c.n == 0 for row in tables[k].values() for c in row.values()):
-                raise ReportError(f"the runs hold no '{args.metric_prefix}_<lang>_R{k}' metrics")
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        recalls = [int(k) for k in args.recall.split(",") if k.strip()]
+    except ValueError:
+        raise ReportError(f"--recall expects integers such as 1,5,10, got '{args.recall}'") from None
+    methods = build_methods(args)
+    languages = args.languages.split(",") if args.languages else languages_of(methods, args.metric_prefix)
+    if not languages:
+        raise ReportError(f"the runs hold no '{args.metric_prefix}_<lang>_R<K>' metrics")
+    tables = {k: table(methods, languages, args.metric_prefix, k) for k in recalls}
+    for k in recalls:
+        if all(c.n == 0 for row in tables[k].values() for c in row.values()):
+            raise ReportError(f"the runs hold no '{args.metric_prefix}_<lang>_R{k}' metrics")
     out = Path(args.out)
     md = markdown(methods, tables, languages, args.metric_prefix, recalls, args.digits)
     k_chart = 1 if 1 in recalls else recalls[0]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table.md").write_text(md)
-        (out / "table.tex").write_text(latex(methods, tables, languages, args.metric_prefix, recalls, args.digits))
-        (out / "table.csv").write_text(csv_text(methods, tables, languages, args.metric_prefix, recalls))
-        bar_chart(methods, tables[k_chart], languages, args.metric_prefix, k_chart, out / f"r{k_chart}_bars.png")
-    except OSError as e:
-        if e.filename is None:
-            raise
-        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(md)
+    (out / "table.tex").write_text(latex(methods, tables, languages, args.metric_prefix, recalls, args.digits))
+    (out / "table.csv").write_text(csv_text(methods, tables, languages, args.metric_prefix, recalls))
+    bar_chart(methods, tables[k_chart], languages, args.metric_prefix, k_chart, out / f"r{k_chart}_bars.png")
     print(md)
     print(f"wrote {out}/table.md, table.tex, table.csv, r{k_chart}_bars.png")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
