@@ -217,3 +217,15 @@ def test_search_embeds_queries_and_videos_as_evaluation_does(trained):
     torch.testing.assert_close(queries, scores["en"].queries, atol=1e-5, rtol=0)
     videos = trained["index"].embeddings[[position[v] for v in scores["en"].video_ids]]
     torch.testing.assert_close(videos, scores["en"].videos, atol=1e-5, rtol=0)
+
+
+def test_queries_are_read_as_the_checkpoint_read_english(trained):
+    """A checkpoint trained with data.clean_english (a teacher) reads queries regex-cleaned, as it read
+    its English captions; others read them as typed."""
+    retriever = trained["retriever"]
+    cleaning = Retriever(retriever.model, retriever.tokenizer,
+                         {**retriever.config, "data": {**retriever.config["data"], "clean_english": True}})
+    typed, plain = "a dog, (running) on grass!", "a dog running on grass"
+    assert torch.equal(cleaning.encode_texts([typed]), cleaning.encode_texts([plain]))
+    assert torch.equal(cleaning.encode_texts([plain]), retriever.encode_texts([plain]))
+    assert not torch.allclose(retriever.encode_texts([typed]), retriever.encode_texts([plain]))

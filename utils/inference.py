@@ -5,9 +5,9 @@
     index.save("videos.safetensors")                             # ... and reuse it later
     retriever.search("a person cuts an onion", VideoIndex.load("videos.safetensors"), top=5)
 
-Texts go through the checkpoint's own tokenizer as typed (any language it can read, truncated to
-``data.max_words_eval`` tokens; a checkpoint trained with ``data.clean_english`` read its English
-captions regex-cleaned, and ``data_loader.dataset.clean_caption`` does the same to a query); videos
+Texts go through the checkpoint's own tokenizer (any language it can read, truncated to
+``data.max_words_eval`` tokens), as typed, or regex-cleaned when the checkpoint was trained with
+``data.clean_english`` (as an English-input teacher read its English captions); videos
 through the data layer's ``video_tokens`` (the first
 ``data.n_video_tokens`` frames, each L2-normalised). Embeddings are L2-normalised, so a score is
 the cosine similarity that evaluation ranks by.
@@ -103,12 +103,13 @@ class Retriever:
         return cls(*model_from_checkpoint(state["config"], state, path), state["config"], device)
 
     def encode_texts(self, texts, batch_size=256):
-        """[len(texts), P] normalised text embeddings, tokenized as typed (as evaluation reads every
-        caption, except English under ``data.clean_english``)."""
+        """[len(texts), P] normalised text embeddings of texts read as the model read its captions:
+        regex-cleaned under ``data.clean_english``, else as typed."""
         check_texts(texts)
         captions = [[text] for text in texts]
         max_words = self.config["data"]["max_words_eval"]
-        table = TokenTable(captions, self.tokenizer, max_words, clean=False)
+        table = TokenTable(captions, self.tokenizer, max_words, clean=self.config["data"].get("clean_english", False))
+        # Converted reference teachers pool with the student tokenizer's mask of the raw caption (§2.3).
         pool = (TokenTable(captions, self.pool_tokenizer, max_words, clean=False).attention_mask
                 if self.pool_tokenizer else None)
         return self.model.embed_texts(table.input_ids, table.attention_mask, pool, batch_size)
