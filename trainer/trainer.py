@@ -15,8 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data_loader.corpus import ENGLISH
-from data_loader.corpus import listed
+from data_loader.corpus import ENGLISH, listed
 from model.metric import format_table
 from parse_config import ConfigError
 from trainer.evaluate import evaluate, flat_metrics
