@@ -107,9 +107,10 @@ class Teachers:
 
             def write():
                 nonlocal cache
+                counts = torch.tensor([len(caps) for caps in self.corpus.captions[ENGLISH]], dtype=torch.long)
                 cache = {"text": torch.cat([s["text"] for s in shares]),
                          "video": torch.cat([s["video"] for s in shares]),
-                         "offsets": shares[0]["offsets"], "counts": shares[0]["counts"]}
+                         "offsets": torch.cumsum(counts, 0) - counts, "counts": counts}
                 atomic_save(cache, path)
                 print(f"teacher outputs: wrote {path}")
 
@@ -125,24 +126,22 @@ class Teachers:
 
     @torch.no_grad()
     def embed_training_set(self, teacher, batch_size=256, share=(0, 1)):
-        """Normalised text embeddings of every (video, English caption) and video embeddings, fp32.
-        ``share = (k, n)``: only the k-th of n contiguous parts of the captions and of the videos
-        (the caption offsets and counts always describe the whole set)."""
-        captions = self.corpus.captions[ENGLISH]
-        table = TokenTable(captions, teacher.tokenizer, self.max_words, clean=teacher.clean_english)
-        pool_masks = (TokenTable(captions, self.student_tokenizer, self.max_words, clean=False).attention_mask
-                      if teacher.pool_with_student_mask else None)
-        model = teacher.model
-        caption_rows = _part(len(table.input_ids), *share)
-        rows = slice(caption_rows.start, caption_rows.stop)
-        texts = model.embed_texts(table.input_ids[rows], table.attention_mask[rows],
-                                  pool_masks[rows] if pool_masks is not None else None, batch_size,
-                                  progress=share[0] == 0)
-        video_rows = _part(len(self.corpus), *share)
-        videos = model.embed_videos(self.corpus.features[video_rows.start:video_rows.stop],
-                                    self.config["data"]["n_video_tokens"], batch_size, progress=share[0] == 0)
-        offsets = torch.from_numpy(table.offsets)
-        return {"text": texts, "video": videos, "offsets": offsets[:-1], "counts": offsets[1:] - offsets[:-1]}
+        """Normalised fp32 embeddings of the (video, English caption) pairs of the training set:
+        ``text`` [captions, P] in caption order and ``video`` [videos, P]. ``share = (k, n)``: only
+        the k-th of n contiguous parts of the captions and of the videos, each tokenized and
+        embedded by one rank."""
+        captions = [c for caps in self.corpus.captions[ENGLISH] for c in caps]
+        rows = _part(len(captions), *share)
+        mine = [[c] for c in captions[rows.start:rows.stop]]
+        table = TokenTable(mine, teacher.tokenizer, self.max_words, clean=teacher.clean_english)
+        pool_mask = (TokenTable(mine, self.student_tokenizer, self.max_words, clean=False).attention_mask
+                     if teacher.pool_with_student_mask else None)
+        show = share[0] == 0
+        texts = teacher.model.embed_texts(table.input_ids, table.attention_mask, pool_mask, batch_size, progress=show)
+        videos = _part(len(self.corpus), *share)
+        return {"text": texts,
+                "video": teacher.model.embed_videos(self.corpus.features[videos.start:videos.stop],
+                                                    self.config["data"]["n_video_tokens"], batch_size, progress=show)}
 
     # ---- targets -----------------------------------------------------------------------------
     @torch.no_grad()
