@@ -126,6 +126,13 @@ def summarise(loaded, max_ids=10):
     bad = problems["non_finite"]
     if bad:
         out.errors.append(f"{len(bad)} items have NaN or inf features: {listed(bad, max_ids)}")
+    # The YouCook2 reader keeps an item's caption_en in its extras only where it differs from the
+    # caption it reads; the reference's student read caption_en and its teachers caption (§1.2).
+    other_english = [c.ids[i] for i, extra in enumerate(c.extras or []) if "caption_en" in extra]
+    if other_english:
+        out.warnings.append(f"{len(other_english)} items have a 'caption_en' that differs from their 'caption': "
+                            "student and teachers both read 'caption' (the reference's student read "
+                            f"'caption_en'): {listed(other_english, max_ids)}")
     hint = HINTS.get((loaded.layout, loaded.split, len(c)))
     if hint:
         say(f"note        {hint}")

@@ -177,6 +177,15 @@ def test_youcook2_keeps_a_differing_caption_en(tmp_path):
     items[1]["caption_en"] = "Chop the onion."
     c = read_corpus(dump(tmp_path / "yc.pkl", items), "multi-youcook2", "s3d", "train")
     assert c.captions["en"][1] == ["chop the onion 1"] and c.extras[1]["caption_en"] == "Chop the onion."
+    assert "caption_en" not in c.extras[0]
+
+
+def test_check_warns_of_youcook2_english_captions_that_differ(tmp_path, capsys):
+    items = youcook2_items(3)
+    items[2]["caption_en"] = "Chop the onion."
+    code, out, _ = check_main(capsys, dump(tmp_path / "yc.pkl", items), "--feature-key", "s3d")
+    assert code == 0 and "1 items have a 'caption_en' that differs from their 'caption'" in out and "1002" in out
+    assert check_main(capsys, dump(tmp_path / "same.pkl", youcook2_items(3)), "--strict")[0] == 0
 
 
 # ---- RUDDER --------------------------------------------------------------------------------------
