@@ -4,9 +4,9 @@
     python train.py -c configs/msrvtt/clip/c2kd.json --epochs 20 --lr 1e-4
     python train.py -r runs/toy/translate_train/1/latest.pt          # resume exactly
 A run that did not finish, resumed from its folder's latest.pt, continues in that folder under its
-own run id; any other resume is a new run (see utils.experiment.continued_run_id). A --run-id that
-names a finished run of the same config trains nothing; of another config, it is an error
-(utils.experiment.reuse_finished).
+own run id; any other resume is a new run (see utils.experiment.continued_run_id). The same
+command can be repeated: with --run-id naming a run of the same config, an unfinished run resumes in
+place and a finished one is reused; a run of another config is an error (utils.experiment.existing_run).
 """
 import sys
 from pathlib import Path
@@ -18,9 +18,9 @@ from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
 from utils.checkpoint import load_checkpoint
-from utils.distributed import init_distributed
+from utils.distributed import init_distributed, on_main
 from utils.errors import run_command
-from utils.experiment import continued_run_id, reuse_finished, run_dir, run_experiment
+from utils.experiment import RESUMABLE, continued_run_id, existing_run, run_dir, run_experiment
 
 
 def main(argv=None):
@@ -34,17 +34,26 @@ def main(argv=None):
 
 def run(args):
     dist, device = init_distributed(select_device(args.device))
-    resumed = load_checkpoint(args.resume) if args.resume else None
+    resume = args.resume
+    resumed = load_checkpoint(resume) if resume else None
     config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
+    run_root = Path(config["trainer"]["save_dir"]) / config["name"]
+    if args.run_id is not None and not resume:  # the same command again: reuse or resume its run
+        folder = run_root / args.run_id
+        found = on_main(lambda: existing_run(folder, config))
+        if found == "finished":
+            if dist.is_main:
+                print(f"{folder}: finished with this config, nothing to train (remove the folder to train it again)")
+            return
+        if found == "resume":
+            resume = folder / RESUMABLE
+            resumed = load_checkpoint(resume)
     if resumed and resumed.get("epoch", 0) >= config["trainer"]["epochs"]:
-        raise ConfigError(f"{args.resume}: has already trained {resumed['epoch']} of config key 'trainer.epochs' = "
+        raise ConfigError(f"{resume}: has already trained {resumed['epoch']} of config key 'trainer.epochs' = "
                           f"{config['trainer']['epochs']} epochs; pass --epochs N with N > {resumed['epoch']} "
                           "to train further")
-    run_root = Path(config["trainer"]["save_dir"]) / config["name"]
-    if args.run_id is not None and not args.resume and reuse_finished(run_root / args.run_id, config):
-        return
-    continued = continued_run_id(args.resume, run_root, args.run_id) if args.resume else None
-    run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, args.resume),
+    continued = continued_run_id(resume, run_root, args.run_id) if resume else None
+    run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, resume),
                    run_root, run_id=continued or args.run_id, mongo=args.mongo, neptune=args.neptune,
                    continue_run=continued is not None)
 

@@ -4,11 +4,11 @@
 # student, evaluate the C2KD checkpoint with test.py, and print both students side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PY=${PY:-.venv/bin/python}
+PY=${PY:-.venv/bin/python}
 
 $PY -m utils.tiny_encoders --root cache >/dev/null
-for teacher in xlmr mbert distiluse; do  # trained once, then reused
-  bash scripts/toy/train.sh "configs/toy/teacher_$teacher.json" "runs/toy/teacher_$teacher/seed0" 0
+for teacher in xlmr mbert distiluse; do  # trained once, then reused (or resumed) by train.py
+  $PY train.py -c "configs/toy/teacher_$teacher.json" --run-id seed0
 done
 for method in translate_train c2kd; do
   rm -rf "runs/toy/$method/demo"

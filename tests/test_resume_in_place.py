@@ -54,7 +54,7 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{runs / 'full'}: finished with this config, nothing to train" in again.stdout
     other = train_cli("-c", str(path), "--run-id", "full", "--epochs", "2")
-    assert other.returncode == 2 and (f"{runs / 'full'}: finished with another config (trainer.epochs: 3 in the "
+    assert other.returncode == 2 and (f"{runs / 'full'}: finished run of another config (trainer.epochs: 3 in the "
                                       "run, 2 now)") in other.stderr, other.stderr
     assert read_json(runs / "full" / "run.json")["status"] == "COMPLETED" and not (runs / "1").exists()
 
@@ -81,10 +81,13 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     first_cout = (cut / "cout.txt").read_text()
     assert "SIGTERM received: stopping after this step" in first_cout  # an interrupted run keeps its output
 
-    # A new run under its id is refused, with the command that resumes it.
-    fresh = train_cli("-c", str(path), "--run-id", "seed0")
-    assert fresh.returncode == 2 and (f"{cut}: its run did not finish; resume it with: python train.py -r "
-                                      f"{cut / 'latest.pt'}") in fresh.stderr, fresh.stderr
+    # The command again, with another config, is refused; another checkpoint under its id too.
+    other = train_cli("-c", str(path), "--run-id", "seed0", "--epochs", "4")
+    assert other.returncode == 2 and (f"{cut}: unfinished run of another config (trainer.epochs: 3 in the run, "
+                                      "4 now)") in other.stderr, other.stderr
+    elsewhere = train_cli("-r", str(runs / "full" / "latest.pt"), "--run-id", "seed0", "--epochs", "4")
+    assert elsewhere.returncode == 2 and (f"{cut}: its run did not finish; resume it with: python train.py -r "
+                                          f"{cut / 'latest.pt'}") in elsewhere.stderr, elsewhere.stderr
 
     # A run that a live process holds is not resumed.
     lock = lock_file(cut / "run.json")
@@ -98,7 +101,7 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     resumed = train_cli(*resume_command(stderr))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"run folder: {cut}\n" in resumed.stdout
-    again = train_cli("-r", str(killed / "latest.pt"), "--run-id", "killed")
+    again = train_cli("-c", str(path), "--run-id", "killed")  # the same command as the first attempt's
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"run folder: {killed}\n" in again.stdout
     assert sorted(p.name for p in runs.iterdir() if not p.name.startswith("_")) == ["full", "killed", "seed0"]
@@ -157,7 +160,7 @@ def pipeline(tmp_path, seeds="0"):
                           capture_output=True, text=True, check=False)
 
 
-def test_pipeline_acts_on_each_run_folder_by_its_state(tmp_path):
+def test_pipeline_leaves_each_run_folder_to_train_py(tmp_path):
     runs = tmp_path / "runs" / "msrvtt" / "clip"
     fake_run(runs / "teacher_xlmr" / "seed0", "COMPLETED", checkpoint=True)
     fake_run(runs / "teacher_mbert" / "seed0", checkpoint=True)                  # converted weights
@@ -169,40 +172,38 @@ def test_pipeline_acts_on_each_run_folder_by_its_state(tmp_path):
     extra = "--set data.num_workers=0"
     r = "runs/msrvtt/clip"
     assert result.stdout.splitlines() == [
-        f"== {r}/teacher_xlmr/seed0: finished, checking its config",
+        f"== {r}/teacher_xlmr/seed0 (finished)",
         f"env SEED=0 bash scripts/teacher_training/msrvtt/xlmr.sh {extra}",
         f"== teacher mbert: using the given weights {r}/teacher_mbert/seed0/latest.pt",
-        f"== {r}/teacher_distill/seed0: did not finish, resuming from its latest.pt",
-        f"{sys.executable} train.py -r {r}/teacher_distill/seed0/latest.pt --run-id seed0 {extra}",
-        f"== {r}/zero_shot/seed0: failed before its first checkpoint, running it again",
-        f"rm -rf -- {r}/zero_shot/seed0",
+        f"== {r}/teacher_distill/seed0 (resume)",
+        f"env SEED=0 bash scripts/teacher_training/msrvtt/distill.sh {extra}",
+        f"== {r}/zero_shot/seed0 (rerun)",
         f"env SEED=0 bash scripts/zero_shot_baseline/msrvtt.sh {extra}",
-        f"== {r}/translate_train/seed0",
+        f"== {r}/translate_train/seed0 (new)",
         f"env SEED=0 bash scripts/translate_train_baseline/msrvtt.sh {extra}",
-        f"== {r}/c2kd/seed0: did not finish, resuming from its latest.pt",
-        f"{sys.executable} train.py -r {r}/c2kd/seed0/latest.pt --run-id seed0 {extra}",
+        f"== {r}/c2kd/seed0 (resume)",
+        f"env SEED=0 bash scripts/c2kd/msrvtt.sh {extra}",
         (f"{sys.executable} -m utils.report --method Zero-shot={r}/zero_shot/seed0 "
          f"--method Translate-train={r}/translate_train/seed0 --method C2KD={r}/c2kd/seed0 "
          f"--recall 1,5,10 --out {r}/report"),
     ]
-    assert (runs / "zero_shot" / "seed0").is_dir()  # a dry run removes nothing
 
-    # A run in progress in another process stops the pipeline; so does a student folder that holds
-    # weights but no run record.
-    lock = lock_file(runs / "c2kd" / "seed0" / "run.json")
+    # What train.py refuses stops the pipeline: a run in progress in another process, a student
+    # folder that holds weights but no run record.
+    c2kd = runs / "c2kd" / "seed0"
+    def train_c2kd():
+        return train_cli("-c", str(ROOT / "configs" / "toy" / "c2kd.json"), "--run-id", "seed0",
+                         "--set", f"trainer.save_dir={runs.parent}", "--set", "name=clip/c2kd")
+    lock = lock_file(c2kd / "run.json")
     try:
-        busy = pipeline(tmp_path)
-        fresh = train_cli("-c", str(ROOT / "configs" / "toy" / "c2kd.json"), "--run-id", "seed0",
-                          "--set", f"trainer.save_dir={runs.parent}", "--set", "name=clip/c2kd")
+        busy = train_c2kd()
     finally:
         os.close(lock)
-    assert busy.returncode == 1
-    assert f"error: {r}/c2kd/seed0: its run is in progress in another process" in busy.stderr
-    assert fresh.returncode == 2 and f"{runs / 'c2kd' / 'seed0'}: its run is in progress" in fresh.stderr
-    (runs / "c2kd" / "seed0" / "run.json").unlink()
-    assert folder_state(runs / "c2kd" / "seed0") == "weights"
-    foreign = pipeline(tmp_path)
-    assert foreign.returncode == 1 and f"error: {r}/c2kd/seed0: not a run folder of this pipeline" in foreign.stderr
+    assert busy.returncode == 2 and f"error: {c2kd}: its run is in progress in another process" in busy.stderr
+    (c2kd / "run.json").unlink()
+    assert folder_state(c2kd) == "weights"
+    weights = train_c2kd()
+    assert weights.returncode == 2 and f"error: {c2kd}: run folder exists" in weights.stderr, weights.stderr
 
 
 @pytest.mark.parametrize("status, checkpoint, state", [
@@ -212,16 +213,3 @@ def test_folder_state(tmp_path, status, checkpoint, state):
     assert folder_state(tmp_path / "absent") == "new"
     assert folder_state(fake_run(tmp_path / "run", status, checkpoint)) == state
 
-
-def test_toy_train_script_resumes_unfinished_runs_and_hands_the_rest_to_train_py(tmp_path):
-    def toy_train(folder):
-        env = {**os.environ, "PY": sys.executable}
-        return subprocess.run(["bash", str(ROOT / "scripts" / "toy" / "train.sh"), str(tmp_path / "absent.json"),
-                               str(folder), "0"], env=env, capture_output=True, text=True, check=False)
-
-    cut = fake_run(tmp_path / "cut" / "seed0", "INTERRUPTED", checkpoint=True)
-    resumed = toy_train(cut)  # resumed from its latest.pt (here not a real checkpoint)
-    assert resumed.returncode == 2 and f"error: {cut / 'latest.pt'}" in resumed.stderr, resumed.stderr
-    for folder in (tmp_path / "new" / "seed0", fake_run(tmp_path / "done" / "seed0", "COMPLETED", checkpoint=True)):
-        started = toy_train(folder)  # train.py -c CONFIG: a new run, or one it may reuse
-        assert started.returncode == 2 and f"error: {tmp_path / 'absent.json'}: cannot read config" in started.stderr

@@ -126,8 +126,8 @@ def test_an_existing_run_folder_is_judged_alike_by_every_process(two_process_run
     assert reused.stdout.count(f"{runs / 'one_node'}: finished with this config, nothing to train") == 1
     other = launch("one_node", "--lr", "0.5")
     assert other.returncode != 0
-    assert other.stderr.count(f"error: {runs / 'one_node'}: finished with another config (optimizer.lr: ") == 2, \
-        other.stderr[-3000:]
+    line = f"error: {runs / 'one_node'}: finished run of another config (optimizer.lr: "
+    assert other.stderr.count(line) == 2, other.stderr[-3000:]
     (runs / "not_a_run").mkdir()
     foreign = launch("not_a_run")
     (runs / "not_a_run").rmdir()

@@ -13,7 +13,10 @@ replaces that series' values from the same step on (work after the checkpoint th
 While a run lives, its process holds an exclusive lock on its run.json, so a run folder in use is
 never resumed, removed or written by a second process.
 
-    python -m utils.experiment state RUN_FOLDER   # what scripts/reproduce/pipeline.sh does with it
+A training command that names its run folder (``--run-id``) can be repeated: it trains a new run,
+resumes its own unfinished run, or reuses its own finished one (``existing_run``).
+
+    python -m utils.experiment state RUN_FOLDER   # what the folder holds (STATES)
 """
 import importlib.metadata
 import json
@@ -107,15 +110,15 @@ def continued_run_id(checkpoint, run_root, run_id=None):
     return folder.name if status is not None and status != "COMPLETED" else None
 
 
-# What scripts/reproduce/pipeline.sh does with a run folder, by ``folder_state``:
+# What a run folder holds, by ``folder_state``, and what ``train.py -c CONFIG --run-id ID`` does with it:
 STATES = {
-    "new": "no folder yet: run it",
-    "finished": "run.json says COMPLETED: use it",
-    "busy": "another process is running it: stop",
-    "resume": "did not finish and has a latest.pt: resume from it in place",
-    "rerun": "did not finish and wrote no checkpoint (failed before training): remove it and run again",
-    "weights": "a latest.pt without run.json: converted or provided weights, not a run",
-    "foreign": "a folder with neither run.json nor latest.pt: not a run of this project",
+    "new": "no folder yet: train",
+    "finished": "run.json says COMPLETED: reused if it ran the same config, refused otherwise",
+    "busy": "another process is running it: refused",
+    "resume": "did not finish and has a latest.pt: resumed in place if it ran the same config, refused otherwise",
+    "rerun": "did not finish and wrote no checkpoint (failed before training): replaced",
+    "weights": "a latest.pt without run.json: converted or provided weights, not a run (refused)",
+    "foreign": "a folder with neither run.json nor latest.pt: not a run of this project (refused)",
 }
 
 
@@ -135,29 +138,31 @@ def folder_state(folder):
     return "resume" if has_checkpoint else "rerun"
 
 
-def reuse_finished(folder, config):
-    """True when ``folder`` holds a finished run of ``config``: there is nothing to train. A finished
-    run of another config (outside the keys that change no result) is a one-line ConfigError naming
-    what differs, so that a re-run command never passes off another run's results as its own."""
+def existing_run(folder, config):
+    """What the run folder ``folder`` holds for a command that would train ``config`` in it:
+    "finished" (a finished run of this config: there is nothing to train), "resume" (an unfinished
+    run of this config with a latest.pt: it continues in place), or None (nothing of that kind:
+    train, and ``check_writable`` judges the folder). A finished or unfinished run of another
+    config, outside the keys that change no result, is a one-line ConfigError naming what
+    differs, so that a repeated command never passes off another run's results as its own."""
     from parse_config import ConfigError, config_differences  # torch: not needed by the state command
-    from utils.distributed import rank
     folder = Path(folder)
-    if folder_state(folder) != "finished":
-        return False
+    state = folder_state(folder)
+    if state not in ("finished", "resume"):
+        return None
+    what = "finished" if state == "finished" else "unfinished"
     try:
         recorded = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        raise ConfigError(f"{folder}: finished, but its config.json cannot be read to compare "
-                          "with this config; remove the folder or pick another --run-id") from None
+        raise ConfigError(f"{folder}: {what} run whose config.json cannot be read to compare with this "
+                          "config; remove the folder or pick another --run-id") from None
     changed = config_differences(recorded, config)
     if changed:
         shown = "; ".join(f"{key}: {json.dumps(old)} in the run, {json.dumps(new)} now" for key, old, new in changed[:3])
         more = f"; {len(changed) - 3} more" if len(changed) > 3 else ""
-        raise ConfigError(f"{folder}: finished with another config ({shown}{more}); remove the folder "
+        raise ConfigError(f"{folder}: {what} run of another config ({shown}{more}); remove the folder "
                           "or pick another --run-id")
-    if rank() == 0:
-        print(f"{folder}: finished with this config, nothing to train (remove the folder to train it again)")
-    return True
+    return state
 
 
 # ---- observers -----------------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 # teachers (seed 0), then zero-shot, translate-train and C2KD with every seed in SEEDS, then the
 # table (mean ± sample std over seeds) with utils.report, written to runs/<dataset>/$FEATURE/report/.
 #   bash scripts/reproduce/pipeline.sh DATASET FEATURE [train.py arguments...]
-# The script can be re-run after an interruption: each run folder decides what happens to it
-# (python -m utils.experiment state FOLDER). A finished run (run.json says COMPLETED) is reused if it
-# was trained with the config its script runs now, and stops the script otherwise (train.py compares
-# the two and names the keys that differ); a run that stopped after writing latest.pt is resumed in
-# its folder; a run that failed before its first checkpoint (missing data or teacher) is removed and
-# run again; a folder whose run is in progress in another process stops the script. A teacher folder holding a latest.pt without a
-# run.json is used as given weights (e.g. converted with utils.convert_checkpoint).
+# The script can be re-run after an interruption, as each train.py command can: for its run folder
+# (see python -m utils.experiment state FOLDER), train.py trains a new run, resumes an unfinished
+# run of the same config in place, reuses a finished run of the same config, replaces a run that
+# failed before its first checkpoint (missing data or teacher), and stops the script with a one-line
+# error for a run of another config (naming the keys that differ), a run in progress in another
+# process, or a folder that is not a run. A teacher folder holding a latest.pt without a run.json
+# is used as given weights (e.g. converted with utils.convert_checkpoint).
 # Extra arguments go to every train.py call. DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,30 +25,10 @@ RUNS="runs/$DATASET/$FEATURE"
 DRY=${DRY_RUN:+echo}
 
 run() {  # run SCRIPT RUN_FOLDER SEED [train.py arguments...]
-  local script=$1 folder=$2 seed=$3 state
+  local script=$1 folder=$2 seed=$3
   shift 3
-  state=$("$PY" -m utils.experiment state "$folder")
-  case $state in
-    finished)  # train.py reuses it if it ran this config, and stops with the differences if not
-      echo "== $folder: finished, checking its config"
-      $DRY env SEED="$seed" bash "$script" "$@" ;;
-    new)
-      echo "== $folder"
-      $DRY env SEED="$seed" bash "$script" "$@" ;;
-    resume)
-      echo "== $folder: did not finish, resuming from its latest.pt"
-      $DRY "$PY" train.py -r "$folder/latest.pt" --run-id "$(basename "$folder")" "$@" ;;
-    rerun)
-      echo "== $folder: failed before its first checkpoint, running it again"
-      $DRY rm -rf -- "$folder"
-      $DRY env SEED="$seed" bash "$script" "$@" ;;
-    busy)
-      echo "error: $folder: its run is in progress in another process" >&2
-      exit 1 ;;
-    *)
-      echo "error: $folder: not a run folder of this pipeline ($state); move it away and run this script again" >&2
-      exit 1 ;;
-  esac
+  echo "== $folder ($("$PY" -m utils.experiment state "$folder"))"
+  $DRY env SEED="$seed" bash "$script" "$@"
 }
 
 for teacher in xlmr mbert distill; do

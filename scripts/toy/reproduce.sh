@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The paper's pipeline on Multi-Toy: three English-input teachers (translate-train), then the
 # zero-shot, translate-train and C2KD students with 3 seeds each, then one table per method and
-# language (R@1 mean ± std over seeds). Finished runs of the same configs are reused and interrupted
-# ones resumed; delete runs/toy to start over.
+# language (R@1 mean ± std over seeds). It can be re-run: train.py reuses a finished run of the same
+# config and resumes an interrupted one in place; delete runs/toy to start over.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PY=${PY:-.venv/bin/python}
+PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-"0 1 2"}
 
 $PY -m utils.tiny_encoders --root cache >/dev/null
 
 for teacher in xlmr mbert distiluse; do
-  bash scripts/toy/train.sh "configs/toy/teacher_$teacher.json" "runs/toy/teacher_$teacher/seed0" 0
+  $PY train.py -c "configs/toy/teacher_$teacher.json" --run-id seed0 --seed 0
 done
 for method in zero_shot translate_train c2kd; do
   for seed in $SEEDS; do
-    bash scripts/toy/train.sh "configs/toy/$method.json" "runs/toy/$method/seed$seed" "$seed"
+    $PY train.py -c "configs/toy/$method.json" --run-id "seed$seed" --seed "$seed"
   done
 done
 
