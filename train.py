@@ -18,7 +18,7 @@ from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
 from utils.checkpoint import load_checkpoint
-from utils.distributed import init_distributed, on_main
+from utils.distributed import close_distributed, init_distributed, on_main
 from utils.errors import run_command
 from utils.experiment import RESUMABLE, continued_run_id, existing_run, run_dir, run_experiment
 
@@ -34,6 +34,15 @@ def main(argv=None):
 
 def run(args):
     dist, device = init_distributed(select_device(args.device))
+    try:
+        train_or_reuse(args, dist, device)
+    except BaseException:
+        close_distributed(synchronize=False)  # every rank raises (see on_main): none is left waiting
+        raise
+    close_distributed()
+
+
+def train_or_reuse(args, dist, device):
     resume = args.resume
     resumed = load_checkpoint(resume) if resume else None
     config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)

@@ -39,6 +39,17 @@ def init_distributed(device):
     return DistInfo(dist.get_rank(), dist.get_world_size()), device
 
 
+def close_distributed(synchronize=True):
+    """Leave the process group, if any, before the interpreter exits: torn down at exit, its worker
+    threads abort the process. With ``synchronize``, once every rank has got here, so that none
+    leaves while another still exchanges data with it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
