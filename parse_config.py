@@ -89,10 +89,12 @@ SCHEMA = {
                            "captions sharing a video id: averaged into one query, or ranked separately"),
 }
 
-# Keys that change neither what a run trains nor what it reports: a finished run is reused whatever
-# they say (see config_differences).
-RESULT_NEUTRAL_KEYS = ("notes", "data.eval_batch_size", "data.num_workers", "teachers.cache_dir",
-                       "trainer.save_period", "trainer.log_every")
+# Keys that change neither what a run trains nor its last-epoch results (they name, place or log
+# it): a finished run is reused, and runs are averaged in a report, whatever they say.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "name", "notes", "trainer.save_dir", "trainer.save_period", "trainer.log_every", "trainer.monitor",
+    "data.num_workers", "data.eval_batch_size", "teachers.cache_dir",
+})
 
 # The reference's stage names (§3.1).
 STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
@@ -304,18 +306,17 @@ def flatten_config(config):
     return _flatten(config)
 
 
-def config_differences(recorded, config):
-    """``[(key, recorded value, value in config)]`` for every key outside ``RESULT_NEUTRAL_KEYS``
-    where two resolved configs differ; a key that one of them lacks counts at its default."""
-    old, new = _flatten(recorded), _flatten(config)
+def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
+    """``[(key, value in a, value in b)]`` for every key outside ``ignore`` where two configs (nested
+    or flattened) differ; a key that one of them lacks counts at its default."""
+    a, b = _flatten(a), _flatten(b)
     differences = []
-    for key in sorted(set(old) | set(new)):
-        if key in RESULT_NEUTRAL_KEYS:
+    for key in sorted(set(a) | set(b)):
+        if key in ignore:
             continue
         default = SCHEMA[key][0] if key in SCHEMA else None
-        before, now = old.get(key, default), new.get(key, default)
-        if before != now:
-            differences.append((key, before, now))
+        if a.get(key, default) != b.get(key, default):
+            differences.append((key, a.get(key, default), b.get(key, default)))
     return differences
 
 

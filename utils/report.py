@@ -34,15 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_loader.corpus import ENGLISH
-from parse_config import SCHEMA, flatten_config
+from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config
 from utils.errors import run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
-# Config keys that identify a run or tune bookkeeping, not the experiment: never compared.
-IGNORED_KEYS = frozenset({
-    "seed", "name", "notes", "trainer.save_dir", "trainer.save_period", "trainer.log_every",
-    "trainer.monitor", "data.num_workers", "data.eval_batch_size", "teachers.cache_dir",
-})
+# Config keys never compared: those that change no result, and the seed, which a row averages over.
+IGNORED_KEYS = RESULT_NEUTRAL_KEYS | {"seed"}
 SKIP_DIRS = ("_sources", "test_runs")
 
 
@@ -161,12 +158,11 @@ def _short(value):
 
 def config_difference(a, b):
     """'key = x (run a) vs y (run b)' for the first differing comparable key, or None."""
-    ca, cb = comparable(a.config), comparable(b.config)
-    for key in sorted(set(ca) | set(cb)):
-        if ca.get(key, "<unset>") != cb.get(key, "<unset>"):
-            return (f"{key} = {_short(ca.get(key, '<unset>'))} ({a.path}) vs "
-                    f"{_short(cb.get(key, '<unset>'))} ({b.path})")
-    return None
+    differences = config_differences(a.config, b.config, ignore=IGNORED_KEYS)
+    if not differences:
+        return None
+    key, x, y = differences[0]
+    return f"{key} = {_short(x)} ({a.path}) vs {_short(y)} ({b.path})"
 
 
 def check_group(label, runs):
@@ -444,6 +440,7 @@ def report(args):
     bar_chart(methods, tables[k_chart], languages, args.metric_prefix, k_chart, out / f"r{k_chart}_bars.png")
     print(md)
     print(f"wrote {out}/table.md, table.tex, table.csv, r{k_chart}_bars.png")
+
 
 if __name__ == "__main__":
     sys.exit(main())
