@@ -54,9 +54,8 @@ def train_or_reuse(args, dist, device):
             if dist.is_main:
                 print(f"{folder}: finished with this config, nothing to train (remove the folder to train it again)")
             return
-        if found == "resume":
+        if found == "resume":  # the trainer loads it; its config is this one (existing_run)
             resume = folder / RESUMABLE
-            resumed = load_checkpoint(resume)
     if resumed and resumed.get("epoch", 0) >= config["trainer"]["epochs"]:
         raise ConfigError(f"{resume}: has already trained {resumed['epoch']} of config key 'trainer.epochs' = "
                           f"{config['trainer']['epochs']} epochs; pass --epochs N with N > {resumed['epoch']} "

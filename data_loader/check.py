@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_loader.corpus import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_feature_key, detect_layout,
-                                is_safe_path, read_safe, read_safe_raw)
-from data_loader.corpus import item_problems, listed
+                                is_safe_path, item_problems, listed, read_safe, read_safe_raw)
 from data_loader.safe_pickle import DataFileError, load_pickle
 from utils.errors import run_command
 
@@ -164,6 +163,7 @@ def check(args):
         return 1
     print("ok")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

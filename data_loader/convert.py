@@ -137,5 +137,6 @@ def convert(args):
     print(f'in a config: "data": {{"layout": "safe", "train_path" (or "eval_path"): "{args.out_dir}", '
           f'"feature_key": "{loaded.feature_key}", "feature_dim": {corpus.feature_dim}}}')
 
+
 if __name__ == "__main__":
     sys.exit(main())

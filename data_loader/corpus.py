@@ -17,8 +17,8 @@ optional ``items`` argument: the already-unpickled list, so that tools which ins
 (``data_loader.check``) unpickle it only once.
 """
 import json
-from collections import Counter
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 

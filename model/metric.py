@@ -60,7 +60,6 @@ def _summarise(above: torch.Tensor, tied: torch.Tensor, tie_break: str,
 def _check_tie_break(tie_break):
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"unknown tie_break {tie_break!r}; expected one of {TIE_BREAKS}")
-    return tie_break
 
 
 def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:

@@ -311,5 +311,6 @@ def convert_and_describe(args):
           f"data: {cfg['data']['feature_key']} {cfg['data']['feature_dim']}-d")
     print(f"wrote {args.dst}")
 
+
 if __name__ == "__main__":
     sys.exit(main())
