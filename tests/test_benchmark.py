@@ -119,7 +119,15 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
         assert step["without_student_dropout"][key] > 0, key
     assert step["online_reference_step_s"] > 0 and step["online_reference_over_cached"] > 0
     # Only the reference-style variant runs its teachers with dropout; this project's do not.
-    assert step["teachers_in_train_mode"] == {"online": False, "online_no_dropout": False, "online_reference": True}
+    assert step["teachers_in_train_mode"] == {"online": False, "online_no_dropout": False, "online_reference": True,
+                                              "reference": True}
+    # Only the reference's step and the full-padding diagnostic run every text column.
+    cut = step["cuts_text_padding"]
+    assert cut.pop("reference") == [False] * 4 and cut.pop("cached_full_padding") == [False]
+    assert all(all(flags) for flags in cut.values()) and len(cut["online"]) == 4
+    assert step["reference_step_s"] > 0 and step["full_padding_over_cut"] > 0
+    lengths = step["text_lengths"]
+    assert 0 < lengths["student"] <= lengths["max_words"] and len(lengths["teachers"]) == 3
     flops = step["model_flops"]
     assert flops["student"] > flops["teachers"] > 0
     assert flops["online_over_cached_bound"] == pytest.approx(1 + flops["teachers"] / flops["student"])

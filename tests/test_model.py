@@ -1,9 +1,9 @@
-"""Attention in every encoder goes through PyTorch's scaled_dot_product_attention."""
+"""Text and video encoders: attention through scaled_dot_product_attention; padding cut from text batches."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model.model import build_model, load_tokenizer
+from model.model import build_model, load_tokenizer, used_length
 
 
 @pytest.mark.parametrize("encoder", ["labse-tiny", "xlmr-tiny", "mbert-tiny", "distiluse-tiny"])
@@ -20,3 +20,71 @@ def test_text_and_video_attention_use_sdpa(toy_assets, encoder):
     calls = sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
     text_layers = model.text.backbone.config.num_hidden_layers
     assert calls == text_layers + 2  # every text layer and both video blocks
+
+
+def _text_encoder(toy_assets, encoder):
+    name = str(toy_assets["encoders"][encoder])
+    model = build_model({"text_encoder": name, "projection_dim": 16, "width": 32, "depth": 1, "heads": 2,
+                         "mlp_ratio": 1.0}, feature_dim=8)
+    return model.text, load_tokenizer(name)
+
+
+def _backbone_lengths(encoder):
+    """Sequence lengths the backbone is called with, recorded by a forward pre-hook."""
+    seen = []
+    encoder.backbone.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                               with_kwargs=True)
+    return seen
+
+
+@pytest.mark.parametrize("encoder", ["labse-tiny", "xlmr-tiny", "distiluse-tiny"])
+def test_padding_after_the_longest_caption_is_cut_and_changes_nothing(toy_assets, encoder):
+    """The backbone runs only up to the batch's last real token; embeddings and gradients are those
+    of the whole padded batch (dropout off, so both passes compute the same function)."""
+    text, tokenizer = _text_encoder(toy_assets, encoder)
+    text.eval()
+    captions = ["a red car", "un chat noir sur le toit de la maison", "hello"]
+    tokens = tokenizer(captions, padding="max_length", max_length=40, truncation=True, return_tensors="pt",
+                       return_token_type_ids=False)
+    longest = int(tokens["attention_mask"].sum(1).max())
+    assert longest < 40
+    seen = _backbone_lengths(text)
+    outputs, grads = {}, {}
+    for cut in (True, False):
+        text.cut_padding = cut
+        text.zero_grad()
+        outputs[cut] = text(tokens["input_ids"], tokens["attention_mask"])
+        outputs[cut].square().sum().backward()
+        grads[cut] = [p.grad.clone() for p in text.parameters() if p.grad is not None]
+    assert seen == [longest, 40]
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-5)
+    for cut_grad, full_grad in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(cut_grad, full_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_pooling_mask_longer_than_the_tokens_keeps_its_columns(toy_assets):
+    """A converted reference teacher pools with another tokenizer's mask (§2.3): columns that mask
+    covers are kept even where the teacher's own tokens are padding, so its targets do not change."""
+    text, tokenizer = _text_encoder(toy_assets, "xlmr-tiny")
+    text.eval()
+    tokens = tokenizer(["a cat", "a dog"], padding="max_length", max_length=12, return_tensors="pt",
+                       return_token_type_ids=False)
+    own = int(tokens["attention_mask"].sum(1).max())
+    pool_mask = torch.zeros(2, 12, dtype=torch.long)
+    pool_mask[:, :own + 3] = 1
+    seen = _backbone_lengths(text)
+    with torch.no_grad():
+        cut = text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)
+        text.cut_padding = False
+        full = text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)
+    assert seen == [own + 3, 12]
+    torch.testing.assert_close(cut, full, rtol=0, atol=1e-5)
+
+
+def test_used_length():
+    left_padded = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    right_padded = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    assert used_length(left_padded) == 4  # the last column holds tokens: nothing is cut
+    assert used_length(right_padded) == 2
+    assert used_length(right_padded, torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])) == 3
+    assert used_length(torch.zeros(2, 4)) == 1  # a batch of empty captions still runs one column

@@ -225,7 +225,8 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
     from model.model import load_tokenizer, model_from_config
     from parse_config import resolve
     from trainer.build import build_loaders, build_loss, load_corpora
-    from trainer.teachers import build_teachers
+    from model.model import used_length
+    from trainer.teachers import Teachers, build_teachers
     from trainer.trainer import Trainer, seed_everything
     from utils.device import to_device
 
@@ -240,9 +241,13 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
                     for mode in ("online", "cached")}
         # The reference's design: online teachers left in train mode, so their dropout runs too
         # (c2kd-reference §3.1; this project puts teachers in eval mode). Timed, never trained with.
-        reference_teachers = build_teachers(configs["online"], corpora["train"], device, tokenizer)
-        for teacher in reference_teachers.teachers:
-            teacher.model.train()
+        # "reference" also runs every text column up to max_words, as the reference padded (§1.3).
+        train_mode_teachers = {}
+        for name, cut_padding in (("online_reference", True), ("reference", False)):
+            train_mode_teachers[name] = build_teachers(configs["online"], corpora["train"], device, tokenizer)
+            for teacher in train_mode_teachers[name].teachers:
+                teacher.model.train()
+                teacher.model.text.cut_padding = cut_padding
         # The work of the one-off cache build: every teacher embeds the training set (timed on a
         # second pass, with the teachers loaded; loading and writing the file are left out).
         cache_build_s = sum(timed(lambda t=t: teachers["cached"].embed_training_set(t), device)[0]
@@ -254,18 +259,23 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         train_loader.sampler.set_epoch(0)
         batch = next(iter(train_loader))
         # "<mode>" trains as usual; "<mode>_no_dropout" runs the same step with the student in eval
-        # mode, to show how much of the student's step is dropout (a diagnostic, not a training mode).
+        # mode, to show how much of the student's step is dropout, and "cached_full_padding" with
+        # the student running every text column (diagnostics, not training modes).
+        # name: (mode, teachers, student in train mode, student cuts padding)
+        variants = {"cached": ("cached", teachers["cached"], True, True),
+                    "cached_no_dropout": ("cached", teachers["cached"], False, True),
+                    "cached_full_padding": ("cached", teachers["cached"], True, False),
+                    "online": ("online", teachers["online"], True, True),
+                    "online_no_dropout": ("online", teachers["online"], False, True),
+                    "online_reference": ("online", train_mode_teachers["online_reference"], True, True),
+                    "reference": ("online", train_mode_teachers["reference"], True, False)}
         trainers = {}
-        variants = [("cached", "cached", teachers["cached"], True),
-                    ("cached_no_dropout", "cached", teachers["cached"], False),
-                    ("online", "online", teachers["online"], True),
-                    ("online_no_dropout", "online", teachers["online"], False),
-                    ("online_reference", "online", reference_teachers, True)]
-        for variant, mode, variant_teachers, training in variants:
+        for variant, (mode, variant_teachers, training, cut_padding) in variants.items():
             loss = build_loss(configs[mode], num_teachers=len(variant_teachers)).to(device)
             trainers[variant] = Trainer(configs[mode], copy.deepcopy(model).to(device), loss, train_loader,
                                         eval_loader, device, None, teachers=variant_teachers)
             trainers[variant].forward.train(training)
+            trainers[variant].model.text.cut_padding = cut_padding
         for _ in range(warmup):
             for trainer in trainers.values():
                 trainer.training_step(batch)
@@ -277,20 +287,32 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         step_s = {name: median(v) for name, v in times.items()}
         cached, online = step_s["cached"], step_s["online"]
         cfg = configs["cached"]
+        # Text lengths the steps run at: the student's over all languages, each teacher's English.
+        lengths = {"max_words": cfg["data"]["max_words_train"],
+                   "student": used_length(*(t["attention_mask"] for t in batch["text"]["student"].values())),
+                   "teachers": [used_length(batch["text"][Teachers.input_name(i)][ENGLISH]["attention_mask"])
+                                for i in range(len(teachers["online"]))]}
         flops = c2kd_step_flops(model, [t.model for t in teachers["online"].teachers], cfg["data"]["batch_size"],
-                                len(trainers["cached"].languages), cfg["data"]["max_words_train"],
-                                cfg["data"]["n_video_tokens"], online=True)
+                                len(trainers["cached"].languages), lengths["student"], cfg["data"]["n_video_tokens"],
+                                online=True, teacher_seq_lens=lengths["teachers"])
         return {
             "device": str(device), "steps": steps, "warmup": warmup,
             "batch_size": cfg["data"]["batch_size"], "languages": trainers["cached"].languages,
             "max_words": cfg["data"]["max_words_train"], "n_video_tokens": cfg["data"]["n_video_tokens"],
-            "student": "labse-tiny", "teachers": list(TEACHER_ENCODERS),
+            "text_lengths": lengths, "student": "labse-tiny", "teachers": list(TEACHER_ENCODERS),
             "cached_step_s": cached, "online_step_s": online, "online_over_cached": online / cached,
             "online_reference_step_s": step_s["online_reference"],
             "online_reference_over_cached": step_s["online_reference"] / cached,
+            "reference_step_s": step_s["reference"], "reference_over_cached": step_s["reference"] / cached,
+            "cached_full_padding_step_s": step_s["cached_full_padding"],
+            "full_padding_over_cut": step_s["cached_full_padding"] / cached,
             # Whether each online variant's teachers ran in train mode (dropout on) during its steps.
             "teachers_in_train_mode": {name: all(t.model.training for t in trainer.teachers.teachers)
                                        for name, trainer in trainers.items() if trainer.teachers.mode == "online"},
+            # Whether each variant's text encoders (student, then online teachers) cut padding columns.
+            "cuts_text_padding": {name: [trainer.model.text.cut_padding]
+                                  + [t.model.text.cut_padding for t in trainer.teachers.teachers
+                                     if trainer.teachers.mode == "online"] for name, trainer in trainers.items()},
             "without_student_dropout": {
                 "cached_step_s": step_s["cached_no_dropout"], "online_step_s": step_s["online_no_dropout"],
                 "online_over_cached": step_s["online_no_dropout"] / step_s["cached_no_dropout"]},
@@ -442,14 +464,18 @@ def video_forward_flops(video, videos, n_tokens):
     return 2.0 * videos * (per_frame * n_tokens + per_block_token * (n_tokens + 1) + _param_count([video.proj]))
 
 
-def c2kd_step_flops(student, teachers, batch_size, languages, seq_len, n_video_tokens, online):
+def c2kd_step_flops(student, teachers, batch_size, languages, seq_len, n_video_tokens, online,
+                    teacher_seq_lens=None):
     """Model FLOPs of one C2KD step: forward and backward (3x forward) of the student's text encoder
     over every language and of its video encoder, plus, with online teachers, one forward of each
-    teacher's text (English) and video encoders."""
+    teacher's text (English) and video encoders. ``seq_len`` and ``teacher_seq_lens`` (default:
+    ``seq_len`` for every teacher) are the text columns each encoder runs."""
+    teacher_seq_lens = teacher_seq_lens or [seq_len] * len(teachers)
     student_fwd = (text_forward_flops(student.text, batch_size * languages, seq_len)
                    + video_forward_flops(student.video, batch_size, n_video_tokens))
-    teacher_fwd = sum(text_forward_flops(t.text, batch_size, seq_len)
-                      + video_forward_flops(t.video, batch_size, n_video_tokens) for t in teachers) if online else 0.0
+    teacher_fwd = sum(text_forward_flops(t.text, batch_size, length)
+                      + video_forward_flops(t.video, batch_size, n_video_tokens)
+                      for t, length in zip(teachers, teacher_seq_lens)) if online else 0.0
     return {"student": 3.0 * student_fwd, "teachers": teacher_fwd, "total": 3.0 * student_fwd + teacher_fwd}
 
 
@@ -697,9 +723,16 @@ def format_report(report):
         lines.append(f"  {_cached_vs_online(c)}   (embedding the training set for the cache, once: "
                      f"{c['cache_build_s']:.2f} s)")
         f = c["model_flops"]
-        lines.append(f"  online teachers in train mode, as the reference: {1e3 * c['online_reference_step_s']:.1f} ms   "
+        lines.append(f"  online teachers in train mode, as the reference ran them: "
+                     f"{1e3 * c['online_reference_step_s']:.1f} ms   "
                      f"reference/cached {c['online_reference_over_cached']:.2f}x")
+        lines.append(f"  the reference's step (also every text column up to max_words): "
+                     f"{1e3 * c['reference_step_s']:.1f} ms   reference/cached {c['reference_over_cached']:.2f}x")
         lines.append(f"  student without dropout: {_cached_vs_online(c['without_student_dropout'])}")
+        lengths = c["text_lengths"]
+        lines.append(f"  cached step over all {lengths['max_words']} text columns: "
+                     f"{1e3 * c['cached_full_padding_step_s']:.1f} ms   {c['full_padding_over_cut']:.2f}x the step "
+                     f"cut to the batch's {lengths['student']}")
         lines.append(f"  model FLOPs: student {f['student'] / 1e9:.2f} G, teachers {f['teachers'] / 1e9:.2f} G, "
                      f"bound on online/cached {f['online_over_cached_bound']:.2f}x")
     e = report.get("evaluation")
