@@ -8,8 +8,9 @@
    pre-tokenization is reported separately and folded into a one-epoch ratio.
 2. C2KD training step (``Trainer.training_step``) with cached against online teachers, on
    Multi-Toy with the tiny encoders and three randomly initialised teachers; also online teachers
-   left in train mode as the reference ran them, and, as a diagnostic, the step with the student's
-   dropout off, and the counted model FLOPs of student and teachers.
+   left in train mode as the reference ran them, with and without the padding cut (the reference
+   ran every text column up to max_words), and, as diagnostics, the step with the student's
+   dropout off, the cached step without the padding cut, and the counted model FLOPs.
 3. ranking N x N: ``retrieval_metrics`` on a materialised matrix against
    ``retrieval_metrics_from_embeddings``; time and peak memory, one subprocess per measurement.
 4. on a CUDA device only: a training step of a LaBSE-shaped student with three base-sized
