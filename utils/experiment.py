@@ -3,7 +3,7 @@
 Each run gets a folder ``<trainer.save_dir>/<name>/<run id>/`` written by Sacred's
 FileStorageObserver (config.json, run.json with host and dependencies, metrics.json with the
 per-epoch scalars, cout.txt, sources); checkpoints are written into the same folder. A MongoDB
-observer and a Neptune observer can be added from the command line.
+observer (``RunRecordObserver``) and a Neptune observer can be added from the command line.
 
 A run that did not finish continues in its own folder when resumed from that folder's latest.pt
 (see ``continued_run_id``): the Sacred run keeps its id, run.json ends with the status of the last
@@ -35,7 +35,8 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated", categor
 
 from sacred import SETTINGS, Experiment  # noqa: E402
 from sacred.dependencies import PackageDependency  # noqa: E402
-from sacred.observers import FileStorageObserver  # noqa: E402
+from sacred.observers import FileStorageObserver, MongoObserver  # noqa: E402
+from sacred.observers.file_storage import DEFAULT_FILE_STORAGE_PRIORITY  # noqa: E402
 
 # tqdm progress bars and Sacred's file-descriptor capture do not mix; capture at sys level.
 SETTINGS.CAPTURE_MODE = "sys"
@@ -194,9 +195,7 @@ class RunFolderObserver(FileStorageObserver):
     def started_event(self, *args, **kwargs):
         _id = super().started_event(*args, **kwargs)
         if self._earlier is not None:
-            attempt = {k: self._earlier.get(k) for k in ("start_time", "stop_time", "heartbeat", "status")}
-            attempt["host"] = (self._earlier.get("host") or {}).get("hostname")
-            self.run_entry["earlier_attempts"] = self._earlier.get("earlier_attempts", []) + [attempt]
+            self.run_entry["earlier_attempts"] = _attempts(self._earlier)
             self.save_json(self.run_entry, "run.json")
         return _id
 
@@ -218,11 +217,8 @@ class RunFolderObserver(FileStorageObserver):
         except (OSError, ValueError):
             return
         for name, step in first.items():
-            series = saved.get(name)
-            if series:
-                keep = [i for i, s in enumerate(series["steps"]) if s < step]
-                for key in ("values", "steps", "timestamps"):
-                    series[key] = [series[key][i] for i in keep]
+            if saved.get(name):
+                saved[name].update(_before_step(saved[name], step))
         self.save_json(saved, "metrics.json")
 
     def _release(self):
@@ -250,13 +246,72 @@ class RunFolderObserver(FileStorageObserver):
             self._release()
 
 
-def _mongo_observer(url):
+def _attempts(earlier):
+    """The ``earlier_attempts`` of a run that continues the run recorded in ``earlier``."""
+    attempt = {k: earlier.get(k) for k in ("start_time", "stop_time", "heartbeat", "status")}
+    attempt["host"] = (earlier.get("host") or {}).get("hostname")
+    return earlier.get("earlier_attempts", []) + [attempt]
+
+
+def _before_step(series, step):
+    """The steps, values and timestamps of a metric series logged before ``step``."""
+    keep = [i for i, s in enumerate(series["steps"]) if s < step]
+    return {key: [series[key][i] for i in keep] for key in ("steps", "values", "timestamps")}
+
+
+class RunRecordObserver(MongoObserver):
+    """Sacred's MongoObserver for run folders. The run folder names the run: this observer comes
+    after RunFolderObserver (lower priority) and gives each record the database's next integer id,
+    so folders of different experiments that share a name ("1", "seed0") never share a record; the
+    record names its folder (``run_folder``). A run that continues in its folder updates the record
+    of its unfinished attempt, as RunFolderObserver updates run.json: the attempt is listed under
+    ``earlier_attempts`` (with its console output) and the metric values of redone steps are replaced."""
+
+    def __init__(self, url, run_root, continue_run=False):
+        super().__init__(url=url, priority=DEFAULT_FILE_STORAGE_PRIORITY - 1)
+        self.run_root, self.continue_run = Path(run_root), continue_run
+        self._folder = self._earlier = None
+        self._reconciled = set()
+
+    def started_event(self, ex_info, command, host_info, start_time, config, meta_info, _id):
+        self._folder = str(self.run_root / str(_id))
+        if self.continue_run:
+            self._earlier = self.runs.find_one({"run_folder": self._folder}, sort=[("start_time", -1)])
+        return super().started_event(ex_info, command, host_info, start_time, config, meta_info,
+                                     _id=self._earlier["_id"] if self._earlier else None)
+
+    def insert(self):
+        self.run_entry["run_folder"] = self._folder
+        if self._earlier is None:
+            return super().insert()
+        self.run_entry["earlier_attempts"] = _attempts(self._earlier)
+        self.run_entry["earlier_attempts"][-1]["captured_out"] = self._earlier.get("captured_out")
+        self.runs.replace_one({"_id": self._earlier["_id"]}, self.run_entry)
+
+    def log_metrics(self, metrics_by_name, info):
+        if self._earlier is not None:
+            self._drop_redone_steps(metrics_by_name, info)
+        super().log_metrics(metrics_by_name, info)
+
+    def _drop_redone_steps(self, metrics_by_name, info):
+        for name, series in metrics_by_name.items():
+            if name in self._reconciled or not series["steps"]:
+                continue
+            self._reconciled.add(name)
+            saved = self.metrics.find_one({"run_id": self.run_entry["_id"], "name": name})
+            if saved is None:
+                continue
+            self.metrics.update_one({"_id": saved["_id"]}, {"$set": _before_step(saved, min(series["steps"]))})
+            # The series exists already, so the base class does not reference it in the run's info.
+            info.setdefault("metrics", []).append({"name": name, "id": str(saved["_id"])})
+
+
+def _mongo_observer(url, run_root, continue_run):
     try:
-        from sacred.observers import MongoObserver
         import pymongo  # noqa: F401
     except ImportError:
         raise ObserverError("--mongo needs the pymongo package: pip install pymongo") from None
-    return MongoObserver(url=url)
+    return RunRecordObserver(url, run_root, continue_run)
 
 
 def _neptune_observer():
@@ -290,7 +345,7 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     if rank() == 0:
         ex.observers.append(RunFolderObserver(str(run_root), continue_id=run_id if continue_run else None))
         if mongo:
-            ex.observers.append(_mongo_observer(mongo))
+            ex.observers.append(_mongo_observer(mongo, run_root, continue_run))
         if neptune:
             ex.observers.append(_neptune_observer())
 
