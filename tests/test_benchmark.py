@@ -113,7 +113,7 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
                 "one_epoch_with_setup_ratio"):
         assert data[key] > 0, key
     step = report["c2kd_step"]
-    for key in ("cached_step_s", "online_step_s", "online_over_cached", "cache_build_s"):
+    for key in ("cached_step_s", "online_step_s", "online_over_cached", "cache_build_s", "cache_build_full_padding_s"):
         assert step[key] > 0, key
     for key in ("cached_step_s", "online_step_s", "online_over_cached"):
         assert step["without_student_dropout"][key] > 0, key
