@@ -17,7 +17,7 @@ from trainer.build import build_loaders, build_loss, load_corpora
 from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import checkpoint_header
 from utils.distributed import close_distributed, init_distributed, on_main
 from utils.errors import run_command
 from utils.experiment import RESUMABLE, continued_run_id, existing_run, run_dir, run_experiment
@@ -44,7 +44,7 @@ def run(args):
 
 def train_or_reuse(args, dist, device):
     resume = args.resume
-    resumed = load_checkpoint(resume) if resume else None
+    resumed = checkpoint_header(resume) if resume else None
     config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
     run_root = Path(config["trainer"]["save_dir"]) / config["name"]
     if args.run_id is not None and not resume:  # the same command again: reuse or resume its run

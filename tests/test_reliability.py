@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tests.conftest import assert_same_weights, make_trainer, toy_config, untrained_teachers, write_json_config
-from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint, save_checkpoint
+from utils.checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, checkpoint_header, load_checkpoint,
+                              save_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,6 +116,19 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]  # no temporary file left behind
     with pytest.raises(CheckpointError, match="cannot write"):
         atomic_save({"x": 1}, tmp_path / "latest.pt" / "inside-a-file.pt")
+
+
+def test_a_checkpoint_header_has_the_run_but_not_its_tensors(tmp_path):
+    """train.py reads the config and epoch of the checkpoint it resumes from its header, through a
+    memory map: the weights and optimizer state are read once, by the trainer."""
+    config = {"name": "c2kd", "trainer": {"epochs": 5}}
+    path = save_checkpoint({"epoch": 3, "step": 30, "config": config, "model": {"w": torch.ones(3)},
+                            "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 0.1}]},
+                            "rng": [torch.zeros(2, dtype=torch.uint8)]}, tmp_path / "latest.pt")
+    assert checkpoint_header(path) == {"format": FORMAT, "version": VERSION, "epoch": 3, "step": 30, "config": config}
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        checkpoint_header(tmp_path / "junk.pt")
 
 
 # ---- bad input: one line, exit code 2, nothing trained or overwritten ------------------------------

@@ -31,12 +31,14 @@ def atomic_save(state, path):
                               "the previous file is unchanged") from None
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """The checkpoint at ``path``, checked to be one of this project's. With ``mmap`` its tensors
+    are mapped from the file rather than read: only what is used is read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
@@ -47,6 +49,20 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: checkpoint format version {state['version']} is newer than this code "
                               f"reads ({VERSION}); update the code")
     return state
+
+
+def checkpoint_header(path):
+    """What a checkpoint says about its run (config, epoch, step, ...) without its tensors, which
+    are never read: a run resumed from it loads the whole checkpoint once, in the trainer."""
+    return {k: v for k, v in load_checkpoint(path, mmap=True).items() if not _holds_tensors(v)}
+
+
+def _holds_tensors(value):
+    if isinstance(value, dict):
+        return any(_holds_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v) for v in value)
+    return isinstance(value, torch.Tensor)
 
 
 def load_weights(model, state, path):
