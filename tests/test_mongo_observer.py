@@ -2,19 +2,18 @@
 mongomock's in-memory implementation of the pymongo API (no MongoDB server runs here)."""
 import json
 
+import mongomock
+import mongomock.gridfs
+import pymongo
 import pytest
 
 from utils.experiment import run_experiment
-
-mongomock = pytest.importorskip("mongomock")
-pymongo = pytest.importorskip("pymongo")
 
 URL = "mongodb://sacred-db.test:27017"
 
 
 @pytest.fixture
 def database():
-    import mongomock.gridfs
     mongomock.gridfs.enable_gridfs_integration()
     with mongomock.patch(servers=(("sacred-db.test", 27017),)):
         yield pymongo.MongoClient(URL)["sacred"]

@@ -205,11 +205,9 @@ class RunFolderObserver(FileStorageObserver):
         super().log_metrics(metrics_by_name, info)
 
     def _drop_redone_steps(self, metrics_by_name):
-        first = {name: min(m["steps"]) for name, m in metrics_by_name.items()
-                 if name not in self._reconciled and m["steps"]}
+        first = _first_new_steps(metrics_by_name, self._reconciled)
         if not first:
             return
-        self._reconciled.update(first)
         path = os.path.join(self.dir, "metrics.json")
         try:
             with open(path) as f:
@@ -253,6 +251,14 @@ def _attempts(earlier):
     return earlier.get("earlier_attempts", []) + [attempt]
 
 
+def _first_new_steps(metrics_by_name, reconciled):
+    """{series: first step} of the series a continued attempt logs for the first time (added to
+    ``reconciled``): the saved values of those series from that step on were redone."""
+    first = {name: min(m["steps"]) for name, m in metrics_by_name.items() if name not in reconciled and m["steps"]}
+    reconciled.update(first)
+    return first
+
+
 def _before_step(series, step):
     """The steps, values and timestamps of a metric series logged before ``step``."""
     keep = [i for i, s in enumerate(series["steps"]) if s < step]
@@ -294,14 +300,11 @@ class RunRecordObserver(MongoObserver):
         super().log_metrics(metrics_by_name, info)
 
     def _drop_redone_steps(self, metrics_by_name, info):
-        for name, series in metrics_by_name.items():
-            if name in self._reconciled or not series["steps"]:
-                continue
-            self._reconciled.add(name)
+        for name, step in _first_new_steps(metrics_by_name, self._reconciled).items():
             saved = self.metrics.find_one({"run_id": self.run_entry["_id"], "name": name})
             if saved is None:
                 continue
-            self.metrics.update_one({"_id": saved["_id"]}, {"$set": _before_step(saved, min(series["steps"]))})
+            self.metrics.update_one({"_id": saved["_id"]}, {"$set": _before_step(saved, step)})
             # The series exists already, so the base class does not reference it in the run's info.
             info.setdefault("metrics", []).append({"name": name, "id": str(saved["_id"])})
 
