@@ -99,12 +99,12 @@ class TextEncoder(nn.Module):
     """A Hugging Face encoder, mean-pooled over the attention mask, then LayerNorm and a gated
     projection (§2.3)."""
 
-    def __init__(self, backbone, projection_dim=512, cut_padding=True):
+    def __init__(self, backbone, projection_dim=512):
         super().__init__()
         self.backbone = backbone
-        # Run only the columns up to the batch's last real token (see forward). Off, every column
-        # up to max_words runs, as in the reference; the benchmark times both.
-        self.cut_padding = cut_padding
+        # Run only the columns up to the batch's last real token (see forward). Set to False,
+        # every column up to max_words runs, as in the reference; the benchmark times both.
+        self.cut_padding = True
         # Mean pooling replaces the encoder's pooler head (if it has one): freeze it so that
         # no parameter is left without a gradient (which DistributedDataParallel cannot reduce).
         if getattr(backbone, "pooler", None) is not None:

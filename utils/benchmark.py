@@ -223,10 +223,9 @@ def _toy_c2kd_flat(assets, folder):
 
 def bench_c2kd_step(assets, device, steps=20, warmup=2):
     """Trainer.training_step with cached against online teachers: same batch, same initial model."""
-    from model.model import load_tokenizer, model_from_config
+    from model.model import load_tokenizer, model_from_config, used_length
     from parse_config import resolve
     from trainer.build import build_loaders, build_loss, load_corpora
-    from model.model import used_length
     from trainer.teachers import Teachers, build_teachers
     from trainer.trainer import Trainer, seed_everything
     from utils.device import to_device
@@ -252,14 +251,18 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         # The work of the one-off cache build: every teacher embeds the training set (timed on
         # later passes, with the teachers loaded; loading and writing the file are left out), with
         # the padding cut and, as the reference padded, over every text column.
-        def build_cache(cut_padding):
+        def set_cut_padding(cut_padding):
             for t in teachers["cached"].teachers:
                 t.model.text.cut_padding = cut_padding
+
+        def build_cache(cut_padding):
+            set_cut_padding(cut_padding)
+            for t in teachers["cached"].teachers:
                 teachers["cached"].embed_training_set(t)
 
         cache_build = interleaved({"cut": lambda: build_cache(True), "full_padding": lambda: build_cache(False)},
                                   3 if steps > 2 else 1, device)
-        build_cache(True)
+        set_cut_padding(True)
         model, _ = model_from_config(configs["online"], tokenizer=tokenizer)
         # The online loader also carries the teachers' tokens; the cached step ignores them.
         train_loader, eval_loader = build_loaders(configs["online"], corpora, tokenizer,
