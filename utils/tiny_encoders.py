@@ -155,7 +155,7 @@ def build(out_dir, corpus_texts, seed=0, names=None):
     texts = list(corpus_texts)
     digest = corpus_hash(texts)
     paths = {}
-    for index, name in enumerate(names or ENCODERS):
+    for name in names or ENCODERS:
         folder = out_dir / name
         info = {"name": name, "seed": seed, "corpus_sha256": digest, "version": VERSION}
         try:
@@ -168,7 +168,9 @@ def build(out_dir, corpus_texts, seed=0, names=None):
         # sees a half-written encoder.
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}."))
         try:
-            _build_one(name, tmp, texts, seed * 100 + index)  # a different seed per encoder
+            # A different seed per encoder, fixed by its name: building one encoder alone gives the
+            # weights of a full build, which the reuse stamp takes for granted.
+            _build_one(name, tmp, texts, seed * 100 + list(ENCODERS).index(name))
             (tmp / "tiny_build.json").write_text(json.dumps(info, indent=2) + "\n")
             # mkdtemp and the writers leave owner-only permissions.
             tmp.chmod(0o755)
