@@ -77,7 +77,8 @@ def run_moments(retriever, args):
         raise InferenceError(f"--video {args.video}: expected DATA:ID, a data file and a video id")
     corpus = read_data(retriever, path, args)
     item = find_video(corpus, video_id)
-    moments = score_moments(retriever, corpus.features[item], args.query, window=args.window)
+    moments = score_moments(retriever, corpus.features[item], args.query, window=args.window,
+                            name=f"{path}: video {video_id!r}")
     start, end, score = moments.best
     print(f"query: {args.query}")
     print(f"video {video_id}: {len(moments.frame_scores)} frames, {len(moments.windows)} windows of "

@@ -82,6 +82,8 @@ def test_sliding_windows_and_event_matching():
     assert sliding_windows(3, 4) == [(0, 3)]
     with pytest.raises(InferenceError, match="at least 1"):
         sliding_windows(5, 0)
+    with pytest.raises(InferenceError, match="stride 3 is longer than the window of 2 frames"):
+        sliding_windows(9, 2, stride=3)
     events = [{"action": "cut", "object": "onion", "place": "kitchen"},
               {"action": "wash", "object": "cup", "place": "kitchen"}]
     assert matching_event(events, "Someone washes a cup") == 1

@@ -7,9 +7,9 @@
 
 Texts go through the checkpoint's own tokenizer (any language it can read, truncated to
 ``data.max_words_eval`` tokens), as typed, or regex-cleaned when the checkpoint was trained with
-``data.clean_english`` (as an English-input teacher read its English captions); videos
-through the data layer's ``video_tokens`` (the first
-``data.n_video_tokens`` frames, each L2-normalised). Embeddings are L2-normalised, so a score is
+``data.clean_english``: a query to such an English-input teacher is taken as English and read as
+its English captions were (its evaluation read other languages raw); videos through the data
+layer's ``video_tokens`` (the first ``data.n_video_tokens`` frames, each L2-normalised). Embeddings are L2-normalised, so a score is
 the cosine similarity that evaluation ranks by.
 """
 import html
@@ -104,7 +104,8 @@ class Retriever:
 
     def encode_texts(self, texts, batch_size=256):
         """[len(texts), P] normalised text embeddings of texts read as the model read its captions:
-        regex-cleaned under ``data.clean_english``, else as typed."""
+        regex-cleaned under ``data.clean_english`` (queries to an English-input teacher are taken
+        as English), else as typed."""
         check_texts(texts)
         captions = [[text] for text in texts]
         max_words = self.config["data"]["max_words_eval"]

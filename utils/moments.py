@@ -31,6 +31,8 @@ def sliding_windows(n_frames, size, stride=1):
     """Frame ranges of ``size`` frames every ``stride`` frames; the last one ends at the last frame."""
     if size < 1 or stride < 1:
         raise InferenceError(f"window {size} and stride {stride} must be at least 1")
+    if stride > size:  # frames between two windows would get no score
+        raise InferenceError(f"stride {stride} is longer than the window of {size} frames: every frame must be in a window")
     if n_frames <= size:
         return [(0, n_frames)]
     starts = list(range(0, n_frames - size + 1, stride))
@@ -39,10 +41,12 @@ def sliding_windows(n_frames, size, stride=1):
     return [(s, s + size) for s in starts]
 
 
-def score_moments(retriever, features, query, window=4, stride=1):
-    features = retriever.check_features(features)
+def score_moments(retriever, features, query, window=4, stride=1, name="the video"):
+    """Score of each window and of each frame (the mean over the windows holding it); ``name``
+    names the video in errors."""
+    features = retriever.check_features(features, name)
     if len(features) == 0:
-        raise InferenceError("the video has no frames")
+        raise InferenceError(f"{name} has no frames")
     spans = sliding_windows(len(features), window, stride)
     query_emb = retriever.encode_texts([query])[0]
     scores = (retriever.encode_videos([features[s:e] for s, e in spans]) @ query_emb).numpy()
