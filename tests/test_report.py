@@ -143,6 +143,9 @@ def test_useless_input_is_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "holds no run folder" in err
     code, _, err = run_report(capsys, "--method", "nodirs", "--out", tmp_path / "o")
     assert code == 2 and "NAME=DIR" in err
+    for recall in (",", "0,1"):
+        code, _, err = run_report(capsys, tmp_path / "nothing", "--recall", recall, "--out", tmp_path / "o")
+        assert code == 2 and err.strip() == f"error: --recall expects positive integers such as 1,5,10, got '{recall}'"
 
 
 def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path, runs, capsys):

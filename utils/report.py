@@ -406,7 +406,7 @@ def main(argv=None):
                         help="one table row from these runs (repeatable); refused if their configs differ")
     parser.add_argument("--group-by-name", action="store_true",
                         help="group positional runs by config name (refused if a group mixes configs)")
-    parser.add_argument("--out", default="report", help="output folder (default: report)")
+    parser.add_argument("--out", default="reports", help="output folder (default: reports)")
     parser.add_argument("--recall", default="1", help="comma-separated K of R@K, e.g. 1,5,10 (default: 1)")
     parser.add_argument("--metric-prefix", default="t2v", help="t2v (default) or v2t")
     parser.add_argument("--languages", help="comma-separated columns, in order (default: all, English first)")
@@ -422,6 +422,8 @@ def report(args):
         recalls = [int(k) for k in args.recall.split(",") if k.strip()]
     except ValueError:
         raise ReportError(f"--recall expects integers such as 1,5,10, got '{args.recall}'") from None
+    if not recalls or min(recalls) < 1:
+        raise ReportError(f"--recall expects positive integers such as 1,5,10, got '{args.recall}'")
     methods = build_methods(args)
     languages = args.languages.split(",") if args.languages else languages_of(methods, args.metric_prefix)
     if not languages:

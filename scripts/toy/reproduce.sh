@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's pipeline on Multi-Toy: three English-input teachers (translate-train), then the
-# zero-shot, translate-train and C2KD students with 3 seeds each, then one table per method and
-# language (R@1 mean ± std over seeds). It can be re-run: train.py reuses a finished run of the same
+# zero-shot, translate-train and C2KD students with 3 seeds each, then tables of R@1, R@5 and R@10
+# (mean ± std over seeds) by method and language. It can be re-run: train.py reuses a finished run of the same
 # config and resumes an interrupted one in place; delete runs/toy to start over.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
