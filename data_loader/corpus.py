@@ -120,9 +120,12 @@ def _features(item, key, path, index):
 
 
 def _as_list_of_dicts(data, path):
-    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
-        raise DataFileError(f"{path}: expected a list of dicts (the released layout), "
-                            f"got {type(data).__name__}")
+    if not isinstance(data, list):
+        raise DataFileError(f"{path}: expected a list of dicts (the released layout), got {type(data).__name__}")
+    bad = next((i for i, x in enumerate(data) if not isinstance(x, dict)), None)
+    if bad is not None:
+        raise DataFileError(f"{path}: expected a list of dicts (the released layout), but item {bad} is a "
+                            f"{type(data[bad]).__name__}")
     if not data:
         raise DataFileError(f"{path}: the file holds no items")
     return data

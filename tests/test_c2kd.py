@@ -178,20 +178,33 @@ def test_unknown_pooling_is_refused(setup, capsys):
 
 
 def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
+    import copy
     from types import SimpleNamespace
+    from trainer.build import load_corpora
     from trainer.teachers import Teachers
 
-    def key(clean_english=False, **flat):
+    corpus = load_corpora(toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"]))["train"]
+
+    def key(clean_english=False, data=corpus, **flat):
         teacher = SimpleNamespace(path=Path(setup["teachers"][0]), pool_with_student_mask=False,
                                   clean_english=clean_english)
         config = toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"], **flat)
-        host = SimpleNamespace(config=config, corpus=SimpleNamespace(path=config["data"]["train_path"]),
-                               max_words=config["data"]["max_words_train"])
+        host = SimpleNamespace(config=config, corpus=data, max_words=config["data"]["max_words_train"])
         return Teachers.cache_key(host, teacher)
 
     base = key()
     assert key(clean_english=True) != base
     assert key(**{"loss.balance": 0.9, "optimizer.lr": 1.0}) == base  # the student's settings do not matter
-    for changed in ({"data.missing_caption_fallback": "last_available"}, {"data.layout": "safe"},
-                    {"data.n_video_tokens": 12}, {"data.max_words_train": 16}):
+    for changed in ({"data.n_video_tokens": 12}, {"data.max_words_train": 16}):
         assert key(**changed) != base, changed
+    # The data itself, not its file's name and time: frames rewritten in place, an English caption
+    # changed (a caption fallback or another layout would do it) give another key; another
+    # language's captions do not matter to English-input teachers.
+    frames = copy.deepcopy(corpus)
+    frames.features[3] = frames.features[3] + 1e-3
+    english = copy.deepcopy(corpus)
+    english.captions["en"][5] = english.captions["en"][5] + ["another caption"]
+    german = copy.deepcopy(corpus)
+    german.captions["de"][5] = ["eine andere Beschreibung"]
+    assert key(data=frames) != base and key(data=english) != base
+    assert key(data=german) == base

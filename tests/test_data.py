@@ -91,6 +91,9 @@ def test_reader_errors_name_file_key_and_language(tmp_path):
     wrong.write_bytes(pickle.dumps({"not": "a list"}))
     with pytest.raises(DataFileError, match="expected a list of dicts"):
         read_corpus(wrong, "multi-msrvtt", "2d", "train")
+    wrong.write_bytes(pickle.dumps([{"caption_en": ["a"]}, "not an item"]))
+    with pytest.raises(DataFileError, match="expected a list of dicts .*, but item 1 is a str"):
+        read_corpus(wrong, "multi-msrvtt", "2d", "train")
 
 
 def test_a_language_some_items_lack_is_left_out_with_a_note(tmp_path, capsys):

@@ -8,13 +8,15 @@ over the batch is the distillation target.
 
 ``cached`` mode (default) embeds every (video, English caption) pair of the training set once,
 before training, and stores the normalised embeddings on disk keyed by the teacher checkpoint and
-the data; a batch's teacher matrix is then a product of cached rows. ``online`` mode runs the
-teachers on every step, as the reference did; both give the same targets in fp32.
+a hash of the English captions and frames it embeds; a batch's teacher matrix is then a product
+of cached rows. ``online`` mode runs the teachers on every step, as the reference did; both give
+the same targets in fp32.
 """
 import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_loader.corpus import ENGLISH
@@ -77,14 +79,13 @@ class Teachers:
 
     # ---- cache -------------------------------------------------------------------------------
     def cache_key(self, teacher):
-        def stamp(p):
-            st = Path(p).stat()
-            return [str(Path(p).resolve()), st.st_size, st.st_mtime_ns]
-        data = self.config["data"]
-        # Everything that shapes the English captions and the videos the teacher embeds.
-        spec = {"version": CACHE_VERSION, "teacher": stamp(teacher.path), "data": stamp(self.corpus.path),
-                "layout": data["layout"], "missing_caption_fallback": data["missing_caption_fallback"],
-                "feature_key": data["feature_key"], "n_video_tokens": data["n_video_tokens"],
+        st = teacher.path.stat()
+        # Everything that shapes what the teacher embeds: the checkpoint, the English captions and
+        # video frames themselves (so a data file rewritten in place, another layout, feature key
+        # or caption fallback all give another key), and how captions are read.
+        spec = {"version": CACHE_VERSION, "teacher": [str(teacher.path.resolve()), st.st_size, st.st_mtime_ns],
+                "data": data_digest(self.corpus, self.config["data"]["n_video_tokens"]),
+                "n_video_tokens": self.config["data"]["n_video_tokens"],
                 "max_words": self.max_words, "clean_english": teacher.clean_english,
                 "pool_mask": self.config["model"]["text_encoder"] if teacher.pool_with_student_mask else "own"}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
@@ -167,6 +168,17 @@ class Teachers:
             rows = rows.clamp(max=len(cache["text"]) - 1)
             sims.append(similarity(cache["text"][rows], cache["video"][index]))  # rows are normalised
         return sims
+
+
+def data_digest(corpus, n_video_tokens):
+    """Hash of what a teacher embeds from ``corpus``: each item's English captions and its first
+    ``n_video_tokens`` frames."""
+    h = hashlib.blake2b(digest_size=16)
+    for captions, frames in zip(corpus.captions[ENGLISH], corpus.features):
+        frames = np.ascontiguousarray(frames[:n_video_tokens], dtype=np.float32)
+        h.update(json.dumps([captions, frames.shape]).encode())
+        h.update(frames.tobytes())
+    return h.hexdigest()
 
 
 def _part(n, k, parts):
