@@ -16,7 +16,7 @@ from parse_config import ConfigError, build_parser, config_from_args, flatten_co
 from trainer.build import build_loaders, build_loss, load_corpora
 from trainer.evaluate import flat_metrics
 from trainer.teachers import build_teachers
-from trainer.trainer import Trainer, TrainingInterrupted, seed_everything, seed_rank
+from trainer.trainer import Trainer, TrainingInterrupted, check_resumable, seed_everything, seed_rank
 from utils.checkpoint import checkpoint_header
 from utils.distributed import close_distributed, init_distributed, on_main
 from utils.errors import run_command
@@ -56,6 +56,8 @@ def train_or_reuse(args, dist, device):
             return
         if found == "resume":  # the trainer loads it; its config is this one (existing_run)
             resume = folder / RESUMABLE
+    if resumed:
+        check_resumable(resumed["config"], config, resume)
     if resumed and resumed.get("epoch", 0) >= config["trainer"]["epochs"]:
         raise ConfigError(f"{resume}: has already trained {resumed['epoch']} of config key 'trainer.epochs' = "
                           f"{config['trainer']['epochs']} epochs; pass --epochs N with N > {resumed['epoch']} "

@@ -252,6 +252,12 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     done = save_checkpoint({**load_checkpoint(weights), "epoch": config["trainer"]["epochs"]}, tmp_path / "done.pt")
     result = train_cli("-r", str(done))
     assert result.returncode == 2 and "has already trained 2 of config key 'trainer.epochs' = 2 epochs" in result.stderr
+    # Resuming with another learning rate: the saved optimizer state would silently keep the old one.
+    result = train_cli("-r", str(weights), "--lr", "0.5")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {weights}: config key 'optimizer.lr' = 0.5 differs from the checkpoint's "
+        f"{config['optimizer']['lr']}; a resumed run continues the saved optimizer and schedule, so keep it, or "
+        "start a new run")
     assert not (tmp_path / "runs" / "ok").exists()  # refused before a run folder was made
     # A truncated checkpoint.
     cut = tmp_path / "cut.pt"

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH, listed
 from model.metric import format_table
-from parse_config import ConfigError
+from parse_config import ConfigError, config_differences
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
@@ -56,6 +56,19 @@ def split_batch(batch, parts):
         return batch.chunk(parts)
     chunks = {k: split_batch(v, parts) for k, v in batch.items()}
     return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
+
+
+# Settings that a resumed run takes from the checkpoint's optimizer and scheduler state, whatever
+# its config says: changing them on resume would record values that were never used.
+RESTORED_SETTINGS = ("optimizer.lr", "scheduler.gamma", "teachers.learnable_lr")
+
+
+def check_resumable(saved_config, config, path):
+    """Refuse to resume ``path`` (whose config is ``saved_config``) under other RESTORED_SETTINGS."""
+    for key, saved, now in config_differences(saved_config, config):
+        if key in RESTORED_SETTINGS:
+            raise ConfigError(f"{path}: config key '{key}' = {now} differs from the checkpoint's {saved}; a resumed "
+                              "run continues the saved optimizer and schedule, so keep it, or start a new run")
 
 
 class Trainer:
