@@ -26,6 +26,7 @@ import torch
 
 TIE_BREAKS = ("optimistic", "pessimistic", "averaging")
 RECALL_KS = (1, 5, 10, 50)
+STATS = tuple(f"R{k}" for k in RECALL_KS) + ("MedR", "MeanR")  # each direction's statistics
 
 
 def _summarise(above: torch.Tensor, tied: torch.Tensor, tie_break: str,

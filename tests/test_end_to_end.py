@@ -8,6 +8,7 @@ import pytest
 import test as test_entry
 import train as train_entry
 from tests.conftest import assert_same_weights, sacred_scalars, toy_config, write_json_config
+from trainer.evaluate import flat_metrics, metric_names
 from utils.checkpoint import load_checkpoint
 
 
@@ -72,6 +73,9 @@ def test_test_py_reproduces_training_metrics_and_saves_similarities(trained, tmp
         assert record["metrics"][lang]["t2v"]["R1"] == sacred_scalars(run, f"val.t2v_{lang}_R1")[-1]
         assert set(record["metrics"][lang]) == {"t2v", "v2t"}
     assert set(record["metrics"]["mean"]["t2v"]) >= {"R1", "R5", "R10", "R50", "MedR", "MeanR"}
+    # The names trainer.monitor is checked against before training are those evaluation gives.
+    languages = [lang for lang in record["metrics"] if not lang.startswith("mean")]
+    assert sorted(flat_metrics(record["metrics"])) == sorted(metric_names(languages))
     matrix = np.load(sims / "de.npy")
     ids = json.loads((sims / "de.json").read_text())
     assert matrix.shape == (48, 48) and len(ids["query_ids"]) == 48 and ids["video_ids"][0] == ids["query_ids"][0]

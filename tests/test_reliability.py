@@ -198,6 +198,7 @@ def test_bad_data_files_are_refused_before_training(toy_assets, tmp_path, case):
     ({"eval.total_queries": 3}, "config key 'eval.total_queries' = 3 is smaller than the"),
     ({"model.pool_with_student_mask": True, "model.pool_mask_tokenizer": "LABSE"}, "training with it is not supported"),
     ({"data.train_path": "FOLDER"}, "a folder or safe-layout files, but config key 'data.layout' is 'multi-msrvtt'"),
+    ({"trainer.monitor": "t2v_mean_R2"}, "config key 'trainer.monitor' = 't2v_mean_R2' is not an evaluation metric"),
 ])
 def test_settings_that_cannot_train_are_refused_before_training(toy_assets, tmp_path, overrides, message):
     if overrides.get("data.train_path") == "FOLDER":

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK
-from model.metric import mean_over_languages, retrieval_metrics_from_embeddings
+from model.metric import STATS, mean_over_languages, retrieval_metrics_from_embeddings
 from utils.device import to_device
 from utils.distributed import gather_to_main, on_main, rank
 
@@ -93,6 +93,14 @@ def score_languages(texts, videos, items, has_caption, item_ids, multi_caption):
     return scores
 
 
+def _means(languages):
+    """The means over languages that a summary holds besides the languages: name -> languages left out."""
+    means = {"mean": ()}
+    if ENGLISH in languages and len(languages) > 1:
+        means[f"mean_no_{ENGLISH}"] = (ENGLISH,)
+    return means
+
+
 def metrics_from_scores(scores, tie_break, total_queries=None, device="cpu"):
     """Ranks computed in chunks on ``device`` from the embeddings: memory stays bounded for any size."""
     per_lang = {lang: retrieval_metrics_from_embeddings(s.queries.to(device), s.videos.to(device),
@@ -100,10 +108,15 @@ def metrics_from_scores(scores, tie_break, total_queries=None, device="cpu"):
                                                         total_queries=total_queries)
                 for lang, s in scores.items()}
     summary = dict(per_lang)
-    summary["mean"] = mean_over_languages(per_lang)
-    if ENGLISH in per_lang and len(per_lang) > 1:
-        summary[f"mean_no_{ENGLISH}"] = mean_over_languages(per_lang, exclude=(ENGLISH,))
+    for name, exclude in _means(per_lang).items():
+        summary[name] = mean_over_languages(per_lang, exclude=exclude)
     return summary
+
+
+def metric_names(languages):
+    """The keys ``flat_metrics`` gives for an evaluation of ``languages``."""
+    return [f"{direction}_{group}_{stat}" for group in [*languages, *_means(languages)]
+            for direction in ("t2v", "v2t") for stat in STATS]
 
 
 def flat_metrics(summary):

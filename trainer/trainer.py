@@ -18,7 +18,7 @@ from tqdm import tqdm
 from data_loader.corpus import ENGLISH, listed
 from model.metric import format_table
 from parse_config import ConfigError, config_differences
-from trainer.evaluate import evaluate, flat_metrics
+from trainer.evaluate import evaluate, flat_metrics, metric_names
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
 from utils.distributed import DistInfo, gather_to_main, on_main, world_size
@@ -81,6 +81,10 @@ class Trainer:
         self.log_scalar = log_scalar if self.dist.is_main and log_scalar else (lambda name, value, step: None)
         self.languages = train_loader.dataset.text_inputs[0].languages
         self.eval_languages = eval_loader.dataset.text_inputs[0].languages
+        monitor = config["trainer"]["monitor"]
+        if monitor != "off" and monitor not in metric_names(self.eval_languages):
+            raise ConfigError(f"config key 'trainer.monitor' = '{monitor}' is not an evaluation metric of this run; "
+                              f"expected 'off' or a name such as t2v_mean_R1, v2t_{self.eval_languages[0]}_MedR")
         trainer_cfg = config["trainer"]
         self.accumulation = trainer_cfg["accumulation_steps"]
         if train_loader.sampler.local_batch % self.accumulation:
@@ -312,9 +316,6 @@ class Trainer:
         return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device)
 
     def _improves(self, monitor, flat):
-        if monitor not in flat:
-            raise ConfigError(f"config key 'trainer.monitor' = '{monitor}' is not an evaluation metric; "
-                              f"for example {', '.join(list(flat)[:3])}")
         if self.best is None:
             return True
         lower_is_better = monitor.endswith(("MedR", "MeanR"))
