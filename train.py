@@ -11,7 +11,7 @@ place and a finished one is reused; a run of another config is an error (utils.e
 import sys
 from pathlib import Path
 
-from model.model import load_tokenizer, model_from_config
+from model.model import model_from_config
 from parse_config import ConfigError, build_parser, config_from_args, flatten_config, select_device
 from trainer.build import build_loaders, build_loss, load_corpora
 from trainer.evaluate import flat_metrics
@@ -71,9 +71,10 @@ def train_or_reuse(args, dist, device):
 def train(config, run, device, dist, resume=None):
     seed_everything(config["seed"])
     corpora = load_corpora(config)
-    tokenizer = load_tokenizer(config["model"]["text_encoder"])
+    # The student before the teachers: its initial weights then follow from the seed alone, so
+    # every stage starts from the same student at the same seed.
+    model, tokenizer = model_from_config(config, pretrained_text=resume is None)
     teachers = build_teachers(config, corpora["train"], device, tokenizer)
-    model, tokenizer = model_from_config(config, pretrained_text=resume is None, tokenizer=tokenizer)
     train_loader, eval_loader = build_loaders(config, corpora, tokenizer,
                                               extra_inputs=teachers.text_inputs if teachers else (),
                                               rank=dist.rank, world_size=dist.world_size)

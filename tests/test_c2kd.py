@@ -208,3 +208,21 @@ def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
     german.captions["de"][5] = ["eine andere Beschreibung"]
     assert key(data=frames) != base and key(data=english) != base
     assert key(data=german) == base
+
+
+def test_every_stage_starts_from_the_same_student_at_one_seed(setup, monkeypatch):
+    """Loading teachers draws random numbers (their modules are built before their weights are read):
+    the student is built first, so C2KD and translate-train start from the same weights."""
+    from trainer.trainer import Trainer
+    initial = {}
+
+    def record_initial_weights(trainer):
+        initial[trainer.config["stage"]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    monkeypatch.setattr(Trainer, "fit", record_initial_weights)
+    baseline = toy_config(setup["assets"], setup["tmp"], "translate-train", **{"trainer.epochs": 1})
+    for name, config in (("init_c2kd", setup["student"]), ("init_tt", baseline)):
+        assert train_entry.main(["-c", str(write_json_config(setup["tmp"], name, config)), "-d", "cpu"]) == 0
+    c2kd, translate_train = initial["c2kd"], initial["translate-train"]
+    assert c2kd.keys() == translate_train.keys()
+    assert all(torch.equal(c2kd[k], translate_train[k]) for k in c2kd)
