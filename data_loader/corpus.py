@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from data_loader.safe_pickle import DataFileError, load_pickle
+from utils.errors import first_line
 
 # The pivot language: the teachers read it, zero-shot training uses it alone, every stage needs it.
 ENGLISH = "en"
@@ -414,8 +415,7 @@ def _load_safe_arrays(files):
     except DataFileError:
         raise
     except Exception as e:  # safetensors and numpy raise several types for a damaged file
-        raise DataFileError(f"{name}: not a readable array file ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        raise DataFileError(f"{name}: not a readable array file ({type(e).__name__}: {first_line(e)})") from None
 
 
 def read_safe_raw(path):

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.checkpoint import load_weights
+from utils.errors import first_line
 
 
 class GatedProjection(nn.Module):
@@ -233,9 +234,8 @@ def load_backbone(name, pretrained=True):
             return AutoModel.from_pretrained(name)
         return AutoModel.from_config(AutoConfig.from_pretrained(name))
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"text encoder '{name}' could not be loaded (a hub id or a folder "
-                         f"written by save_pretrained is expected): {first_line}") from None
+                         f"written by save_pretrained is expected): {first_line(e)}") from None
 
 
 def load_tokenizer(name):
@@ -245,8 +245,7 @@ def load_tokenizer(name):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"tokenizer '{name}' could not be loaded: {first_line}") from None
+        raise ModelError(f"tokenizer '{name}' could not be loaded: {first_line(e)}") from None
 
 
 def build_model(model_cfg, feature_dim, pretrained_text=True):

@@ -22,6 +22,7 @@ from trainer.evaluate import evaluate, flat_metrics, metric_names
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
 from utils.distributed import DistInfo, gather_to_main, on_main, world_size
+from utils.errors import first_line
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -146,7 +147,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: does not fit this model and config "
-                                  f"({str(e).strip().splitlines()[0][:200]})") from None
+                                  f"({first_line(e)})") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = _saved_rng_states(state["rng"], self.device)

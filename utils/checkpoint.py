@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from utils.errors import first_line
 from utils.files import atomic_write
 
 FORMAT = "c2kd-retrieval"
@@ -40,8 +41,7 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (a reference checkpoint "
                               "must first go through utils.convert_checkpoint)")
@@ -71,5 +71,5 @@ def load_weights(model, state, path):
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model its config describes "
-                              f"({str(e).strip().splitlines()[0][:200]})") from None
+                              f"({first_line(e)})") from None
     return model

@@ -25,7 +25,7 @@ import torch
 from model.model import build_model
 from parse_config import LABSE, resolve
 from utils.checkpoint import FORMAT, save_checkpoint
-from utils.errors import run_command, user_errors
+from utils.errors import first_line, run_command, user_errors
 
 # The reference's fusion transformer always has 4 heads (§2.1); weights cannot tell.
 REFERENCE_HEADS = 4
@@ -108,8 +108,7 @@ def read_reference(path):
         raise ConvertError(f"{path}: {e}; a reference checkpoint holds only tensors, plain containers "
                            "and its config, so nothing from this file was run") from None
     except Exception as e:  # truncated or foreign files raise many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{path}: not a readable torch checkpoint ({first[:200]})") from None
+        raise ConvertError(f"{path}: not a readable torch checkpoint ({first_line(e)})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         raise ConvertError(f"{path}: already a checkpoint of this project; no conversion needed")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

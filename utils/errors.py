@@ -3,6 +3,13 @@ import sys
 import warnings
 
 
+def first_line(error, limit=200):
+    """The first line of an exception's message (its type when empty), cut at ``limit`` characters:
+    the detail a one-line error can quote from a library's exception."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
 def user_errors():
     """The project's error types whose message tells the user what to change. Imported on use, so
     that the data tools, which need only their own, start without torch."""

@@ -26,6 +26,7 @@ from data_loader.dataset import TokenTable
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
+from utils.errors import first_line
 
 INDEX_FORMAT = "c2kd-video-index"
 
@@ -77,7 +78,7 @@ class VideoIndex:
                 embeddings = f.get_tensor("embeddings").clone() if ours else None
             ids = json.loads(meta["ids"]) if ours else None
         except (SafetensorError, OSError, KeyError, ValueError) as e:
-            raise InferenceError(f"{path}: not a readable video index ({_first_line(e)})") from None
+            raise InferenceError(f"{path}: not a readable video index ({first_line(e)})") from None
         if not ours:
             raise InferenceError(f"{path}: not a video index written by VideoIndex.save")
         return cls(ids, embeddings)
@@ -233,8 +234,3 @@ def results_html(query, hits, corpus, checkpoint=""):
                     f"</div></td><td>{esc(video_id)}</td><td>{cell}</td></tr>")
     return _PAGE.format(title=esc(f"Search: {query}"), query=esc(query), checkpoint=esc(str(checkpoint)),
                         n=len(corpus), data=esc(str(corpus.path)), lang=esc(str(first)), rows="\n".join(rows))
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
