@@ -30,6 +30,8 @@ class TextInput:
     clean_english: bool = False
 
 
+# Batch key of the student's tokens (batch["text"][STUDENT][lang]).
+STUDENT = "student"
 # Batch key of the tokens whose attention mask a converted reference teacher pools with (§2.3).
 POOL_MASK = "pool_mask"
 

@@ -114,13 +114,13 @@ def _mean_over_kept(values, keep):
 
 class RetrievalLoss(nn.Module):
     def __init__(self, stage, temperature, balance=0.5, distill_temp=0.1, teacher_pool="max",
-                 teachtext=False, num_teachers=0, english=ENGLISH):
+                 teachtext=False, num_teachers=0):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage '{stage}' is not one of {', '.join(STAGES)}")
         if teacher_pool not in TEACHER_POOLS:
             raise ValueError(f"loss.teacher_pool '{teacher_pool}' is not one of {', '.join(TEACHER_POOLS)}")
-        self.stage, self.temperature, self.english = stage, temperature, english
+        self.stage, self.temperature = stage, temperature
         self.balance, self.distill_temp, self.teacher_pool = balance, distill_temp, teacher_pool
         self.distance = distill_smooth_l1 if teachtext else distill_kl
         if stage == "c2kd" and teacher_pool == "learnable":
@@ -144,7 +144,7 @@ class RetrievalLoss(nn.Module):
         return [(weights[i], t) for i, t in enumerate(teacher_sims)]
 
     def forward(self, text, video, teacher_sims=None, rows=None):
-        """``text``: lang -> [B, P] embeddings (the English one under ``self.english``);
+        """``text``: lang -> [B, P] embeddings (the English one under ``ENGLISH``);
         ``video``: [B, P]; ``teacher_sims``: list of [B, B] teacher matrices (c2kd only);
         ``rows``: lang -> [B] bool, the items that have a caption in that language; "main": those
         with an English caption and a non-empty video (the first English term); "teacher": those
@@ -163,7 +163,6 @@ class RetrievalLoss(nn.Module):
                 keys = list(rows)
                 rows = dict(zip(keys, gather(torch.stack([rows[k] for k in keys], dim=1)).unbind(1)))
         terms = {}
-        en = self.english
         sims = {lang: cosine_sim(emb, video) for lang, emb in text.items()}  # float32 (see similarity)
         if teacher_sims:
             teacher_sims = [_at_least_float32(t) for t in teacher_sims]
@@ -172,14 +171,14 @@ class RetrievalLoss(nn.Module):
         # this batch (e.g. a RUDDER batch without some language) gives a term of 0, not NaN.
         rows = {k: v.to(video.device, non_blocking=True) for k, v in (rows or {}).items()}
 
-        main = info_nce(sims[en], self.temperature, rows.get("main"))
+        main = info_nce(sims[ENGLISH], self.temperature, rows.get("main"))
         terms["nce_main"] = main
         if self.stage == "zero-shot":
             return main, _detached(terms)
         if self.stage == "translate-train":
             loss = main
             for lang, s in sims.items():
-                if lang != en:
+                if lang != ENGLISH:
                     terms[f"nce_{lang}"] = info_nce(s, self.temperature, rows.get(lang))
                     loss = loss + terms[f"nce_{lang}"]
             return loss, _detached(terms)

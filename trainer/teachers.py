@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import TextInput, TokenTable
+from data_loader.dataset import STUDENT, TextInput, TokenTable
 from model.loss import cosine_sim, similarity
 from model.model import model_from_checkpoint
 from parse_config import ConfigError
@@ -154,7 +154,7 @@ class Teachers:
         if self.mode == "online":
             sims = []
             for i, t in enumerate(self.teachers):
-                pool = batch["text"]["student"][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
+                pool = batch["text"][STUDENT][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
                 text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
                 video = t.model.encode_video(batch["video"], batch["video_mask"])
                 sims.append(cosine_sim(gather(text), gather(video)))

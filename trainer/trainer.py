@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH, listed
+from data_loader.dataset import STUDENT
 from model.metric import format_table
 from parse_config import ConfigError, config_differences
 from trainer.evaluate import evaluate, flat_metrics, metric_names
@@ -176,7 +177,7 @@ class Trainer:
 
     # ---- one optimizer step ------------------------------------------------------------------
     def _inputs(self, batch):
-        return batch["video"], batch["video_mask"], {lang: batch["text"]["student"][lang] for lang in self.languages}
+        return batch["video"], batch["video_mask"], {lang: batch["text"][STUDENT][lang] for lang in self.languages}
 
     def _rows(self, batch):
         """Row masks of the loss (see RetrievalLoss.forward), computed on the CPU batch. A mask that

@@ -139,7 +139,7 @@ def _epoch(loader):
 def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_video_tokens=30):
     """Items per second of the project's loader against the reference-style loader."""
     from data_loader.corpus import read_corpus
-    from data_loader.dataset import RetrievalDataset, TextInput
+    from data_loader.dataset import STUDENT, RetrievalDataset, TextInput
     from data_loader.loaders import EpochSampler, make_loader
     from model.model import load_tokenizer
 
@@ -149,7 +149,7 @@ def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_v
     student = load_tokenizer(str(assets["encoders"]["labse-tiny"]))
     teachers = {s: load_tokenizer(str(assets["encoders"][name])) for s, name in zip(TEACHER_SUFFIXES, TEACHER_ENCODERS)}
     # The c2kd setup with online teachers: the student reads every language, each teacher English.
-    inputs = [TextInput("student", student, corpus.languages),
+    inputs = [TextInput(STUDENT, student, corpus.languages),
               *(TextInput(f"teacher{i}", tok, [ENGLISH], clean_english=True) for i, tok in enumerate(teachers.values()))]
 
     def sampler():
@@ -223,6 +223,7 @@ def _toy_c2kd_flat(assets, folder):
 
 def bench_c2kd_step(assets, device, steps=20, warmup=2):
     """Trainer.training_step with cached against online teachers: same batch, same initial model."""
+    from data_loader.dataset import STUDENT
     from model.model import load_tokenizer, model_from_config, used_length
     from parse_config import resolve
     from trainer.build import build_loaders, build_loss, load_corpora
@@ -300,7 +301,7 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         cfg = configs["cached"]
         # Text lengths the steps run at: the student's over all languages, each teacher's English.
         lengths = {"max_words": cfg["data"]["max_words_train"],
-                   "student": used_length(*(t["attention_mask"] for t in batch["text"]["student"].values())),
+                   "student": used_length(*(t["attention_mask"] for t in batch["text"][STUDENT].values())),
                    "teachers": [used_length(batch["text"][Teachers.input_name(i)][ENGLISH]["attention_mask"])
                                 for i in range(len(teachers["online"]))]}
         flops = c2kd_step_flops(model, [t.model for t in teachers["online"].teachers], cfg["data"]["batch_size"],
