@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_loader.corpus import MISSING_CAPTION_FALLBACKS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
+from model.metric import TIE_BREAKS
 
 NULLABLE = object()  # marker: the key also accepts null
 LABSE = "sentence-transformers/LaBSE"  # the paper's student, whose tokenizer converted teachers pool with
@@ -38,7 +39,7 @@ SCHEMA = {
                            "training and evaluation: the reference's teachers read English so (§1.3), its students "
                            "read the raw caption; a teacher is distilled from with the setting it was trained with"),
     "data.batch_size": (64, int, None, "training batch size"),
-    "data.eval_batch_size": (64, int, None, "evaluation batch size (does not change results)"),
+    "data.eval_batch_size": (64, int, None, "evaluation batch size (changes embeddings by float32 rounding only)"),
     "data.allow_duplicate_ids": (False, bool, None,
                                  "accept items sharing an id (evaluation averages them, as the reference did)"),
     "data.num_workers": (0, int, None, "DataLoader worker processes"),
@@ -81,7 +82,7 @@ SCHEMA = {
     "trainer.compile": (False, bool, None, "wrap the model in torch.compile"),
     "trainer.max_skipped_steps": (50, int, None, "fp16: stop after the scaler skipped this many steps"),
     "trainer.max_steps_per_epoch": (None, (int, NULLABLE), None, "cap on steps per epoch (smoke runs)"),
-    "eval.tie_break": ("averaging", str, ("averaging", "optimistic", "pessimistic"),
+    "eval.tie_break": ("averaging", str, TIE_BREAKS,
                        "ground truth tied with others: averaging = expected rank and R@K under a random "
                        "order of the tied items; the reference is optimistic"),
     "eval.total_queries": (None, (int, NULLABLE), None, "R@K denominator when the file lacks some queries"),
@@ -127,13 +128,13 @@ def _check_value(key, value):
     return value
 
 
-def _flatten(tree, prefix=""):
+def flatten_config(tree, prefix=""):
     """{"data": {"batch_size": 8}} -> {"data.batch_size": 8}, descending only into schema sections."""
     flat = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in SCHEMA):
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten_config(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat
@@ -173,7 +174,7 @@ def load_flat(path, _seen=()):
     data = read_json(path)
     parent = data.pop("extends", None)
     flat = load_flat(path.parent / parent, _seen + (path,)) if parent else {}
-    own = _flatten(data)
+    own = flatten_config(data)
     for key in own:
         if key not in SCHEMA:
             raise ConfigError(f"{path}: unknown config key '{key}'")
@@ -206,6 +207,14 @@ def _check_combinations(flat):
     for key in POSITIVE_KEYS:
         if flat[key] < 1:
             raise ConfigError(f"config key '{key}' = {flat[key]} must be at least 1")
+    if flat["trainer.max_steps_per_epoch"] is not None and flat["trainer.max_steps_per_epoch"] < 1:
+        raise ConfigError(f"config key 'trainer.max_steps_per_epoch' = {flat['trainer.max_steps_per_epoch']} must be "
+                          "at least 1, or null for whole epochs")
+    if not 0 <= flat["seed"] < 2**32:  # numpy's seed range
+        raise ConfigError(f"config key 'seed' = {flat['seed']} must be between 0 and 2**32 - 1")
+    if flat["model.width"] % flat["model.heads"]:
+        raise ConfigError(f"config key 'model.heads' = {flat['model.heads']} must divide 'model.width' = "
+                          f"{flat['model.width']}")
     if flat["languages"] == []:
         raise ConfigError("config key 'languages' is an empty list; list the caption languages, or null for all")
     if flat["trainer.compile"] and flat["trainer.accumulation_steps"] > 1:
@@ -302,14 +311,10 @@ def config_from_args(args, base_flat=None):
     return resolve(flat, name=name)
 
 
-def flatten_config(config):
-    return _flatten(config)
-
-
 def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
     """``[(key, value in a, value in b)]`` for every key outside ``ignore`` where two configs (nested
     or flattened) differ; a key that one of them lacks counts at its default."""
-    a, b = _flatten(a), _flatten(b)
+    a, b = flatten_config(a), flatten_config(b)
     differences = []
     for key in sorted(set(a) | set(b)):
         if key in ignore:
@@ -335,6 +340,9 @@ def select_device(arg):
                           "such as 0,1") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"-d {arg}: CUDA is not available on this machine; use -d cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"-d {arg}: this machine has {torch.cuda.device_count()} visible GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
