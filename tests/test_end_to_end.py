@@ -112,3 +112,17 @@ def test_wrong_feature_dim_and_missing_language_are_one_line_errors(trained, cap
     code = train_entry.main(["-c", str(trained["config"]), "--set", 'languages=["en","ja"]'])
     assert code == 2
     assert "no captions for language(s) ja" in capsys.readouterr().err
+
+
+def test_training_needs_english_but_evaluation_ranks_any_languages(trained, tmp_path, capsys):
+    code = train_entry.main(["-c", str(trained["config"]), "--set", 'languages=["de","fr"]'])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == ("error: config key 'languages' must include 'en', the pivot language "
+                                               "of every stage (it lists de, fr)")
+    out = tmp_path / "eval"
+    code = test_entry.main(["-r", str(trained["full"] / "latest.pt"), "--set", 'languages=["de","fr"]',
+                            "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert sorted(metrics) == ["de", "fr", "mean"]
+    assert metrics["mean"]["t2v"]["R1"] == pytest.approx((metrics["de"]["t2v"]["R1"] + metrics["fr"]["t2v"]["R1"]) / 2)

@@ -1,7 +1,8 @@
 """Wiring shared by train.py and test.py: config -> data -> model -> loss."""
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, TextInput
+from data_loader.dataset import POOL_MASK, STUDENT, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
+from data_loader.safe_pickle import DataFileError
 from model.loss import RetrievalLoss
 from model.model import load_tokenizer
 from parse_config import ConfigError
@@ -9,10 +10,15 @@ from parse_config import ConfigError
 
 def load_corpora(config, splits=("train", "eval")):
     corpora = {split: load_split(config, split) for split in splits}
-    for split, corpus in corpora.items():
-        if ENGLISH not in corpus.languages:
+    # Training needs the pivot language (every stage's main loss, the teachers' input); evaluation
+    # ranks whichever languages its file has.
+    train = corpora.get("train")
+    if train is not None and ENGLISH not in train.languages:
+        if config["languages"]:
             raise ConfigError(f"config key 'languages' must include '{ENGLISH}', the pivot language of every "
-                              f"stage (the {split} file has {', '.join(corpus.languages)})")
+                              f"stage (it lists {', '.join(config['languages'])})")
+        raise DataFileError(f"{config['data']['train_path']}: no '{ENGLISH}' captions, the pivot language of every "
+                            f"stage (the file has {', '.join(train.languages)})")
     return corpora
 
 
@@ -30,11 +36,11 @@ def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_siz
         raise ConfigError("config key 'model.pool_with_student_mask' is for evaluating and distilling from "
                           "converted reference teachers; training with it is not supported (set it to false)")
     if "train" in corpora:
-        inputs = [TextInput("student", tokenizer, student_languages(config, corpora["train"]), clean_english),
+        inputs = [TextInput(STUDENT, tokenizer, student_languages(config, corpora["train"]), clean_english),
                   *extra_inputs]
         train = train_loader(corpora["train"], inputs, config, rank, world_size)
     languages = corpora["eval"].languages
-    inputs = [TextInput("student", tokenizer, languages, clean_english)]
+    inputs = [TextInput(STUDENT, tokenizer, languages, clean_english)]
     if config["model"]["pool_with_student_mask"]:
         inputs.append(TextInput(POOL_MASK, load_tokenizer(config["model"]["pool_mask_tokenizer"]), languages))
     evaluation = eval_loader(corpora["eval"], inputs, config, rank, world_size)
@@ -45,4 +51,4 @@ def build_loss(config, num_teachers=0):
     loss = config["loss"]
     return RetrievalLoss(config["stage"], loss["temperature"], balance=loss["balance"],
                          distill_temp=loss["distill_temp"], teacher_pool=loss["teacher_pool"],
-                         teachtext=loss["teachtext"], num_teachers=num_teachers, english=ENGLISH)
+                         teachtext=loss["teachtext"], num_teachers=num_teachers)
