@@ -207,3 +207,26 @@ def test_a_cache_one_rank_cannot_read_stops_every_rank(toy_assets, tmp_path):
     for r in range(2):
         raised = torch.load(f"{out}.{r}")["raised"]
         assert raised is not None and "could not be read back on rank(s) 1" in raised
+
+
+def test_a_rank_beyond_a_small_evaluation_set_embeds_nothing(toy_assets, tmp_path):
+    """With more processes than evaluation items, some ranks' slices are empty: they contribute
+    nothing, and the ranks that have items give the whole set."""
+    from trainer.evaluate import _concat, embed_eval_set
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{"data.eval_batch_size": 1})
+    corpora = load_corpora(config)
+    model, tokenizer = model_from_config(config)
+    languages = corpora["eval"].languages
+
+    def part(rank, world_size):
+        _, loader = build_loaders(config, {"eval": corpora["eval"]}, tokenizer, rank=rank, world_size=world_size)
+        return embed_eval_set(model, loader, languages, torch.device("cpu"))
+
+    pairs = sum(len(c) for c in corpora["eval"].captions["en"])
+    assert part(pairs, pairs + 2) is None
+    whole = _concat([part(0, 1)])
+    joined = _concat([part(0, 2), None, part(1, 2)])
+    order = torch.argsort(joined[2])  # the ranks take alternate items
+    assert torch.equal(joined[2][order], whole[2])
+    torch.testing.assert_close(joined[1][order], whole[1])
+    torch.testing.assert_close(joined[0]["de"][order], whole[0]["de"])

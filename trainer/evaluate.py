@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK
+from data_loader.dataset import POOL_MASK, STUDENT
 from model.metric import STATS, mean_over_languages, retrieval_metrics_from_embeddings
 from utils.device import to_device
 from utils.distributed import gather_to_main, on_main, rank
@@ -34,9 +34,10 @@ class LanguageScores:
 
 
 @torch.no_grad()
-def embed_eval_set(model, loader, languages, device, text_key="student"):
+def embed_eval_set(model, loader, languages, device):
     """Text embeddings per language, video embeddings, item positions and caption flags of this
-    process's slice of the evaluation set, all on the CPU in fp32."""
+    process's slice of the evaluation set, all on the CPU in fp32; None for an empty slice (a rank
+    beyond the items of a small evaluation set)."""
     model.eval()
     texts = {lang: [] for lang in languages}
     has = {lang: [] for lang in languages}
@@ -48,17 +49,20 @@ def embed_eval_set(model, loader, languages, device, text_key="student"):
             pool = batch["text"].get(POOL_MASK)
             for lang in languages:
                 pool_mask = pool[lang]["attention_mask"] if pool is not None else None
-                texts[lang].append(model.encode_text(batch["text"][text_key][lang],
+                texts[lang].append(model.encode_text(batch["text"][STUDENT][lang],
                                                      pool_mask=pool_mask).float().cpu())
         for lang in languages:
             has[lang].append(batch["has_caption"][lang].cpu())
         items.append(batch["index"].cpu())
+    if not items:
+        return None
     return ({lang: torch.cat(v) for lang, v in texts.items()}, torch.cat(videos), torch.cat(items),
             {lang: torch.cat(v) for lang, v in has.items()})
 
 
 def _concat(parts):
     """The per-rank outputs of ``embed_eval_set`` joined into those of the whole evaluation set."""
+    parts = [p for p in parts if p is not None]
     if len(parts) == 1:
         return parts[0]
     languages = parts[0][0]
