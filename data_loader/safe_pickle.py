@@ -33,7 +33,8 @@ class UnsafePickleError(pickle.UnpicklingError):
     """A pickle names a global outside the allow-list."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class DataUnpickler(pickle.Unpickler):
+    """Plain containers, strings, numbers and numpy arrays: what the released data pickles hold."""
     def find_class(self, module, name):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
@@ -51,7 +52,7 @@ def load_pickle(path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return RestrictedUnpickler(f).load()
+            return DataUnpickler(f).load()
     except FileNotFoundError:
         raise DataFileError(f"{path}: file not found") from None
     except UnsafePickleError as e:

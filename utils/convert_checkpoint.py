@@ -72,7 +72,9 @@ class RefusedGlobal(pickle.UnpicklingError):
     pass
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class ReferenceCheckpointUnpickler(pickle.Unpickler):
+    """Tensors and plain containers; the reference's config objects become inert placeholders;
+    every other global is refused (data files have their own, stricter unpickler: safe_pickle)."""
     _placeholders = {}
 
     def find_class(self, module, name):
@@ -87,11 +89,11 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
+    return ReferenceCheckpointUnpickler(file, **kwargs).load()
 
 
 # What torch.load needs of a pickle module (the zip format uses Unpickler, the legacy one load).
-restricted_pickle = types.SimpleNamespace(__name__="restricted_pickle", Unpickler=RestrictedUnpickler,
+restricted_pickle = types.SimpleNamespace(__name__="restricted_pickle", Unpickler=ReferenceCheckpointUnpickler,
                                           load=_restricted_load)
 
 
