@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 toy: setup
 	$(PY) -m utils.tiny_encoders --root cache
 
-demo: toy
+demo: setup  # scripts/demo.sh builds (or reuses) the toy data and encoders
 	bash scripts/demo.sh
 
 test: setup
