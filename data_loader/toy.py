@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_loader.safe_pickle import DataFileError
 from utils.files import atomic_write
 
 VERSION = 1
@@ -303,6 +304,9 @@ def _test_item(vid, rng, vecs, dim, seen):
         described = tuple(events[start:start + 2])
         if described not in seen:
             break
+    else:
+        raise DataFileError(f"test video {vid}: no new events in 100 draws; the toy lexicon cannot give this many "
+                            "test videos distinct descriptions (lower n_test)")
     seen.add(described)
     template = int(rng.integers(N_TEMPLATES))
     item = {"id": vid, "2d": feats}

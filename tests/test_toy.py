@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from data_loader import toy
-from data_loader.safe_pickle import load_pickle
+from data_loader.safe_pickle import DataFileError, load_pickle
 from utils import tiny_encoders
 
 LANGS = ("en", "de", "fr", "cs", "zh", "ru", "vi", "sw", "es")
@@ -111,6 +111,16 @@ def test_test_layout_and_captions_identify_videos(small):
     assert len({item["eval_caption_en"] for item in test}) == len(test)
     ids = [item["id"] for item in train + test]
     assert len(set(ids)) == len(ids)
+
+
+def test_a_test_video_without_new_events_is_an_error():
+    class EverythingSeen(set):
+        def __contains__(self, described):
+            return True
+
+    vecs = toy._concept_vectors(0, 16)
+    with pytest.raises(DataFileError, match="test video v: no new events in 100 draws"):
+        toy._test_item("v", np.random.default_rng(0), vecs, 16, EverythingSeen())
 
 
 def test_translation_error_rates(small):
