@@ -22,7 +22,7 @@ from parse_config import ConfigError, config_differences
 from trainer.evaluate import evaluate, flat_metrics, metric_names
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
-from utils.distributed import DistInfo, gather_to_main, on_main, world_size
+from utils.distributed import DistInfo, gather_to_main, on_main
 from utils.errors import first_line
 
 
@@ -272,7 +272,7 @@ class Trainer:
     # ---- epochs ------------------------------------------------------------------------------
     def _stop_requested(self):
         signum = self._signal or 0
-        if world_size() == 1:
+        if self.dist.world_size == 1:
             return signum
         flag = torch.tensor([signum], device=self.device)  # every rank stops at the same step
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
