@@ -15,6 +15,7 @@ from pathlib import Path
 from data_loader.corpus import MISSING_CAPTION_FALLBACKS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
+from model.model import DEFAULT_BUCKET_ROWS
 
 NULLABLE = object()  # marker: the key also accepts null
 LABSE = "sentence-transformers/LaBSE"  # the paper's student, whose tokenizer converted teachers pool with
@@ -54,6 +55,10 @@ SCHEMA = {
     "model.heads": (4, int, None, "attention heads per block"),
     "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
     "model.pool_with_student_mask": (False, bool, None, "teacher pools text with the student's mask (§2.3)"),
+    "model.length_bucket_rows": (DEFAULT_BUCKET_ROWS, (int, NULLABLE), None,
+                                 "text rows per length bucket: a text batch is sorted by caption length and run "
+                                 "in buckets of about this many rows, each cut to its longest caption (outputs "
+                                 "change by float rounding only); null runs a batch as one bucket"),
     "model.pool_mask_tokenizer": (LABSE, str, None,
                                   "with pool_with_student_mask, outside C2KD training: the tokenizer whose mask "
                                   "pools the text states (the reference student's; in C2KD the student's own)"),
@@ -210,6 +215,9 @@ def _check_combinations(flat):
     if flat["trainer.max_steps_per_epoch"] is not None and flat["trainer.max_steps_per_epoch"] < 1:
         raise ConfigError(f"config key 'trainer.max_steps_per_epoch' = {flat['trainer.max_steps_per_epoch']} must be "
                           "at least 1, or null for whole epochs")
+    if flat["model.length_bucket_rows"] is not None and flat["model.length_bucket_rows"] < 1:
+        raise ConfigError(f"config key 'model.length_bucket_rows' = {flat['model.length_bucket_rows']} must be at "
+                          "least 1, or null for one bucket")
     if not 0 <= flat["seed"] < 2**32:  # numpy's seed range
         raise ConfigError(f"config key 'seed' = {flat['seed']} must be between 0 and 2**32 - 1")
     if flat["model.width"] % flat["model.heads"]:

@@ -96,16 +96,23 @@ class VideoEncoder(nn.Module):
         return self.proj(x[:, 0])
 
 
+# Rows per length bucket of a text batch (see TextEncoder.forward). On 2 CPU cores a Multi-Toy
+# student batch (9 languages x 64 captions) trains fastest in buckets of 96 to 144 rows (utils.benchmark).
+DEFAULT_BUCKET_ROWS = 128
+
+
 class TextEncoder(nn.Module):
     """A Hugging Face encoder, mean-pooled over the attention mask, then LayerNorm and a gated
     projection (§2.3)."""
 
-    def __init__(self, backbone, projection_dim=512):
+    def __init__(self, backbone, projection_dim=512, bucket_rows=None):
         super().__init__()
         self.backbone = backbone
-        # Run only the columns up to the batch's last real token (see forward). Set to False,
-        # every column up to max_words runs, as in the reference; the benchmark times both.
+        # Run only the columns up to the last real token (see forward). Set to False, every column
+        # up to max_words runs, as in the reference; the benchmark times both.
         self.cut_padding = True
+        # Rows per length bucket (config key model.length_bucket_rows; None: one bucket).
+        self.bucket_rows = bucket_rows
         # Mean pooling replaces the encoder's pooler head (if it has one): freeze it so that
         # no parameter is left without a gradient (which DistributedDataParallel cannot reduce).
         if getattr(backbone, "pooler", None) is not None:
@@ -118,26 +125,55 @@ class TextEncoder(nn.Module):
         """``pool_mask`` replaces the attention mask for pooling only: converted reference teachers
         pooled with the student tokenizer's mask (§2.3, quirk kept for their checkpoints).
 
-        Columns after the last one that holds a token of any row are cut before the backbone runs:
-        they are masked out of attention and of pooling, so they change no output (beyond float
-        rounding), and a batch padded to max_words costs what its longest caption costs. A column
-        that the pooling mask uses counts as holding a token. On a GPU, reading the length is one
-        device sync per call."""
-        if self.cut_padding:
-            length = used_length(attention_mask, pool_mask)
-            input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
-            pool_mask = pool_mask[:, :length] if pool_mask is not None else None
+        Columns after a row's last real token are masked out of attention and of pooling, so they
+        change no output (beyond float rounding); they are cut before the backbone runs. The rows
+        are sorted by length and run in buckets of about ``bucket_rows`` rows, each cut to its
+        longest row, so a batch of short and long captions (nine languages of one batch) costs
+        about what its captions cost, not rows x the longest caption. A column that the pooling
+        mask uses counts as holding a token. On a GPU, reading the lengths is one device sync."""
+        if not self.cut_padding:
+            return self._encode(input_ids, attention_mask, pool_mask)
+        buckets = length_buckets(row_lengths(attention_mask, pool_mask), self.bucket_rows)
+        if len(buckets) == 1:
+            n = buckets[0][1]
+            return self._encode(input_ids[:, :n], attention_mask[:, :n], _cut(pool_mask, slice(None), n))
+        out = torch.cat([self._encode(input_ids[rows, :n], attention_mask[rows, :n], _cut(pool_mask, rows, n))
+                         for rows, n in buckets])
+        return out[torch.argsort(torch.cat([rows for rows, _ in buckets]))]  # back to the input's row order
+
+    def _encode(self, input_ids, attention_mask, pool_mask):
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         weights = (attention_mask if pool_mask is None else pool_mask).unsqueeze(-1).to(states.dtype)
         pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.proj(self.norm(pooled))
 
 
+def _cut(mask, rows, length):
+    return None if mask is None else mask[rows, :length]
+
+
+def row_lengths(*masks):
+    """Per row, 1 + the last column set in any of the masks (None: skipped); 0 for an empty row."""
+    used = torch.stack([m.bool() for m in masks if m is not None]).any(dim=0)
+    columns = torch.arange(1, used.shape[1] + 1, device=used.device)
+    return (used * columns).amax(dim=1)
+
+
+def length_buckets(lengths, bucket_rows):
+    """[(rows, columns)]: the row indices of ``lengths`` sorted by length and cut into buckets of
+    about ``bucket_rows`` rows (None: one bucket, whose rows are None for all), each with the
+    columns its longest row needs (at least 1). Reading the lengths is one device sync."""
+    buckets = -(-len(lengths) // bucket_rows) if bucket_rows else 1
+    if buckets <= 1:
+        return [(None, max(int(lengths.max()), 1) if len(lengths) else 1)]
+    rows = torch.argsort(lengths, stable=True).tensor_split(buckets)
+    longest = lengths[torch.stack([r[-1] for r in rows])].clamp(min=1).tolist()
+    return list(zip(rows, longest))
+
+
 def used_length(*masks):
     """1 + the last column in which any row of any mask (None: skipped) is set; at least 1."""
-    used = torch.stack([m.bool().any(dim=0) for m in masks if m is not None]).any(dim=0)
-    columns = used.nonzero()
-    return int(columns[-1]) + 1 if len(columns) else 1
+    return max(int(row_lengths(*masks).max()), 1)
 
 
 class RetrievalModel(nn.Module):
@@ -252,7 +288,9 @@ def build_model(model_cfg, feature_dim, pretrained_text=True):
     """Build from the ``model`` section of a config. With ``pretrained_text=False`` the text encoder
     is built from its configuration only, for weights that a checkpoint will provide."""
     backbone = load_backbone(model_cfg["text_encoder"], pretrained=pretrained_text)
-    text = TextEncoder(backbone, projection_dim=model_cfg["projection_dim"])
+    # Checkpoints written before model.length_bucket_rows existed take its default.
+    text = TextEncoder(backbone, projection_dim=model_cfg["projection_dim"],
+                       bucket_rows=model_cfg.get("length_bucket_rows", DEFAULT_BUCKET_ROWS))
     video = VideoEncoder(feature_dim, width=model_cfg["width"], projection_dim=model_cfg["projection_dim"],
                          depth=model_cfg["depth"], heads=model_cfg["heads"], mlp_ratio=model_cfg["mlp_ratio"])
     return RetrievalModel(text, video)

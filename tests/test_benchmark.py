@@ -53,6 +53,12 @@ def test_c2kd_step_flops_counts_teachers_only_online():
     cached = benchmark.c2kd_step_flops(student, teachers, b, langs, seq, frames, online=False)
     assert online == {"student": 3 * student_fwd, "teachers": teacher_fwd, "total": 3 * student_fwd + teacher_fwd}
     assert cached == {"student": 3 * student_fwd, "teachers": 0.0, "total": 3 * student_fwd}
+    # Length buckets: each bucket's rows at its own columns.
+    buckets = [(20, 4), (16, seq)]
+    bucketed = benchmark.c2kd_step_flops(student, teachers, b, langs, seq, frames, online=False, student_buckets=buckets)
+    text_fwd = benchmark.text_forward_flops(student.text, 20, 4) + benchmark.text_forward_flops(student.text, 16, seq)
+    assert bucketed["student"] == 3 * (text_fwd + benchmark.video_forward_flops(student.video, b, frames))
+    assert bucketed["student"] < cached["student"]
 
 
 def benchmark_model(backbone):
@@ -125,9 +131,17 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     cut = step["cuts_text_padding"]
     assert cut.pop("reference") == [False] * 4 and cut.pop("cached_full_padding") == [False]
     assert all(all(flags) for flags in cut.values()) and len(cut["online"]) == 4
-    assert step["reference_step_s"] > 0 and step["full_padding_over_cut"] > 0
+    assert step["reference_step_s"] > 0 and step["full_padding_over_cut"] > 0 and step["one_bucket_over_buckets"] > 0
+    # The student's captions run in length buckets, but for the one-batch and the reference-style steps.
+    rows = step["student_bucket_rows"]
+    assert rows == 128 and step["student_buckets_rows"] == {
+        "cached": rows, "cached_no_dropout": rows, "cached_one_bucket": None, "cached_full_padding": None,
+        "online": rows, "online_no_dropout": rows, "online_reference": rows, "reference": None}
     lengths = step["text_lengths"]
-    assert 0 < lengths["student"] <= lengths["max_words"] and len(lengths["teachers"]) == 3
+    buckets = lengths["student_buckets"]
+    assert sum(r for r, _ in buckets) == step["batch_size"] * len(step["languages"]) and len(buckets) > 1
+    assert [c for _, c in buckets] == sorted(c for _, c in buckets) and buckets[-1][1] == lengths["student_one_bucket"]
+    assert 0 < lengths["student_one_bucket"] <= lengths["max_words"] and len(lengths["teachers"]) == 3
     flops = step["model_flops"]
     assert flops["student"] > flops["teachers"] > 0
     assert flops["online_over_cached_bound"] == pytest.approx(1 + flops["teachers"] / flops["student"])

@@ -84,7 +84,7 @@ def _worker(rank, world_size, init_file, flat_config, out, task="step"):
         dist.destroy_process_group()
 
 
-def assert_same(single, parts):
+def assert_same(single, parts, tolerance=1e-5):
     for result in parts:
         assert result["loss"] == pytest.approx(single["loss"], abs=1e-5)
         assert set(result["grads"]) == set(single["grads"])
@@ -92,7 +92,7 @@ def assert_same(single, parts):
             # Within 1e-5 of the tensor's scale: splitting a batch changes matmul shapes and so the
             # float32 rounding, which an element-wise tolerance flags on elements near zero.
             diff = (result["grads"][name] - grad).abs().max().item()
-            assert diff <= 1e-5 * max(1.0, grad.abs().max().item()), (name, diff, grad.abs().max().item())
+            assert diff <= tolerance * max(1.0, grad.abs().max().item()), (name, diff, grad.abs().max().item())
 
 
 @pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
@@ -125,7 +125,9 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(toy_assets, tmp_path):
     counters.clear()
     compiled = one_step(toy_config(toy_assets, tmp_path, "translate-train", **{"trainer.compile": True}), DistInfo())
     assert counters["stats"]["unique_graphs"] >= 1  # the step really went through the compiler
-    assert_same(eager, [compiled])
+    # Inductor fuses the reductions of each length bucket its own way: rounding up to 2e-5 of a
+    # tensor's scale (measured 1.1e-5), far below what a changed algorithm gives.
+    assert_same(eager, [compiled], tolerance=2e-5)
 
 
 def test_two_processes_evaluate_as_one_ranking_once(toy_assets, tmp_path):

@@ -1,9 +1,10 @@
-"""Text and video encoders: attention through scaled_dot_product_attention; padding cut from text batches."""
+"""Text and video encoders: attention through scaled_dot_product_attention; padding cut from text
+batches, which run in buckets of similar lengths."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model.model import build_model, load_tokenizer, used_length
+from model.model import build_model, load_tokenizer, row_lengths, used_length
 
 
 @pytest.mark.parametrize("encoder", ["labse-tiny", "xlmr-tiny", "mbert-tiny", "distiluse-tiny"])
@@ -62,6 +63,31 @@ def test_padding_after_the_longest_caption_is_cut_and_changes_nothing(toy_assets
         torch.testing.assert_close(cut_grad, full_grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("encoder", ["labse-tiny", "xlmr-tiny", "distiluse-tiny"])
+def test_length_buckets_run_each_group_at_its_longest_caption_and_change_nothing(toy_assets, encoder):
+    """Rows sorted by length run in buckets of bucket_rows rows, each cut to its own longest row;
+    embeddings (in the input's row order) and gradients are those of the whole padded batch."""
+    text, tokenizer = _text_encoder(toy_assets, encoder)
+    text.eval()
+    captions = ["un chat noir sur le toit de la maison", "a", "a red car", "hello there my friend",
+                "le chien", "a man cuts an onion in the kitchen, then washes a cup"]
+    tokens = tokenizer(captions, padding="max_length", max_length=40, truncation=True, return_tensors="pt",
+                       return_token_type_ids=False)
+    lengths = sorted(tokens["attention_mask"].sum(1).tolist())
+    seen = _backbone_lengths(text)
+    outputs, grads = {}, {}
+    for bucket_rows, cut in ((2, True), (None, False)):
+        text.bucket_rows, text.cut_padding = bucket_rows, cut
+        text.zero_grad()
+        outputs[cut] = text(tokens["input_ids"], tokens["attention_mask"])
+        outputs[cut].square().sum().backward()
+        grads[cut] = [p.grad.clone() for p in text.parameters() if p.grad is not None]
+    assert seen == [lengths[1], lengths[3], lengths[5], 40]  # three buckets of two rows, then the full batch
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=1e-5)
+    for cut_grad, full_grad in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(cut_grad, full_grad, rtol=1e-4, atol=1e-5)
+
+
 def test_a_pooling_mask_longer_than_the_tokens_keeps_its_columns(toy_assets):
     """A converted reference teacher pools with another tokenizer's mask (§2.3): columns that mask
     covers are kept even where the teacher's own tokens are padding, so its targets do not change."""
@@ -79,6 +105,22 @@ def test_a_pooling_mask_longer_than_the_tokens_keeps_its_columns(toy_assets):
         full = text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)
     assert seen == [own + 3, 12]
     torch.testing.assert_close(cut, full, rtol=0, atol=1e-5)
+    # In buckets, each row keeps the columns its own pooling mask covers.
+    tokens = tokenizer(["a cat", "a dog", "a bird", "a cow"], padding="max_length", max_length=12,
+                       return_tensors="pt", return_token_type_ids=False)
+    pool_mask = torch.zeros(4, 12, dtype=torch.long)
+    pool_mask[0, :own + 3] = 1
+    pool_mask[1:, :own] = 1
+    longest = sorted(max(a, p) for a, p in zip(tokens["attention_mask"].sum(1).tolist(), pool_mask.sum(1).tolist()))
+    assert longest[-1] == own + 3
+    seen.clear()
+    with torch.no_grad():
+        text.cut_padding, text.bucket_rows = True, 2
+        bucketed = text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)
+        text.cut_padding = False
+        full = text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)
+    assert seen == [longest[1], own + 3, 12]
+    torch.testing.assert_close(bucketed, full, rtol=0, atol=1e-5)
 
 
 def test_used_length():
@@ -88,3 +130,7 @@ def test_used_length():
     assert used_length(right_padded) == 2
     assert used_length(right_padded, torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0]])) == 3
     assert used_length(torch.zeros(2, 4)) == 1  # a batch of empty captions still runs one column
+    assert row_lengths(left_padded).tolist() == [4, 4]
+    assert row_lengths(right_padded).tolist() == [2, 1]
+    assert row_lengths(right_padded, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0]])).tolist() == [2, 3]
+    assert row_lengths(torch.zeros(2, 4)).tolist() == [0, 0]

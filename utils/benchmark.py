@@ -224,7 +224,7 @@ def _toy_c2kd_flat(assets, folder):
 def bench_c2kd_step(assets, device, steps=20, warmup=2):
     """Trainer.training_step with cached against online teachers: same batch, same initial model."""
     from data_loader.dataset import STUDENT
-    from model.model import load_tokenizer, model_from_config, used_length
+    from model.model import length_buckets, load_tokenizer, model_from_config, row_lengths, used_length
     from parse_config import resolve
     from trainer.build import build_loaders, build_loss, load_corpora
     from trainer.teachers import Teachers, build_teachers
@@ -271,23 +271,27 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         train_loader.sampler.set_epoch(0)
         batch = next(iter(train_loader))
         # "<mode>" trains as usual; "<mode>_no_dropout" runs the same step with the student in eval
-        # mode, to show how much of the student's step is dropout, and "cached_full_padding" with
-        # the student running every text column (diagnostics, not training modes).
-        # name: (mode, teachers, student in train mode, student cuts padding)
-        variants = {"cached": ("cached", teachers["cached"], True, True),
-                    "cached_no_dropout": ("cached", teachers["cached"], False, True),
-                    "cached_full_padding": ("cached", teachers["cached"], True, False),
-                    "online": ("online", teachers["online"], True, True),
-                    "online_no_dropout": ("online", teachers["online"], False, True),
-                    "online_reference": ("online", train_mode_teachers["online_reference"], True, True),
-                    "reference": ("online", train_mode_teachers["reference"], True, False)}
+        # mode, to show how much of the student's step is dropout; "cached_one_bucket" runs the
+        # student's captions as one batch cut to the longest, and "cached_full_padding" every text
+        # column (diagnostics, not training modes).
+        # name: (mode, teachers, student in train mode, student cuts padding, student's bucket rows)
+        rows = model.text.bucket_rows
+        variants = {"cached": ("cached", teachers["cached"], True, True, rows),
+                    "cached_no_dropout": ("cached", teachers["cached"], False, True, rows),
+                    "cached_one_bucket": ("cached", teachers["cached"], True, True, None),
+                    "cached_full_padding": ("cached", teachers["cached"], True, False, None),
+                    "online": ("online", teachers["online"], True, True, rows),
+                    "online_no_dropout": ("online", teachers["online"], False, True, rows),
+                    "online_reference": ("online", train_mode_teachers["online_reference"], True, True, rows),
+                    "reference": ("online", train_mode_teachers["reference"], True, False, None)}
         trainers = {}
-        for variant, (mode, variant_teachers, training, cut_padding) in variants.items():
+        for variant, (mode, variant_teachers, training, cut_padding, bucket_rows) in variants.items():
             loss = build_loss(configs[mode], num_teachers=len(variant_teachers)).to(device)
             trainers[variant] = Trainer(configs[mode], copy.deepcopy(model).to(device), loss, train_loader,
                                         eval_loader, device, None, teachers=variant_teachers)
             trainers[variant].forward.train(training)
             trainers[variant].model.text.cut_padding = cut_padding
+            trainers[variant].model.text.bucket_rows = bucket_rows
         for _ in range(warmup):
             for trainer in trainers.values():
                 trainer.training_step(batch)
@@ -299,14 +303,19 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         step_s = {name: median(v) for name, v in times.items()}
         cached, online = step_s["cached"], step_s["online"]
         cfg = configs["cached"]
-        # Text lengths the steps run at: the student's over all languages, each teacher's English.
-        lengths = {"max_words": cfg["data"]["max_words_train"],
-                   "student": used_length(*(t["attention_mask"] for t in batch["text"][STUDENT].values())),
+        # Text columns the steps run: the student's captions of all languages, in buckets of
+        # similar length (rows, columns) or as one batch, and each teacher's English.
+        student_masks = torch.cat([t["attention_mask"] for t in batch["text"][STUDENT].values()])
+        buckets = [(len(student_masks) if r is None else len(r), n)
+                   for r, n in length_buckets(row_lengths(student_masks), rows)]
+        lengths = {"max_words": cfg["data"]["max_words_train"], "student_buckets": buckets,
+                   "student_one_bucket": used_length(student_masks),
                    "teachers": [used_length(batch["text"][Teachers.input_name(i)][ENGLISH]["attention_mask"])
                                 for i in range(len(teachers["online"]))]}
         flops = c2kd_step_flops(model, [t.model for t in teachers["online"].teachers], cfg["data"]["batch_size"],
-                                len(trainers["cached"].languages), lengths["student"], cfg["data"]["n_video_tokens"],
-                                online=True, teacher_seq_lens=lengths["teachers"])
+                                len(trainers["cached"].languages), lengths["student_one_bucket"],
+                                cfg["data"]["n_video_tokens"], online=True, teacher_seq_lens=lengths["teachers"],
+                                student_buckets=buckets)
         return {
             "device": str(device), "steps": steps, "warmup": warmup,
             "batch_size": cfg["data"]["batch_size"], "languages": trainers["cached"].languages,
@@ -316,12 +325,17 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
             "online_reference_step_s": step_s["online_reference"],
             "online_reference_over_cached": step_s["online_reference"] / cached,
             "reference_step_s": step_s["reference"], "reference_over_cached": step_s["reference"] / cached,
+            "student_bucket_rows": rows,
+            "cached_one_bucket_step_s": step_s["cached_one_bucket"],
+            "one_bucket_over_buckets": step_s["cached_one_bucket"] / cached,
             "cached_full_padding_step_s": step_s["cached_full_padding"],
-            "full_padding_over_cut": step_s["cached_full_padding"] / cached,
+            "full_padding_over_cut": step_s["cached_full_padding"] / step_s["cached_one_bucket"],
             # Whether each online variant's teachers ran in train mode (dropout on) during its steps.
             "teachers_in_train_mode": {name: all(t.model.training for t in trainer.teachers.teachers)
                                        for name, trainer in trainers.items() if trainer.teachers.mode == "online"},
-            # Whether each variant's text encoders (student, then online teachers) cut padding columns.
+            # Whether each variant's text encoders (student, then online teachers) cut padding columns,
+            # and the student's rows per length bucket (None: one bucket).
+            "student_buckets_rows": {name: trainer.model.text.bucket_rows for name, trainer in trainers.items()},
             "cuts_text_padding": {name: [trainer.model.text.cut_padding]
                                   + [t.model.text.cut_padding for t in trainer.teachers.teachers
                                      if trainer.teachers.mode == "online"] for name, trainer in trainers.items()},
@@ -478,13 +492,15 @@ def video_forward_flops(video, videos, n_tokens):
 
 
 def c2kd_step_flops(student, teachers, batch_size, languages, seq_len, n_video_tokens, online,
-                    teacher_seq_lens=None):
+                    teacher_seq_lens=None, student_buckets=None):
     """Model FLOPs of one C2KD step: forward and backward (3x forward) of the student's text encoder
     over every language and of its video encoder, plus, with online teachers, one forward of each
     teacher's text (English) and video encoders. ``seq_len`` and ``teacher_seq_lens`` (default:
-    ``seq_len`` for every teacher) are the text columns each encoder runs."""
+    ``seq_len`` for every teacher) are the text columns each encoder runs; ``student_buckets``
+    [(rows, columns)] replaces the student's one batch of ``seq_len`` columns by length buckets."""
     teacher_seq_lens = teacher_seq_lens or [seq_len] * len(teachers)
-    student_fwd = (text_forward_flops(student.text, batch_size * languages, seq_len)
+    student_buckets = student_buckets or [(batch_size * languages, seq_len)]
+    student_fwd = (sum(text_forward_flops(student.text, rows, columns) for rows, columns in student_buckets)
                    + video_forward_flops(student.video, batch_size, n_video_tokens))
     teacher_fwd = sum(text_forward_flops(t.text, batch_size, length)
                       + video_forward_flops(t.video, batch_size, n_video_tokens)
@@ -562,8 +578,8 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     num_items = max(1000, batch_size)
 
     def retrieval_model(family, shape):
-        with torch.device(device):
-            return RetrievalModel(TextEncoder(build_backbone(family, shape), projection_dim),
+        with torch.device(device):  # every synthetic caption is full-length: length buckets would cut nothing
+            return RetrievalModel(TextEncoder(build_backbone(family, shape), projection_dim, bucket_rows=None),
                                   VideoEncoder(feature_dim, width=video_width, projection_dim=projection_dim))
 
     torch.manual_seed(0)
@@ -743,9 +759,12 @@ def format_report(report):
                      f"{1e3 * c['reference_step_s']:.1f} ms   reference/cached {c['reference_over_cached']:.2f}x")
         lines.append(f"  student without dropout: {_cached_vs_online(c['without_student_dropout'])}")
         lengths = c["text_lengths"]
-        lines.append(f"  cached step over all {lengths['max_words']} text columns: "
-                     f"{1e3 * c['cached_full_padding_step_s']:.1f} ms   {c['full_padding_over_cut']:.2f}x the step "
-                     f"cut to the batch's {lengths['student']}")
+        buckets = ", ".join(f"{rows}x{columns}" for rows, columns in lengths["student_buckets"])
+        lines.append(f"  cached step with the student's captions as one batch cut to its longest "
+                     f"({lengths['student_one_bucket']} columns): {1e3 * c['cached_one_bucket_step_s']:.1f} ms   "
+                     f"{c['one_bucket_over_buckets']:.2f}x the step in length buckets (rows x columns: {buckets})")
+        lines.append(f"  ... and over all {lengths['max_words']} text columns: "
+                     f"{1e3 * c['cached_full_padding_step_s']:.1f} ms   {c['full_padding_over_cut']:.2f}x one batch cut")
         lines.append(f"  model FLOPs: student {f['student'] / 1e9:.2f} G, teachers {f['teachers'] / 1e9:.2f} G, "
                      f"bound on online/cached {f['online_over_cached_bound']:.2f}x")
     e = report.get("evaluation")
