@@ -134,7 +134,14 @@ def test_moments_demo_prints_the_best_segment_and_plots_it(trained, tmp_path, ca
                       "--query", "someone washes a bag", "--plot", str(plot), "-d", "cpu"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "best segment: frames" in out and "true segment: event 1" in out
+    # The segment printed is the best window of the scores, and the verdict is that of the event's frames.
+    start, end, score = score_moments(trained["retriever"], trained["corpus"].features[4], "someone washes a bag",
+                                      window=4).best
+    assert f"best segment: frames {start}-{end} (end exclusive), score {score:.3f}" in out
+    event = trained["corpus"].extras[4]["events"][1]
+    verdict = "overlaps" if overlaps((start, end), (event["start"], event["end"])) else "does not overlap"
+    assert f"true segment: event 1 \"{event['caption_en']}\" frames {event['start']}-{event['end']} ({verdict} " \
+           "the best segment)" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = matplotlib.image.imread(plot)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100

@@ -281,6 +281,8 @@ def test_convert_refuses_to_overwrite_and_float16(tmp_path, capsys):
     assert convert.main([str(src), str(tmp_path / "o")]) == 2
     assert "--force" in capsys.readouterr().err
     assert convert.main([str(src), str(tmp_path / "o"), "--force", "--dtype", "float16"]) == 0
+    from safetensors.numpy import load_file
+    assert load_file(str(tmp_path / "o" / "features.safetensors"))["features"].dtype == np.float16  # stored so
     back = read_safe(tmp_path / "o")
     assert back.features[0].dtype == np.float32
     assert np.allclose(back.features[0], read_corpus(src, "multi-msrvtt", "2d", "train").features[0], atol=1e-2)

@@ -249,6 +249,11 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     result = train_cli("-r", str(weights))
     assert result.returncode == 2 and f"{weights}: holds model weights but no training state" in result.stderr
     assert "\n" not in result.stderr.strip()
+    # The checks below refuse before a run folder is made (the one above runs and fails in its folder).
+    def run_folders():
+        return sorted(p.parent for p in (tmp_path / "runs").rglob("run.json"))
+    folders = run_folders()
+    assert folders  # the refusal above was recorded in a (FAILED) run folder, so the listing would see one
     # A checkpoint that has trained every epoch its config asks for.
     done = save_checkpoint({**load_checkpoint(weights), "epoch": config["trainer"]["epochs"]}, tmp_path / "done.pt")
     result = train_cli("-r", str(done))
@@ -259,7 +264,7 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
         f"error: {weights}: config key 'optimizer.lr' = 0.5 differs from the checkpoint's "
         f"{config['optimizer']['lr']}; a resumed run continues the saved optimizer and schedule, so keep it, or "
         "start a new run")
-    assert not (tmp_path / "runs" / "ok").exists()  # refused before a run folder was made
+    assert run_folders() == folders  # refused before a run folder was made
     # A truncated checkpoint.
     cut = tmp_path / "cut.pt"
     cut.write_bytes(wide.read_bytes()[:2000])
@@ -324,6 +329,20 @@ def test_non_finite_loss_stops_the_run_naming_step_terms_and_items(toy_assets, t
     assert not list((tmp_path / "runs").glob("*/*/latest.pt"))
 
 
+def test_mixed_precision_modes_and_the_gradient_scaler(toy_assets, tmp_path, monkeypatch):
+    """fp16 autocast gets a gradient scaler, bf16 and fp32 do not; the CPU always trains in fp32."""
+    import trainer.trainer
+    from utils.device import amp_dtype
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name: no GPU is touched
+    assert amp_dtype(cuda, "fp16") is torch.float16 and amp_dtype(cuda, "bf16") is torch.bfloat16
+    assert amp_dtype(cuda, "off") is None
+    assert all(amp_dtype(cpu, mode) is None for mode in ("fp16", "bf16", "auto", "off"))
+    config = toy_config(toy_assets, tmp_path, "translate-train")
+    for dtype, scaled in ((torch.float16, True), (torch.bfloat16, False), (None, False)):
+        monkeypatch.setattr(trainer.trainer, "amp_dtype", lambda device, mode, dtype=dtype: dtype)
+        assert make_trainer(config)[0].scaler.is_enabled() == scaled, dtype
+
+
 def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
     """The fp16 path (a gradient scaler instead of the finiteness check), with PyTorch's GradScaler
     on the CPU: steps with non-finite gradients are skipped and counted, and the run stops once
@@ -332,7 +351,8 @@ def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
     trainer, batch = make_trainer(toy_config(toy_assets, tmp_path, "translate-train", **{
         "loss.temperature": 0.0, "trainer.max_skipped_steps": 2}))
     model = trainer.model
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # what fp16 training on CUDA builds
+    # What fp16 training builds (test_mixed_precision_modes_and_the_gradient_scaler), on the CPU.
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for skipped in (1, 2):
         trainer.training_step(batch)
@@ -353,6 +373,28 @@ def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
     torch.manual_seed(1234)
     trainer.load_state_dict(state, "old.pt")
     assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_each_rank_resumes_its_own_random_state(toy_assets, tmp_path):
+    """A two-process checkpoint holds one random state per rank: a process takes the state of its
+    rank (one process continues rank 0's); a rank the checkpoint lacks starts a fresh stream."""
+    from utils.distributed import DistInfo
+    config = toy_config(toy_assets, tmp_path, "translate-train")
+    trainer, _ = make_trainer(config)
+    state = trainer.state_dict()
+    states = [{"torch": torch.manual_seed(seed).get_state(), "cuda": None} for seed in (10, 11)]
+    state["rng"] = states
+    for rank in (0, 1):
+        trainer.dist = DistInfo(rank, 2)
+        torch.manual_seed(1234)
+        trainer.load_state_dict(state, "two_ranks.pt")
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"]), rank
+    trainer.dist = DistInfo(0, 1)
+    trainer.load_state_dict(state, "two_ranks.pt")
+    assert torch.equal(torch.get_rng_state(), states[0]["torch"])
+    trainer.dist = DistInfo(2, 3)
+    trainer.load_state_dict(state, "two_ranks.pt")
+    assert not any(torch.equal(torch.get_rng_state(), s["torch"]) for s in states)
 
 
 def test_saved_random_states_of_older_checkpoints_are_normalised():
