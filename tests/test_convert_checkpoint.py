@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import parse_config
-from model.model import model_from_checkpoint
+from model.model import DEFAULT_BUCKET_ROWS, model_from_checkpoint
 from utils import tiny_encoders
 from utils.checkpoint import load_checkpoint
 from utils.convert_checkpoint import ConvertError, convert, main
@@ -188,7 +188,7 @@ def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path)
     assert cfg["model"] | {"text_encoder": None} == {
         "text_encoder": None, "width": WIDTH, "projection_dim": PROJ, "depth": DEPTH, "heads": HEADS,
         "mlp_ratio": MLP / WIDTH, "pool_with_student_mask": kind != "labse",
-        "pool_mask_tokenizer": "sentence-transformers/LaBSE"}
+        "pool_mask_tokenizer": "sentence-transformers/LaBSE", "length_bucket_rows": DEFAULT_BUCKET_ROWS}
     assert (cfg["name"], cfg["stage"], cfg["data"]["feature_dim"], cfg["data"]["feature_key"]) == \
         (f"msrvtt_{kind}", "translate-train", FEATURE_DIM, "2d")
     assert cfg["data"]["clean_english"] is (kind != "labse")  # teachers read cleaned English, the student raw
