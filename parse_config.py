@@ -58,7 +58,8 @@ SCHEMA = {
     "model.length_bucket_rows": (DEFAULT_BUCKET_ROWS, (int, NULLABLE), None,
                                  "text rows per length bucket: a text batch is sorted by caption length and run "
                                  "in buckets of about this many rows, each cut to its longest caption (outputs "
-                                 "change by float rounding only); null runs a batch as one bucket"),
+                                 "change by float rounding only, but training draws other dropout masks); "
+                                 "null runs a batch as one bucket"),
     "model.pool_mask_tokenizer": (LABSE, str, None,
                                   "with pool_with_student_mask, outside C2KD training: the tokenizer whose mask "
                                   "pools the text states (the reference student's; in C2KD the student's own)"),
@@ -101,6 +102,10 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "name", "notes", "trainer.save_dir", "trainer.save_period", "trainer.log_every", "trainer.monitor",
     "data.num_workers", "data.eval_batch_size", "teachers.cache_dir",
 })
+
+# What a config written before a key existed did, where that differs from the key's default: such a
+# run is not the same experiment as one at the default (config_differences).
+LEGACY_VALUES = {"model.length_bucket_rows": None}
 
 # The reference's stage names (§3.1).
 STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
@@ -321,13 +326,14 @@ def config_from_args(args, base_flat=None):
 
 def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
     """``[(key, value in a, value in b)]`` for every key outside ``ignore`` where two configs (nested
-    or flattened) differ; a key that one of them lacks counts at its default."""
+    or flattened) differ; a key that one of them lacks counts at what runs written before the key
+    existed did (LEGACY_VALUES), else at its default."""
     a, b = flatten_config(a), flatten_config(b)
     differences = []
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
-        default = SCHEMA[key][0] if key in SCHEMA else None
+        default = LEGACY_VALUES.get(key, SCHEMA[key][0] if key in SCHEMA else None)
         if a.get(key, default) != b.get(key, default):
             differences.append((key, a.get(key, default), b.get(key, default)))
     return differences

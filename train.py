@@ -14,7 +14,7 @@ from pathlib import Path
 from model.model import model_from_config
 from parse_config import ConfigError, build_parser, config_from_args, flatten_config, select_device
 from trainer.build import build_loaders, build_loss, load_corpora
-from trainer.evaluate import flat_metrics
+from trainer.evaluate import check_monitor, flat_metrics
 from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, check_resumable, seed_everything, seed_rank
 from utils.checkpoint import checkpoint_header
@@ -71,6 +71,7 @@ def train_or_reuse(args, dist, device):
 def train(config, run, device, dist, resume=None):
     seed_everything(config["seed"])
     corpora = load_corpora(config)
+    check_monitor(config["trainer"]["monitor"], corpora["eval"].languages)  # before the teachers' work
     # The student before the teachers: its initial weights then follow from the seed alone, so
     # every stage starts from the same student at the same seed.
     model, tokenizer = model_from_config(config, pretrained_text=resume is None)

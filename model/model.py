@@ -175,7 +175,8 @@ def length_buckets(lengths, bucket_rows):
 
 def used_length(*masks):
     """1 + the last column in which any row of any mask (None: skipped) is set; at least 1."""
-    return max(int(row_lengths(*masks).max()), 1)
+    lengths = row_lengths(*masks)
+    return max(int(lengths.max()), 1) if len(lengths) else 1
 
 
 class RetrievalModel(nn.Module):
@@ -187,8 +188,9 @@ class RetrievalModel(nn.Module):
     def forward(self, video, video_mask, texts):
         """Video embeddings [B, P] and {lang: text embeddings [B, P]} for one batch. Training goes
         through here so that DistributedDataParallel sees a single forward call. The captions of
-        all languages go through the text encoder as one [languages x B, L] batch: fewer, larger
-        matrix products than one call per language, with the same result up to float32 rounding."""
+        all languages go through the text encoder as one [languages x B, L] batch, which it runs in
+        length buckets: fewer, larger matrix products than one call per language, with the same
+        result up to float32 rounding."""
         langs = list(texts)
         tokens = {k: torch.cat([texts[lang][k] for lang in langs]) for k in ("input_ids", "attention_mask")}
         text = self.encode_text(tokens).split(video.shape[0])

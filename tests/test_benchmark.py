@@ -131,10 +131,10 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     cut = step["cuts_text_padding"]
     assert cut.pop("reference") == [False] * 4 and cut.pop("cached_full_padding") == [False]
     assert all(all(flags) for flags in cut.values()) and len(cut["online"]) == 4
-    assert step["reference_step_s"] > 0 and step["full_padding_over_cut"] > 0 and step["one_bucket_over_buckets"] > 0
+    assert step["reference_step_s"] > 0 and step["full_padding_over_one_bucket"] > 0 and step["one_bucket_over_buckets"] > 0
     # The student's captions run in length buckets, but for the one-batch and the reference-style steps.
     rows = step["student_bucket_rows"]
-    assert rows == 128 and step["student_buckets_rows"] == {
+    assert rows == 128 and step["bucket_rows_by_variant"] == {
         "cached": rows, "cached_no_dropout": rows, "cached_one_bucket": None, "cached_full_padding": None,
         "online": rows, "online_no_dropout": rows, "online_reference": rows, "reference": None}
     lengths = step["text_lengths"]

@@ -142,3 +142,7 @@ def test_config_differences_ignore_settings_that_change_no_result():
     assert config_differences(recorded, resolve({"trainer.epochs": 4, "optimizer.lr": 2e-4})) == [
         ("optimizer.lr", 1e-4, 2e-4), ("trainer.epochs", 3, 4)]
     assert set(RESULT_NEUTRAL_KEYS) <= set(flatten_config(config))
+    # Runs recorded before text ran in length buckets ran as one bucket, not at today's default.
+    del recorded["model"]["length_bucket_rows"]
+    assert config_differences(recorded, config) == [("model.length_bucket_rows", None, 128)]
+    assert config_differences(recorded, resolve({"trainer.epochs": 3, "model.length_bucket_rows": None})) == []

@@ -134,3 +134,4 @@ def test_used_length():
     assert row_lengths(right_padded).tolist() == [2, 1]
     assert row_lengths(right_padded, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0]])).tolist() == [2, 3]
     assert row_lengths(torch.zeros(2, 4)).tolist() == [0, 0]
+    assert used_length(torch.zeros(0, 4)) == 1  # no rows at all

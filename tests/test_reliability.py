@@ -258,12 +258,15 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     done = save_checkpoint({**load_checkpoint(weights), "epoch": config["trainer"]["epochs"]}, tmp_path / "done.pt")
     result = train_cli("-r", str(done))
     assert result.returncode == 2 and "has already trained 2 of config key 'trainer.epochs' = 2 epochs" in result.stderr
-    # Resuming with another learning rate: the saved optimizer state would silently keep the old one.
+    # Resuming with another learning rate or decay: the saved optimizer and scheduler states would
+    # silently keep the old ones.
     result = train_cli("-r", str(weights), "--lr", "0.5")
     assert result.returncode == 2 and result.stderr.strip() == (
         f"error: {weights}: config key 'optimizer.lr' = 0.5 differs from the checkpoint's "
         f"{config['optimizer']['lr']}; a resumed run continues the saved optimizer and schedule, so keep it, or "
         "start a new run")
+    result = train_cli("-r", str(weights), "--set", "scheduler.gamma=0.5")
+    assert result.returncode == 2 and f"config key 'scheduler.gamma' = 0.5 differs from the checkpoint's" in result.stderr
     assert run_folders() == folders  # refused before a run folder was made
     # A truncated checkpoint.
     cut = tmp_path / "cut.pt"
@@ -373,6 +376,18 @@ def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
     torch.manual_seed(1234)
     trainer.load_state_dict(state, "old.pt")
     assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_settings_restored_on_resume_and_rank_seeds():
+    from parse_config import ConfigError, resolve
+    from trainer.trainer import check_resumable, seed_rank
+    saved = resolve({"stage": "c2kd", "loss.teacher_pool": "learnable"})
+    with pytest.raises(ConfigError, match="config key 'teachers.learnable_lr' = 0.5 differs"):
+        check_resumable(saved, resolve({"stage": "c2kd", "loss.teacher_pool": "learnable",
+                                        "teachers.learnable_lr": 0.5}), "c.pt")
+    # Without learnable teacher weights the setting is used by nothing: a change is not refused.
+    check_resumable(resolve({"stage": "c2kd"}), resolve({"stage": "c2kd", "teachers.learnable_lr": 0.5}), "c.pt")
+    seed_rank(2**32 - 1, 3)  # the largest valid seed gives every rank a valid stream
 
 
 def test_each_rank_resumes_its_own_random_state(toy_assets, tmp_path):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, STUDENT
 from model.metric import STATS, mean_over_languages, retrieval_metrics_from_embeddings
+from parse_config import ConfigError
 from utils.device import to_device
 from utils.distributed import gather_to_main, on_main, rank
 
@@ -121,6 +122,13 @@ def metric_names(languages):
     """The keys ``flat_metrics`` gives for an evaluation of ``languages``."""
     return [f"{direction}_{group}_{stat}" for group in [*languages, *_means(languages)]
             for direction in ("t2v", "v2t") for stat in STATS]
+
+
+def check_monitor(monitor, languages):
+    """``trainer.monitor`` must be 'off' or a metric that evaluating ``languages`` reports."""
+    if monitor != "off" and monitor not in metric_names(languages):
+        raise ConfigError(f"config key 'trainer.monitor' = '{monitor}' is not an evaluation metric of this run; "
+                          f"expected 'off' or a name such as t2v_mean_R1, v2t_{languages[0]}_MedR")
 
 
 def flat_metrics(summary):

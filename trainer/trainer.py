@@ -19,7 +19,7 @@ from data_loader.corpus import ENGLISH, listed
 from data_loader.dataset import STUDENT
 from model.metric import format_table
 from parse_config import ConfigError, config_differences
-from trainer.evaluate import evaluate, flat_metrics, metric_names
+from trainer.evaluate import check_monitor, evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
 from utils.distributed import DistInfo, gather_to_main, on_main
@@ -49,7 +49,7 @@ def seed_rank(seed, rank):
     stream it has, so a single-process run is unchanged; without this every rank would draw the
     same dropout masks for its slice of the global batch."""
     if rank:
-        seed_everything(seed + 1_000_003 * rank)
+        seed_everything((seed + 1_000_003 * rank) % 2**32)  # numpy takes seeds below 2**32
 
 
 def split_batch(batch, parts):
@@ -66,9 +66,13 @@ RESTORED_SETTINGS = ("optimizer.lr", "scheduler.gamma", "teachers.learnable_lr")
 
 
 def check_resumable(saved_config, config, path):
-    """Refuse to resume ``path`` (whose config is ``saved_config``) under other RESTORED_SETTINGS."""
+    """Refuse to resume ``path`` (whose config is ``saved_config``) under other RESTORED_SETTINGS
+    (teachers.learnable_lr only where the loss has learnable teacher weights)."""
+    restored = set(RESTORED_SETTINGS)
+    if config["loss"]["teacher_pool"] != "learnable":
+        restored.discard("teachers.learnable_lr")
     for key, saved, now in config_differences(saved_config, config):
-        if key in RESTORED_SETTINGS:
+        if key in restored:
             raise ConfigError(f"{path}: config key '{key}' = {now} differs from the checkpoint's {saved}; a resumed "
                               "run continues the saved optimizer and schedule, so keep it, or start a new run")
 
@@ -83,10 +87,7 @@ class Trainer:
         self.log_scalar = log_scalar if self.dist.is_main and log_scalar else (lambda name, value, step: None)
         self.languages = train_loader.dataset.text_inputs[0].languages
         self.eval_languages = eval_loader.dataset.text_inputs[0].languages
-        monitor = config["trainer"]["monitor"]
-        if monitor != "off" and monitor not in metric_names(self.eval_languages):
-            raise ConfigError(f"config key 'trainer.monitor' = '{monitor}' is not an evaluation metric of this run; "
-                              f"expected 'off' or a name such as t2v_mean_R1, v2t_{self.eval_languages[0]}_MedR")
+        check_monitor(config["trainer"]["monitor"], self.eval_languages)
         trainer_cfg = config["trainer"]
         self.accumulation = trainer_cfg["accumulation_steps"]
         if train_loader.sampler.local_batch % self.accumulation:

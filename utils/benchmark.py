@@ -329,13 +329,13 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
             "cached_one_bucket_step_s": step_s["cached_one_bucket"],
             "one_bucket_over_buckets": step_s["cached_one_bucket"] / cached,
             "cached_full_padding_step_s": step_s["cached_full_padding"],
-            "full_padding_over_cut": step_s["cached_full_padding"] / step_s["cached_one_bucket"],
+            "full_padding_over_one_bucket": step_s["cached_full_padding"] / step_s["cached_one_bucket"],
             # Whether each online variant's teachers ran in train mode (dropout on) during its steps.
             "teachers_in_train_mode": {name: all(t.model.training for t in trainer.teachers.teachers)
                                        for name, trainer in trainers.items() if trainer.teachers.mode == "online"},
             # Whether each variant's text encoders (student, then online teachers) cut padding columns,
             # and the student's rows per length bucket (None: one bucket).
-            "student_buckets_rows": {name: trainer.model.text.bucket_rows for name, trainer in trainers.items()},
+            "bucket_rows_by_variant": {name: trainer.model.text.bucket_rows for name, trainer in trainers.items()},
             "cuts_text_padding": {name: [trainer.model.text.cut_padding]
                                   + [t.model.text.cut_padding for t in trainer.teachers.teachers
                                      if trainer.teachers.mode == "online"] for name, trainer in trainers.items()},
@@ -764,7 +764,7 @@ def format_report(report):
                      f"({lengths['student_one_bucket']} columns): {1e3 * c['cached_one_bucket_step_s']:.1f} ms   "
                      f"{c['one_bucket_over_buckets']:.2f}x the step in length buckets (rows x columns: {buckets})")
         lines.append(f"  ... and over all {lengths['max_words']} text columns: "
-                     f"{1e3 * c['cached_full_padding_step_s']:.1f} ms   {c['full_padding_over_cut']:.2f}x one batch cut")
+                     f"{1e3 * c['cached_full_padding_step_s']:.1f} ms   {c['full_padding_over_one_bucket']:.2f}x one batch cut")
         lines.append(f"  model FLOPs: student {f['student'] / 1e9:.2f} G, teachers {f['teachers'] / 1e9:.2f} G, "
                      f"bound on online/cached {f['online_over_cached_bound']:.2f}x")
     e = report.get("evaluation")
