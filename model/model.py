@@ -136,12 +136,11 @@ class TextEncoder(nn.Module):
         if not self.cut_padding:
             return self._encode(input_ids, attention_mask, pool_mask)
         buckets = length_buckets(row_lengths(attention_mask, pool_mask), self.bucket_rows)
-        if len(buckets) == 1:
-            n = buckets[0][1]
-            return self._encode(input_ids[:, :n], attention_mask[:, :n], _cut(pool_mask, slice(None), n))
-        out = torch.cat([self._encode(input_ids[rows, :n], attention_mask[rows, :n], _cut(pool_mask, rows, n))
-                         for rows, n in buckets])
-        return out[torch.argsort(torch.cat([rows for rows, _ in buckets]))]  # back to the input's row order
+        outs = [self._encode(input_ids[rows, :n], attention_mask[rows, :n], _cut(pool_mask, rows, n))
+                for rows, n in buckets]
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat(outs)[torch.argsort(torch.cat([rows for rows, _ in buckets]))]  # the input's row order
 
     def _encode(self, input_ids, attention_mask, pool_mask):
         states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -163,11 +162,11 @@ def row_lengths(*masks):
 
 def length_buckets(lengths, bucket_rows):
     """[(rows, columns)]: the row indices of ``lengths`` sorted by length and cut into buckets of
-    about ``bucket_rows`` rows (None: one bucket, whose rows are None for all), each with the
-    columns its longest row needs (at least 1). Reading the lengths is one device sync."""
+    about ``bucket_rows`` rows (None: one bucket, whose rows are ``slice(None)``, all in order),
+    each with the columns its longest row needs (at least 1). Reading the lengths is one device sync."""
     buckets = -(-len(lengths) // bucket_rows) if bucket_rows else 1
     if buckets <= 1:
-        return [(None, max(int(lengths.max()), 1) if len(lengths) else 1)]
+        return [(slice(None), max(int(lengths.max()), 1) if len(lengths) else 1)]
     rows = torch.argsort(lengths, stable=True).tensor_split(buckets)
     longest = lengths[torch.stack([r[-1] for r in rows])].clamp(min=1).tolist()
     return list(zip(rows, longest))
@@ -175,8 +174,8 @@ def length_buckets(lengths, bucket_rows):
 
 def used_length(*masks):
     """1 + the last column in which any row of any mask (None: skipped) is set; at least 1."""
-    lengths = row_lengths(*masks)
-    return max(int(lengths.max()), 1) if len(lengths) else 1
+    [(_, columns)] = length_buckets(row_lengths(*masks), None)
+    return columns
 
 
 class RetrievalModel(nn.Module):

@@ -306,8 +306,7 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         # Text columns the steps run: the student's captions of all languages, in buckets of
         # similar length (rows, columns) or as one batch, and each teacher's English.
         student_masks = torch.cat([t["attention_mask"] for t in batch["text"][STUDENT].values()])
-        buckets = [(len(student_masks) if r is None else len(r), n)
-                   for r, n in length_buckets(row_lengths(student_masks), rows)]
+        buckets = [(len(student_masks[r]), n) for r, n in length_buckets(row_lengths(student_masks), rows)]
         lengths = {"max_words": cfg["data"]["max_words_train"], "student_buckets": buckets,
                    "student_one_bucket": used_length(student_masks),
                    "teachers": [used_length(batch["text"][Teachers.input_name(i)][ENGLISH]["attention_mask"])
