@@ -181,7 +181,7 @@ def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
     import copy
     from types import SimpleNamespace
     from trainer.build import load_corpora
-    from trainer.teachers import Teachers
+    from trainer.teachers import Teachers, data_digest
 
     corpus = load_corpora(toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"]))["train"]
 
@@ -189,7 +189,8 @@ def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
         teacher = SimpleNamespace(path=Path(setup["teachers"][0]), pool_with_student_mask=False,
                                   clean_english=clean_english)
         config = toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"], **flat)
-        host = SimpleNamespace(config=config, corpus=data, max_words=config["data"]["max_words_train"])
+        host = SimpleNamespace(config=config, max_words=config["data"]["max_words_train"],
+                               data_digest=data_digest(data, config["data"]["n_video_tokens"]))
         return Teachers.cache_key(host, teacher)
 
     base = key()

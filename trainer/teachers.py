@@ -67,6 +67,8 @@ class Teachers:
             self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], t.clean_english)
                                 for i, t in enumerate(teachers)]
         else:
+            # What every teacher embeds, hashed once for the cache keys.
+            self.data_digest = data_digest(corpus, config["data"]["n_video_tokens"])
             # Kept on the training device: a batch's targets are then two gathers and a matmul.
             self.cache = [{k: v.to(device) for k, v in self.cached_outputs(t).items()} for t in teachers]
 
@@ -84,7 +86,7 @@ class Teachers:
         # video frames themselves (so a data file rewritten in place, another layout, feature key
         # or caption fallback all give another key), and how captions are read.
         spec = {"version": CACHE_VERSION, "teacher": [str(teacher.path.resolve()), st.st_size, st.st_mtime_ns],
-                "data": data_digest(self.corpus, self.config["data"]["n_video_tokens"]),
+                "data": self.data_digest,
                 "n_video_tokens": self.config["data"]["n_video_tokens"],
                 "max_words": self.max_words, "clean_english": teacher.clean_english,
                 "pool_mask": self.config["model"]["text_encoder"] if teacher.pool_with_student_mask else "own"}
