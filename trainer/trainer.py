@@ -19,7 +19,7 @@ from data_loader.corpus import ENGLISH, listed
 from data_loader.dataset import STUDENT
 from model.metric import format_table
 from parse_config import ConfigError, config_differences
-from trainer.evaluate import check_monitor, evaluate, flat_metrics
+from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
 from utils.distributed import DistInfo, gather_to_main, on_main
@@ -87,7 +87,6 @@ class Trainer:
         self.log_scalar = log_scalar if self.dist.is_main and log_scalar else (lambda name, value, step: None)
         self.languages = train_loader.dataset.text_inputs[0].languages
         self.eval_languages = eval_loader.dataset.text_inputs[0].languages
-        check_monitor(config["trainer"]["monitor"], self.eval_languages)
         trainer_cfg = config["trainer"]
         self.accumulation = trainer_cfg["accumulation_steps"]
         if train_loader.sampler.local_batch % self.accumulation:
@@ -341,7 +340,7 @@ class Trainer:
 
     def _fit(self):
         epochs = self.config["trainer"]["epochs"]
-        monitor = self.config["trainer"]["monitor"]
+        monitor = self.config["trainer"]["monitor"]  # a metric name, checked by train.py (check_monitor)
         period = self.config["trainer"]["save_period"]
         summary = None
         while self.epoch < epochs:
