@@ -266,7 +266,7 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
         f"{config['optimizer']['lr']}; a resumed run continues the saved optimizer and schedule, so keep it, or "
         "start a new run")
     result = train_cli("-r", str(weights), "--set", "scheduler.gamma=0.5")
-    assert result.returncode == 2 and f"config key 'scheduler.gamma' = 0.5 differs from the checkpoint's" in result.stderr
+    assert result.returncode == 2 and "config key 'scheduler.gamma' = 0.5 differs from the checkpoint's" in result.stderr
     assert run_folders() == folders  # refused before a run folder was made
     # A truncated checkpoint.
     cut = tmp_path / "cut.pt"

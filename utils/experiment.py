@@ -309,14 +309,6 @@ class RunRecordObserver(MongoObserver):
             info.setdefault("metrics", []).append({"name": name, "id": str(saved["_id"])})
 
 
-def _mongo_observer(url, run_root, continue_run):
-    try:
-        import pymongo  # noqa: F401
-    except ImportError:
-        raise ObserverError("--mongo needs the pymongo package: pip install pymongo") from None
-    return RunRecordObserver(url, run_root, continue_run)
-
-
 def _neptune_observer():
     try:
         from neptune.integrations.sacred import NeptuneObserver
@@ -348,7 +340,7 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     if rank() == 0:
         ex.observers.append(RunFolderObserver(str(run_root), continue_id=run_id if continue_run else None))
         if mongo:
-            ex.observers.append(_mongo_observer(mongo, run_root, continue_run))
+            ex.observers.append(RunRecordObserver(mongo, run_root, continue_run))  # pymongo: in requirements
         if neptune:
             ex.observers.append(_neptune_observer())
 
