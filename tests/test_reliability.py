@@ -1,6 +1,7 @@
 """Interruptions lose nothing; bad files and configs are refused in one line before anything runs."""
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -365,6 +366,36 @@ def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
     with pytest.raises(NonFiniteLoss, match="skipped 3 steps .*max_skipped_steps = 2.*nce_main=nan"):
         trainer.training_step(batch)
 
+
+def test_epoch_loss_leaves_out_steps_the_fp16_scaler_skipped(toy_assets, tmp_path):
+    """A skipped step's non-finite loss does not make the epoch's mean loss NaN; the mean is over the
+    steps that trained, across a mid-epoch checkpoint too."""
+    trainer, _ = make_trainer(toy_config(toy_assets, tmp_path, "translate-train", **{
+        "trainer.max_steps_per_epoch": 4}))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)  # the fp16 path, on the CPU
+    temperature, losses, real_step = trainer.loss_fn.temperature, [], trainer.training_step
+
+    def step(batch):  # the second step divides by a zero temperature: a NaN loss, skipped by the scaler
+        trainer.loss_fn.temperature = 0.0 if len(losses) == 1 else temperature
+        loss, terms = real_step(batch)
+        losses.append(loss.item())
+        return loss, terms
+
+    trainer.training_step = step
+    mean = trainer.train_epoch()
+    assert len(losses) == 4 and math.isnan(losses[1]) and trainer.skipped_steps == 1
+    finite = [losses[0], *losses[2:]]
+    assert mean == pytest.approx(sum(finite) / 3, rel=1e-6)
+
+    state = trainer.state_dict()
+    assert state["epoch_loss_steps"] == 3
+    resumed, _ = make_trainer(toy_config(toy_assets, tmp_path, "translate-train", **{
+        "trainer.max_steps_per_epoch": 4}))
+    resumed.load_state_dict(state, "state")
+    assert resumed.train_epoch() == pytest.approx(mean, rel=1e-6)  # all 4 steps already taken
+    del state["epoch_loss_steps"]  # as written before the count was saved: every step counted
+    resumed.load_state_dict(state, "state")
+    assert resumed.train_epoch() == pytest.approx(state["epoch_loss_sum"] / 4, rel=1e-6)
 
 def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
     """Checkpoints written before every rank's random state was kept hold one state, not a list."""

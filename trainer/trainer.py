@@ -112,11 +112,11 @@ class Trainer:
         self.epoch = 0          # completed epochs
         self.step = 0           # optimizer steps so far
         self.batches_done = 0   # steps already taken in the current epoch (mid-epoch checkpoints)
-        # Summed loss of those steps, on the device (read once per epoch), so that a resumed epoch
-        # reports the mean of all its steps; it counts from batch loss_counted_from (0 but after
-        # resuming a checkpoint written before the sum was saved).
+        # Summed finite loss of those steps and their number, on the device (read once per epoch), so
+        # that a resumed epoch reports the mean of all its steps; the non-finite loss of a step the
+        # fp16 scaler skipped is left out (those steps are counted in skipped_steps).
         self.epoch_loss_sum = torch.zeros((), device=device)
-        self.loss_counted_from = 0
+        self.epoch_loss_steps = torch.zeros((), dtype=torch.long, device=device)
         self.best = None        # best monitored value so far
         self.skipped_steps = 0  # fp16 steps the scaler skipped for non-finite gradients
         self._signal = None
@@ -132,7 +132,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states or [_rng_state(self.device)],
             "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
-            "epoch_loss_sum": float(self.epoch_loss_sum),
+            "epoch_loss_sum": float(self.epoch_loss_sum), "epoch_loss_steps": int(self.epoch_loss_steps),
             "best": self.best, "skipped_steps": self.skipped_steps, "config": self.config,
         }
 
@@ -157,8 +157,11 @@ class Trainer:
         else:  # resumed with more processes than were saved: a fresh stream for this rank
             seed_rank(self.config["seed"] + state["step"], self.dist.rank)
         self.epoch, self.step, self.batches_done = state["epoch"], state["step"], state["batches_done"]
+        # Older checkpoints saved no step count (every step was counted), or no sum at all (the mean
+        # then starts at the resumed step).
+        steps = state.get("epoch_loss_steps", self.batches_done if "epoch_loss_sum" in state else 0)
         self.epoch_loss_sum = torch.tensor(state.get("epoch_loss_sum", 0.0), device=self.device)
-        self.loss_counted_from = 0 if "epoch_loss_sum" in state else self.batches_done
+        self.epoch_loss_steps = torch.tensor(steps, dtype=torch.long, device=self.device)
         self.best, self.skipped_steps = state["best"], state["skipped_steps"]
 
     def resume(self, path):
@@ -280,7 +283,7 @@ class Trainer:
 
     def train_epoch(self):
         """Train the rest of the current epoch; return the mean loss over the epoch's steps (those taken
-        before a mid-epoch resume included)."""
+        before a mid-epoch resume included; NaN if no step had a finite loss)."""
         self.forward.train()
         sampler = self.train_loader.sampler
         sampler.set_epoch(self.epoch, start_batch=self.batches_done)
@@ -290,14 +293,16 @@ class Trainer:
         log_every = self.config["trainer"]["log_every"]
         if self.batches_done == 0:
             self.epoch_loss_sum.zero_()
-            self.loss_counted_from = 0
+            self.epoch_loss_steps.zero_()
         with tqdm(total=total, initial=self.batches_done, desc=f"epoch {self.epoch + 1}", dynamic_ncols=True,
                   disable=not self.dist.is_main) as bar:
             for batch in self.train_loader:
                 if self.batches_done >= total:
                     break
                 loss, terms = self.training_step(batch)
-                self.epoch_loss_sum += loss
+                finite = torch.isfinite(loss)  # False only for a step the fp16 scaler skipped
+                self.epoch_loss_sum += torch.where(finite, loss, 0.0)
+                self.epoch_loss_steps += finite
                 self.step += 1
                 self.batches_done += 1
                 bar.update(1)
@@ -312,7 +317,8 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + 1}, step {self.step}; "
                         f"checkpoint written to {path}; resume with: python train.py -r {path}", signum)
-        return self.epoch_loss_sum.item() / max(self.batches_done - self.loss_counted_from, 1)
+        steps = self.epoch_loss_steps.item()
+        return self.epoch_loss_sum.item() / steps if steps else float("nan")
 
     def evaluate(self):
         return evaluate(self.model, self.eval_loader, self.eval_languages, self.config["eval"], self.device)
