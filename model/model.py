@@ -186,14 +186,19 @@ class RetrievalModel(nn.Module):
 
     def forward(self, video, video_mask, texts):
         """Video embeddings [B, P] and {lang: text embeddings [B, P]} for one batch. Training goes
-        through here so that DistributedDataParallel sees a single forward call. The captions of
-        all languages go through the text encoder as one [languages x B, L] batch, which it runs in
-        length buckets: fewer, larger matrix products than one call per language, with the same
-        result up to float32 rounding."""
+        through here so that DistributedDataParallel sees a single forward call."""
+        return self.encode_video(video, video_mask), self.encode_texts(texts)
+
+    def encode_texts(self, texts, pool_masks=None):
+        """{lang: [B, P]} for {lang: tokens [B, L]} (``pool_masks``: {lang: [B, L]} or None). The
+        captions of all languages go through the text encoder as one [languages x B, L] batch, which
+        it runs in length buckets: fewer, larger matrix products than one call per language, with
+        the same result up to float32 rounding."""
         langs = list(texts)
         tokens = {k: torch.cat([texts[lang][k] for lang in langs]) for k in ("input_ids", "attention_mask")}
-        text = self.encode_text(tokens).split(video.shape[0])
-        return self.encode_video(video, video_mask), dict(zip(langs, text))
+        pool_mask = torch.cat([pool_masks[lang] for lang in langs]) if pool_masks is not None else None
+        text = self.encode_text(tokens, pool_mask=pool_mask).split(len(tokens["input_ids"]) // len(langs))
+        return dict(zip(langs, text))
 
     def encode_text(self, tokens, pool_mask=None):
         return self.text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)

@@ -135,3 +135,30 @@ def test_used_length():
     assert row_lengths(right_padded, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0]])).tolist() == [2, 3]
     assert row_lengths(torch.zeros(2, 4)).tolist() == [0, 0]
     assert used_length(torch.zeros(0, 4)) == 1  # no rows at all
+
+
+def test_all_languages_encode_as_one_batch_with_their_own_pooling_masks(toy_assets):
+    """encode_texts runs the captions of every language through one text-encoder call and gives each
+    language the embeddings that encoding it alone (with its own pooling mask) gives."""
+    name = str(toy_assets["encoders"]["xlmr-tiny"])
+    model = build_model({"text_encoder": name, "projection_dim": 16, "width": 32, "depth": 1, "heads": 2,
+                         "mlp_ratio": 1.0, "length_bucket_rows": 3}, feature_dim=8).eval()
+    tokenizer = load_tokenizer(name)
+    captions = {"en": ["a red car", "a man cuts an onion in the kitchen"],
+                "fr": ["une voiture rouge", "un homme coupe un oignon"],
+                "de": ["ein rotes Auto", "ein Mann schneidet eine Zwiebel in der Küche, dann spült er"]}
+    texts = {lang: tokenizer(c, padding="max_length", max_length=24, truncation=True, return_tensors="pt",
+                             return_token_type_ids=False) for lang, c in captions.items()}
+    pool_masks = {lang: t["attention_mask"].clone() for lang, t in texts.items()}
+    pool_masks["fr"][:, :20] = 1  # one language pools over more columns than its tokens
+    calls = _backbone_lengths(model.text)
+    with torch.no_grad():
+        joined = model.encode_texts(texts, pool_masks)
+        assert len(calls) == 2  # 6 rows in two buckets of 3; one call per language would run three
+        for lang in captions:
+            alone = model.encode_text(texts[lang], pool_mask=pool_masks[lang])
+            torch.testing.assert_close(joined[lang], alone, rtol=0, atol=1e-5)
+        without = model.encode_texts(texts)
+    assert list(joined) == list(captions)
+    assert (without["fr"] - joined["fr"]).abs().max() > 1e-3  # the pooling mask was used
+    torch.testing.assert_close(without["de"], joined["de"], rtol=0, atol=1e-5)

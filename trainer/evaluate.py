@@ -48,10 +48,10 @@ def embed_eval_set(model, loader, languages, device):
         with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast
             videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())
             pool = batch["text"].get(POOL_MASK)
+            pool_masks = {lang: pool[lang]["attention_mask"] for lang in languages} if pool is not None else None
+            text = model.encode_texts({lang: batch["text"][STUDENT][lang] for lang in languages}, pool_masks)
             for lang in languages:
-                pool_mask = pool[lang]["attention_mask"] if pool is not None else None
-                texts[lang].append(model.encode_text(batch["text"][STUDENT][lang],
-                                                     pool_mask=pool_mask).float().cpu())
+                texts[lang].append(text[lang].float().cpu())
         for lang in languages:
             has[lang].append(batch["has_caption"][lang].cpu())
         items.append(batch["index"].cpu())
