@@ -67,3 +67,14 @@ def test_a_run_continued_in_its_folder_updates_its_record(database, tmp_path):
     # The run folder tells the same story.
     run_json = json.loads((root / "seed0" / "run.json").read_text())
     assert run_json["status"] == "COMPLETED" and [a["status"] for a in run_json["earlier_attempts"]] == ["FAILED"]
+
+
+def test_records_get_the_next_integer_id_beside_records_named_by_strings(database, tmp_path):
+    """A database shared with other Sacred experiments may hold records with string ids (Sacred's
+    ``--id NAME``); Sacred's own count would stop at them."""
+    database.runs.insert_one({"_id": "someone-elses-run", "status": "COMPLETED"})
+    database.runs.insert_one({"_id": 7, "status": "COMPLETED"})
+    run_experiment("teacher", {"seed": 0}, logs_steps([1]), tmp_path / "teacher", mongo=URL)
+    run_experiment("teacher", {"seed": 1}, logs_steps([1]), tmp_path / "teacher", run_id="seed1", mongo=URL)
+    records = {r["run_folder"]: r["_id"] for r in database.runs.find({"run_folder": {"$exists": True}})}
+    assert records == {str(tmp_path / "teacher/1"): 8, str(tmp_path / "teacher/seed1"): 9}
