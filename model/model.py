@@ -187,9 +187,9 @@ class RetrievalModel(nn.Module):
     def forward(self, video, video_mask, texts):
         """Video embeddings [B, P] and {lang: text embeddings [B, P]} for one batch. Training goes
         through here so that DistributedDataParallel sees a single forward call."""
-        return self.encode_video(video, video_mask), self.encode_texts(texts)
+        return self.encode_video(video, video_mask), self.encode_text_by_language(texts)
 
-    def encode_texts(self, texts, pool_masks=None):
+    def encode_text_by_language(self, texts, pool_masks=None):
         """{lang: [B, P]} for {lang: tokens [B, L]} (``pool_masks``: {lang: [B, L]} or None). The
         captions of all languages go through the text encoder as one [languages x B, L] batch, which
         it runs in length buckets: fewer, larger matrix products than one call per language, with

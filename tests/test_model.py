@@ -138,7 +138,7 @@ def test_used_length():
 
 
 def test_all_languages_encode_as_one_batch_with_their_own_pooling_masks(toy_assets):
-    """encode_texts runs the captions of every language through one text-encoder call and gives each
+    """encode_text_by_language runs the captions of every language through one text-encoder call and gives each
     language the embeddings that encoding it alone (with its own pooling mask) gives."""
     name = str(toy_assets["encoders"]["xlmr-tiny"])
     model = build_model({"text_encoder": name, "projection_dim": 16, "width": 32, "depth": 1, "heads": 2,
@@ -153,12 +153,12 @@ def test_all_languages_encode_as_one_batch_with_their_own_pooling_masks(toy_asse
     pool_masks["fr"][:, :20] = 1  # one language pools over more columns than its tokens
     calls = _backbone_lengths(model.text)
     with torch.no_grad():
-        joined = model.encode_texts(texts, pool_masks)
+        joined = model.encode_text_by_language(texts, pool_masks)
         assert len(calls) == 2  # 6 rows in two buckets of 3; one call per language would run three
         for lang in captions:
             alone = model.encode_text(texts[lang], pool_mask=pool_masks[lang])
             torch.testing.assert_close(joined[lang], alone, rtol=0, atol=1e-5)
-        without = model.encode_texts(texts)
+        without = model.encode_text_by_language(texts)
     assert list(joined) == list(captions)
     assert (without["fr"] - joined["fr"]).abs().max() > 1e-3  # the pooling mask was used
     torch.testing.assert_close(without["de"], joined["de"], rtol=0, atol=1e-5)
