@@ -138,8 +138,8 @@ def test_used_length():
 
 
 def test_all_languages_encode_as_one_batch_with_their_own_pooling_masks(toy_assets):
-    """encode_text_by_language runs the captions of every language through one text-encoder call and gives each
-    language the embeddings that encoding it alone (with its own pooling mask) gives."""
+    """encode_text_by_language runs the captions of every language through one text-encoder call
+    and gives each language the embeddings that encoding it alone (with its own pooling mask) gives."""
     name = str(toy_assets["encoders"]["xlmr-tiny"])
     model = build_model({"text_encoder": name, "projection_dim": 16, "width": 32, "depth": 1, "heads": 2,
                          "mlp_ratio": 1.0, "length_bucket_rows": 3}, feature_dim=8).eval()

@@ -49,7 +49,8 @@ def embed_eval_set(model, loader, languages, device):
             videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())
             pool = batch["text"].get(POOL_MASK)
             pool_masks = {lang: pool[lang]["attention_mask"] for lang in languages} if pool is not None else None
-            text = model.encode_text_by_language({lang: batch["text"][STUDENT][lang] for lang in languages}, pool_masks)
+            tokens = {lang: batch["text"][STUDENT][lang] for lang in languages}
+            text = model.encode_text_by_language(tokens, pool_masks)
             for lang in languages:
                 texts[lang].append(text[lang].float().cpu())
         for lang in languages:
