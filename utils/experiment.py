@@ -199,18 +199,6 @@ class RunFolderObserver(FileStorageObserver):
             self.save_json(self.run_entry, "run.json")
         return _id
 
-    def _insert_new(self):
-        """Insert under 1 + the largest integer id. Sacred's own count takes the largest id of any
-        type, and fails on a string one (a Sacred run given ``--id NAME`` in the same database)."""
-        import pymongo.errors
-        while True:
-            last = self.runs.find_one({"_id": {"$type": "number"}}, sort=[("_id", -1)])
-            self.run_entry["_id"] = int(last["_id"]) + 1 if last else 1
-            try:
-                return super().insert()
-            except pymongo.errors.DuplicateKeyError:
-                pass  # another run took that id meanwhile
-
     def log_metrics(self, metrics_by_name, info):
         if self._earlier is not None:
             self._drop_redone_steps(metrics_by_name)
