@@ -333,10 +333,15 @@ def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
-        default = LEGACY_VALUES.get(key, SCHEMA[key][0] if key in SCHEMA else None)
-        if a.get(key, default) != b.get(key, default):
-            differences.append((key, a.get(key, default), b.get(key, default)))
+        missing = value_when_missing(key)
+        if a.get(key, missing) != b.get(key, missing):
+            differences.append((key, a.get(key, missing), b.get(key, missing)))
     return differences
+
+
+def value_when_missing(key):
+    """What a run whose config lacks ``key`` (written before the key existed) ran with."""
+    return LEGACY_VALUES.get(key, SCHEMA[key][0] if key in SCHEMA else None)
 
 
 def select_device(arg):

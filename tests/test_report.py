@@ -112,6 +112,21 @@ def test_group_by_name_refuses_mixed_configs(tmp_path, runs, capsys):
     assert code == 0 and "c2kd [loss.balance=0.5]" in stdout and "c2kd [loss.balance=0.1]" in stdout
 
 
+def test_a_key_an_older_config_lacks_counts_at_what_older_runs_did(tmp_path, runs, capsys):
+    """A run written before model.length_bucket_rows existed ran one bucket (LEGACY_VALUES), not
+    today's default; a key without a legacy value counts at its default."""
+    now = config(3)
+    now["model"] = {"length_bucket_rows": 128}
+    newer = write_run(tmp_path / "newer" / "seed3", now, metrics(R1[0]))
+    code, _, err = run_report(capsys, "--method", f"C2KD={runs[0]},{newer}", "--out", tmp_path / "o")
+    assert code == 2 and "model.length_bucket_rows = null" in err and "vs 128" in err
+    explicit = config(4)
+    explicit["model"] = {"length_bucket_rows": None, "depth": 2}  # model.depth's default
+    same = write_run(tmp_path / "same" / "seed4", explicit, metrics(R1[1]))
+    code, stdout, err = run_report(capsys, "--method", f"C2KD={runs[0]},{same}", "--out", tmp_path / "o")
+    assert code == 0 and "| C2KD | 2 |" in stdout, err
+
+
 def test_refuses_two_runs_with_one_seed(tmp_path, runs, capsys):
     again = write_run(tmp_path / "again" / "seed0", config(0), metrics(R1[1]))
     code, _, err = run_report(capsys, "--method", f"C2KD={runs[0]},{again}", "--out", tmp_path / "o")

@@ -20,7 +20,7 @@ configs differ in anything but the seed (and the keys that cannot change results
 Each cell is the mean ± the sample standard deviation (ddof=1) over the runs of the row; the
 last two columns average each run over the non-English languages and over all languages first.
 Writes table.md, table.tex, table.csv and a grouped bar chart of per-language R@1 (r1_bars.png)
-to --out (default: report/) and prints the Markdown.
+to --out (default: reports/) and prints the Markdown.
 """
 import argparse
 import csv
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_loader.corpus import ENGLISH
-from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config
+from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config, value_when_missing
 from utils.errors import run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
@@ -98,10 +98,10 @@ def find_run_dirs(path):
     return found
 
 
-def schema_defaults():
-    """Current defaults of every config key: a key missing from an older run's config (added to
-    the schema later) counts as its default when configs are compared."""
-    return {key: spec[0] for key, spec in SCHEMA.items()}
+def values_when_missing():
+    """Every config key at what a run whose config lacks it ran with (an older run, written before
+    the key existed): that is the value grouped and compared."""
+    return {key: value_when_missing(key) for key in SCHEMA}
 
 
 def load_run(path, include_unfinished=False, defaults=None):
@@ -132,7 +132,7 @@ def load_run(path, include_unfinished=False, defaults=None):
 
 def load_runs(paths, include_unfinished=False):
     runs, seen = [], set()
-    defaults = schema_defaults()
+    defaults = values_when_missing()
     for p in paths:
         for d in find_run_dirs(p):
             key = d.resolve()
