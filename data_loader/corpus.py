@@ -17,7 +17,6 @@ optional ``items`` argument: the already-unpickled list, so that tools which ins
 (``data_loader.check``) unpickle it only once.
 """
 import json
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,28 +140,24 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
     """Multi-MSRVTT and VATEX pickles (reference §1.2).
 
     Training items hold ``caption_<lang>`` lists aligned by index; evaluation items hold one
-    ``eval_caption_<lang>`` string per language. Languages are the caption keys found in
-    the file; a language is kept only if every item has it.
+    ``eval_caption_<lang>`` string per language. Languages are the caption keys found in the
+    file; an item without a language's key has no caption in it (the released files have every
+    language in every item).
     """
     data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
     prefix = "caption_" if split == "train" else "eval_caption_"
-    per_item_langs = [{k[len(prefix):] for k in item if k.startswith(prefix)} for item in data]
-    languages = _ordered_languages(set.intersection(*per_item_langs))
-    for lang in _ordered_languages(set.union(*per_item_langs) - set(languages)):
-        lacking = [str(item.get("id", i)) for i, item in enumerate(data) if lang not in per_item_langs[i]]
-        print(f"note: {path}: language '{lang}' left out: {len(lacking)} item(s) have no '{prefix}{lang}', "
-              f"e.g. {', '.join(lacking[:3])}", file=sys.stderr)
-    if not languages:
-        raise SplitNotInFile(f"{path}: no '{prefix}<lang>' keys shared by all items "
-                            f"(is this a {'training' if split == 'train' else 'test'} file?)")
-    per_item = [{lang: _caption_list(item[prefix + lang], path, i, prefix + lang) for lang in languages}
+    per_item = [{k[len(prefix):]: _caption_list(v, path, i, k) for k, v in item.items() if k.startswith(prefix)}
                 for i, item in enumerate(data)]
+    if not any(per_item):
+        raise SplitNotInFile(f"{path}: no '{prefix}<lang>' keys in any item "
+                             f"(is this a {'training' if split == 'train' else 'test'} file?)")
     for i, found in enumerate(per_item):
-        for lang, caps in found.items():
-            if len(caps) != len(found[languages[0]]):
-                raise DataFileError(
-                    f"{path}: item {data[i].get('id', i)} has {len(caps)} '{prefix}{lang}' captions but "
-                    f"{len(found[languages[0]])} '{prefix}{languages[0]}' ones; captions must be aligned by index")
+        counts = {lang: len(caps) for lang, caps in found.items()}
+        if len(set(counts.values())) > 1:
+            (a, n), (b, m) = sorted(counts.items(), key=lambda kv: kv[1])[::len(counts) - 1]
+            raise DataFileError(
+                f"{path}: item {data[i].get('id', i)} has {n} '{prefix}{a}' captions but {m} '{prefix}{b}' "
+                "ones; captions must be aligned by index")
     extras = [_plain_extras(item, {"id", feature_key} |
                             {k for k in item if k.startswith(("caption_", "eval_caption_"))}) for item in data]
     return _assemble(path, data, per_item, feature_key, extras)

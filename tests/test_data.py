@@ -96,15 +96,21 @@ def test_reader_errors_name_file_key_and_language(tmp_path):
         read_corpus(wrong, "multi-msrvtt", "2d", "train")
 
 
-def test_a_language_some_items_lack_is_left_out_with_a_note(tmp_path, capsys):
+def test_an_item_without_a_language_has_no_caption_in_it(tmp_path):
+    """As in the other layouts: the language is kept, and that item alone has no caption in it."""
     items = released_items(training=True)
     del items[1]["caption_de"]
     path = tmp_path / "train.pkl"
     path.write_bytes(pickle.dumps(items, protocol=4))
-    corpus = read_corpus(path, "multi-msrvtt", "2d", "train")
-    assert "de" not in corpus.languages and "en" in corpus.languages
-    note = capsys.readouterr().err
-    assert f"{path}: language 'de' left out: 1 item(s) have no 'caption_de', e.g. {items[1]['id']}" in note
+    corpus = read_corpus(path, "multi-msrvtt", "2d", "train", languages=["en", "de"])
+    assert corpus.languages == ["en", "de"]
+    assert corpus.captions["de"][1] == [] and corpus.captions["en"][1] == items[1]["caption_en"]
+    assert corpus.captions["de"][0] == items[0]["caption_de"]
+    items[0]["caption_de"] = items[0]["caption_de"][:-1]
+    path.write_bytes(pickle.dumps(items, protocol=4))
+    with pytest.raises(DataFileError, match=f"item {items[0]['id']} has {len(items[0]['caption_de'])} "
+                                            "'caption_de' captions but .* 'caption_"):
+        read_corpus(path, "multi-msrvtt", "2d", "train")
 
 
 def test_video_tokens_truncate_normalise_and_pad():
