@@ -76,6 +76,15 @@ def test_moments_find_the_event_the_query_describes(trained):
     assert np.mean(hit) >= 0.85
 
 
+def test_a_window_longer_than_the_frames_the_model_encodes_is_refused(trained):
+    retriever = trained["retriever"]
+    seen = retriever.config["data"]["n_video_tokens"]
+    features = np.ones((seen + 8, retriever.config["data"]["feature_dim"]), dtype=np.float32)
+    assert len(score_moments(retriever, features, "a cup", window=seen).windows) == 9
+    with pytest.raises(InferenceError, match=f"window {seen + 1} is longer than the {seen} frames .*n_video_tokens"):
+        score_moments(retriever, features, "a cup", window=seen + 1)
+
+
 def test_sliding_windows_and_event_matching():
     assert sliding_windows(6, 4) == [(0, 4), (1, 5), (2, 6)]
     assert sliding_windows(7, 4, stride=2) == [(0, 4), (2, 6), (3, 7)]

@@ -47,6 +47,10 @@ def score_moments(retriever, features, query, window=4, stride=1, name="the vide
     features = retriever.check_features(features, name)
     if len(features) == 0:
         raise InferenceError(f"{name} has no frames")
+    seen = retriever.config["data"]["n_video_tokens"]
+    if window > seen:  # the encoder keeps a window's first frames: the rest would share a score unseen
+        raise InferenceError(f"window {window} is longer than the {seen} frames the model encodes per video "
+                             "(its data.n_video_tokens)")
     spans = sliding_windows(len(features), window, stride)
     query_emb = retriever.encode_texts([query])[0]
     scores = (retriever.encode_videos([features[s:e] for s, e in spans]) @ query_emb).numpy()
