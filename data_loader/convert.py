@@ -25,7 +25,8 @@ from utils.files import atomic_write
 
 
 def write_safe(corpus, out, feature_key, fmt="safetensors", dtype="float32", overwrite=False, source=None):
-    """Write ``corpus`` as a safe-layout folder ``out``; returns (SafeFiles, names of dropped extra fields).
+    """Write ``corpus`` as a safe-layout folder ``out``; returns (SafeFiles, names of the fields not
+    written: extras that are not plain data, and the source's ``unread_fields``).
 
     Usable from Python to bring your own data: build a ``Corpus`` (ids, per-item float arrays
     [frames, dim], captions {lang: [[caption, ...] per item]}) and call this.
@@ -47,7 +48,7 @@ def write_safe(corpus, out, feature_key, fmt="safetensors", dtype="float32", ove
         raise DataFileError(f"{corpus.path}: some features overflow float16; keep --dtype float32")
     offsets = np.concatenate([[0], np.cumsum([f.shape[0] for f in corpus.features])]).astype(np.int64)
 
-    dropped, extras = set(), []
+    dropped, extras = set(corpus.unread_fields), []
     for extra in corpus.extras:
         kept = {}
         for key, value in extra.items():

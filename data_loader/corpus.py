@@ -44,6 +44,7 @@ class Corpus:
     features: list                 # per item: float32 array [frames, feature_dim]
     captions: dict                 # lang -> list (per item) of lists of strings
     extras: list = field(default_factory=list)  # per item: fields readers keep but training ignores
+    unread_fields: list = field(default_factory=list)  # fields of the source items that are not plain data
 
     def __len__(self):
         return len(self.ids)
@@ -158,9 +159,10 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
             raise DataFileError(
                 f"{path}: item {data[i].get('id', i)} has {n} '{prefix}{a}' captions but {m} '{prefix}{b}' "
                 "ones; captions must be aligned by index")
-    extras = [_plain_extras(item, {"id", feature_key} |
+    unread = set()
+    extras = [_plain_extras(item, unread, {"id", feature_key} |
                             {k for k in item if k.startswith(("caption_", "eval_caption_"))}) for item in data]
-    return _assemble(path, data, per_item, feature_key, extras)
+    return _assemble(path, data, per_item, feature_key, extras, unread)
 
 
 # ---- shared helpers of the readers below ---------------------------------------------------------
@@ -173,14 +175,14 @@ def _ordered_languages(languages):
     return head + sorted(languages - set(head))
 
 
-def _assemble(path, data, per_item, feature_key, extras):
+def _assemble(path, data, per_item, feature_key, extras, unread):
     """A Corpus from the items and, per item, their captions {lang: [strings]}: every language that
     some item has, English first; an item without a language gets an empty list for it."""
     languages = _ordered_languages(set().union(*per_item))
     return Corpus(path=str(path), ids=[str(item.get("id", i)) for i, item in enumerate(data)],
                   features=[_features(item, feature_key, path, i) for i, item in enumerate(data)],
                   captions={lang: [found.get(lang, []) for found in per_item] for lang in languages},
-                  extras=extras)
+                  extras=extras, unread_fields=sorted(unread))
 
 
 def json_value(value):
@@ -201,14 +203,17 @@ def json_value(value):
 _DROP = object()
 
 
-def _plain_extras(item, skip):
-    """The fields of ``item`` that are not in ``skip`` and are plain JSON data (no arrays)."""
+def _plain_extras(item, unread, skip):
+    """The fields of ``item`` that are not in ``skip`` and are plain JSON data; the names of the
+    others (arrays: audio, say) are added to the set ``unread``."""
     out = {}
     for key, value in item.items():
         if key in skip:
             continue
         value = json_value(value)
-        if value is not _DROP:
+        if value is _DROP:
+            unread.add(key)
+        else:
             out[key] = value
     return out
 
@@ -261,14 +266,14 @@ def read_multi_youcook2(path, feature_key, split, items=None):
             raise DataFileError(f"{path}: item {i} has no English 'caption' (is this a YouCook2 file?)")
         found[ENGLISH] = _caption_list(english, path, i, "caption")
         per_item.append(found)
-    extras = []
+    extras, unread = [], set()
     for item in data:
-        extra = _plain_extras(item, {"id", feature_key, "caption"} |
+        extra = _plain_extras(item, unread, {"id", feature_key, "caption"} |
                               {k for k in item if isinstance(k, str) and k.startswith("caption_")})
         if "caption_en" in item and "caption" in item and item["caption_en"] != item["caption"]:
             extra["caption_en"] = json_value(item["caption_en"])
         extras.append(extra)
-    return _assemble(path, data, per_item, feature_key, extras)
+    return _assemble(path, data, per_item, feature_key, extras, unread)
 
 
 # ---- RUDDER --------------------------------------------------------------------------------------
@@ -293,12 +298,12 @@ def read_rudder(path, feature_key, split, items=None):
                          for lang, value in caps.items()})
     # Every language of the file is read (ta, te and ml too, which the reference left out);
     # the RUDDER configs select the paper's en, hi, mr, kn with `languages`.
-    extras = []
+    extras, unread = [], set()
     for item, found in zip(data, per_item):
-        extra = _plain_extras(item, {"id", feature_key, "captions", "audios"})
+        extra = _plain_extras(item, unread, {"id", feature_key, "captions"})
         extra["caption_languages"] = [lang for lang, caps in found.items() if caps]
         extras.append(extra)
-    return _assemble(path, data, per_item, feature_key, extras)
+    return _assemble(path, data, per_item, feature_key, extras, unread)
 
 
 # ---- missing captions ----------------------------------------------------------------------------
