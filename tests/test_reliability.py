@@ -397,6 +397,25 @@ def test_epoch_loss_leaves_out_steps_the_fp16_scaler_skipped(toy_assets, tmp_pat
     resumed.load_state_dict(state, "state")
     assert resumed.train_epoch() == pytest.approx(state["epoch_loss_sum"] / 4, rel=1e-6)
 
+
+def test_a_run_resumed_under_fp16_starts_a_fresh_gradient_scaler(toy_assets, tmp_path):
+    """A checkpoint of a run without fp16 (bf16 on another GPU, or the CPU) holds no scaler state."""
+    config = toy_config(toy_assets, tmp_path, "translate-train")
+    saved, batch = make_trainer(config)
+    saved.training_step(batch)
+    state = saved.state_dict()
+    assert state["scaler"] == {}
+    resumed, _ = make_trainer(config)
+    resumed.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)  # the fp16 path, on the CPU
+    resumed.load_state_dict(state, "bf16.pt")
+    assert resumed.scaler.get_scale() == 2.0 ** 10
+    assert resumed.optimizer.state_dict()["state"]  # the rest of the state was loaded: Adam's moments
+    # ...and the other way round: an fp16 checkpoint resumed without fp16 ignores its scaler state.
+    state["scaler"] = resumed.scaler.state_dict()
+    saved.load_state_dict(state, "fp16.pt")
+    assert not saved.scaler.is_enabled()
+
+
 def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
     """Checkpoints written before every rank's random state was kept hold one state, not a list."""
     trainer, _ = make_trainer(toy_config(toy_assets, tmp_path, "translate-train"))
@@ -418,6 +437,16 @@ def test_settings_restored_on_resume_and_rank_seeds():
                                         "teachers.learnable_lr": 0.5}), "c.pt")
     # Without learnable teacher weights the setting is used by nothing: a change is not refused.
     check_resumable(resolve({"stage": "c2kd"}), resolve({"stage": "c2kd", "teachers.learnable_lr": 0.5}), "c.pt")
+    # What the run trains may not change; how long, where its files are and how it computes may.
+    saved = resolve({"stage": "c2kd"})
+    for key, value in (("seed", 1), ("data.batch_size", 32), ("loss.balance", 0.1), ("stage", "translate-train"),
+                       ("trainer.max_steps_per_epoch", 3)):
+        with pytest.raises(ConfigError, match=f"config key '{key}' = .* differs from the checkpoint's .*; a "
+                                              "resumed run continues the same experiment"):
+            check_resumable(saved, resolve({"stage": "c2kd", key: value}), "c.pt")
+    check_resumable(saved, resolve({"stage": "c2kd", "trainer.epochs": 20, "data.train_path": "/moved/train.pkl",
+                                    "teachers.mode": "online", "trainer.accumulation_steps": 2,
+                                    "trainer.mixed_precision": "fp16", "data.num_workers": 0}), "c.pt")
     seed_rank(2**32 - 1, 3)  # the largest valid seed gives every rank a valid stream
 
 

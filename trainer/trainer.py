@@ -7,6 +7,7 @@ Under torchrun the model is wrapped in DistributedDataParallel and the losses se
 batch; only rank 0 writes checkpoints and logs.
 """
 import contextlib
+import json
 import random
 import signal
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from data_loader.corpus import ENGLISH, listed
 from data_loader.dataset import STUDENT
 from model.metric import format_table
-from parse_config import ConfigError, config_differences
+from parse_config import RESULT_NEUTRAL_KEYS, ConfigError, config_differences
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
@@ -64,17 +65,27 @@ def split_batch(batch, parts):
 # its config says: changing them on resume would record values that were never used.
 RESTORED_SETTINGS = ("optimizer.lr", "scheduler.gamma", "teachers.learnable_lr")
 
+# What a resumed run may change besides the keys that change no result: how long it trains, where
+# its files are, and how it computes the same steps. Any other change (the seed, the batch size,
+# the loss, ...) would make one run record two experiments, and mid-epoch it would also break the
+# epoch's data order, which the checkpoint counts in batches of the saved size and seed.
+RESUME_MAY_CHANGE = RESULT_NEUTRAL_KEYS | {
+    "trainer.epochs", "data.train_path", "data.eval_path", "model.text_encoder", "model.pool_mask_tokenizer",
+    "teachers.checkpoints", "teachers.mode", "trainer.mixed_precision", "trainer.compile",
+    "trainer.accumulation_steps", "trainer.max_skipped_steps", "model.length_bucket_rows"}
+
 
 def check_resumable(saved_config, config, path):
-    """Refuse to resume ``path`` (whose config is ``saved_config``) under other RESTORED_SETTINGS
-    (teachers.learnable_lr only where the loss has learnable teacher weights)."""
-    restored = set(RESTORED_SETTINGS)
-    if config["loss"]["teacher_pool"] != "learnable":
-        restored.discard("teachers.learnable_lr")
-    for key, saved, now in config_differences(saved_config, config):
-        if key in restored:
-            raise ConfigError(f"{path}: config key '{key}' = {now} differs from the checkpoint's {saved}; a resumed "
-                              "run continues the saved optimizer and schedule, so keep it, or start a new run")
+    """Refuse to resume ``path`` (whose config is ``saved_config``) under a config that differs
+    outside RESUME_MAY_CHANGE (teachers.learnable_lr counts only where the loss has learnable
+    teacher weights: nothing else uses it)."""
+    for key, saved, now in config_differences(saved_config, config, ignore=RESUME_MAY_CHANGE):
+        if key == "teachers.learnable_lr" and config["loss"]["teacher_pool"] != "learnable":
+            continue
+        why = ("a resumed run continues the saved optimizer and schedule" if key in RESTORED_SETTINGS
+               else "a resumed run continues the same experiment")
+        raise ConfigError(f"{path}: config key '{key}' = {json.dumps(now)} differs from the checkpoint's "
+                          f"{json.dumps(saved)}; {why}, so keep it, or start a new run")
 
 
 class Trainer:
@@ -150,7 +161,10 @@ class Trainer:
             raise CheckpointError(f"{path}: does not fit this model and config "
                                   f"({first_line(e)})") from None
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        # A run resumed under another precision (fp16 after bf16 or fp32, on another GPU say) starts
+        # a fresh gradient scaler: a disabled scaler saved no state.
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         rng = _saved_rng_states(state["rng"], self.device)
         if self.dist.rank < len(rng):
             _set_rng_state(self.device, rng[self.dist.rank])
