@@ -274,9 +274,11 @@ def load_backbone(name, pretrained=True):
     _check_local_folder("text encoder", name)
     _quiet_transformers()
     try:
+        # float32 weights whatever dtype the encoder's config.json names (transformers would load a
+        # bfloat16 one as bfloat16): mixed precision comes from autocast, over float32 weights.
         if pretrained:
-            return AutoModel.from_pretrained(name)
-        return AutoModel.from_config(AutoConfig.from_pretrained(name))
+            return AutoModel.from_pretrained(name, dtype=torch.float32)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name), dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ModelError(f"text encoder '{name}' could not be loaded (a hub id or a folder "
                          f"written by save_pretrained is expected): {first_line(e)}") from None

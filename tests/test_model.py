@@ -162,3 +162,19 @@ def test_all_languages_encode_as_one_batch_with_their_own_pooling_masks(toy_asse
     assert list(joined) == list(captions)
     assert (without["fr"] - joined["fr"]).abs().max() > 1e-3  # the pooling mask was used
     torch.testing.assert_close(without["de"], joined["de"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_encoders_load_in_float32_whatever_dtype_their_config_names(toy_assets, tmp_path, pretrained):
+    """A hub encoder saved in bfloat16 still trains over float32 weights (autocast does the rest)."""
+    import json
+    import shutil
+    folder = tmp_path / "labse-bf16"
+    shutil.copytree(toy_assets["encoders"]["labse-tiny"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    model = build_model({"text_encoder": str(folder), "projection_dim": 16, "width": 32, "depth": 1, "heads": 2,
+                         "mlp_ratio": 1.0}, feature_dim=8, pretrained_text=pretrained)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    tokens = load_tokenizer(str(folder))(["a red car"], return_tensors="pt", return_token_type_ids=False)
+    assert model.encode_text(dict(tokens)).dtype == torch.float32
