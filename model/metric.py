@@ -8,8 +8,11 @@ Protocol:
   (fractional) for MedR / MeanR, and a hit at K with probability clamp((K - a) / m, 0, 1), so a
   2-way tie at the top counts 1/2 towards R@1 and a 3-way tie 1/3.
 * v2t: a video's score is its best (maximum) caption score in its column; a and m are counted in
-  that column, over all queries (other captions of the same video that tie with it count as tied
-  items). Videos without any caption are skipped.
+  that column, over all queries. Any caption of the video is a correct answer, so when c of the m
+  tied captions are its own (c > 1 only for exact duplicates under ``multi_caption = separate``),
+  the video's rank is that of the first of them: a, a + m - c, or a + (m - c) / (c + 1) for
+  "averaging", and a hit at K with probability 1 - C(m - c, j) / C(m, j), j = clamp(K - a, 0, m)
+  (for c = 1 these are the t2v rules). Videos without any caption are skipped.
 * R@K = 100 * (sum of the hits at K) / denominator, where the denominator is
   ``total_queries`` when given (the complete dataset size: missing items count
   as failures), else the number of ranked items. MedR / MeanR are
@@ -29,26 +32,33 @@ RECALL_KS = (1, 5, 10, 50)
 STATS = tuple(f"R{k}" for k in RECALL_KS) + ("MedR", "MeanR")  # each direction's statistics
 
 
-def _summarise(above: torch.Tensor, tied: torch.Tensor, tie_break: str,
+def _summarise(above: torch.Tensor, tied: torch.Tensor, correct: torch.Tensor, tie_break: str,
                total_queries: int | None) -> dict[str, float]:
     """Statistics of items whose ground truth has ``above`` strictly better scores and ``tied``
-    equal ones (itself included)."""
+    equal ones, ``correct`` of which (at least 1: itself) are correct answers."""
     n = above.numel()
     denom = n if total_queries is None else total_queries
     if denom < n:
         raise ValueError(f"total_queries={total_queries} is smaller than the {n} ranked queries")
-    above, tied = above.double(), tied.double()
+    above, tied, correct = above.double(), tied.double(), correct.double()
+    wrong = tied - correct  # tied items that are not correct answers
     if tie_break == "optimistic":
         ranks = above
     elif tie_break == "pessimistic":
-        ranks = above + tied - 1
-    else:
-        ranks = above + (tied - 1) / 2
+        ranks = above + wrong
+    else:  # the expected number of wrong items before the first correct one in a random order
+        ranks = above + wrong / (correct + 1)
 
     def hits(k):
-        if tie_break == "averaging":  # the chance that a random order puts it before position k
-            return ((k - above) / tied).clamp(0, 1)
-        return (ranks < k).double()
+        if tie_break != "averaging":
+            return (ranks < k).double()
+        # The chance that a random order of the tied items puts a correct one before position k:
+        # 1 - C(wrong, j) / C(tied, j) for j tied positions before k (j / tied when one is correct).
+        j = (k - above).clamp(0, None).minimum(tied)
+        log_miss = (torch.lgamma(wrong + 1) - torch.lgamma((wrong - j).clamp(min=0) + 1)
+                    - torch.lgamma(tied + 1) + torch.lgamma(tied - j + 1))
+        miss = torch.where(j > wrong, 0.0, log_miss.exp())
+        return torch.where(correct == 1, j / tied, 1 - miss)
 
     out = {f"R{k}": 100.0 * hits(k).sum().item() / denom if denom else float("nan") for k in RECALL_KS}
     arr = ranks.numpy()
@@ -84,8 +94,8 @@ def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, tie_break,
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     device = query_video.device
 
-    # t2v: compare each row with the score of its ground-truth video.
-    t2v = ([], [])
+    # t2v: compare each row with the score of its ground-truth video (its one correct answer).
+    t2v = ([], [], [])
     for start in range(0, num_q, chunk_size):
         rows = row_block(start, min(start + chunk_size, num_q))
         if rows.isnan().any():
@@ -93,11 +103,12 @@ def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, tie_break,
         gt = rows.gather(1, query_video[start:start + chunk_size, None])
         t2v[0].append(_count(rows > gt, 1).cpu())
         t2v[1].append(_count(rows == gt, 1).cpu())
+        t2v[2].append(torch.ones(len(rows), dtype=torch.int32))
         del rows
 
     # v2t: every tie rule gives a rank that is non-increasing in the score, so
     # the minimum over a video's captions is the rank of its best caption score.
-    v2t = ([], [])
+    v2t = ([], [], [])
     all_queries = torch.arange(num_q, device=device)
     for start in range(0, num_v, chunk_size):
         end = min(start + chunk_size, num_v)
@@ -106,17 +117,20 @@ def _ranks_by_blocks(row_block, col_block, query_video, num_q, num_v, tie_break,
         inside = (query_video >= start) & (query_video < end)
         q_in, col_in = all_queries[inside], query_video[inside] - start
         best = torch.full((end - start,), float("-inf"), dtype=cols.dtype, device=device)
-        best = best.scatter_reduce(0, col_in, cols[q_in, col_in], reduce="amax")
-        has_query = torch.zeros(end - start, dtype=torch.bool, device=device)
-        has_query[col_in] = True
-        has_query = has_query.cpu()
+        own = cols[q_in, col_in]
+        best = best.scatter_reduce(0, col_in, own, reduce="amax")
+        # The video's own captions at its best score: every one of them is a correct answer.
+        at_best = torch.zeros(end - start, dtype=torch.int32, device=device)
+        at_best = at_best.scatter_add(0, col_in, (own == best[col_in]).int())
+        has_query = (at_best > 0).cpu()
         v2t[0].append(_count(cols > best, 0).cpu()[has_query])
         v2t[1].append(_count(cols == best, 0).cpu()[has_query])
+        v2t[2].append(at_best.cpu()[has_query])
         del cols
 
     def summarise(counts):
-        above, tied = (torch.cat(c) if c else torch.zeros(0, dtype=torch.int32) for c in counts)
-        return _summarise(above, tied, tie_break, total_queries)
+        above, tied, correct = (torch.cat(c) if c else torch.zeros(0, dtype=torch.int32) for c in counts)
+        return _summarise(above, tied, correct, tie_break, total_queries)
     return {"t2v": summarise(t2v), "v2t": summarise(v2t)}
 
 

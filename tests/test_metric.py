@@ -124,16 +124,45 @@ def test_v2t_min_over_two_captions_per_video():
                           "MedR": 1.5, "MeanR": 1.5, "num_queries": 4.0}
 
 
-@pytest.mark.parametrize("tie_break, rank, hit", [("optimistic", 0.0, 1.0), ("pessimistic", 2.0, 0.0),
-                                                  ("averaging", 1.0, 1 / 3)])
-def test_v2t_ties_include_other_relevant_captions(tie_break, rank, hit):
-    # column v0 = [0.5, 0.5, 0.5]; best caption score 0.5 ties with 2 other queries (q1 relevant, q2 not)
+@pytest.mark.parametrize("tie_break, rank, hit", [("optimistic", 0.0, 1.0), ("pessimistic", 1.0, 0.0),
+                                                  ("averaging", 1 / 3, 2 / 3)])
+def test_v2t_ties_with_the_videos_other_captions_are_not_against_it(tie_break, rank, hit):
+    # column v0 = [0.5, 0.5, 0.5]: its best caption score ties with q1 (also v0's: a correct answer
+    # too) and q2 (v1's). In a random order of the three, the first of v0's two comes after the
+    # wrong one with chance 1/3: expected rank 1/3, R@1 2/3.
     sims = _t([[0.5, 0.1], [0.5, 0.2], [0.5, 0.9]])
     out = retrieval_metrics(sims, _q([0, 0, 1]), tie_break=tie_break)
     # v1 column [0.1, 0.2, 0.9]: q2 on top -> rank 0, a hit
     assert out["v2t"]["MeanR"] == (rank + 0.0) / 2 + 1
     assert out["v2t"]["R1"] == pytest.approx(100.0 * (hit + 1) / 2, rel=1e-12)
     assert out["v2t"]["num_queries"] == 2.0
+
+
+def test_v2t_averaging_is_the_expectation_over_every_order_of_the_tied_captions():
+    """Exhaustively: each video's tied captions (its own and others') in every order; the rank and
+    the hit at K of the first correct caption, averaged over the orders."""
+    import itertools
+    # columns: v0 has 2 of 4 tied captions, v1 3 of 5 below one better, v2 1 of 3 (the t2v rule)
+    sims = torch.zeros(9, 3, dtype=torch.float64)
+    query_video = _q([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    sims[:, 0] = _t([0.7, 0.7, 0.1, 0.7, 0.7, 0.2, 0.2, 0.2, 0.2])
+    sims[:, 1] = _t([0.9, 0.1, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.5])
+    sims[:, 2] = _t([0.4, 0.1, 0.1, 0.4, 0.1, 0.4, 0.2, 0.2, 0.2])
+    out = retrieval_metrics(sims, query_video, tie_break="averaging")["v2t"]
+    expected_rank, expected_hits = [], {k: [] for k in (1, 5, 10)}
+    for v in range(3):
+        column, best = sims[:, v], sims[query_video == v, v].max()
+        above = int((column > best).sum())
+        tied = [bool(query_video[q] == v) for q in range(9) if column[q] == best]
+        firsts = [above + order.index(True) for order in itertools.permutations(tied)]
+        expected_rank.append(sum(firsts) / len(firsts))
+        for k in expected_hits:
+            expected_hits[k].append(sum(f < k for f in firsts) / len(firsts))
+    assert out["MeanR"] == pytest.approx(sum(expected_rank) / 3 + 1, rel=1e-12)
+    for k, hits in expected_hits.items():
+        assert out[f"R{k}"] == pytest.approx(100 * sum(hits) / 3, rel=1e-12)
+    assert expected_hits[1] == pytest.approx([1 - 2 / 4, 0.0, 1 / 3])  # v0: 2 of 4 tied at the top are its own
+    assert expected_hits[5][1] == 1.0 and expected_rank[1] == pytest.approx(1 + 2 / 4)
 
 
 def test_videos_without_queries_are_skipped_in_v2t():
