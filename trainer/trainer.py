@@ -2,7 +2,8 @@
 
 Optimisation follows the reference (§5): Adam on every trainable parameter, ExponentialLR
 stepped once per epoch, no gradient clipping. On CUDA the forward pass runs under autocast
-(bf16, or fp16 with a gradient scaler) for every stage; on the CPU it is plain fp32.
+(bf16, or fp16 with a gradient scaler; trainer.mixed_precision) in every stage; on the CPU it
+is plain fp32.
 Under torchrun the model is wrapped in DistributedDataParallel and the losses see the global
 batch; only rank 0 writes checkpoints and logs.
 """
@@ -121,7 +122,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
         self.epoch = 0          # completed epochs
-        self.step = 0           # optimizer steps so far
+        self.step = 0           # training steps so far (fp16 steps the scaler skipped included)
         self.batches_done = 0   # steps already taken in the current epoch (mid-epoch checkpoints)
         # Summed finite loss of those steps and their number, on the device (read once per epoch), so
         # that a resumed epoch reports the mean of all its steps; the non-finite loss of a step the
@@ -314,7 +315,7 @@ class Trainer:
                 if self.batches_done >= total:
                     break
                 loss, terms = self.training_step(batch)
-                finite = torch.isfinite(loss)  # False only for a step the fp16 scaler skipped
+                finite = torch.isfinite(loss)  # a non-finite loss survives only under fp16's scaler
                 self.epoch_loss_sum += torch.where(finite, loss, 0.0)
                 self.epoch_loss_steps += finite
                 self.step += 1
