@@ -62,7 +62,7 @@ class Corpus:
         missing = [lang for lang in languages if lang not in self.captions]
         if missing:
             raise DataFileError(
-                f"{self.path}: no captions for language(s) {', '.join(missing)}; "
+                f"{self.path}: no captions for language(s) {', '.join(missing)} (config key 'languages'); "
                 f"the file has {', '.join(self.captions) or 'none'}")
         self.captions = {lang: self.captions[lang] for lang in languages}
         return self

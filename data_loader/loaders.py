@@ -52,7 +52,9 @@ def check_items(corpus, allow_duplicate_ids=False):
         raise DataFileError(f"{corpus.path}: NaN or infinite video features in item(s) "
                             f"{listed(problems['non_finite'])}")
     if problems["uncaptioned"]:
-        raise DataFileError(f"{corpus.path}: item(s) without any caption: {listed(problems['uncaptioned'])}")
+        raise DataFileError(f"{corpus.path}: item(s) without any caption in the languages read "
+                            f"({', '.join(corpus.languages)}; config key 'languages'): "
+                            f"{listed(problems['uncaptioned'])}")
     if problems["repeated"] and not allow_duplicate_ids:
         raise DataFileError(f"{corpus.path}: duplicate id(s): {listed(list(problems['repeated']))} (set config key "
                             "'data.allow_duplicate_ids' to true to average items that share an id)")

@@ -173,7 +173,8 @@ def bad_data_cases(tmp_path):
         "one item's dimension": (pickled(tmp_path, "mixed.pkl", mixed),
                                  "has dimension 500 in item v4 (1 item(s) in all), but config key "
                                  "'data.feature_dim' is 512"),
-        "no caption": (pickled(tmp_path, "empty.pkl", empty), "item(s) without any caption: v5"),
+        "no caption": (pickled(tmp_path, "empty.pkl", empty), "item(s) without any caption in the languages read "
+                       "(en, de; config key 'languages'): v5"),
         "duplicate ids": (pickled(tmp_path, "dup.pkl", dup), "duplicate id(s): v1"),
         "nan features": (pickled(tmp_path, "nan.pkl", nan), "NaN or infinite video features in item(s) v2, v4"),
     }
