@@ -275,9 +275,10 @@ class Trainer:
         # One device sync per step: the price of naming the exact step and items of a bad loss.
         if not torch.isfinite(loss.detach()).item():
             shown = listed([self.train_loader.dataset.corpus.ids[i] for i in batch["index"].tolist()], limit=8)
+            items = "items" if self.dist.world_size == 1 else f"items of rank {self.dist.rank}'s share of the batch"
             raise NonFiniteLoss(
                 f"non-finite loss {loss.item()} at step {self.step + 1} (epoch {self.epoch + 1}); terms: "
-                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) + f"; items: {shown}")
+                + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) + f"; {items}: {shown}")
 
     def _count_skipped_step(self, terms):
         self.skipped_steps += 1
