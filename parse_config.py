@@ -311,8 +311,9 @@ def overrides_from_args(args):
     return flat
 
 
-def config_from_args(args, base_flat=None):
-    """Resolved config: ``base_flat`` (e.g. a checkpoint's config), then the ``-c`` file, then flags."""
+def config_from_args(args, base_flat=None, base_source=None):
+    """Resolved config: ``base_flat`` (e.g. the config saved in checkpoint ``base_source``), then
+    the ``-c`` file, then flags."""
     flat = dict(base_flat or {})
     name = None
     if args.config:
@@ -321,7 +322,12 @@ def config_from_args(args, base_flat=None):
     if not args.config and base_flat is None:
         raise ConfigError("no config: pass -c CONFIG.json (or -r CHECKPOINT to reuse its config)")
     flat.update(overrides_from_args(args))
-    return resolve(flat, name=name)
+    try:
+        return resolve(flat, name=name)
+    except ConfigError as e:
+        if base_source is None:
+            raise
+        raise ConfigError(f"{e} (in the config saved in {base_source}, with -c and --set applied)") from None
 
 
 def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):

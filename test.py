@@ -35,7 +35,7 @@ def run(args):
         raise ConfigError("test.py needs a checkpoint: -r CHECKPOINT")
     device = select_device(args.device)
     state = load_checkpoint(args.resume)
-    config = config_from_args(args, flatten_config(state["config"]))
+    config = config_from_args(args, flatten_config(state["config"]), args.resume)
     out = Path(args.out) if args.out else Path(args.resume).parent / "eval" / Path(args.resume).stem
     run_root = Path(config["trainer"]["save_dir"]) / config["name"] / "test_runs"
     run_experiment("test", config, lambda cfg, run: test(cfg, run, state, args.resume, device, out, args.save_sims),

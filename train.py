@@ -45,7 +45,7 @@ def run(args):
 def train_or_reuse(args, dist, device):
     resume = args.resume
     resumed = checkpoint_header(resume) if resume else None
-    config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None)
+    config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None, resume)
     run_root = Path(config["trainer"]["save_dir"]) / config["name"]
     if args.run_id is not None and not resume:  # the same command again: reuse or resume its run
         folder = run_root / args.run_id

@@ -245,6 +245,15 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2 and "weights do not fit the model" in result.stderr
     assert "\n" not in result.stderr.strip()
+    # A saved config with a key this version does not know: the error names the checkpoint.
+    odd = save_checkpoint({**state, "config": {**config, "trainer": {**config["trainer"], "warmup": 3}}},
+                          tmp_path / "odd.pt")
+    for entry in ("test.py", "train.py"):
+        result = subprocess.run([sys.executable, entry, "-r", str(odd), "-d", "cpu"], cwd=ROOT,
+                                capture_output=True, text=True)
+        err = result.stderr.strip()
+        assert result.returncode == 2 and "\n" not in err and "'trainer.warmup'" in err, err
+        assert err.endswith(f"(in the config saved in {odd}, with -c and --set applied)"), err
     # Weights without training state (a converted reference checkpoint looks like this).
     weights = save_checkpoint({"model": build_model(config["model"], 512).state_dict(), "config": config,
                                "epoch": 0, "step": 0}, tmp_path / "weights.pt")
