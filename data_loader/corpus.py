@@ -153,7 +153,7 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
         raise SplitNotInFile(f"{path}: no '{prefix}<lang>' keys in any item "
                              f"(is this a {'training' if split == 'train' else 'test'} file?)")
     for i, found in enumerate(per_item):
-        counts = {lang: len(caps) for lang, caps in found.items()}
+        counts = {lang: len(caps) for lang, caps in found.items() if caps}  # [] or None: no caption
         if len(set(counts.values())) > 1:
             (a, n), (b, m) = sorted(counts.items(), key=lambda kv: kv[1])[::len(counts) - 1]
             raise DataFileError(

@@ -106,6 +106,9 @@ def test_an_item_without_a_language_has_no_caption_in_it(tmp_path):
     assert corpus.languages == ["en", "de"]
     assert corpus.captions["de"][1] == [] and corpus.captions["en"][1] == items[1]["caption_en"]
     assert corpus.captions["de"][0] == items[0]["caption_de"]
+    items[1]["caption_de"] = None  # the key present, with no caption: the same
+    path.write_bytes(pickle.dumps(items, protocol=4))
+    assert read_corpus(path, "multi-msrvtt", "2d", "train").captions["de"][1] == []
     items[0]["caption_de"] = items[0]["caption_de"][:-1]
     path.write_bytes(pickle.dumps(items, protocol=4))
     with pytest.raises(DataFileError, match=f"item {items[0]['id']} has {len(items[0]['caption_de'])} "

@@ -83,6 +83,9 @@ def test_a_window_longer_than_the_frames_the_model_encodes_is_refused(trained):
     assert len(score_moments(retriever, features, "a cup", window=seen).windows) == 9
     with pytest.raises(InferenceError, match=f"window {seen + 1} is longer than the {seen} frames .*n_video_tokens"):
         score_moments(retriever, features, "a cup", window=seen + 1)
+    # A video shorter than both is one window that the model sees whole.
+    short = score_moments(retriever, features[:seen - 2], "a cup", window=seen + 1)
+    assert short.windows == [(0, seen - 2)]
 
 
 def test_sliding_windows_and_event_matching():

@@ -48,7 +48,7 @@ def score_moments(retriever, features, query, window=4, stride=1, name="the vide
     if len(features) == 0:
         raise InferenceError(f"{name} has no frames")
     seen = retriever.config["data"]["n_video_tokens"]
-    if window > seen:  # the encoder keeps a window's first frames: the rest would share a score unseen
+    if min(window, len(features)) > seen:  # the encoder keeps a window's first frames only
         raise InferenceError(f"window {window} is longer than the {seen} frames the model encodes per video "
                              "(its data.n_video_tokens)")
     spans = sliding_windows(len(features), window, stride)
