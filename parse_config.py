@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 from data_loader.corpus import MISSING_CAPTION_FALLBACKS
@@ -325,9 +326,20 @@ def config_from_args(args, base_flat=None, base_source=None):
     try:
         return resolve(flat, name=name)
     except ConfigError as e:
-        if base_source is None:
-            raise
-        raise ConfigError(f"{e} (in the config saved in {base_source}, with -c and --set applied)") from None
+        if base_source is not None and str(e) == _resolve_error(base_flat):  # the saved config's own fault
+            raise ConfigError(f"{e} (in the config saved in {base_source})") from None
+        raise
+
+
+def _resolve_error(flat):
+    """The message of the ConfigError that resolving ``flat`` raises, or None."""
+    with warnings.catch_warnings():  # the caller's resolve already showed them
+        warnings.simplefilter("ignore")
+        try:
+            resolve(dict(flat))
+        except ConfigError as e:
+            return str(e)
+    return None
 
 
 def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):

@@ -253,7 +253,12 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
                                 capture_output=True, text=True)
         err = result.stderr.strip()
         assert result.returncode == 2 and "\n" not in err and "'trainer.warmup'" in err, err
-        assert err.endswith(f"(in the config saved in {odd}, with -c and --set applied)"), err
+        assert err.endswith(f"(in the config saved in {odd})"), err
+    # ...but a typo of the command line's own is not blamed on the checkpoint.
+    result = subprocess.run([sys.executable, "test.py", "-r", str(wide), "--set", "trainer.epoch=3", "-d", "cpu"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip() == "error: unknown config key 'trainer.epoch'", \
+        result.stderr
     # Weights without training state (a converted reference checkpoint looks like this).
     weights = save_checkpoint({"model": build_model(config["model"], 512).state_dict(), "config": config,
                                "epoch": 0, "step": 0}, tmp_path / "weights.pt")
