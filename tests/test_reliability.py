@@ -431,6 +431,20 @@ def test_a_run_resumed_under_fp16_starts_a_fresh_gradient_scaler(toy_assets, tmp
     assert not saved.scaler.is_enabled()
 
 
+def test_a_mid_epoch_resume_over_another_number_of_training_items_is_refused(toy_assets, tmp_path):
+    """The checkpoint counts the epoch in batches of its shuffle of the training items; over another
+    training set that order is another one, and items would be skipped or repeated."""
+    trainer, _ = make_trainer(toy_config(toy_assets, tmp_path, "translate-train"))
+    items = len(trainer.train_loader.dataset)
+    state = {**trainer.state_dict(), "batches_done": 3, "train_items": items + 10}
+    with pytest.raises(CheckpointError, match=f"mid.pt: stopped 3 batches into an epoch over {items + 10} training "
+                                              f"items, but the training data now has {items}; resume with the same"):
+        trainer.load_state_dict(state, "mid.pt")
+    trainer.load_state_dict({**state, "batches_done": 0}, "end.pt")  # at an epoch's end: a new order anyway
+    trainer.load_state_dict({**state, "train_items": items}, "same.pt")
+    assert trainer.batches_done == 3
+
+
 def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
     """Checkpoints written before every rank's random state was kept hold one state, not a list."""
     trainer, _ = make_trainer(toy_config(toy_assets, tmp_path, "translate-train"))

@@ -67,8 +67,9 @@ def split_batch(batch, parts):
 RESTORED_SETTINGS = ("optimizer.lr", "scheduler.gamma", "teachers.learnable_lr")
 
 # What a resumed run may change besides the keys that change no result: how long it trains, where
-# its files are, and how it computes the same steps. Any other change (the seed, the batch size,
-# the loss, ...) would make one run record two experiments, and mid-epoch it would also break the
+# its files are (their content is not compared; a mid-epoch resume checks the number of training
+# items), and how it computes the same steps. Any other change (the seed, the batch size, the
+# loss, ...) would make one run record two experiments, and mid-epoch it would also break the
 # epoch's data order, which the checkpoint counts in batches of the saved size and seed.
 RESUME_MAY_CHANGE = RESULT_NEUTRAL_KEYS | {
     "trainer.epochs", "data.train_path", "data.eval_path", "model.text_encoder", "model.pool_mask_tokenizer",
@@ -144,6 +145,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_states or [_rng_state(self.device)],
             "epoch": self.epoch, "step": self.step, "batches_done": self.batches_done,
+            "train_items": len(self.train_loader.dataset),
             "epoch_loss_sum": float(self.epoch_loss_sum), "epoch_loss_steps": int(self.epoch_loss_steps),
             "best": self.best, "skipped_steps": self.skipped_steps, "config": self.config,
         }
@@ -161,6 +163,11 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: does not fit this model and config "
                                   f"({first_line(e)})") from None
+        items, saved_items = len(self.train_loader.dataset), state.get("train_items")
+        if state["batches_done"] and saved_items not in (None, items):  # the epoch's order would change
+            raise CheckpointError(f"{path}: stopped {state['batches_done']} batches into an epoch over "
+                                  f"{saved_items} training items, but the training data now has {items}; "
+                                  "resume with the same training data, or start a new run")
         self.scheduler.load_state_dict(state["scheduler"])
         # A run resumed under another precision (fp16 after bf16 or fp32, on another GPU say) starts
         # a fresh gradient scaler: a disabled scaler saved no state.
