@@ -280,7 +280,8 @@ def main(argv=None):
     parser.add_argument("dst", metavar="OUT", help="converted checkpoint to write; its stem becomes the run name")
     parser.add_argument("--text-encoder", required=True,
                         help="hub id or local folder of the text encoder the checkpoint was trained with")
-    parser.add_argument("--feature-key", help="video feature key of the data (default: s3d for 1024-d, else 2d)")
+    parser.add_argument("--feature-key", help="video feature key of the data (default: s3d for 1024-d, else 2d; "
+                                              "the YouCook2-CLIP files hold 2d_raw)")
     parser.add_argument("--feature-dim", type=int, help="expected frame-feature size (checked; inferred anyway)")
     parser.add_argument("--allow-unknown", action="store_true", help="drop keys that are neither mapped nor known dead")
     pooling = parser.add_mutually_exclusive_group()
