@@ -211,19 +211,15 @@ def resolve(flat, name=None):
 # Counts and sizes that must be at least 1 (0 would train or evaluate nothing, or crash later).
 POSITIVE_KEYS = ("trainer.epochs", "trainer.accumulation_steps", "trainer.log_every", "data.batch_size",
                  "data.eval_batch_size", "data.n_video_tokens", "data.max_words_train", "data.max_words_eval",
-                 "model.width", "model.projection_dim", "model.depth", "model.heads")
+                 "model.width", "model.projection_dim", "model.depth", "model.heads",
+                 "trainer.max_steps_per_epoch", "model.length_bucket_rows")  # these two may also be null
 
 
 def _check_combinations(flat):
     for key in POSITIVE_KEYS:
-        if flat[key] < 1:
-            raise ConfigError(f"config key '{key}' = {flat[key]} must be at least 1")
-    if flat["trainer.max_steps_per_epoch"] is not None and flat["trainer.max_steps_per_epoch"] < 1:
-        raise ConfigError(f"config key 'trainer.max_steps_per_epoch' = {flat['trainer.max_steps_per_epoch']} must be "
-                          "at least 1, or null for whole epochs")
-    if flat["model.length_bucket_rows"] is not None and flat["model.length_bucket_rows"] < 1:
-        raise ConfigError(f"config key 'model.length_bucket_rows' = {flat['model.length_bucket_rows']} must be at "
-                          "least 1, or null for one bucket")
+        if flat[key] is not None and flat[key] < 1:
+            null = ", or null" if NULLABLE in _types(SCHEMA[key][1]) else ""
+            raise ConfigError(f"config key '{key}' = {flat[key]} must be at least 1{null}")
     if not 0 <= flat["seed"] < 2**32:  # numpy's seed range
         raise ConfigError(f"config key 'seed' = {flat['seed']} must be between 0 and 2**32 - 1")
     if flat["model.width"] % flat["model.heads"]:

@@ -69,6 +69,7 @@ def test_teachers_flag_takes_none_and_refuses_reference_names(tmp_path):
      "config key 'trainer.compile' cannot be combined with 'trainer.accumulation_steps' > 1"),
     ({"languages": []}, "config key 'languages' is an empty list"),
     ({"trainer": {"max_steps_per_epoch": 0}}, "config key 'trainer.max_steps_per_epoch' = 0 must be at least 1"),
+    ({"model": {"length_bucket_rows": 0}}, "config key 'model.length_bucket_rows' = 0 must be at least 1, or null"),
     ({"seed": -1}, "config key 'seed' = -1 must be between 0 and 2**32 - 1"),
     ({"model": {"width": 100, "heads": 3}}, "config key 'model.heads' = 3 must divide 'model.width' = 100"),
     ({"eval": {"total_queries": 1000, "multi_caption": "separate"}},
