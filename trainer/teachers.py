@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import TextInput, TokenTable
+from data_loader.dataset import POOL_MASK, TextInput, TokenTable
 from model.loss import cosine_sim, similarity
 from model.model import model_from_checkpoint
 from parse_config import ConfigError
@@ -69,7 +69,7 @@ class Teachers:
             if any(t.pool_with_student_mask for t in teachers):
                 # The student tokenizer's mask of the raw English caption (§2.3), as the cache pools
                 # with, and not the student's own input, which data.clean_english may clean.
-                self.text_inputs.append(TextInput(self.POOL_MASK_INPUT, student_tokenizer, [ENGLISH]))
+                self.text_inputs.append(TextInput(POOL_MASK, student_tokenizer, [ENGLISH]))
         else:
             # What every teacher embeds, hashed once for the cache keys.
             self.data_digest = data_digest(corpus, config["data"]["n_video_tokens"])
@@ -78,8 +78,6 @@ class Teachers:
 
     def __len__(self):
         return len(self.teachers)
-
-    POOL_MASK_INPUT = "teacher_pool_mask"
 
     @staticmethod
     def input_name(i):
@@ -162,8 +160,7 @@ class Teachers:
         if self.mode == "online":
             sims = []
             for i, t in enumerate(self.teachers):
-                pool = (batch["text"][self.POOL_MASK_INPUT][ENGLISH]["attention_mask"]
-                        if t.pool_with_student_mask else None)
+                pool = batch["text"][POOL_MASK][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
                 text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
                 video = t.model.encode_video(batch["video"], batch["video_mask"])
                 sims.append(cosine_sim(gather(text), gather(video)))
