@@ -155,7 +155,7 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
     for i, found in enumerate(per_item):
         counts = {lang: len(caps) for lang, caps in found.items() if caps}  # [] or None: no caption
         if len(set(counts.values())) > 1:
-            (a, n), (b, m) = sorted(counts.items(), key=lambda kv: kv[1])[::len(counts) - 1]
+            (a, n), (b, m) = min(counts.items(), key=lambda kv: kv[1]), max(counts.items(), key=lambda kv: kv[1])
             raise DataFileError(
                 f"{path}: item {data[i].get('id', i)} has {n} '{prefix}{a}' captions but {m} '{prefix}{b}' "
                 "ones; captions must be aligned by index")
