@@ -140,6 +140,59 @@ def _build_one(name, folder, texts, seed):
     model.save_pretrained(folder)
 
 
+
+# ---- tiny models for data preparation (feature extraction and caption translation) -------------
+
+def build_tiny_clip(folder, image_size=32, projection_dim=16, seed=0):
+    """A randomly initialised CLIP (both towers, as a hub checkpoint has) and its image processor,
+    saved to ``folder``: loads like openai/clip-vit-base-patch32, at ``image_size`` pixels."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(tower, vocab_size=64, max_position_embeddings=16, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(tower, image_size=image_size, patch_size=image_size // 4),
+                        projection_dim=projection_dim)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return Path(folder)
+
+
+MT_SPECIAL = ["<pad>", "</s>", "<unk>"]
+
+
+def build_tiny_translator(folder, texts, family="marian", languages=(), seed=0):
+    """A randomly initialised translation model saved to ``folder``: ``family`` marian (one model per
+    language pair, like Helsinki-NLP/opus-mt-en-de) or m2m100 (many-to-many: a ``__<lang>__`` token per
+    language of ``languages`` tells it the target, as facebook/m2m100_418M). Its fast tokenizer is a
+    word-level vocabulary of ``texts`` (what the sentencepiece models are to real text)."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, MarianConfig, MarianMTModel
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = _frequent(_pieces(tok, texts), VOCAB_SIZE)
+    language_tokens = [f"__{lang}__" for lang in languages]
+    vocab = MT_SPECIAL + language_tokens + [w for w in words if w not in MT_SPECIAL]
+    tok.model = models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN, pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>", additional_special_tokens=language_tokens)
+    shape = dict(vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=MAX_LEN,
+                 pad_token_id=0, eos_token_id=1, forced_eos_token_id=1)
+    torch.manual_seed(seed)
+    if family == "marian":
+        model = MarianMTModel(MarianConfig(**shape, decoder_start_token_id=0, decoder_vocab_size=len(vocab)))
+    elif family == "m2m100":
+        model = M2M100ForConditionalGeneration(M2M100Config(**shape, decoder_start_token_id=1, bos_token_id=0))
+    else:
+        raise ValueError(f"unknown translation model family '{family}'")
+    fast.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return Path(folder)
+
 def corpus_hash(texts):
     h = hashlib.sha256()
     for t in texts:
