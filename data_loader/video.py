@@ -90,3 +90,27 @@ def center_crop(frames, size):
         raise VideoError(f"frames of {w}x{h} are smaller than the {size}x{size} crop")
     top, left = (h - size) // 2, (w - size) // 2
     return frames[:, top:top + size, left:left + size]
+
+
+def write_video(path, frames, fps, codec="mpeg4"):
+    """Write uint8 RGB frames [frames, height, width, 3] (even height and width) as a video file:
+    synthetic videos for the tests and the benchmark."""
+    import av
+    frames = np.asarray(frames, dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for rgb in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder
+    return Path(path)
+
+
+def synthetic_frames(n, height, width, seed=0):
+    """``n`` frames of a moving colour gradient (smooth, so that a codec keeps them close)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = rng.uniform(0, 255, 3)
+    return np.stack([np.stack([(base[c] + 4 * (x + y) + 9 * t * (c + 1)) % 256 for c in range(3)], axis=-1)
+                     for t in range(n)]).astype(np.uint8)
