@@ -189,6 +189,9 @@ def build_tiny_translator(folder, texts, family="marian", languages=(), seed=0):
         model = M2M100ForConditionalGeneration(M2M100Config(**shape, decoder_start_token_id=1, bos_token_id=0))
     else:
         raise ValueError(f"unknown translation model family '{family}'")
+    # Random weights would often end at once or emit padding: at least two real words, like a trained model.
+    model.generation_config.min_new_tokens = 2
+    model.generation_config.suppress_tokens = [vocab.index("<pad>"), vocab.index("<unk>")]
     fast.save_pretrained(folder)
     model.save_pretrained(folder)
     return Path(folder)
