@@ -197,14 +197,14 @@ def prepared_videos(encoder, jobs, workers):
 
 
 def encode_group(encoder, group, batch_size, device):
-    """Features [units, dim] of each (video id, prepared) of ``group``, in batches across videos."""
+    """Features [units, dim] of each video's prepared inputs in ``group``, in batches across videos."""
     import torch
-    units = [(v, i) for v, (_, prepared) in enumerate(group) for i in range(encoder.units(prepared))]
+    units = [(v, i) for v, prepared in enumerate(group) for i in range(encoder.units(prepared))]
     rows = [[] for _ in group]
     with torch.inference_mode():
         for start in range(0, len(units), batch_size):
             chunk = units[start:start + batch_size]
-            batch = torch.stack([encoder.unit(group[v][1], i) for v, i in chunk]).to(device)
+            batch = torch.stack([encoder.unit(group[v], i) for v, i in chunk]).to(device)
             out = encoder.encode(batch).float().cpu().numpy()
             for (v, _), row in zip(chunk, out):
                 rows[v].append(row)
@@ -282,7 +282,8 @@ def extract(args):
 def write_group(encoder, group, batch_size, device, out, bar):
     if not group:
         return 0
-    for (video_id, _), features in zip(group, encode_group(encoder, group, batch_size, device)):
+    features_of = encode_group(encoder, [inputs for _, inputs in group], batch_size, device)
+    for (video_id, _), features in zip(group, features_of):
         atomic_write(feature_file(out, video_id), lambda f: np.save(f, features, allow_pickle=False))
         bar.update()
     return len(group)

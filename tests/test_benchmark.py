@@ -151,6 +151,10 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
         assert row[method]["seconds"] > 0 and row[method]["peak_mib"] >= 0
     if not torch.cuda.is_available():
         assert report["gpu_step"] == {"skipped": "no CUDA device"}
+    extraction = report["extraction"]["encoders"]
+    assert extraction["clip"]["units_per_video"] == 2 and extraction["s3d"]["units_per_video"] == 1  # 2 s videos
+    for row in extraction.values():
+        assert row["decode_videos_per_s"] > 0 and row["encode_videos_per_s"]["cpu"] > 0
     printed = capsys.readouterr().out
     assert "steady state" in printed and "online/cached" in printed and "reference/cached" in printed and f"wrote {out}" in printed
 

@@ -15,6 +15,9 @@
    ``retrieval_metrics_from_embeddings``; time and peak memory, one subprocess per measurement.
 4. on a CUDA device only: a training step of a LaBSE-shaped student with three base-sized
    teachers (random weights), cached and online, bf16 autocast, with model FLOPs utilisation.
+5. feature extraction (``data_loader.extract``): videos per second decoded and prepared by one
+   decoding process, and encoded by CLIP ViT-B/32 and by S3D (random weights, full size) on the
+   CPU and, when there is one, on the GPU.
 
 Timings of two variants are interleaved (A B A B ...) and medians are reported, so that a
 machine shared with other work still gives comparable ratios.
@@ -629,6 +632,50 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     return out
 
 
+# ---- feature extraction --------------------------------------------------------------------------
+def bench_extraction(devices, n_videos=4, seconds=4.0, source=(240, 320), source_fps=25, batch_size=32, quick=False):
+    """Videos per second of ``data_loader.extract``'s two halves on synthetic videos (``seconds`` long,
+    ``source`` height x width at ``source_fps``): decoding and preparing the model inputs in one
+    process (a decoding worker), and encoding them on each of ``devices``. Both encoders have the
+    published sizes with random weights: CLIP ViT-B/32 (its image processor: 224 x 224) at 1 frame a
+    second, and S3D on 32-frame clips at 10 fps, one a second (``quick``: 16-frame clips of 112 x 112)."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from data_loader.extract import ClipImageFeatures, S3DClipFeatures, encode_group
+    from data_loader.s3d import S3D
+    from data_loader.video import synthetic_frames, write_video
+
+    clip = ClipImageFeatures(model="random CLIP ViT-B/32", **ClipImageFeatures.defaults())
+    clip.processor = CLIPImageProcessorPil()  # ViT-B/32's: shorter side 224, centre crop 224
+    s3d = S3DClipFeatures(model="random S3D", **{**S3DClipFeatures.defaults(),
+                                                   **({"size": 112, "clip_frames": 16} if quick else {})})
+    torch.manual_seed(0)
+    networks = {"clip": lambda: CLIPModel(CLIPConfig(text_config={"num_hidden_layers": 1})).eval(),
+                "s3d": lambda: S3D().eval()}
+    out = {"videos": n_videos, "seconds": seconds, "source": f"{source[1]}x{source[0]} at {source_fps} fps",
+           "batch_size": batch_size, "encoders": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [write_video(Path(tmp) / f"v{i}.mp4", synthetic_frames(int(seconds * source_fps), *source, seed=i),
+                             source_fps) for i in range(n_videos)]
+        for name, encoder in (("clip", clip), ("s3d", s3d)):
+            started = time.perf_counter()
+            prepared = [encoder.prepare(p) for p in paths]
+            row = {"settings": encoder.settings(), "units_per_video": sum(map(encoder.units, prepared)) / n_videos,
+                   "decode_videos_per_s": n_videos / (time.perf_counter() - started), "encode_videos_per_s": {}}
+            network = networks[name]()
+            for device in devices:
+                encoder.network = network.to(device)
+                encode_group(encoder, prepared[:1], batch_size, device)  # warm-up
+                _sync(device)
+                started = time.perf_counter()
+                encode_group(encoder, prepared, batch_size, device)
+                _sync(device)
+                row["encode_videos_per_s"][str(device)] = n_videos / (time.perf_counter() - started)
+            out["encoders"][name] = row
+            del network, encoder.network
+    return out
+
+
 # ---- driver --------------------------------------------------------------------------------------
 def machine_info():
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -668,7 +715,7 @@ def build_parser():
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice, one per core; --quick: 1, which keeps a "
                         "smoke run fast on a busy machine)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: data,c2kd,eval,gpu")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: data,c2kd,eval,gpu,extract")
     p.add_argument("--eval-worker", help=argparse.SUPPRESS)
     return p
 
@@ -724,6 +771,11 @@ def _run(args, assets, log):
                                                 peak_flops=args.peak_flops or peak_bf16_flops(name))
         else:
             report["gpu_step"] = {"skipped": "no CUDA device"}
+    if "extract" not in skip:
+        log("feature extraction ...")
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        report["extraction"] = (bench_extraction(devices, n_videos=2, seconds=2.0, source=(120, 160), quick=True)
+                                if quick else bench_extraction(devices))
     report["total_s"] = time.perf_counter() - started
     return report
 
@@ -783,6 +835,13 @@ def format_report(report):
                 mfu = f"{100 * g[m]['mfu']:.1f}%" if g[m]["mfu"] else "n/a"
                 lines.append(f"  {m:7} {1e3 * g[m]['step_s']:.1f} ms   MFU {mfu}")
             lines.append(f"  online/cached {g['online_over_cached']:.2f}x")
+    x = report.get("extraction")
+    if x:
+        lines.append(f"feature extraction ({x['videos']} videos of {x['seconds']:g} s, {x['source']}; videos/s)")
+        for name, row in x["encoders"].items():
+            encode = "   ".join(f"encode {device} {v:.2f}" for device, v in row["encode_videos_per_s"].items())
+            lines.append(f"  {name:4} decode {row['decode_videos_per_s']:.2f} (one process)   {encode}   "
+                         f"({row['units_per_video']:g} inputs per video)")
     return "\n".join(lines)
 
 
