@@ -16,6 +16,7 @@ data_loader.translate and train.py. See docs/datasets.md for what is known of th
 features' recipe and the defaults that follow from it.
 """
 import argparse
+import contextlib
 import json
 import multiprocessing
 import signal
@@ -166,10 +167,11 @@ def _load(what, name, load):
 _WORKER_ENCODER = None
 
 
-def _start_worker(encoder):
+def _start_worker(encoder, in_pool=True):
     global _WORKER_ENCODER
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
+    if in_pool:  # the main process handles SIGTERM and Ctrl-C, and stops the pool
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     encoder.start_worker()
     _WORKER_ENCODER = encoder
 
@@ -185,15 +187,26 @@ def _prepare(job):
         return video_id, None, f"cannot decode ({type(e).__name__}: {first_line(e)})"
 
 
-def prepared_videos(encoder, jobs, workers):
-    """``_prepare`` over ``jobs`` in order, in ``workers`` processes (0: in this one)."""
+@contextlib.contextmanager
+def decoding(encoder, workers):
+    """A function that maps ``_prepare`` over jobs in order, in ``workers`` processes (0: in this one)."""
     if workers == 0:
-        _start_worker(encoder)
-        yield from map(_prepare, jobs)
+        _start_worker(encoder, in_pool=False)
+        yield lambda jobs: map(_prepare, jobs)
         return
-    # Forked before the encoder touches a GPU; the workers need only numpy, PyAV and the processor.
+    # Forked before the encoder is loaded (onto a GPU, say): the workers need numpy, PyAV and the processor.
     with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
-        yield from pool.imap(_prepare, jobs)
+        yield lambda jobs: pool.imap(_prepare, jobs)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+    """SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C, so the file being written is removed."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def encode_group(encoder, group, batch_size, device):
@@ -253,13 +266,11 @@ def extract(args):
     done = 0
     if todo:
         from tqdm import tqdm
-        prepared = prepared_videos(encoder, todo, args.workers)
-        encoder.load(device)  # after the workers are forked
-        # A SIGTERM (a scheduler stopping the job) unwinds like Ctrl-C: files being written are removed.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         group, pending = [], 0
-        with tqdm(total=len(todo), unit="video", desc="extract", disable=None, dynamic_ncols=True) as bar:
-            for video_id, inputs, error in prepared:
+        with decoding(encoder, args.workers) as prepare_all, sigterm_exits(), \
+                tqdm(total=len(todo), unit="video", desc="extract", disable=None, dynamic_ncols=True) as bar:
+            encoder.load(device)
+            for video_id, inputs, error in prepare_all(todo):
                 if error is not None:
                     failed.append((video_id, error))
                     bar.update()
