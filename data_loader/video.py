@@ -19,9 +19,12 @@ def list_videos(folder):
     """(video id, path) of the videos under ``folder``, sorted; the id is the path below ``folder``
     without its suffix. Folders that cannot be read come back as (folder, reason) in a second list."""
     folder = Path(folder)
-    found, unreadable = [], []
+    found, unreadable, seen = [], [], set()
 
     def walk(directory):
+        if directory.resolve() in seen:  # a link back up the tree
+            return
+        seen.add(directory.resolve())
         try:
             entries = sorted(directory.iterdir())
         except OSError as e:
