@@ -55,7 +55,7 @@ class ClipImageFeatures:
         # One frame per second: a guess at the released features' rate (docs/datasets.md).
         return {"fps": 1.0, "size": 224}
 
-    def __init__(self, model, fps, size, **_):
+    def __init__(self, model, fps, size):
         self.model, self.fps, self.size = model, fps, size
         self.processor = self.network = None
 
@@ -100,7 +100,7 @@ class S3DClipFeatures:
     ``fps``, centre-cropped to ``size`` x ``size``, one clip every ``clip_stride`` frames."""
     feature_key = "s3d"
 
-    def __init__(self, model, fps, size, clip_frames, clip_stride, **_):
+    def __init__(self, model, fps, size, clip_frames, clip_stride):
         self.model, self.fps, self.size = model, fps, size
         self.clip_frames, self.clip_stride = clip_frames, clip_stride
         self.network = None
@@ -243,11 +243,16 @@ def check_settings(out, settings):
 
 def extract(args):
     encoder_class = ENCODERS[args.encoder]
-    options = {**encoder_class.defaults(), **{k: v for k, v in (("fps", args.fps), ("size", args.size),
-                                                                  ("clip_frames", args.clip_frames),
-                                                                  ("clip_stride", args.clip_stride)) if v is not None}}
-    if options["fps"] <= 0 or options["size"] <= 0:
-        raise DataFileError(f"--fps and --size must be positive, got {options['fps']} and {options['size']}")
+    options = encoder_class.defaults()
+    for key in ("fps", "size", "clip_frames", "clip_stride"):
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if key not in options:
+            raise DataFileError(f"{flag} applies to another encoder, not to --encoder {args.encoder}")
+        if value <= 0:
+            raise DataFileError(f"{flag} must be positive, got {value}")
+        options[key] = value
     encoder = encoder_class(model=args.model, **options)
     videos_dir, out = Path(args.videos), Path(args.out)
     if not videos_dir.is_dir():
@@ -260,12 +265,12 @@ def extract(args):
     todo = [(vid, path) for vid, path in videos if not feature_file(out, vid).is_file()]
     print(f"{len(videos)} videos in {videos_dir}: {len(videos) - len(todo)} already extracted, {len(todo)} to do")
 
-    import torch
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     failed = [(folder, f"folder cannot be read ({why})") for folder, why in unreadable]
     done = 0
     if todo:
+        import torch
         from tqdm import tqdm
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         group, pending = [], 0
         with decoding(encoder, args.workers) as prepare_all, sigterm_exits(), \
                 tqdm(total=len(todo), unit="video", desc="extract", disable=None, dynamic_ncols=True) as bar:
@@ -324,7 +329,8 @@ def write_splits(captions, out, feature_key, settings):
     A split whose ids and captions did not change is kept as it is (with any translations in it)."""
     for split, per_video in captions.items():
         ids = [vid for vid in per_video if feature_file(out, vid).is_file()]
-        missing = [vid for vid in per_video if vid not in set(ids)]
+        kept = set(ids)
+        missing = [vid for vid in per_video if vid not in kept]
         folder = out / split
         english = [per_video[vid] for vid in ids]
         if not ids:

@@ -259,3 +259,5 @@ def test_a_missing_folder_or_model_is_one_line_with_status_2(tmp_path, capsys, c
                          "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no-model': no such folder" in err and "\n" not in err
+    assert extract.main([str(videos), str(tmp_path / "out"), "--model", str(clip_model), "--clip-frames", "8"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --clip-frames applies to another encoder, not to --encoder clip"
