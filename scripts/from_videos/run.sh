@@ -13,12 +13,12 @@
 # Environment (defaults in brackets):
 #   ENCODER [clip] or s3d; ENCODER_MODEL [openai/clip-vit-base-patch32; s3d: s3d_howto100m.pth]
 #   EXTRACT_ARGS [] more data_loader.extract arguments, e.g. "--fps 1 --workers 8"
-#   LANGUAGES ["de fr cs zh ru vi sw es"]; MT_MODEL ["Helsinki-NLP/opus-mt-en-{lang}"]
+#   LANGUAGES (required) the target languages, e.g. "de fr sw"; MT_MODEL ["Helsinki-NLP/opus-mt-en-{lang}"]
 #   TRANSLATE_ARGS [] more data_loader.translate arguments, e.g. "--num-beams 1"
 #   TEACHER [xlm-roberta-base]; STUDENT [sentence-transformers/LaBSE]; SEED [0]; PY [.venv/bin/python or python]
 set -euo pipefail
-if [ $# -lt 3 ]; then
-  echo "usage: bash scripts/from_videos/run.sh VIDEOS CAPTIONS_JSON OUT [train.py arguments...]" >&2
+if [ $# -lt 3 ] || [ -z "${LANGUAGES:-}" ]; then
+  echo "usage: LANGUAGES=\"de fr ...\" bash scripts/from_videos/run.sh VIDEOS CAPTIONS_JSON OUT [train.py arguments...]" >&2
   exit 2
 fi
 VIDEOS=$(realpath "$1") CAPTIONS=$(realpath "$2") OUT=$(realpath -m "$3")
@@ -29,7 +29,6 @@ PY=${PY:-python}
 ENCODER=${ENCODER:-clip}
 if [ "$ENCODER" = s3d ]; then FEATURE_KEY=s3d; DEFAULT_MODEL=s3d_howto100m.pth
 else FEATURE_KEY=2d; DEFAULT_MODEL=openai/clip-vit-base-patch32; fi
-LANGUAGES=${LANGUAGES:-"de fr cs zh ru vi sw es"}
 PER_LANGUAGE_MARIAN='Helsinki-NLP/opus-mt-en-{lang}'
 MT_MODEL=${MT_MODEL:-$PER_LANGUAGE_MARIAN}
 SEED=${SEED:-0}
