@@ -1,6 +1,7 @@
 """Throughput benchmarks, measured as ratios within one run on one machine.
 
     python -m utils.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
+                              [--search-sizes 100000,1000000] [--skip data,c2kd,eval,gpu,search]
 
 1. data pipeline: items per second of this project's loader (captions tokenized once per
    tokenizer, c2kd-reference §1.3 fixed) against a loader that tokenizes every caption of every
