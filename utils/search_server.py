@@ -1,7 +1,7 @@
 """A local search page: type a query in any language, see the ranked videos with their captions
 in every language, open one to plot where in it the query matches best.
 
-    python demo.py serve -r runs/toy/c2kd/demo/latest.pt --videos cache/multi_toy/multi_toy_test.pkl
+    python demo.py serve -r runs/toy/translate_train/demo/latest.pt --videos cache/multi_toy/multi_toy_test.pkl
 
 The collection is embedded once at start (or read from a saved ``VideoIndex``) and kept in
 memory; each query is encoded and searched in that index. The page (one self-contained HTML file,
@@ -29,8 +29,8 @@ HOST = "127.0.0.1"  # local only: the page runs a model for whoever can reach it
 
 
 def bind_local(port):
-    """A listening socket on 127.0.0.1:``port``, bound before the model and index are loaded so that
-    a busy port fails at once. A port in use is an InferenceError."""
+    """A listening socket on 127.0.0.1:``port``, bound before the collection is encoded so that a
+    busy port fails at once. A port in use is an InferenceError."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind((HOST, port))
