@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup toy clean
+.PHONY: demo test setup toy browser clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,16 @@ toy: setup
 demo: setup  # scripts/demo.sh builds (or reuses) the toy data and encoders
 	bash scripts/demo.sh
 
-test: setup
+# The search page's test drives a real headless Chromium: Debian's chromium and chromium-driver,
+# installed here when missing if we run as root with apt; elsewhere that test is skipped.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "could not install chromium: the browser test will be skipped"; \
+	else echo "chromium is not installed (needs root and apt): the browser test will be skipped"; fi
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 clean:

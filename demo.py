@@ -4,6 +4,7 @@
         --videos cache/multi_toy/multi_toy_test.pkl --query "a person cuts an onion" --html hits.html
     python demo.py moments -r runs/toy/translate_train/demo/latest.pt \\
         --video cache/multi_toy/multi_toy_test.pkl:toy01004 --query "someone washes a cup" --plot moments.png
+    python demo.py serve -r runs/toy/translate_train/demo/latest.pt --videos cache/multi_toy/multi_toy_test.pkl
 
 Queries may be in any language: they go through the checkpoint's own tokenizer.
 """
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from parse_config import select_device
 from utils.errors import run_command
-from utils.inference import InferenceError, Retriever, check_texts, find_video, read_videos, results_html
+from utils.inference import (InferenceError, Retriever, VideoIndex, check_texts, find_video, read_videos,
+                             results_html)
 from utils.moments import matching_event, plot_moments, score_moments
 
 
@@ -30,9 +32,15 @@ def build_parser():
     moments.add_argument("--plot", metavar="OUT.png", help="write a PNG of the score over time")
     moments.add_argument("--event", type=int, metavar="N",
                          help="Multi-Toy: mark event N as the true segment (default: the event the query names)")
+    serve = commands.add_parser("serve", help="a local search page: queries in any language, moments of each hit")
+    serve.add_argument("--videos", metavar="DATA", help="a data file the data layer reads: its videos are encoded "
+                                                        "at start, and give the captions and the moments plots")
+    serve.add_argument("--index", metavar="INDEX", help="a saved VideoIndex to search instead of encoding --videos")
+    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
     for sub in (search, moments):
-        sub.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="a trained checkpoint")
         sub.add_argument("--query", required=True, help="the text query, in any language")
+    for sub in (search, moments, serve):
+        sub.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="a trained checkpoint")
         sub.add_argument("--layout", help="data layout (default: the checkpoint config's data.layout)")
         sub.add_argument("--feature-key", help="feature key (default: the checkpoint config's data.feature_key)")
         sub.add_argument("-d", "--device", help="torch device (default: cuda if available, else cpu)")
@@ -45,7 +53,7 @@ def main(argv=None):
 
     def run():
         retriever = Retriever.from_checkpoint(args.resume, select_device(args.device))
-        (run_search if args.command == "search" else run_moments)(retriever, args)
+        {"search": run_search, "moments": run_moments, "serve": run_serve}[args.command](retriever, args)
     return run_command(run, args.debug)
 
 
@@ -102,6 +110,17 @@ def run_moments(retriever, args):
     if args.plot:
         plot_moments(moments, args.plot, args.query, title=f"video {video_id}", true_span=true_span)
         print(f"wrote {args.plot}")
+
+
+def run_serve(retriever, args):
+    from utils.search_server import SearchService, bind_local, serve
+    if not args.videos and not args.index:
+        raise InferenceError("serve needs --videos DATA (encoded at start) or --index INDEX (a saved index)")
+    sock = bind_local(args.port)  # a busy port fails before the collection is encoded
+    corpus = read_data(retriever, args.videos, args) if args.videos else None
+    index = (VideoIndex.load(args.index) if args.index
+             else retriever.build_index(corpus.ids, corpus.features))
+    serve(SearchService(retriever, index, corpus, title=f"checkpoint {args.resume}"), sock)
 
 
 if __name__ == "__main__":

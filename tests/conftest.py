@@ -1,4 +1,5 @@
-"""Shared fixtures: a small Multi-Toy dataset and the tiny encoders, built once per test session."""
+"""Shared fixtures: a small Multi-Toy dataset and the tiny encoders, built once per test session, and a
+checkpoint trained on the full Multi-Toy for the inference tests."""
 import json
 from pathlib import Path
 
@@ -10,6 +11,32 @@ from model.model import build_model
 from parse_config import resolve
 from utils import tiny_encoders
 from utils.checkpoint import load_checkpoint, save_checkpoint
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_EPOCHS = 5  # about 3 s per epoch on a free CPU; enough for the rates the inference tests assert
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A translate-train checkpoint on the full Multi-Toy (1000 training videos), in a tmp dir, with
+    its retriever and the index of the Multi-Toy test set."""
+    import train as train_entry
+    from utils.inference import Retriever, read_videos
+    assets = tiny_encoders.ensure_toy_assets(ROOT / "cache")
+    runs = tmp_path_factory.mktemp("demo_runs")
+    code = train_entry.main([
+        "-c", str(ROOT / "configs/toy/translate_train.json"), "--run-id", "demo", "-d", "cpu",
+        "--epochs", str(DEMO_EPOCHS), "--set", f"trainer.save_dir={runs}",
+        "--set", f"data.train_path={assets['train']}", "--set", f"data.eval_path={assets['test']}",
+        "--set", f"model.text_encoder={assets['encoders']['labse-tiny']}"])
+    assert code == 0
+    checkpoint = runs / "translate_train" / "demo" / "latest.pt"
+    retriever = Retriever.from_checkpoint(checkpoint)
+    corpus = read_videos(assets["test"], "multi-msrvtt", "2d")
+    index = retriever.build_index(corpus.ids, corpus.features, progress=False)
+    return {"checkpoint": checkpoint, "retriever": retriever, "corpus": corpus, "index": index,
+            "test_file": assets["test"]}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""utils.benchmark: a quick smoke run, the full-size GPU step code on tiny shapes, FLOP counting by hand.
+"""utils.benchmark: a quick smoke run (every section), the full-size GPU step code on tiny shapes, FLOP counting by hand.
 Timings are never asserted: they depend on the machine and its load."""
 import json
 
@@ -108,7 +108,7 @@ def test_full_size_step_code_runs_on_tiny_shapes(one_thread, device):
 
 def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--quick", "--out", str(out), "--eval-sizes", "200"]
+    argv = ["--quick", "--out", str(out), "--eval-sizes", "200", "--search-sizes", "2000"]
     if torch.cuda.is_available():  # full-size models take long to build; their code is tested on tiny shapes
         argv += ["--skip", "gpu"]
     assert benchmark.main(argv, assets=toy_assets) == 0
@@ -155,6 +155,16 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     assert extraction["clip"]["units_per_video"] == 2 and extraction["s3d"]["units_per_video"] == 1  # 2 s videos
     for row in extraction.values():
         assert row["decode_videos_per_s"] > 0 and row["encode_videos_per_s"]["cpu"] > 0
+    (search,) = report["search"]["sizes"]
+    assert search["n"] == 2000 and search["nlist"] == 32 and set(search["build_s"]) == {"torch", "faiss_exact", "faiss_ivf"}
+    methods = search["methods"]
+    assert list(methods) == ["torch", "faiss_exact", "ivf_nprobe_4", "ivf_nprobe_32"]
+    assert all(m["batch_qps"] > 0 and m["single_qps"] > 0 for m in methods.values())
+    # Exact search in torch and IVF over every cell find the exact top 10 (but where float rounding
+    # swaps two nearly equal scores); 4 cells of 32 find fewer.
+    assert methods["torch"]["recall"] >= 0.999 and methods["ivf_nprobe_32"]["recall"] >= 0.999
+    assert methods["ivf_nprobe_4"]["recall"] < 0.95
+    assert search["ivf_at_recall_0.95"]["method"] == "ivf_nprobe_32"
     printed = capsys.readouterr().out
     assert "steady state" in printed and "online/cached" in printed and "reference/cached" in printed and f"wrote {out}" in printed
 

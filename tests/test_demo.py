@@ -10,33 +10,11 @@ import pytest
 import torch
 
 import demo
-import train as train_entry
-from utils import tiny_encoders
 from utils.checkpoint import CheckpointError
-from utils.inference import InferenceError, Retriever, VideoIndex, find_video, read_videos
+from utils.inference import InferenceError, Retriever, VideoIndex, find_video
 from utils.moments import matching_event, score_moments, sliding_windows
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 5  # about 3 s per epoch on a free CPU; enough for the rates asserted below
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """A translate-train checkpoint on the full Multi-Toy (1000 training videos), in a tmp dir."""
-    assets = tiny_encoders.ensure_toy_assets(ROOT / "cache")
-    runs = tmp_path_factory.mktemp("demo_runs")
-    code = train_entry.main([
-        "-c", str(ROOT / "configs/toy/translate_train.json"), "--run-id", "demo", "-d", "cpu",
-        "--epochs", str(EPOCHS), "--set", f"trainer.save_dir={runs}",
-        "--set", f"data.train_path={assets['train']}", "--set", f"data.eval_path={assets['test']}",
-        "--set", f"model.text_encoder={assets['encoders']['labse-tiny']}"])
-    assert code == 0
-    checkpoint = runs / "translate_train" / "demo" / "latest.pt"
-    retriever = Retriever.from_checkpoint(checkpoint)
-    corpus = read_videos(assets["test"], "multi-msrvtt", "2d")
-    index = retriever.build_index(corpus.ids, corpus.features, progress=False)
-    return {"checkpoint": checkpoint, "retriever": retriever, "corpus": corpus, "index": index,
-            "test_file": assets["test"]}
 
 
 def overlaps(a, b):

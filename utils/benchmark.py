@@ -1,6 +1,7 @@
 """Throughput benchmarks, measured as ratios within one run on one machine.
 
     python -m utils.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
+                              [--search-sizes 100000,1000000] [--skip data,c2kd,eval,gpu,search]
 
 1. data pipeline: items per second of this project's loader (captions tokenized once per
    tokenizer, c2kd-reference §1.3 fixed) against a loader that tokenizes every caption of every
@@ -18,6 +19,9 @@
 5. feature extraction (``data_loader.extract``): videos per second decoded and prepared by one
    decoding process, and encoded by CLIP ViT-B/32 and by S3D (random weights, full size) on the
    CPU and, when there is one, on the GPU.
+6. search at scale: ``VideoIndex`` over N random 512-d unit vectors, searched by torch brute
+   force, exact FAISS and FAISS IVF at several ``nprobe``: build time, queries per second (in one
+   batch, and one query per call as a search page asks) and recall@10 against exact search.
 
 Timings of two variants are interleaved (A B A B ...) and medians are reported, so that a
 machine shared with other work still gives comparable ratios.
@@ -632,7 +636,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     return out
 
 
-# ---- feature extraction --------------------------------------------------------------------------
+# ---- 5. feature extraction -----------------------------------------------------------------------
 def bench_extraction(devices, n_videos=4, seconds=4.0, source=(240, 320), source_fps=25, batch_size=32, quick=False):
     """Videos per second of ``data_loader.extract``'s two halves on synthetic videos (``seconds`` long,
     ``source`` height x width at ``source_fps``): decoding and preparing the model inputs in one
@@ -676,6 +680,77 @@ def bench_extraction(devices, n_videos=4, seconds=4.0, source=(240, 320), source
     return out
 
 
+# ---- 6. search at scale --------------------------------------------------------------------------
+def random_unit_vectors(n, dim, seed, block=65_536):
+    """[n, dim] float32 rows drawn isotropically and L2-normalised, built block by block in place."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(n, dim)
+    for start in range(0, n, block):
+        rows = out[start:start + block]
+        rows.normal_(generator=gen)
+        rows.div_(rows.norm(dim=1, keepdim=True))
+    return out
+
+
+def recall_at(found, exact):
+    """Mean over queries of the share of the exact top k that ``found`` also holds."""
+    return statistics.fmean(len({i for i, _ in f} & {i for i, _ in e}) / len(e) for f, e in zip(found, exact))
+
+
+def bench_search(sizes, dim=512, n_queries=500, n_single=50, nlist=1024, nprobes=(64, 256, 512, 768, 896),
+                 k=10, repeats=1, log=print):
+    """Build time, queries per second and recall@k of each search method of ``VideoIndex`` on random
+    unit vectors. Isotropic data is the hard case for approximate search: a query's neighbours are
+    barely closer than any other vector, so the IVF cells hold no locality to exploit."""
+    from utils.inference import FaissExact, FaissIVF, TorchExact, VideoIndex
+    results = []
+    for n in sizes:
+        embeddings = random_unit_vectors(n, dim, seed=0)
+        queries = random_unit_vectors(n_queries, dim, seed=1)
+        ids = range(n)
+        indexes, build_s = {}, {}
+        for name, method in (("torch", TorchExact()), ("faiss_exact", FaissExact()),
+                             ("faiss_ivf", FaissIVF(nlist=min(nlist, n), nprobe=1))):
+            build_s[name], indexes[name] = timed(lambda: VideoIndex(ids, embeddings, method).build())
+        ivf = indexes["faiss_ivf"]
+        variants = {"torch": indexes["torch"], "faiss_exact": indexes["faiss_exact"]}
+        variants.update({f"ivf_nprobe_{p}": ivf for p in sorted(nprobes) if p <= ivf.method.nlist})
+
+        def search(name, batch):
+            if name.startswith("ivf_nprobe_"):
+                ivf.method.nprobe = int(name.removeprefix("ivf_nprobe_"))
+            if batch:
+                return variants[name].search(queries, k)
+            return [variants[name].search(q[None], k)[0] for q in queries[:n_single]]
+
+        # Interleaved: each round runs every method on the batch, then on the single queries.
+        batch_s, single_s = {name: [] for name in variants}, {name: [] for name in variants}
+        found = {}
+        for _ in range(repeats):
+            for name in variants:
+                seconds, found[name] = timed(lambda: search(name, batch=True))
+                batch_s[name].append(seconds)
+            for name in variants:
+                single_s[name].append(timed(lambda: search(name, batch=False))[0])
+        rows = {name: {"recall": recall_at(found[name], found["faiss_exact"]),
+                       "batch_qps": n_queries / median(batch_s[name]),
+                       "single_qps": n_single / median(single_s[name])} for name in variants}
+        for name, row in rows.items():
+            log(f"  search N={n} {name}: recall@{k} {row['recall']:.3f}, {row['batch_qps']:.0f} queries/s in a "
+                f"batch, {row['single_qps']:.1f} one at a time")
+        # The fewest cells scanned that reach the target recall.
+        best = next((name for name in rows if name.startswith("ivf") and rows[name]["recall"] >= 0.95), None)
+        results.append({
+            "n": n, "dim": dim, "k": k, "queries": n_queries, "single_queries": n_single, "repeats": repeats,
+            "nlist": ivf.method.nlist,
+            "build_s": build_s, "methods": rows,
+            "ivf_at_recall_0.95": None if best is None else {
+                "method": best, "recall": rows[best]["recall"],
+                "batch_qps_over_exact": rows[best]["batch_qps"] / rows["faiss_exact"]["batch_qps"],
+                "single_qps_over_exact": rows[best]["single_qps"] / rows["faiss_exact"]["single_qps"]}})
+    return {"data": "random isotropic unit vectors; queries drawn the same way", "sizes": results}
+
+
 # ---- driver --------------------------------------------------------------------------------------
 def machine_info():
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -715,7 +790,15 @@ def build_parser():
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice, one per core; --quick: 1, which keeps a "
                         "smoke run fast on a busy machine)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: data,c2kd,eval,gpu,extract")
+    p.add_argument("--search-sizes", help="comma-separated N of the search benchmark (default 100000,1000000; "
+                                           "--quick: 3000)")
+    p.add_argument("--search-nlist", type=int, help="IVF cells (default 1024; --quick: 32)")
+    p.add_argument("--search-nprobe", help="comma-separated IVF cells scanned per query "
+                                           "(default 64,256,512,768,896; --quick: 4,32)")
+    p.add_argument("--search-queries", type=int, default=500, help="queries searched in one batch")
+    p.add_argument("--search-single", type=int, default=50, help="of which searched one per call")
+    p.add_argument("--search-repeats", type=int, default=1, help="interleaved rounds of the search benchmark")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: data,c2kd,eval,gpu,extract,search")
     p.add_argument("--eval-worker", help=argparse.SUPPRESS)
     return p
 
@@ -776,6 +859,15 @@ def _run(args, assets, log):
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         report["extraction"] = (bench_extraction(devices, n_videos=2, seconds=2.0, source=(120, 160), quick=True)
                                 if quick else bench_extraction(devices))
+    if "search" not in skip:
+        log("search at scale ...")
+        report["search"] = bench_search(_sizes(args.search_sizes or ("3000" if quick else "100000,1000000")),
+                                        n_queries=100 if quick else args.search_queries,
+                                        n_single=10 if quick else args.search_single,
+                                        nlist=args.search_nlist or (32 if quick else 1024),
+                                        nprobes=_sizes(args.search_nprobe or ("4,32" if quick else
+                                                                              "64,256,512,768,896")),
+                                        repeats=args.search_repeats, log=log)
     report["total_s"] = time.perf_counter() - started
     return report
 
@@ -825,6 +917,19 @@ def format_report(report):
             parts = [f"{m} {row[m]['seconds']:.2f} s, {row[m]['peak_mib']:.0f} MiB"
                      for m in ("matrix", "chunked") if m in row]
             lines.append(f"  N={row['n']:<7} " + "   ".join(parts))
+    s = report.get("search")
+    if s:
+        lines.append(f"search at scale ({s['data']})")
+        for row in s["sizes"]:
+            build = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in row["build_s"].items())
+            lines.append(f"  N={row['n']:<8} build: {build}")
+            for name, m in row["methods"].items():
+                lines.append(f"    {name:16} recall@{row['k']} {m['recall']:.3f}   {m['batch_qps']:9.1f} queries/s "
+                             f"in a batch of {row['queries']}   {m['single_qps']:8.1f} one at a time")
+            best = row["ivf_at_recall_0.95"]
+            lines.append("    IVF at recall >= 0.95: " + (
+                f"{best['method']}, {best['batch_qps_over_exact']:.2f}x exact FAISS in a batch, "
+                f"{best['single_qps_over_exact']:.2f}x one at a time" if best else "not reached"))
     g = report.get("gpu_step")
     if g:
         if "skipped" in g:

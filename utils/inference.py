@@ -5,6 +5,10 @@
     index.save("videos.safetensors")                             # ... and reuse it later
     retriever.search("a person cuts an onion", VideoIndex.load("videos.safetensors"), top=5)
 
+An index searches by brute force in torch (``TorchExact``, the reference) unless built with a FAISS
+method: ``FaissExact`` (the same ranking) or ``FaissIVF`` (approximate, for large collections), e.g.
+``retriever.build_index(ids, features, method=FaissIVF(nlist=1024, nprobe=256))``.
+
 Texts go through the checkpoint's own tokenizer (any language it can read, truncated to
 ``data.max_words_eval`` tokens), as typed, or regex-cleaned when the checkpoint was trained with
 ``data.clean_english``: a query to such an English-input teacher is taken as English and read as
@@ -14,6 +18,7 @@ the cosine similarity that evaluation ranks by.
 """
 import html
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +40,130 @@ class InferenceError(ValueError):
     """An input to inference is invalid (empty query, unknown id, wrong feature size, bad index)."""
 
 
-class VideoIndex:
-    """Video ids and their L2-normalised embeddings [N, P], stored as one safetensors file."""
+def _faiss():
+    """faiss, imported when an index asks for it: the torch search needs no faiss."""
+    try:
+        import faiss
+    except ImportError:
+        raise InferenceError("this index needs faiss: pip install faiss-cpu (or a faiss GPU build)") from None
+    return faiss
 
-    def __init__(self, ids, embeddings):
+
+@dataclass
+class TorchExact:
+    """Every score, as a matrix product in torch: the reference the FAISS methods are measured
+    against. ``block_scores`` bounds the scores held at once (queries are taken in blocks)."""
+    block_scores: int = 2 ** 26
+
+    def build(self, embeddings):
+        return _TorchSearch(embeddings, self.block_scores)
+
+
+class _TorchSearch:
+    def __init__(self, embeddings, block_scores):
+        self.embeddings, self.rows = embeddings, max(1, block_scores // max(1, len(embeddings)))
+
+    def search(self, queries, k):
+        best = [torch.topk(block @ self.embeddings.T, k) for block in queries.split(self.rows)]
+        return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
+
+
+class _FaissMethod:
+    """A FAISS index over the embeddings, written to a file of its own by ``VideoIndex.save``."""
+    on_gpu = True  # faiss has GPU versions of the flat and IVF indexes
+
+    def build(self, embeddings):
+        faiss = _faiss()
+        vectors = embeddings.numpy()
+        index = self.make(faiss, vectors)
+        index.add(vectors)
+        return _FaissSearch(self, index)
+
+    def read(self, path):
+        faiss = _faiss()
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise InferenceError(f"{path}: not a readable FAISS index ({first_line(e)})") from None
+        return _FaissSearch(self, index)
+
+    def tune(self, space, index):
+        """Set the query-time parameters on ``index`` (through a faiss ParameterSpace) before a search."""
+
+
+class _FaissSearch:
+    """A built FAISS index, on every GPU that faiss sees (a faiss GPU build on a GPU machine), else
+    on the CPU."""
+
+    def __init__(self, method, index):
+        faiss = _faiss()
+        self.method, self.on_gpu = method, method.on_gpu and faiss.get_num_gpus() > 0
+        self.index = faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index
+        self.space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
+
+    def __len__(self):
+        return self.index.ntotal
+
+    def search(self, queries, k):
+        self.method.tune(self.space, self.index)
+        scores, positions = self.index.search(queries.numpy(), k)
+        return torch.from_numpy(scores), torch.from_numpy(positions)  # position -1: fewer than k found
+
+    def write(self, path):
+        faiss = _faiss()
+        faiss.write_index(faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index, str(path))
+
+
+@dataclass
+class FaissExact(_FaissMethod):
+    """Exact inner product in FAISS (IndexFlatIP): the ranking of TorchExact."""
+
+    def make(self, faiss, vectors):
+        return faiss.IndexFlatIP(vectors.shape[1])
+
+
+@dataclass
+class FaissIVF(_FaissMethod):
+    """Approximate: k-means splits the collection into ``nlist`` cells (trained on at most
+    ``train_per_cell`` videos per cell), and a query scans its ``nprobe`` nearest cells. More
+    cells scanned: higher recall, slower queries; ``nprobe`` can be changed on a built index."""
+    nlist: int = 1024
+    nprobe: int = 256
+    train_per_cell: int = 64
+    seed: int = 0
+
+    def make(self, faiss, vectors):
+        if not 1 <= self.nprobe <= self.nlist:
+            raise InferenceError(f"FaissIVF nprobe = {self.nprobe}: expected 1 to nlist = {self.nlist} cells")
+        if len(vectors) < self.nlist:
+            raise InferenceError(f"FaissIVF nlist = {self.nlist} cells for {len(vectors)} videos: use at most "
+                                 "one cell per video, or FaissExact for a small collection")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(vectors.shape[1]), vectors.shape[1], self.nlist,
+                                   faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(self.seed).permutation(len(vectors))[:self.nlist * self.train_per_cell]
+        index.cp.seed = self.seed
+        index.train(vectors[np.sort(sample)])
+        return index
+
+    def tune(self, space, index):
+        space.set_index_parameter(index, "nprobe", self.nprobe)
+
+
+SEARCH_METHODS = {cls.__name__: cls for cls in (TorchExact, FaissExact, FaissIVF)}
+
+
+class VideoIndex:
+    """Video ids and their L2-normalised embeddings [N, P], stored as one safetensors file, searched
+    with ``method`` (default: TorchExact). A FAISS method's index is saved beside that file."""
+
+    def __init__(self, ids, embeddings, method=None):
         self.ids = [str(i) for i in ids]
         self.embeddings = embeddings.float().cpu().contiguous()
         if len(self.ids) != len(self.embeddings):
             raise InferenceError(f"{len(self.ids)} ids for {len(self.embeddings)} embeddings")
         self._position = {vid: i for i, vid in enumerate(self.ids)}
+        self.method = method or TorchExact()
+        self._searcher = None  # built on the first search, or read by load
 
     def __len__(self):
         return len(self.ids)
@@ -54,18 +174,38 @@ class VideoIndex:
                                  f"e.g. {', '.join(self.ids[:3])})")
         return self._position[video_id]
 
+    def build(self):
+        """Build the search structure now (else the first search does); returns the index."""
+        if self._searcher is None:
+            self._searcher = self.method.build(self.embeddings)
+        return self
+
+    def search(self, queries, top):
+        """The ``top`` best videos for each of ``queries`` [Q, P]: a list per query of (position,
+        score), best first (an approximate method may find fewer)."""
+        scores, positions = self.build()._searcher.search(queries.float().cpu().contiguous(), min(top, len(self)))
+        return [[(i, s) for i, s in zip(p, sc) if i >= 0] for p, sc in zip(positions.tolist(), scores.tolist())]
+
     def save(self, path):
         path = Path(path)
+        method = {"name": type(self.method).__name__, "params": asdict(self.method)}
+        structure = path.with_suffix(".faiss") if isinstance(self.method, _FaissMethod) else None
+        if structure is not None:
+            method["file"] = structure.name
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"embeddings": self.embeddings}, str(path),
-                      metadata={"format": INDEX_FORMAT, "ids": json.dumps(self.ids)})
+                      metadata={"format": INDEX_FORMAT, "ids": json.dumps(self.ids), "method": json.dumps(method)})
+            if structure is not None:
+                self.build()._searcher.write(structure)
         except OSError as e:
             raise InferenceError(f"{path}: cannot write the index ({e.strerror or e})") from None
         return path
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, method=None):
+        """The index saved at ``path``, searched as it was saved (a FAISS index read from its file),
+        or with ``method``, built anew."""
         path = Path(path)
         if not path.is_file():
             raise InferenceError(f"{path}: index file not found")
@@ -77,11 +217,23 @@ class VideoIndex:
                 # offset buffer safetensors returns, and scores must not depend on that.
                 embeddings = f.get_tensor("embeddings").clone() if ours else None
             ids = json.loads(meta["ids"]) if ours else None
+            saved = json.loads(meta.get("method", '{"name": "TorchExact", "params": {}}')) if ours else None
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise InferenceError(f"{path}: not a readable video index ({first_line(e)})") from None
         if not ours:
             raise InferenceError(f"{path}: not a video index written by VideoIndex.save")
-        return cls(ids, embeddings)
+        if method is not None:
+            return cls(ids, embeddings, method)
+        if saved.get("name") not in SEARCH_METHODS:
+            raise InferenceError(f"{path}: unknown search method {saved.get('name')!r} "
+                                 f"(expected one of {', '.join(SEARCH_METHODS)})")
+        index = cls(ids, embeddings, SEARCH_METHODS[saved["name"]](**saved["params"]))
+        if "file" in saved:
+            index._searcher = index.method.read(path.parent / saved["file"])
+            if len(index._searcher) != len(index):
+                raise InferenceError(f"{path.parent / saved['file']}: holds {len(index._searcher)} videos, "
+                                     f"{path.name} {len(index)}; save the index again")
+        return index
 
 
 class Retriever:
@@ -123,11 +275,12 @@ class Retriever:
         checked = [self.check_features(f, name) for name, f in zip(names, features)]
         return self.model.embed_videos(checked, self.config["data"]["n_video_tokens"], batch_size, progress)
 
-    def build_index(self, ids, features, batch_size=256, progress=True):
-        """Encode a collection once (a progress bar shows on a terminal); save the index to reuse it."""
+    def build_index(self, ids, features, batch_size=256, progress=True, method=None):
+        """Encode a collection once (a progress bar shows on a terminal), to be searched with
+        ``method`` (default: TorchExact); save the index to reuse it."""
         if len(ids) != len(features):
             raise InferenceError(f"{len(ids)} video ids for {len(features)} feature arrays")
-        return VideoIndex(ids, self.encode_videos(features, batch_size, progress, ids=ids))
+        return VideoIndex(ids, self.encode_videos(features, batch_size, progress, ids=ids), method)
 
     def search(self, query, index, top=10):
         """The ``top`` best videos of ``index`` for ``query``: [(video_id, cosine score)], best first."""
@@ -137,9 +290,16 @@ class Retriever:
         if index.embeddings.shape[1] != len(q):
             raise InferenceError(f"the index holds {index.embeddings.shape[1]}-d embeddings but this model "
                                  f"makes {len(q)}-d ones; rebuild the index with this checkpoint")
-        scores = index.embeddings @ q
-        best = torch.topk(scores, min(top, len(index)))
-        return [(index.ids[i], float(s)) for s, i in zip(best.values.tolist(), best.indices.tolist())]
+        return [(index.ids[i], float(s)) for i, s in index.search(q[None], top)[0]]
+
+    def unreadable(self, query):
+        """True when the checkpoint's tokenizer reads ``query`` (as ``encode_texts`` reads it) as
+        unknown tokens only, e.g. a script outside its vocabulary: a ranking for it means nothing."""
+        table = TokenTable([[query]], self.tokenizer, self.config["data"]["max_words_eval"],
+                           clean=self.config["data"].get("clean_english", False))
+        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
+        words = [i for i in table.input_ids[0][table.attention_mask[0]].tolist() if i not in special]
+        return all(i == self.tokenizer.unk_token_id for i in words)
 
     def check_features(self, features, name="the video"):
         """``features`` as a float32 [frames, feature_dim] array; another shape is an InferenceError."""
