@@ -30,6 +30,7 @@ from data_loader.safe_pickle import DataFileError
 from data_loader.video import VideoError, center_crop, decode_frames, list_videos
 from utils.errors import first_line, run_command
 from utils.files import atomic_write
+from utils.hub import load_named, model_identity
 
 FEATURES = "features"
 REPORT = "failed.tsv"
@@ -60,13 +61,13 @@ class ClipImageFeatures:
         self.processor = self.network = None
 
     def settings(self):
-        return {"encoder": "clip", "model": self.model, "fps": self.fps, "size": self.size}
+        return {"encoder": "clip", "model": model_identity(self.model), "fps": self.fps, "size": self.size}
 
     def start_worker(self):
         from transformers import AutoImageProcessor
         # The PIL backend: the default one needs torchvision.
-        self.processor = _load("image processor", self.model, lambda: AutoImageProcessor.from_pretrained(
-            self.model, backend="pil"))
+        self.processor = load_named("image processor", self.model, lambda: AutoImageProcessor.from_pretrained(
+            self.model, backend="pil"), EncoderError)
 
     def prepare(self, path):
         frames = decode_frames(path, self.fps, self.size)
@@ -84,7 +85,8 @@ class ClipImageFeatures:
     def load(self, device):
         import torch
         from transformers import AutoModel
-        network = _load("CLIP model", self.model, lambda: AutoModel.from_pretrained(self.model, dtype=torch.float32))
+        network = load_named("CLIP model", self.model,
+                             lambda: AutoModel.from_pretrained(self.model, dtype=torch.float32), EncoderError)
         if not hasattr(network, "get_image_features"):
             raise EncoderError(f"model '{self.model}' is a {type(network).__name__}, which has no image tower "
                                "(a CLIP checkpoint is expected)")
@@ -114,7 +116,7 @@ class S3DClipFeatures:
         return {"fps": float(CLIP_FPS), "size": 224, "clip_frames": CLIP_FRAMES, "clip_stride": CLIP_FPS}
 
     def settings(self):
-        return {"encoder": "s3d", "model": str(Path(self.model).resolve()), "fps": self.fps, "size": self.size,
+        return {"encoder": "s3d", "model": model_identity(self.model), "fps": self.fps, "size": self.size,
                 "clip_frames": self.clip_frames, "clip_stride": self.clip_stride}
 
     def start_worker(self):
@@ -146,20 +148,6 @@ class S3DClipFeatures:
 
 
 ENCODERS = {"clip": ClipImageFeatures, "s3d": S3DClipFeatures}
-
-
-def _load(what, name, load):
-    """``load()``, with a missing folder or an unreachable hub id as a one-line EncoderError."""
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
-        raise EncoderError(f"{what} '{name}': no such folder (a hub id has the form 'name' or 'org/name')")
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        return load()
-    except (OSError, ValueError) as e:
-        raise EncoderError(f"{what} '{name}' could not be loaded (a hub id or a folder written by "
-                           f"save_pretrained is expected): {first_line(e)}") from None
 
 
 # ---- the run -------------------------------------------------------------------------------------

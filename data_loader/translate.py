@@ -29,6 +29,7 @@ from data_loader.corpus import ENGLISH, safe_files
 from data_loader.safe_pickle import DataFileError
 from utils.errors import first_line, run_command
 from utils.files import atomic_write
+from utils.hub import load_named, model_identity
 
 
 class TranslatorError(ValueError):
@@ -41,18 +42,9 @@ class Seq2Seq:
     def __init__(self, name, device):
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-        from transformers.utils import logging
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
-            raise TranslatorError(f"translation model '{name}': no such folder (a hub id has the form 'name' "
-                                  "or 'org/name')")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise TranslatorError(f"translation model '{name}' could not be loaded (a hub id or a folder written "
-                                  f"by save_pretrained is expected): {first_line(e)}") from None
+        self.tokenizer, self.model = load_named("translation model", name, lambda: (
+            AutoTokenizer.from_pretrained(name),
+            AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32).to(device).eval()), TranslatorError)
         self.device = device
 
     def language_token(self, code):
@@ -144,12 +136,6 @@ class TranslationCache:
         with self.db:  # one transaction: a batch is stored whole or not at all
             self.db.executemany("INSERT OR REPLACE INTO translation VALUES (?, ?, ?, ?, ?)",
                                 [(model, lang, decoding, s, t) for s, t in pairs])
-
-
-def model_identity(name):
-    """What the cache and the dataset record for a model: a folder by its absolute path, else the hub id."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
 
 
 def read_split(folder):

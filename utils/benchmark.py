@@ -738,8 +738,8 @@ def run(args, assets=None, log=print):
 
 
 def _run(args, assets, log):
-    from model.model import _quiet_transformers
-    _quiet_transformers()
+    from utils.hub import quiet_transformers
+    quiet_transformers()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     quick = args.quick
