@@ -261,3 +261,89 @@ def test_a_missing_folder_or_model_is_one_line_with_status_2(tmp_path, capsys, c
     assert err.startswith("error: ") and "no-model': no such folder" in err and "\n" not in err
     assert extract.main([str(videos), str(tmp_path / "out"), "--model", str(clip_model), "--clip-frames", "8"]) == 2
     assert capsys.readouterr().err.strip() == "error: --clip-frames applies to another encoder, not to --encoder clip"
+
+
+@pytest.fixture
+def alarm():
+    """A hang (a pool restarting its workers forever) fails the test after 60 s instead of stalling the run."""
+    def timeout(*_):
+        raise TimeoutError("timed out")
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_processor_that_cannot_load_is_one_line_with_decoding_workers_too(tmp_path, capsys, clip_model, alarm):
+    no_processor = tmp_path / "no-processor"
+    shutil.copytree(clip_model, no_processor)
+    (no_processor / "preprocessor_config.json").unlink()
+    videos = make_videos(tmp_path / "videos", [8])
+    errors = []
+    for workers in ("0", "1"):
+        assert extract.main([str(videos), str(tmp_path / "out"), "--model", str(no_processor),
+                             "--workers", workers]) == 2
+        errors.append(capsys.readouterr().err.strip())
+    assert errors[0] == errors[1] and errors[0].startswith("error: image processor") and "\n" not in errors[0]
+
+
+def test_a_failed_first_run_leaves_the_folder_free_and_sizes_and_strides_follow_their_sources(tmp_path, capsys,
+                                                                                            clip_model):
+    videos = make_videos(tmp_path / "videos", [8])
+    out = tmp_path / "out"
+    broken = tmp_path / "broken-clip"  # a processor but no weights: it fails when the encoder loads
+    broken.mkdir()
+    shutil.copy(clip_model / "preprocessor_config.json", broken)
+    assert extract.main([str(videos), str(out), "--model", str(broken), "--fps", "4", "--workers", "0"]) == 2
+    assert "error: CLIP model" in capsys.readouterr().err
+    assert extract.main([str(videos), str(out), "--model", str(clip_model), "--fps", "4", "--workers", "0"]) == 0
+    settings = json.loads((out / "extract.json").read_text())
+    assert settings["size"] == SIZE  # the image processor's size, not a fixed 224
+    assert settings["model"] == str(clip_model.resolve())
+    # S3D: one clip per second unless --clip-stride is given.
+    assert extract.S3DClipFeatures("m", fps=8.0, size=SIZE, clip_frames=8, clip_stride=None).clip_stride == 8
+    assert extract.S3DClipFeatures("m", fps=8.0, size=SIZE, clip_frames=8, clip_stride=3).clip_stride == 3
+
+
+@pytest.mark.parametrize("split", ["..", ".", ".hidden", "extract.json", "failed.tsv", "features", "a/b", "a\\b"])
+def test_a_split_name_outside_the_output_folder_or_on_its_files_is_refused(tmp_path, capsys, split):
+    videos = make_videos(tmp_path / "videos", [])
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"train": {"video0": ["a cat"]}, split: {"video0": ["a dog"]}}))
+    assert extract.main([str(videos), str(tmp_path / "out"), "--model", "none", "--captions", str(captions)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {captions}: '{split}' cannot name a split") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_videos_with_one_id_are_refused_before_any_work(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "a.avi", "sub/b.mp4"):
+        (videos / name).write_bytes(b"")
+    assert extract.main([str(videos), str(tmp_path / "out"), "--model", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {videos}: {videos / 'a.avi'} and {videos / 'a.mp4'} have the same video id 'a'; "
+                   "rename or move one of them")
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoding_workers_stay_a_bounded_number_of_videos_ahead(tmp_path):
+    pulled = []
+
+    def jobs():
+        for i in range(40):
+            pulled.append(i)
+            yield f"v{i}", tmp_path / f"missing{i}.mp4"  # fails at once: the workers are never the bottleneck
+
+    encoder = extract.S3DClipFeatures("unused", fps=8.0, size=SIZE, clip_frames=8, clip_stride=None)
+    with extract.decoding(encoder, workers=2) as prepare_all:
+        results = prepare_all(jobs())
+        first = next(results)
+        time.sleep(0.5)  # time for a pool that reads ahead to take every job
+        ahead = len(pulled)
+        rest = list(results)
+    assert first[0] == "v0" and [r[0] for r in rest] == [f"v{i}" for i in range(1, 40)]
+    assert all(r[1] is None and r[2] for r in [first, *rest])
+    assert ahead <= 2 * 2 + 1, ahead
