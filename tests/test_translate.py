@@ -121,3 +121,18 @@ def test_a_many_to_many_model_is_told_the_target_language_and_given_captions_are
     code, out = run([str(train), "--languages", "es", *m2m, "--lang-code", "es=__fr__"], capsys)
     assert code == 2 and "already holds 'es' captions, from no recorded model" in out.err
 
+
+def test_language_codes_are_part_of_the_cache_key_and_the_record(tmp_path, models, capsys):
+    train = make_split(tmp_path / "train", english(4, 5))
+    m2m = ["--model", str(models / "tiny-m2m"), "--cache", str(tmp_path / "cache.sqlite")]
+    code, out = run([str(train), "--languages", "de", *m2m, "--lang-code", "de=fr"], capsys)  # the wrong code
+    assert code == 0, out.err
+    assert json.loads((train / "captions.json").read_text())["translations"]["de"]["target_code"] == "fr"
+    # The right code, over the captions of the wrong one: translated again, not served from the cache.
+    code, out = run([str(train), "--languages", "de", *m2m, "--overwrite"], capsys)
+    unique = len({c for item in english(4, 5) for c in item})
+    assert code == 0 and f"de: {unique} captions translated, 0 from the cache" in out.out, out
+    meta = json.loads((train / "captions.json").read_text())
+    assert meta["translations"]["de"]["target_code"] == "de"
+    caption = meta["captions"]["en"][0][0]
+    assert meta["captions"]["de"][0][0] == direct(models / "tiny-m2m", caption, "de")
