@@ -94,11 +94,11 @@ def make_trainer(config, info=None):
     return trainer, next(iter(train_loader))
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """For modules of small networks, where one thread is fastest: with two on a busy machine, S3D's
-    3D convolutions ran 50 times slower (threads waiting on each other)."""
-    threads = torch.get_num_threads()
+@pytest.fixture
+def one_thread():
+    """For small networks one thread is fastest: with two on a busy machine, S3D's 3D convolutions
+    ran 50 times slower (threads waiting on each other)."""
+    saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(saved)

@@ -20,7 +20,7 @@ from utils.tiny_encoders import build_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # frames and the tiny CLIP's input, in pixels
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
