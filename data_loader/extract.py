@@ -251,7 +251,7 @@ def record_settings(out, settings):
     atomic_write(Path(out) / SETTINGS, lambda f: f.write((json.dumps(settings, indent=2) + "\n").encode()))
 
 
-def find_duplicates(videos, videos_dir):
+def refuse_duplicate_ids(videos, videos_dir):
     """Two files with one id (a.mp4 and a.avi) would write the same features file: a one-line error."""
     first = {}
     for video_id, path in videos:
@@ -281,7 +281,7 @@ def extract(args):
     videos, unreadable = list_videos(videos_dir)
     if unreadable and unreadable[0][0] == str(videos_dir):
         raise DataFileError(f"{videos_dir}: cannot read the folder ({unreadable[0][1]})")
-    find_duplicates(videos, videos_dir)
+    refuse_duplicate_ids(videos, videos_dir)
     encoder.load_processor()
     check_settings(out, encoder.settings())
     todo = [(vid, path) for vid, path in videos if not feature_file(out, vid).is_file()]
