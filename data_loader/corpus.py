@@ -147,7 +147,7 @@ def read_multi_msrvtt(path, feature_key, split, items=None):
     """
     data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
     prefix = "caption_" if split == "train" else "eval_caption_"
-    per_item = [{k[len(prefix):]: _caption_list(v, path, i, k) for k, v in item.items() if k.startswith(prefix)}
+    per_item = [{k[len(prefix):]: caption_list(v, path, i, k) for k, v in item.items() if k.startswith(prefix)}
                 for i, item in enumerate(data)]
     if not any(per_item):
         raise SplitNotInFile(f"{path}: no '{prefix}<lang>' keys in any item "
@@ -218,7 +218,7 @@ def _plain_extras(item, unread, skip):
     return out
 
 
-def _caption_list(value, path, index, key):
+def caption_list(value, path, index, key):
     """One item's captions of one language as a list of strings; None means 'no caption'."""
     if value is None:
         return []
@@ -260,11 +260,11 @@ def read_multi_youcook2(path, feature_key, split, items=None):
             if lang in found:
                 raise DataFileError(f"{path}: item {i} has captions for '{lang}' under two keys "
                                     f"(caption_{lang} and its released alias)")
-            found[lang] = _caption_list(value, path, i, key)
+            found[lang] = caption_list(value, path, i, key)
         english = item.get("caption", item.get("caption_en"))
         if english is None:
             raise DataFileError(f"{path}: item {i} has no English 'caption' (is this a YouCook2 file?)")
-        found[ENGLISH] = _caption_list(english, path, i, "caption")
+        found[ENGLISH] = caption_list(english, path, i, "caption")
         per_item.append(found)
     extras, unread = [], set()
     for item in data:
@@ -294,7 +294,7 @@ def read_rudder(path, feature_key, split, items=None):
         caps = item.get("captions")
         if not isinstance(caps, dict):
             raise DataFileError(f"{path}: item {i} has no 'captions' dict (is this a RUDDER file?)")
-        per_item.append({str(lang): _caption_list(value, path, i, f"captions[{lang}]")
+        per_item.append({str(lang): caption_list(value, path, i, f"captions[{lang}]")
                          for lang, value in caps.items()})
     # Every language of the file is read (ta, te and ml too, which the reference left out);
     # the RUDDER configs select the paper's en, hi, mr, kn with `languages`.
@@ -482,7 +482,7 @@ def read_safe(path, feature_key=None, split=None, raw=None):
         if not isinstance(per_item, list) or len(per_item) != n:
             raise DataFileError(f"{where}: captions['{lang}'] must be a list with one entry per item ({n}), "
                                 f"got {len(per_item) if isinstance(per_item, list) else type(per_item).__name__}")
-        captions[lang] = [_caption_list(c, where, i, f"captions[{lang}]") for i, c in enumerate(per_item)]
+        captions[lang] = [caption_list(c, where, i, f"captions[{lang}]") for i, c in enumerate(per_item)]
     if not captions:
         raise DataFileError(f"{where}: 'captions' holds no language")
     extras = meta.get("extras") or [{} for _ in range(n)]

@@ -16,6 +16,7 @@ data_loader.translate and train.py. See docs/datasets.md for what is known of th
 features' recipe and the defaults that follow from it.
 """
 import argparse
+import collections
 import contextlib
 import json
 import multiprocessing
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from data_loader.corpus import ENGLISH, Corpus, _caption_list, read_safe_raw, safe_files
+from data_loader.corpus import ENGLISH, Corpus, caption_list, read_safe_raw, safe_files
 from data_loader.safe_pickle import DataFileError
 from data_loader.video import VideoError, center_crop, decode_frames, list_videos
 from utils.errors import first_line, run_command
 from utils.files import atomic_write
+from utils.hub import load_named, model_identity
 
 FEATURES = "features"
 REPORT = "failed.tsv"
@@ -42,8 +44,10 @@ class EncoderError(ValueError):
 
 # ---- encoders ------------------------------------------------------------------------------------
 # An encoder has two halves. ``prepare`` runs in the decoding workers: frames in, the video's
-# model inputs out (a numpy array, cheap to send between processes). ``load`` and ``encode`` run in
-# the main process: model inputs ``unit(prepared, i)`` of several videos are stacked into batches.
+# model inputs out (a numpy array, cheap to send between processes); what it needs is loaded by
+# ``load_processor`` in the main process before the workers are forked, so they inherit it. ``load``
+# and ``encode`` run in the main process: model inputs ``unit(prepared, i)`` of several videos are
+# stacked into batches.
 
 class ClipImageFeatures:
     """CLIP image embeddings (vision tower and projection) of frames sampled at ``fps``, one feature
@@ -52,21 +56,25 @@ class ClipImageFeatures:
 
     @staticmethod
     def defaults():
-        # One frame per second: a guess at the released features' rate (docs/datasets.md).
-        return {"fps": 1.0, "size": 224}
+        # One frame per second: a guess at the released features' rate (docs/datasets.md). The size
+        # comes from the image processor (see load_processor).
+        return {"fps": 1.0, "size": None}
 
     def __init__(self, model, fps, size):
         self.model, self.fps, self.size = model, fps, size
         self.processor = self.network = None
 
     def settings(self):
-        return {"encoder": "clip", "model": self.model, "fps": self.fps, "size": self.size}
+        return {"encoder": "clip", "model": model_identity(self.model), "fps": self.fps, "size": self.size}
 
-    def start_worker(self):
+    def load_processor(self):
         from transformers import AutoImageProcessor
         # The PIL backend: the default one needs torchvision.
-        self.processor = _load("image processor", self.model, lambda: AutoImageProcessor.from_pretrained(
-            self.model, backend="pil"))
+        self.processor = load_named("image processor", self.model, lambda: AutoImageProcessor.from_pretrained(
+            self.model, backend="pil"), EncoderError)
+        if self.size is None:  # decode at the processor's own resize target, so that it resizes nothing
+            size, crop = self.processor.size or {}, self.processor.crop_size or {}
+            self.size = size.get("shortest_edge") or min(crop.get("height", 224), crop.get("width", 224))
 
     def prepare(self, path):
         frames = decode_frames(path, self.fps, self.size)
@@ -84,7 +92,8 @@ class ClipImageFeatures:
     def load(self, device):
         import torch
         from transformers import AutoModel
-        network = _load("CLIP model", self.model, lambda: AutoModel.from_pretrained(self.model, dtype=torch.float32))
+        network = load_named("CLIP model", self.model,
+                             lambda: AutoModel.from_pretrained(self.model, dtype=torch.float32), EncoderError)
         if not hasattr(network, "get_image_features"):
             raise EncoderError(f"model '{self.model}' is a {type(network).__name__}, which has no image tower "
                                "(a CLIP checkpoint is expected)")
@@ -102,7 +111,8 @@ class S3DClipFeatures:
 
     def __init__(self, model, fps, size, clip_frames, clip_stride):
         self.model, self.fps, self.size = model, fps, size
-        self.clip_frames, self.clip_stride = clip_frames, clip_stride
+        # One clip per second unless given: a guess at the released features' rate.
+        self.clip_frames, self.clip_stride = clip_frames, clip_stride or max(1, round(fps))
         self.network = None
         if clip_frames % 2 or size % 2:
             raise EncoderError(f"S3D needs an even --clip-frames and --size, got {clip_frames} and {size}")
@@ -110,15 +120,14 @@ class S3DClipFeatures:
     @staticmethod
     def defaults():
         from data_loader.s3d import CLIP_FPS, CLIP_FRAMES
-        # One clip per second (stride = fps frames): a guess at the released features' rate.
-        return {"fps": float(CLIP_FPS), "size": 224, "clip_frames": CLIP_FRAMES, "clip_stride": CLIP_FPS}
+        return {"fps": float(CLIP_FPS), "size": 224, "clip_frames": CLIP_FRAMES, "clip_stride": None}
 
     def settings(self):
-        return {"encoder": "s3d", "model": str(Path(self.model).resolve()), "fps": self.fps, "size": self.size,
+        return {"encoder": "s3d", "model": model_identity(self.model), "fps": self.fps, "size": self.size,
                 "clip_frames": self.clip_frames, "clip_stride": self.clip_stride}
 
-    def start_worker(self):
-        pass
+    def load_processor(self):
+        pass  # decoding and cropping need no model file
 
     def prepare(self, path):
         frames = center_crop(decode_frames(path, self.fps, self.size), self.size)
@@ -148,55 +157,52 @@ class S3DClipFeatures:
 ENCODERS = {"clip": ClipImageFeatures, "s3d": S3DClipFeatures}
 
 
-def _load(what, name, load):
-    """``load()``, with a missing folder or an unreachable hub id as a one-line EncoderError."""
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
-        raise EncoderError(f"{what} '{name}': no such folder (a hub id has the form 'name' or 'org/name')")
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        return load()
-    except (OSError, ValueError) as e:
-        raise EncoderError(f"{what} '{name}' could not be loaded (a hub id or a folder written by "
-                           f"save_pretrained is expected): {first_line(e)}") from None
-
-
 # ---- the run -------------------------------------------------------------------------------------
 
-_WORKER_ENCODER = None
+_ENCODER = None  # set before the decoding workers are forked: they inherit it
 
 
-def _start_worker(encoder, in_pool=True):
-    global _WORKER_ENCODER
-    if in_pool:  # the main process handles SIGTERM and Ctrl-C, and stops the pool
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    encoder.start_worker()
-    _WORKER_ENCODER = encoder
+def _ignore_signals():
+    # The main process handles SIGTERM and Ctrl-C, and stops the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _prepare(job):
     """(video id, model inputs or None, why it failed or None), in a decoding worker."""
     video_id, path = job
     try:
-        return video_id, _WORKER_ENCODER.prepare(path), None
+        return video_id, _ENCODER.prepare(path), None
     except VideoError as e:
         return video_id, None, str(e)
     except Exception as e:  # a damaged file can fail anywhere in a decoder or an image library
         return video_id, None, f"cannot decode ({type(e).__name__}: {first_line(e)})"
 
 
+def _in_order(pool, jobs, limit):
+    """``_prepare`` of each job, in order, with at most ``limit`` videos decoded ahead of the consumer
+    (Pool.imap would decode every video ahead while the encoder is slower, holding them all in memory)."""
+    in_flight = collections.deque()
+    for job in jobs:
+        in_flight.append(pool.apply_async(_prepare, (job,)))
+        if len(in_flight) >= limit:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
 @contextlib.contextmanager
 def decoding(encoder, workers):
-    """A function that maps ``_prepare`` over jobs in order, in ``workers`` processes (0: in this one)."""
+    """A function that maps ``_prepare`` over jobs in order, in ``workers`` processes (0: in this one).
+    The encoder's processor must be loaded: forked workers inherit it."""
+    global _ENCODER
+    _ENCODER = encoder
     if workers == 0:
-        _start_worker(encoder, in_pool=False)
         yield lambda jobs: map(_prepare, jobs)
         return
     # Forked before the encoder is loaded (onto a GPU, say): the workers need numpy, PyAV and the processor.
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(encoder,)) as pool:
-        yield lambda jobs: pool.imap(_prepare, jobs)
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_signals) as pool:
+        yield lambda jobs: _in_order(pool, jobs, 2 * workers)
 
 
 @contextlib.contextmanager
@@ -229,7 +235,7 @@ def feature_file(out, video_id):
 
 
 def check_settings(out, settings):
-    """Features already in ``out`` must come from the same settings; record them on a first run."""
+    """Features already in ``out`` must come from the same settings."""
     path = Path(out) / SETTINGS
     if path.is_file():
         old = json.loads(path.read_text())
@@ -238,7 +244,21 @@ def check_settings(out, settings):
             key = changed[0]
             raise DataFileError(f"{path}: the features in {out} were extracted with {key} = {old.get(key)!r}, "
                                 f"this run asks for {settings.get(key)!r}; use another output folder")
-    atomic_write(path, lambda f: f.write((json.dumps(settings, indent=2) + "\n").encode()))
+
+
+def record_settings(out, settings):
+    """Written once the encoder has loaded: a run that failed before that leaves the folder free."""
+    atomic_write(Path(out) / SETTINGS, lambda f: f.write((json.dumps(settings, indent=2) + "\n").encode()))
+
+
+def refuse_duplicate_ids(videos, videos_dir):
+    """Two files with one id (a.mp4 and a.avi) would write the same features file: a one-line error."""
+    first = {}
+    for video_id, path in videos:
+        if video_id in first:
+            raise DataFileError(f"{videos_dir}: {first[video_id]} and {path} have the same video id '{video_id}'; "
+                                "rename or move one of them")
+        first[video_id] = path
 
 
 def extract(args):
@@ -261,6 +281,8 @@ def extract(args):
     videos, unreadable = list_videos(videos_dir)
     if unreadable and unreadable[0][0] == str(videos_dir):
         raise DataFileError(f"{videos_dir}: cannot read the folder ({unreadable[0][1]})")
+    refuse_duplicate_ids(videos, videos_dir)
+    encoder.load_processor()
     check_settings(out, encoder.settings())
     todo = [(vid, path) for vid, path in videos if not feature_file(out, vid).is_file()]
     print(f"{len(videos)} videos in {videos_dir}: {len(videos) - len(todo)} already extracted, {len(todo)} to do")
@@ -275,6 +297,7 @@ def extract(args):
         with decoding(encoder, args.workers) as prepare_all, sigterm_exits(), \
                 tqdm(total=len(todo), unit="video", desc="extract", disable=None, dynamic_ncols=True) as bar:
             encoder.load(device)
+            record_settings(out, encoder.settings())
             for video_id, inputs, error in prepare_all(todo):
                 if error is not None:
                     failed.append((video_id, error))
@@ -286,6 +309,8 @@ def extract(args):
                     done += write_group(encoder, group, args.batch_size, device, out, bar)
                     group, pending = [], 0
             done += write_group(encoder, group, args.batch_size, device, out, bar)
+    else:
+        record_settings(out, encoder.settings())
     report = out / REPORT
     atomic_write(report, lambda f: f.write("".join(f"{v}\t{why}\n" for v, why in failed).encode()))
     if captions is not None:
@@ -318,9 +343,13 @@ def read_english_captions(path):
     if not isinstance(data, dict) or not data or not all(isinstance(v, dict) for v in data.values()):
         raise DataFileError(f"{path}: expected a JSON object {{split: {{video id: [English captions]}}}}")
     for split in data:
-        if split in (FEATURES,) or "/" in split or not split.strip():
-            raise DataFileError(f"{path}: '{split}' cannot name a split (it names the output folder OUT/<split>)")
-    return {split: {str(vid): _caption_list(caps, path, vid, f"{split}.{vid}") for vid, caps in videos.items()}
+        # OUT/<split> must be a new folder right inside OUT, beside none of the run's own files.
+        if split in (FEATURES, REPORT, SETTINGS) or split.startswith(".") or "/" in split or "\\" in split \
+                or not split.strip():
+            raise DataFileError(f"{path}: '{split}' cannot name a split (it names the output folder OUT/<split>: "
+                                f"a name not starting with '.', without '/', other than {FEATURES}, {REPORT} "
+                                f"and {SETTINGS})")
+    return {split: {str(vid): caption_list(caps, path, vid, f"{split}.{vid}") for vid, caps in videos.items()}
             for split, videos in data.items()}
 
 
@@ -365,10 +394,10 @@ def main(argv=None):
                              "s3d: the s3d_howto100m.pth file")
     parser.add_argument("--captions", help="JSON {split: {video id: [English captions]}}: write the splits")
     parser.add_argument("--fps", type=float, help="frames decoded per second (clip: 1, s3d: 10)")
-    parser.add_argument("--size", type=int, help="shorter side of the decoded frames in pixels (224); s3d "
-                                                 "then crops the centre square")
+    parser.add_argument("--size", type=int, help="shorter side of the decoded frames in pixels (clip: the image "
+                                                 "processor's resize size; s3d: 224, then the centre square)")
     parser.add_argument("--clip-frames", type=int, help="s3d: frames per clip (32)")
-    parser.add_argument("--clip-stride", type=int, help="s3d: frames between clip starts (10: one clip a second)")
+    parser.add_argument("--clip-stride", type=int, help="s3d: frames between clip starts (default: one clip a second at --fps)")
     parser.add_argument("--batch-size", type=int, default=64, help="frames (clip) or clips (s3d) per forward pass")
     parser.add_argument("--workers", type=int, default=min(4, multiprocessing.cpu_count()),
                         help="decoding processes (0: decode in the main process)")

@@ -12,12 +12,12 @@ many-to-many model told the target language by its language token (``__de__`` as
 the code given with --lang-code, as NLLB's ``deu_Latn``). Both are loaded with AutoTokenizer and
 AutoModelForSeq2SeqLM, by hub id or folder, and run in batches (on the GPU when there is one).
 
-Each translation is stored in a cache (SQLite) under (model, target language, decoding settings,
-English text), committed batch by batch: a re-run, an interrupted run, another split or a new
-language translates only what the cache lacks. The captions of a new language are written into
-each split's ``captions.json`` (caption k of an item translates English caption k), and
-``translations`` there records which model produced each language; train.py reads them as any
-other language.
+Each translation is stored in a cache (SQLite) under (model, target language, decoding settings
+and language codes, English text), committed batch by batch: a re-run, an interrupted run,
+another split or a new language translates only what the cache lacks. The captions of a new
+language are written into each split's ``captions.json`` (caption k of an item translates English
+caption k), and ``translations`` there records the model, settings and codes that produced each
+language; train.py reads them as any other language.
 """
 import argparse
 import json
@@ -29,6 +29,7 @@ from data_loader.corpus import ENGLISH, safe_files
 from data_loader.safe_pickle import DataFileError
 from utils.errors import first_line, run_command
 from utils.files import atomic_write
+from utils.hub import load_named, model_identity
 
 
 class TranslatorError(ValueError):
@@ -41,18 +42,9 @@ class Seq2Seq:
     def __init__(self, name, device):
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-        from transformers.utils import logging
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
-            raise TranslatorError(f"translation model '{name}': no such folder (a hub id has the form 'name' "
-                                  "or 'org/name')")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32).to(device).eval()
-        except (OSError, ValueError) as e:
-            raise TranslatorError(f"translation model '{name}' could not be loaded (a hub id or a folder written "
-                                  f"by save_pretrained is expected): {first_line(e)}") from None
+        self.tokenizer, self.model = load_named("translation model", name, lambda: (
+            AutoTokenizer.from_pretrained(name),
+            AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32).to(device).eval()), TranslatorError)
         self.device = device
 
     def language_token(self, code):
@@ -83,6 +75,10 @@ class PerLanguageModels:
     def model_name(self, lang):
         return self.template.format(lang=lang)
 
+    @staticmethod
+    def settings(lang):
+        return {}  # the model itself names the language pair
+
     def translator(self, lang):
         model = Seq2Seq(self.model_name(lang), self.device)
         return lambda texts, decoding: model.generate(texts, decoding)
@@ -97,6 +93,10 @@ class ManyToManyModel:
 
     def model_name(self, lang):
         return self.name
+
+    def settings(self, lang):
+        """The codes the model is told: part of what a translation depends on."""
+        return {"source_code": self.source_code, "target_code": self.lang_codes.get(lang, lang)}
 
     def translator(self, lang):
         if self.model is None:
@@ -118,7 +118,8 @@ def build_translators(model, device, lang_codes, source_code):
 
 
 class TranslationCache:
-    """Translations by (model, target language, decoding settings, English text), in SQLite."""
+    """Translations by (model, target language, settings, English text), in SQLite; the settings
+    (decoding, language codes) are one JSON text in the ``decoding`` column."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -144,12 +145,6 @@ class TranslationCache:
         with self.db:  # one transaction: a batch is stored whole or not at all
             self.db.executemany("INSERT OR REPLACE INTO translation VALUES (?, ?, ?, ?, ?)",
                                 [(model, lang, decoding, s, t) for s, t in pairs])
-
-
-def model_identity(name):
-    """What the cache and the dataset record for a model: a folder by its absolute path, else the hub id."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
 
 
 def read_split(folder):
@@ -179,10 +174,11 @@ def translate(args):
     cache = TranslationCache(args.cache or Path(args.splits[0]).resolve().parent / "translation_cache.sqlite")
     translators = build_translators(args.model, device, lang_codes, args.source_code)
     decoding = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
-    decoding_key = json.dumps(decoding, sort_keys=True)
     for lang in args.languages:
         model = model_identity(translators.model_name(lang))
-        record = {"model": model, "from": ENGLISH, **decoding}
+        settings = {**decoding, **translators.settings(lang)}
+        settings_key = json.dumps(settings, sort_keys=True)
+        record = {"model": model, "from": ENGLISH, **settings}
         todo = []
         for path, meta in splits:
             previous = meta.get("translations", {}).get(lang)
@@ -196,7 +192,7 @@ def translate(args):
             print(f"{lang}: up to date ({model})")
             continue
         texts = list(dict.fromkeys(c for _, meta in todo for item in meta["captions"][ENGLISH] for c in item))
-        known = cache.get(model, lang, decoding_key, texts)
+        known = cache.get(model, lang, settings_key, texts)
         missing = sorted((t for t in texts if t not in known), key=len)  # similar lengths pad less
         if missing:
             run = translators.translator(lang)
@@ -204,7 +200,7 @@ def translate(args):
                               disable=None, dynamic_ncols=True):
                 batch = missing[start:start + args.batch_size]
                 pairs = list(zip(batch, run(batch, decoding)))
-                cache.put(model, lang, decoding_key, pairs)
+                cache.put(model, lang, settings_key, pairs)
                 known.update(pairs)
         for path, meta in todo:
             meta["captions"][lang] = [[known[c] for c in item] for item in meta["captions"][ENGLISH]]

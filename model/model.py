@@ -5,14 +5,13 @@ converted: gated projections, a LayerNorm on both sides, a learned CLS token and
 attention blocks over the video frames with key masking and no positional embedding. The
 reference's dead parts (audio network, unused heads, a duplicated module alias) are left out.
 """
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.checkpoint import load_weights
-from utils.errors import first_line
+from utils.hub import load_named
 
 
 class GatedProjection(nn.Module):
@@ -254,44 +253,22 @@ class ModelError(ValueError):
     """A model cannot be built from its configuration."""
 
 
-def _quiet_transformers():
-    # Loading progress bars and notices would bury the one-line errors and the training log.
-    from transformers.utils import logging
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
-def _check_local_folder(what, name):
-    """A name that can only be a local path (a hub id is 'name' or 'org/name') must exist; otherwise
-    transformers would report it as a malformed hub id."""
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
-        raise ModelError(f"{what} '{name}': no such folder (a hub id has the form 'name' or 'org/name')")
-
-
 def load_backbone(name, pretrained=True):
     """The text encoder named by a hub id or a local folder, through transformers' Auto classes."""
     from transformers import AutoConfig, AutoModel
-    _check_local_folder("text encoder", name)
-    _quiet_transformers()
-    try:
+
+    def load():
         # float32 weights whatever dtype the encoder's config.json names (transformers would load a
         # bfloat16 one as bfloat16): mixed precision comes from autocast, over float32 weights.
         if pretrained:
             return AutoModel.from_pretrained(name, dtype=torch.float32)
         return AutoModel.from_config(AutoConfig.from_pretrained(name), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"text encoder '{name}' could not be loaded (a hub id or a folder "
-                         f"written by save_pretrained is expected): {first_line(e)}") from None
+    return load_named("text encoder", name, load, ModelError)
 
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
-    _check_local_folder("tokenizer", name)
-    _quiet_transformers()
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"tokenizer '{name}' could not be loaded: {first_line(e)}") from None
+    return load_named("tokenizer", name, lambda: AutoTokenizer.from_pretrained(name), ModelError, expected="")
 
 
 def build_model(model_cfg, feature_dim, pretrained_text=True):

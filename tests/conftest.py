@@ -119,3 +119,13 @@ def make_trainer(config, info=None):
     train_loader.sampler.set_epoch(0)
     train_loader.dataset.set_epoch(0)
     return trainer, next(iter(train_loader))
+
+
+@pytest.fixture
+def one_thread():
+    """For small networks one thread is fastest: with two on a busy machine, S3D's 3D convolutions
+    ran 50 times slower (threads waiting on each other)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

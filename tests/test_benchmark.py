@@ -81,15 +81,6 @@ TINY_SHAPES = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models: one thread is fastest, and is not slowed down by other work on a busy machine.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_full_size_step_code_runs_on_tiny_shapes(one_thread, device):

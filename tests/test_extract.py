@@ -20,6 +20,7 @@ from utils.tiny_encoders import build_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # frames and the tiny CLIP's input, in pixels
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -131,23 +132,23 @@ def s3d_weights(tmp_path_factory):
     return path
 
 
-def test_s3d_loads_every_published_key_and_is_deterministic_across_runs_and_batch_sizes(s3d_weights):
-    torch.manual_seed(0)
-    model = load_s3d(s3d_weights)
+@pytest.fixture(scope="module")
+def s3d_model(s3d_weights):
+    return load_s3d(s3d_weights)
+
+
+def test_s3d_loads_every_published_key_and_is_deterministic_across_runs_and_batch_sizes(s3d_weights, s3d_model):
     state = torch.load(s3d_weights, weights_only=True)
-    mine = model.state_dict()
-    for key, value in mine.items():
+    for key, value in s3d_model.state_dict().items():
         assert torch.equal(value, state[key]), key  # each published tensor went where its name says
-    clips = torch.rand(3, 3, 8, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    clips = torch.rand(2, 3, 8, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        batch = model(clips)
-        again = model(clips)
-        one_by_one = torch.cat([model(clips[i:i + 1]) for i in range(3)])
-        pair = model(clips[1:])
-    assert batch.shape == (3, 1024) and torch.isfinite(batch).all()
+        batch = s3d_model(clips)
+        again = s3d_model(clips)
+        alone = s3d_model(clips[1:])
+    assert batch.shape == (2, 1024) and torch.isfinite(batch).all()
     assert torch.equal(batch, again)
-    torch.testing.assert_close(one_by_one, batch, rtol=0, atol=1e-5)
-    torch.testing.assert_close(pair, batch[1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone, batch[1:], rtol=0, atol=1e-5)
     assert not torch.allclose(batch[0], batch[1])  # different clips, different features
 
 
@@ -174,22 +175,21 @@ def test_s3d_refuses_another_layout_in_one_line(tmp_path):
     assert isinstance(load_s3d(tmp_path / "no_counters.pth"), S3D)
 
 
-def test_s3d_extraction_gives_the_networks_features_of_each_clip_and_reports_short_videos(tmp_path, s3d_weights):
-    videos = make_videos(tmp_path / "videos", [12, 6, 16])  # video1 is shorter than one 8-frame clip
+def test_s3d_extraction_gives_the_networks_features_of_each_clip_and_reports_short_videos(tmp_path, s3d_weights,
+                                                                                         s3d_model):
+    videos = make_videos(tmp_path / "videos", [12, 6])  # video1 is shorter than one 8-frame clip
     out = tmp_path / "out"
     args = [str(videos), str(out), "--encoder", "s3d", "--model", str(s3d_weights), "--fps", "8", "--size",
             str(SIZE), "--clip-frames", "8", "--clip-stride", "4", "--workers", "0", "--batch-size", "2"]
     assert extract.main(args) == 1
     assert (out / "failed.tsv").read_text().startswith("video1\ttoo short: 6 frames at 8 fps, one clip needs 8")
     assert not (out / "features" / "video1.npy").exists()
-    model = load_s3d(s3d_weights)
-    for name, clips in (("video0", 2), ("video2", 3)):
-        features = np.load(out / "features" / f"{name}.npy")
-        assert features.shape == (clips, 1024)
-        frames = center_crop(decode_frames(videos / f"{name}.mp4", fps=8, size=SIZE), SIZE)
-        last = torch.from_numpy(frames[4 * (clips - 1):4 * (clips - 1) + 8].copy()).permute(3, 0, 1, 2)[None] / 255.0
-        with torch.no_grad():
-            np.testing.assert_allclose(features[-1], model(last.float())[0].numpy(), rtol=0, atol=1e-5)
+    features = np.load(out / "features" / "video0.npy")
+    assert features.shape == (2, 1024)  # clips start at frames 0 and 4 (stride 4) of 12
+    frames = center_crop(decode_frames(videos / "video0.mp4", fps=8, size=SIZE), SIZE)
+    last = torch.from_numpy(frames[4:12].copy()).permute(3, 0, 1, 2)[None] / 255.0
+    with torch.no_grad():
+        np.testing.assert_allclose(features[-1], s3d_model(last.float())[0].numpy(), rtol=0, atol=1e-5)
 
 
 def _cli(args, drop_read_permission=False):
@@ -218,7 +218,8 @@ def test_bad_videos_are_reported_and_an_interrupted_run_resumes_without_recomput
     out = tmp_path / "out"
     args = [str(videos), str(out), "--model", str(clip_model), "--fps", "4", "--size", str(SIZE), "--workers", "1",
             "--batch-size", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # One thread each: the tiny CLIP gains nothing from more, and the processes share the machine.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     try:
         run = subprocess.Popen(_cli(args, drop_read_permission=True), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
@@ -261,3 +262,89 @@ def test_a_missing_folder_or_model_is_one_line_with_status_2(tmp_path, capsys, c
     assert err.startswith("error: ") and "no-model': no such folder" in err and "\n" not in err
     assert extract.main([str(videos), str(tmp_path / "out"), "--model", str(clip_model), "--clip-frames", "8"]) == 2
     assert capsys.readouterr().err.strip() == "error: --clip-frames applies to another encoder, not to --encoder clip"
+
+
+@pytest.fixture
+def alarm():
+    """A hang (a pool restarting its workers forever) fails the test after 60 s instead of stalling the run."""
+    def timeout(*_):
+        raise TimeoutError("timed out")
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_processor_that_cannot_load_is_one_line_with_decoding_workers_too(tmp_path, capsys, clip_model, alarm):
+    no_processor = tmp_path / "no-processor"
+    shutil.copytree(clip_model, no_processor)
+    (no_processor / "preprocessor_config.json").unlink()
+    videos = make_videos(tmp_path / "videos", [8])
+    errors = []
+    for workers in ("0", "1"):
+        assert extract.main([str(videos), str(tmp_path / "out"), "--model", str(no_processor),
+                             "--workers", workers]) == 2
+        errors.append(capsys.readouterr().err.strip())
+    assert errors[0] == errors[1] and errors[0].startswith("error: image processor") and "\n" not in errors[0]
+
+
+def test_a_failed_first_run_leaves_the_folder_free_and_sizes_and_strides_follow_their_sources(tmp_path, capsys,
+                                                                                            clip_model):
+    videos = make_videos(tmp_path / "videos", [8])
+    out = tmp_path / "out"
+    broken = tmp_path / "broken-clip"  # a processor but no weights: it fails when the encoder loads
+    broken.mkdir()
+    shutil.copy(clip_model / "preprocessor_config.json", broken)
+    assert extract.main([str(videos), str(out), "--model", str(broken), "--fps", "4", "--workers", "0"]) == 2
+    assert "error: CLIP model" in capsys.readouterr().err
+    assert extract.main([str(videos), str(out), "--model", str(clip_model), "--fps", "4", "--workers", "0"]) == 0
+    settings = json.loads((out / "extract.json").read_text())
+    assert settings["size"] == SIZE  # the image processor's size, not a fixed 224
+    assert settings["model"] == str(clip_model.resolve())
+    # S3D: one clip per second unless --clip-stride is given.
+    assert extract.S3DClipFeatures("m", fps=8.0, size=SIZE, clip_frames=8, clip_stride=None).clip_stride == 8
+    assert extract.S3DClipFeatures("m", fps=8.0, size=SIZE, clip_frames=8, clip_stride=3).clip_stride == 3
+
+
+@pytest.mark.parametrize("split", ["..", ".", ".hidden", "extract.json", "failed.tsv", "features", "a/b", "a\\b"])
+def test_a_split_name_outside_the_output_folder_or_on_its_files_is_refused(tmp_path, capsys, split):
+    videos = make_videos(tmp_path / "videos", [])
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({"train": {"video0": ["a cat"]}, split: {"video0": ["a dog"]}}))
+    assert extract.main([str(videos), str(tmp_path / "out"), "--model", "none", "--captions", str(captions)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {captions}: '{split}' cannot name a split") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_videos_with_one_id_are_refused_before_any_work(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    for name in ("a.mp4", "a.avi", "sub/b.mp4"):
+        (videos / name).write_bytes(b"")
+    assert extract.main([str(videos), str(tmp_path / "out"), "--model", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {videos}: {videos / 'a.avi'} and {videos / 'a.mp4'} have the same video id 'a'; "
+                   "rename or move one of them")
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoding_workers_stay_a_bounded_number_of_videos_ahead(tmp_path):
+    pulled = []
+
+    def jobs():
+        for i in range(40):
+            pulled.append(i)
+            yield f"v{i}", tmp_path / f"missing{i}.mp4"  # fails at once: the workers are never the bottleneck
+
+    encoder = extract.S3DClipFeatures("unused", fps=8.0, size=SIZE, clip_frames=8, clip_stride=None)
+    with extract.decoding(encoder, workers=2) as prepare_all:
+        results = prepare_all(jobs())
+        first = next(results)
+        time.sleep(0.5)  # time for a pool that reads ahead to take every job
+        ahead = len(pulled)
+        rest = list(results)
+    assert first[0] == "v0" and [r[0] for r in rest] == [f"v{i}" for i in range(1, 40)]
+    assert all(r[1] is None and r[2] for r in [first, *rest])
+    assert ahead <= 2 * 2 + 1, ahead

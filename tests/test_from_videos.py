@@ -25,11 +25,12 @@ def test_recipe_from_videos_to_the_table(tmp_path, toy_assets):
     (tmp_path / "captions.json").write_text(json.dumps(captions))
     build_tiny_clip(tmp_path / "tiny-clip", image_size=32)
     for lang in ("de", "sw"):
-        build_tiny_translator(tmp_path / f"tiny-mt-en-{lang}", [" ".join(WORDS)])
+        build_tiny_translator(tmp_path / f"tiny-mt-en-{lang}", [" ".join(WORDS)], languages=(lang,), steps=0)
     env = {**os.environ, "ENCODER_MODEL": str(tmp_path / "tiny-clip"), "MT_MODEL": str(tmp_path / "tiny-mt-en-{lang}"),
            "LANGUAGES": "de sw", "TEACHER": str(toy_assets["encoders"]["xlmr-tiny"]),
            "STUDENT": str(toy_assets["encoders"]["labse-tiny"]), "EXTRACT_ARGS": "--fps 4 --size 32 --workers 1",
-           "TRANSLATE_ARGS": "--num-beams 1 --max-new-tokens 6"}
+           "TRANSLATE_ARGS": "--num-beams 1 --max-new-tokens 6",
+           "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest, more only wait on each other
     out = tmp_path / "out"
     small = ["-d", "cpu", "--set", "trainer.epochs=1", "--set", "trainer.max_steps_per_epoch=2", "--set",
              "data.batch_size=3", "--set", "model.width=32", "--set", "model.depth=1", "--set", "model.heads=2"]

@@ -649,8 +649,9 @@ def bench_extraction(devices, n_videos=4, seconds=4.0, source=(240, 320), source
     from data_loader.s3d import S3D
     from data_loader.video import synthetic_frames, write_video
 
-    clip = ClipImageFeatures(model="random CLIP ViT-B/32", **ClipImageFeatures.defaults())
-    clip.processor = CLIPImageProcessorPil()  # ViT-B/32's: shorter side 224, centre crop 224
+    # ViT-B/32's processor (shorter side 224, centre crop 224) and the size load_processor takes from it.
+    clip = ClipImageFeatures(model="random CLIP ViT-B/32", **{**ClipImageFeatures.defaults(), "size": 224})
+    clip.processor = CLIPImageProcessorPil()
     s3d = S3DClipFeatures(model="random S3D", **{**S3DClipFeatures.defaults(),
                                                    **({"size": 112, "clip_frames": 16} if quick else {})})
     torch.manual_seed(0)
@@ -821,8 +822,8 @@ def run(args, assets=None, log=print):
 
 
 def _run(args, assets, log):
-    from model.model import _quiet_transformers
-    _quiet_transformers()
+    from utils.hub import quiet_transformers
+    quiet_transformers()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     quick = args.quick

@@ -140,7 +140,6 @@ def _build_one(name, folder, texts, seed):
     model.save_pretrained(folder)
 
 
-
 # ---- tiny models for data preparation (feature extraction and caption translation) -------------
 
 def build_tiny_clip(folder, image_size=32, projection_dim=16, seed=0):
@@ -162,39 +161,63 @@ def build_tiny_clip(folder, image_size=32, projection_dim=16, seed=0):
 MT_SPECIAL = ["<pad>", "</s>", "<unk>"]
 
 
-def build_tiny_translator(folder, texts, family="marian", languages=(), seed=0):
-    """A randomly initialised translation model saved to ``folder``: ``family`` marian (one model per
-    language pair, like Helsinki-NLP/opus-mt-en-de) or m2m100 (many-to-many: a ``__<lang>__`` token per
-    language of ``languages`` tells it the target, as facebook/m2m100_418M). Its fast tokenizer is a
-    word-level vocabulary of ``texts`` (what the sentencepiece models are to real text)."""
-    from transformers import M2M100Config, M2M100ForConditionalGeneration, MarianConfig, MarianMTModel
+def _train_to_copy(model, tokenizer, words, language_ids, steps, seed):
+    """``steps`` of learning to copy random sentences of ``words`` after a target-language token:
+    the output then depends on the input, as a translation's does, so that a caption stored beside
+    another caption's translation shows in the tests."""
+    rng = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small runs fastest on one thread
+    model.train()
+    try:
+        for _ in range(steps):
+            lengths = torch.randint(3, 7, (32,), generator=rng).tolist()
+            sentences = [" ".join(words[k] for k in torch.randint(len(words), (n,), generator=rng).tolist())
+                         for n in lengths]
+            batch = tokenizer(sentences, return_tensors="pt", padding=True)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            first = torch.tensor(language_ids)[torch.randint(len(language_ids), (len(sentences), 1), generator=rng)]
+            loss = model(**batch, labels=torch.cat([first, labels], dim=1)).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+
+
+def build_tiny_translator(folder, texts, languages, seed=0, steps=300):
+    """A tiny M2M100 translation model saved to ``folder``: a ``__<lang>__`` token per language of
+    ``languages`` tells it the target, as facebook/m2m100_418M; with one language it stands for a
+    per-pair model such as Helsinki-NLP/opus-mt-en-de (loaded by the same Auto classes). Its fast
+    tokenizer is a word-level vocabulary of ``texts`` (what the sentencepiece models are to real
+    text). ``steps`` of copy training make its output a function of its input (0: random weights)."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    words = _frequent(_pieces(tok, texts), VOCAB_SIZE)
+    words = [w for w in _frequent(_pieces(tok, texts), VOCAB_SIZE) if w not in MT_SPECIAL]
     language_tokens = [f"__{lang}__" for lang in languages]
-    vocab = MT_SPECIAL + language_tokens + [w for w in words if w not in MT_SPECIAL]
+    vocab = MT_SPECIAL + language_tokens + words
     tok.model = models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN, pad_token="<pad>",
                                    eos_token="</s>", unk_token="<unk>", additional_special_tokens=language_tokens)
-    shape = dict(vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=MAX_LEN,
-                 pad_token_id=0, eos_token_id=1, forced_eos_token_id=1)
     torch.manual_seed(seed)
-    if family == "marian":
-        model = MarianMTModel(MarianConfig(**shape, decoder_start_token_id=0, decoder_vocab_size=len(vocab)))
-    elif family == "m2m100":
-        model = M2M100ForConditionalGeneration(M2M100Config(**shape, decoder_start_token_id=1, bos_token_id=0))
-    else:
-        raise ValueError(f"unknown translation model family '{family}'")
-    # Random weights would often end at once or emit padding: at least two real words, like a trained model.
+    model = M2M100ForConditionalGeneration(M2M100Config(
+        vocab_size=len(vocab), d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=MAX_LEN,
+        dropout=0.0, pad_token_id=0, eos_token_id=1, forced_eos_token_id=1, decoder_start_token_id=1, bos_token_id=0))
+    _train_to_copy(model, fast, words, [vocab.index(t) for t in language_tokens], steps, seed)
+    # Like a trained model: at least two real words, never padding or unknown words.
     model.generation_config.min_new_tokens = 2
     model.generation_config.suppress_tokens = [vocab.index("<pad>"), vocab.index("<unk>")]
     fast.save_pretrained(folder)
     model.save_pretrained(folder)
     return Path(folder)
+
 
 def corpus_hash(texts):
     h = hashlib.sha256()
