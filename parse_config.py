@@ -13,7 +13,7 @@ import os
 import warnings
 from pathlib import Path
 
-from data_loader.corpus import MISSING_CAPTION_FALLBACKS
+from data_loader.corpus import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELDS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
@@ -37,9 +37,14 @@ SCHEMA = {
     "data.max_words_train": (35, int, None, "token length of training captions"),
     "data.max_words_eval": (40, int, None, "token length of evaluation captions"),
     "data.clean_english": (False, bool, None,
-                           "regex-clean English captions (words of [\\w']+ joined by spaces) before tokenizing, in "
-                           "training and evaluation: the reference's teachers read English so (§1.3), its students "
-                           "read the raw caption; a teacher is distilled from with the setting it was trained with"),
+                           "the dataset's recipe: its English-input teachers (model.role = teacher) read English "
+                           "captions regex-cleaned (words of [\\w']+ joined by spaces), in training and evaluation, "
+                           "as the reference's MSR-VTT, VATEX and YouCook2 teachers did; false = as written, as its "
+                           "RUDDER teachers did (§1.3, §9); students always read captions as written"),
+    "data.student_english": ("shared", str, STUDENT_ENGLISH_FIELDS,
+                             "multi-youcook2 files: shared = the student reads the item's 'caption', as the teachers "
+                             "do; caption_en = it reads 'caption_en', the reference's student input, while teachers "
+                             "keep 'caption' (§9)"),
     "data.batch_size": (64, int, None, "training batch size"),
     "data.eval_batch_size": (64, int, None, "evaluation batch size (changes embeddings by float32 rounding only)"),
     "data.allow_duplicate_ids": (False, bool, None,
@@ -55,6 +60,9 @@ SCHEMA = {
     "model.depth": (2, int, None, "video transformer blocks"),
     "model.heads": (4, int, None, "attention heads per block"),
     "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
+    "model.role": ("student", str, ("student", "teacher"),
+                   "teacher = an English-input teacher: it reads English captions as the dataset's teachers do "
+                   "(data.clean_english, data.student_english); student = as written; other languages: as written"),
     "model.pool_with_student_mask": (False, bool, None, "teacher pools text with the student's mask (§2.3)"),
     "model.length_bucket_rows": (DEFAULT_BUCKET_ROWS, (int, NULLABLE), None,
                                  "text rows per length bucket: a text batch is sorted by caption length and run "
@@ -231,6 +239,9 @@ def _check_combinations(flat):
         raise ConfigError("config key 'trainer.compile' cannot be combined with 'trainer.accumulation_steps' > 1: "
                           "accumulation replays each micro-batch under the random state of its first, uncompiled "
                           "pass, and compiled dropout draws its masks differently")
+    if flat["data.student_english"] != "shared" and flat["data.layout"] != "multi-youcook2":
+        raise ConfigError(f"config key 'data.student_english' = '{flat['data.student_english']}' is for "
+                          f"'data.layout' = 'multi-youcook2' (it is '{flat['data.layout']}'); set it to 'shared'")
     if flat["eval.total_queries"] is not None and flat["eval.multi_caption"] == "separate":
         raise ConfigError("config key 'eval.total_queries' counts videos (the reference's complete dataset size) "
                           "and needs 'eval.multi_caption' = 'average', not 'separate'")

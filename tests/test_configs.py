@@ -46,6 +46,8 @@ TEMPERATURE = {("msrvtt", "clip"): (0.1, 0.05, 0.1), ("msrvtt", "s3d"): (0.1, 0.
                ("vatex", "clip"): (0.05, 0.05, 0.05), ("youcook2", "s3d"): (0.1, 0.05, 0.05),
                ("youcook2", "clip"): (0.1, 0.1, 0.1), ("rudder", "clip"): (0.05, 0.05, 0.05)}
 MAX_WORDS = {"msrvtt": (35, 40), "vatex": (40, 40), "youcook2": (35, 35), "rudder": (40, 40)}
+# dataset -> whether its teachers read regex-cleaned English (§1.3, §9: RUDDER's read the raw caption)
+TEACHERS_CLEAN_ENGLISH = {"msrvtt": True, "vatex": True, "youcook2": True, "rudder": False}
 
 
 def config(path):
@@ -75,6 +77,8 @@ def test_matrix_hyper_parameters(ds, feat, stage):
     assert cfg["eval"]["total_queries"] == TOTAL_QUERIES[ds]
     assert data["missing_caption_fallback"] == "none"
     assert data["allow_duplicate_ids"] == (ds == "rudder")
+    assert data["clean_english"] is TEACHERS_CLEAN_ENGLISH[ds] and data["student_english"] == "shared"
+    assert cfg["model"]["role"] == ("teacher" if stage.startswith("teacher_") else "student")
     assert cfg["trainer"]["save_dir"] == f"runs/{ds}/{feat}"
     epochs, lr = RECIPE[ds]
     assert cfg["trainer"]["epochs"] == epochs
@@ -138,3 +142,14 @@ def test_scripts(script):
     for feat in FEATURES[ds]:
         resolved = refs[0].replace("${FEATURE:-%s}" % DEFAULT_FEATURE[ds], feat)
         assert (ROOT / resolved).is_file(), resolved
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"data.student_english": "caption_en"}, "config key 'data.student_english' = 'caption_en' is for 'data.layout' = "
+                                             "'multi-youcook2' (it is 'multi-msrvtt'); set it to 'shared'"),
+    ({"model.role": "mentor"}, "config key 'model.role' = \"mentor\" is not one of student, teacher"),
+])
+def test_reading_keys_are_checked_in_one_line(flat, message):
+    with pytest.raises(ValueError) as info:
+        resolve(flat)
+    assert str(info.value) == message
