@@ -127,7 +127,7 @@ def ref_layer_norm(x, weight, bias, eps=REFERENCE_EPS):
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
 
 
-def ref_video(sd, video, mask, video_eps=1e-5):
+def ref_video(sd, video, mask, video_eps=REFERENCE_EPS):
     b = video.shape[0]
     x = ref_layer_norm(ref_gated(sd, "video_token_proj", video), sd["video_norm_layer.weight"],
                        sd["video_norm_layer.bias"], eps=video_eps)
@@ -217,6 +217,45 @@ def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path)
         tok = tokens(encoder_dir)
         torch.testing.assert_close(model.encode_text(tok), ref_text(sd, encoder_dir, tok, tok["attention_mask"]),
                                    atol=1e-5, rtol=0)
+
+
+def small_variance(sd, scale=1e-3):
+    """``sd`` with the inputs of the video and text LayerNorms shrunk to a variance of the order of
+    1e-6, where eps 1e-5 and 1e-6 give different outputs: the video token projection is scaled down,
+    and so is every LayerNorm of the text encoder (its last states come out of one)."""
+    out = OrderedDict(sd)
+    for key in ("video_token_proj.fc.weight", "video_token_proj.fc.bias"):
+        out[key] = sd[key] * scale
+    for key in sd:
+        if key.startswith("fusion_text.") and ("LayerNorm" in key or "layer_norm" in key):
+            out[key] = sd[key] * scale
+    return out
+
+
+@pytest.mark.parametrize("kind", ["labse", "distill"])
+def test_converted_forward_equals_a_float64_hand_computation_where_layer_norm_eps_matters(kind, encoders, tmp_path):
+    """Embeddings of a converted checkpoint equal the reference's math in float64 within 1e-5, on weights
+    whose LayerNorm inputs have a variance near eps: a LayerNorm with PyTorch's eps 1e-5 instead of the
+    reference's 1e-6 moves them by far more."""
+    encoder_dir = encoders[ENCODER[kind]]
+    sd = small_variance(reference_state(encoder_dir, seed=7))
+    src = save_reference(tmp_path / "latest_model.pth", sd, arch=ARCH[kind])
+    convert(src, tmp_path / "converted.pt", encoder_dir, DATA_CONFIG)
+    model, _ = load_converted(tmp_path / "converted.pt")
+    sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    video, mask = videos()
+    tok = tokens(encoder_dir)
+    with torch.no_grad():
+        tokens_var = ref_gated(sd64, "video_token_proj", video.double()).var(-1, unbiased=False)
+        assert tokens_var.max() < 1e-5  # the LayerNorm statistics the test is about
+        expected_video = ref_video(sd64, video.double(), mask)
+        expected_text = ref_text(sd64, encoder_dir, tok, tok["attention_mask"])
+        assert (model.encode_video(video, mask).double() - expected_video).abs().max() < 1e-5
+        assert (model.encode_text(tok).double() - expected_text).abs().max() < 1e-5
+        # The same math with eps 1e-5 in the video or text norm is far off: the comparison can fail.
+        assert (ref_video(sd64, video.double(), mask, video_eps=1e-5) - expected_video).abs().max() > 1e-3
+        assert (ref_text(sd64, encoder_dir, tok, tok["attention_mask"], text_eps=1e-5)
+                - expected_text).abs().max() > 1e-3
 
 
 def test_student_mask_pooling_gives_the_reference_teacher_output(encoders, tmp_path):
