@@ -148,8 +148,33 @@ def test_scripts(script):
     ({"data.student_english": "caption_en"}, "config key 'data.student_english' = 'caption_en' is for 'data.layout' = "
                                              "'multi-youcook2' (it is 'multi-msrvtt'); set it to 'shared'"),
     ({"model.role": "mentor"}, "config key 'model.role' = \"mentor\" is not one of student, teacher"),
+    ({"eval.denominator": "file_items", "eval.total_queries": 1000},
+     "config key 'eval.denominator' = 'file_items' and 'eval.total_queries' both set the R@K denominator; set one "
+     "of them ('eval.denominator' = 'ranked', or 'eval.total_queries' = null)"),
+    ({"eval.denominator": "file_items", "eval.multi_caption": "separate"},
+     "config key 'eval.denominator' = 'file_items' counts videos and needs 'eval.multi_caption' = 'average', "
+     "not 'separate'"),
 ])
 def test_reading_keys_are_checked_in_one_line(flat, message):
     with pytest.raises(ValueError) as info:
         resolve(flat)
     assert str(info.value) == message
+
+
+# dataset -> what its parity preset sets: (eval.total_queries, eval.denominator,
+# data.missing_caption_fallback, data.student_english), the reference's evaluation (§1.6, §9)
+PARITY = {"msrvtt": (1000, "ranked", "none", "shared"), "vatex": (None, "ranked", "none", "shared"),
+          "youcook2": (3350, "ranked", "none", "caption_en"), "rudder": (None, "file_items", "last_available", "shared")}
+FEATURE_DIRS = [(ds, feat) for ds, feats in FEATURES.items() for feat in feats]
+
+
+@pytest.mark.parametrize("ds, feat", FEATURE_DIRS, ids=[f"{d}/{f}" for d, f in FEATURE_DIRS])
+def test_parity_presets_evaluate_as_the_reference(ds, feat):
+    path = ROOT / "configs" / ds / feat / "parity.json"
+    cfg, base = config(path), config(path.with_name("base.json"))
+    assert (cfg["eval"]["tie_break"], cfg["eval"]["multi_caption"]) == ("optimistic", "average")
+    assert (cfg["eval"]["total_queries"], cfg["eval"]["denominator"], cfg["data"]["missing_caption_fallback"],
+            cfg["data"]["student_english"]) == PARITY[ds]
+    assert cfg["data"]["clean_english"] is base["data"]["clean_english"] is TEACHERS_CLEAN_ENGLISH[ds]
+    # A preset changes no model key: the checkpoint's (its role among them) stay as they are.
+    assert not [k for k in load_flat(path) if k.startswith("model.") and k not in load_flat(path.with_name("base.json"))]

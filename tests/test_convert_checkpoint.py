@@ -16,6 +16,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -334,6 +335,73 @@ def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
     assert entry.main(["-r", str(tmp_path / "xlm.pt"), "-d", "cpu", "--set", f"data.eval_path={data['test']}",
                        "--set", f"trainer.save_dir={tmp_path / 'runs'}"]) == 0
     assert (tmp_path / "eval" / "xlm" / "metrics.json").is_file()
+
+
+def optimistic_t2v(sims, query_ids, video_ids, denominator):
+    """The reference's evaluation (§4), by hand: a query's rank is the first position of its ground-truth
+    score in its row sorted in descending order (ties count in its favour); R@K over ``denominator``;
+    MedR and MeanR over the ranked queries, plus 1."""
+    ranks = []
+    for row, query in zip(sims, query_ids):
+        truth = row[video_ids.index(query)]
+        ranks.append(int(np.flatnonzero(np.sort(row)[::-1] == truth)[0]))
+    ranks = np.array(ranks)
+    return {"R1": 100 * (ranks < 1).sum() / denominator, "R5": 100 * (ranks < 5).sum() / denominator,
+            "R10": 100 * (ranks < 10).sum() / denominator, "MedR": np.median(ranks) + 1, "MeanR": ranks.mean() + 1}
+
+
+def test_parity_preset_gives_the_reference_evaluation_of_a_converted_checkpoint(encoders, tmp_path):
+    """test.py with configs/msrvtt/clip/parity.json on a converted reference student and a 968-video test
+    file: the similarities are the reference model's (within 1e-5) and R@1/5/10, MedR and MeanR are the
+    reference's optimistic ranks over 1000 videos, computed by hand from them."""
+    import json
+    from data_loader import toy
+    encoder_dir = encoders["labse-tiny"]
+    data = toy.generate(tmp_path / "toy", n_train=4, n_test=968, feature_dim=FEATURE_DIM)
+    items = pickle.loads(data["test"].read_bytes())
+    for a, b in ((0, 1), (10, 11), (20, 21)):  # identical videos: their captions' ground truth is tied
+        items[b]["2d"] = items[a]["2d"].copy()
+    (tmp_path / "test_968.pkl").write_bytes(pickle.dumps(items))
+    sd = reference_state(encoder_dir, seed=5)
+    src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["labse"])
+    convert(src, tmp_path / "student.pt", encoder_dir, DATA_CONFIG)
+    spec = importlib.util.spec_from_file_location("test_entry", ROOT / "test.py")  # not the stdlib's test
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    out, sims_dir = tmp_path / "eval", tmp_path / "sims"
+    assert entry.main(["-r", str(tmp_path / "student.pt"), "-c", str(ROOT / "configs/msrvtt/clip/parity.json"),
+                       "-d", "cpu", "--out", str(out), "--save-sims", str(sims_dir),
+                       "--set", f"data.eval_path={tmp_path / 'test_968.pkl'}", "--set", f"data.feature_dim={FEATURE_DIM}",
+                       "--set", f"model.projection_dim={PROJ}", "--set", f"trainer.save_dir={tmp_path / 'runs'}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+
+    # The reference model's similarities for the English captions: frames cut to 30 and L2-normalised,
+    # captions padded to 40 tokens (§1.3, §1.4).
+    video = torch.zeros(len(items), 30, FEATURE_DIM, dtype=torch.float64)
+    mask = torch.zeros(len(items), 30)
+    for i, item in enumerate(items):
+        frames = torch.from_numpy(item["2d"][:30]).double()
+        video[i, :len(frames)] = frames / frames.norm(dim=1, keepdim=True)
+        mask[i, :len(frames)] = 1
+    sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    tok = tokens(encoder_dir, [item["eval_caption_en"] for item in items])
+    with torch.no_grad():
+        reference = F.normalize(ref_text(sd64, encoder_dir, tok, tok["attention_mask"]), dim=1) @ \
+            F.normalize(ref_video(sd64, video, mask), dim=1).T
+    ids = json.loads((sims_dir / "en.json").read_text())
+    assert ids["query_ids"] == ids["video_ids"] == [item["id"] for item in items]
+    assert np.abs(np.load(sims_dir / "en.npy") - reference.numpy()).max() < 1e-5
+
+    tied = 0
+    for lang in ("en", "de", "sw"):
+        sims = np.load(sims_dir / f"{lang}.npy")
+        ids = json.loads((sims_dir / f"{lang}.json").read_text())
+        expected = optimistic_t2v(sims, ids["query_ids"], ids["video_ids"], denominator=1000)
+        got = metrics[lang]["t2v"]
+        assert got["num_queries"] == 968
+        assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-9), lang
+        tied += sum((row == row[i]).sum() > 1 for i, row in enumerate(sims))
+    assert tied > 0  # the optimistic rule was exercised
 
 
 def test_inference_of_a_converted_teacher_pools_with_the_student_mask(encoders, tmp_path):

@@ -246,6 +246,23 @@ def test_rudder_last_available_fallback_matches_the_reference(tmp_path):
         fill_missing_captions(c, "first")
 
 
+def test_rudder_denominator_counts_the_file_items_as_the_reference(tmp_path):
+    """eval.denominator = file_items divides R@K by the items of the file (the reference's len(data)),
+    also when two items share an id and are averaged into one query; ranked divides by the queries."""
+    from trainer.evaluate import recall_denominator
+    items = rudder_items()
+    items[4]["id"] = "r3"
+    c = read_corpus(dump(tmp_path / "rudder_test.pkl", items), "rudder", "2d", "eval", languages=["en", "hi"])
+    denominators = {mode: recall_denominator({"total_queries": None, "denominator": mode}, c)
+                    for mode in ("ranked", "file_items")}
+    assert denominators == {"ranked": None, "file_items": 5}
+    assert recall_denominator({"total_queries": 7, "denominator": "ranked"}, c) == 7
+    out = perfect_eval(c, total_queries=denominators["file_items"])
+    assert out["en"]["t2v"]["num_queries"] == 3  # items 0, 1 and 3+4 (one id); item 2 has no en
+    assert out["en"]["t2v"]["R1"] == pytest.approx(100 * 3 / 5)
+    assert perfect_eval(c)["en"]["t2v"]["R1"] == 100.0
+
+
 # ---- detection -----------------------------------------------------------------------------------
 
 def test_detect_layout_and_feature_key(tmp_path):
