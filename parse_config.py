@@ -13,7 +13,7 @@ import os
 import warnings
 from pathlib import Path
 
-from data_loader.corpus import MISSING_CAPTION_FALLBACKS
+from data_loader.corpus import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELDS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
@@ -26,7 +26,8 @@ SCHEMA = {
     "name": (None, (str, NULLABLE), None, "run name; defaults to the config file's stem"),
     "notes": (None, (str, NULLABLE), None, "free text: where this config's values come from (not used in training)"),
     "seed": (0, int, None, "seed of every random generator"),
-    "stage": ("translate-train", str, STAGES, "training objective (model/loss.py)"),
+    "stage": ("translate-train", str, STAGES,
+              "training objective (model/loss.py); the reference's command line defaulted to c2kd"),
     "languages": (None, (list, NULLABLE), None, "caption languages; null = every language of the training file"),
     "data.layout": ("multi-msrvtt", str, None, "reader of the data files (data_loader/corpus.py)"),
     "data.train_path": (None, (str, NULLABLE), None, "training file"),
@@ -37,9 +38,14 @@ SCHEMA = {
     "data.max_words_train": (35, int, None, "token length of training captions"),
     "data.max_words_eval": (40, int, None, "token length of evaluation captions"),
     "data.clean_english": (False, bool, None,
-                           "regex-clean English captions (words of [\\w']+ joined by spaces) before tokenizing, in "
-                           "training and evaluation: the reference's teachers read English so (§1.3), its students "
-                           "read the raw caption; a teacher is distilled from with the setting it was trained with"),
+                           "the dataset's recipe: its English-input teachers (model.role = teacher) read English "
+                           "captions regex-cleaned (words of [\\w']+ joined by spaces), in training and evaluation, "
+                           "as the reference's MSR-VTT, VATEX and YouCook2 teachers did; false = as written, as its "
+                           "RUDDER teachers did (§1.3, §9); students always read captions as written"),
+    "data.student_english": ("shared", str, STUDENT_ENGLISH_FIELDS,
+                             "multi-youcook2 files: shared = the student reads the item's 'caption', as the teachers "
+                             "do; caption_en = it reads 'caption_en', the reference's student input, while teachers "
+                             "keep 'caption' (§9)"),
     "data.batch_size": (64, int, None, "training batch size"),
     "data.eval_batch_size": (64, int, None, "evaluation batch size (changes embeddings by float32 rounding only)"),
     "data.allow_duplicate_ids": (False, bool, None,
@@ -55,6 +61,9 @@ SCHEMA = {
     "model.depth": (2, int, None, "video transformer blocks"),
     "model.heads": (4, int, None, "attention heads per block"),
     "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
+    "model.role": ("student", str, ("student", "teacher"),
+                   "teacher = an English-input teacher: it reads English captions as the dataset's teachers do "
+                   "(data.clean_english, data.student_english); student = as written; other languages: as written"),
     "model.pool_with_student_mask": (False, bool, None, "teacher pools text with the student's mask (§2.3)"),
     "model.length_bucket_rows": (DEFAULT_BUCKET_ROWS, (int, NULLABLE), None,
                                  "text rows per length bucket: a text batch is sorted by caption length and run "
@@ -65,7 +74,8 @@ SCHEMA = {
                                   "with pool_with_student_mask, outside C2KD training: the tokenizer whose mask "
                                   "pools the text states (the reference student's; in C2KD the student's own)"),
     "loss.temperature": (0.05, float, None, "InfoNCE temperature"),
-    "loss.balance": (0.5, float, None, "λ: weight of the contrastive terms in c2kd; 1 - λ weighs distillation"),
+    "loss.balance": (0.5, float, None, "λ: weight of the contrastive terms in c2kd; 1 - λ weighs distillation "
+                                       "(the reference's command line defaulted to 0.1)"),
     "loss.distill_temp": (0.1, float, None, "τd: temperature of the distillation softmaxes"),
     "loss.teacher_pool": ("max", str, TEACHER_POOLS, "how several teachers' similarities are combined"),
     "loss.teachtext": (False, bool, None, "TeachText ablation: SmoothL1 on raw similarities instead of KL"),
@@ -93,6 +103,10 @@ SCHEMA = {
                        "ground truth tied with others: averaging = expected rank and R@K under a random "
                        "order of the tied items; the reference is optimistic"),
     "eval.total_queries": (None, (int, NULLABLE), None, "R@K denominator when the file lacks some queries"),
+    "eval.denominator": ("ranked", str, ("ranked", "file_items"),
+                         "R@K denominator when eval.total_queries is null: ranked = the queries ranked in each "
+                         "language; file_items = the items of the evaluation file, also when ids repeat (the "
+                         "reference's RUDDER len(data), §9)"),
     "eval.multi_caption": ("average", str, ("average", "separate"),
                            "captions sharing a video id: averaged into one query, or ranked separately"),
 }
@@ -231,6 +245,15 @@ def _check_combinations(flat):
         raise ConfigError("config key 'trainer.compile' cannot be combined with 'trainer.accumulation_steps' > 1: "
                           "accumulation replays each micro-batch under the random state of its first, uncompiled "
                           "pass, and compiled dropout draws its masks differently")
+    if flat["eval.denominator"] == "file_items" and flat["eval.total_queries"] is not None:
+        raise ConfigError("config key 'eval.denominator' = 'file_items' and 'eval.total_queries' both set the R@K "
+                          "denominator; set one of them ('eval.denominator' = 'ranked', or 'eval.total_queries' = null)")
+    if flat["eval.denominator"] == "file_items" and flat["eval.multi_caption"] == "separate":
+        raise ConfigError("config key 'eval.denominator' = 'file_items' counts videos and needs "
+                          "'eval.multi_caption' = 'average', not 'separate'")
+    if flat["data.student_english"] != "shared" and flat["data.layout"] != "multi-youcook2":
+        raise ConfigError(f"config key 'data.student_english' = '{flat['data.student_english']}' is for "
+                          f"'data.layout' = 'multi-youcook2' (it is '{flat['data.layout']}'); set it to 'shared'")
     if flat["eval.total_queries"] is not None and flat["eval.multi_caption"] == "separate":
         raise ConfigError("config key 'eval.total_queries' counts videos (the reference's complete dataset size) "
                           "and needs 'eval.multi_caption' = 'average', not 'separate'")

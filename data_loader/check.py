@@ -131,7 +131,8 @@ def summarise(loaded, max_ids=10):
     if other_english:
         out.warnings.append(f"{len(other_english)} items have a 'caption_en' that differs from their 'caption': "
                             "student and teachers both read 'caption' (the reference's student read "
-                            f"'caption_en'): {listed(other_english, max_ids)}")
+                            "'caption_en'; config key data.student_english = caption_en does so): "
+                            f"{listed(other_english, max_ids)}")
     hint = HINTS.get((loaded.layout, loaded.split, len(c)))
     if hint:
         say(f"note        {hint}")

@@ -45,6 +45,9 @@ class Corpus:
     captions: dict                 # lang -> list (per item) of lists of strings
     extras: list = field(default_factory=list)  # per item: fields readers keep but training ignores
     unread_fields: list = field(default_factory=list)  # fields of the source items that are not plain data
+    # The English captions the teachers read when the file keeps them apart from the students' English
+    # (YouCook2 under data.student_english = caption_en); None: the teachers read captions["en"].
+    teacher_english: list = None
 
     def __len__(self):
         return len(self.ids)
@@ -85,7 +88,8 @@ def register_reader(name, reads_split=False):
     return wrap
 
 
-def read_corpus(path, layout, feature_key, split, languages=None, missing_caption_fallback="none", items=None):
+def read_corpus(path, layout, feature_key, split, languages=None, missing_caption_fallback="none", items=None,
+                student_english="shared"):
     """Read ``path`` with the reader registered for ``layout``; ``split`` is 'train' or 'eval';
     ``items``: the already unpickled content of a pickle layout's file (it is then not read again).
 
@@ -95,13 +99,18 @@ def read_corpus(path, layout, feature_key, split, languages=None, missing_captio
     language's loss and evaluation; ``"last_available"`` copies the caption of its last available
     language, which is what the reference's RUDDER loader did (parity only, see
     ``fill_missing_captions``). The fallback is applied after the language selection.
+    ``student_english`` (config key ``data.student_english``, multi-youcook2 only): see
+    ``read_multi_youcook2``.
     """
     if layout not in READERS:
         raise DataFileError(f"unknown data layout '{layout}'; known: {', '.join(sorted(READERS))}")
     if items is None and layout in PICKLE_LAYOUTS and is_safe_path(path):
         raise DataFileError(f"{path}: a folder or safe-layout files, but config key 'data.layout' is '{layout}', "
                             "which reads one pickle file; data written by data_loader.convert needs 'safe'")
-    corpus = READERS[layout](path, feature_key=feature_key, split=split, **({} if items is None else {"items": items}))
+    options = {} if items is None else {"items": items}
+    if student_english != "shared":
+        options["student_english"] = student_english
+    corpus = READERS[layout](path, feature_key=feature_key, split=split, **options)
     if languages:
         corpus.select_languages(languages)
     return fill_missing_captions(corpus, missing_caption_fallback)
@@ -236,21 +245,29 @@ def caption_list(value, path, index, key):
 YOUCOOK2_RENAMES = {"cz": "cs"}
 
 
+# data.student_english: which field of a multi-youcook2 item the student's English comes from.
+STUDENT_ENGLISH_FIELDS = ("shared", "caption_en")
+
+
 @register_reader("multi-youcook2")
-def read_multi_youcook2(path, feature_key, split, items=None):
+def read_multi_youcook2(path, feature_key, split, items=None, student_english="shared"):
     """Multilingual YouCook2 pickles (reference §1.2): one item per pre-cut clip.
 
     Each item has ``id`` (kept as a string), the features under ``feature_key`` (``2d_raw``
     for CLIP, ``s3d`` for S3D), ``caption`` (the English caption, a string) and one
     ``caption_<lang>`` string per language; Czech is stored as ``caption_cz`` and exposed as
     ``cs``. Train and evaluation files are read the same way (``split`` is not used). An item
-    that lacks a language gets an empty caption list for it. If an item also has
-    ``caption_en`` and it differs from ``caption``, ``caption`` is used and ``caption_en`` is
-    kept in ``extras``: the reference's teachers read ``caption``, while its student's English
-    input came from ``caption_en`` (§1.2, §1.3); one English caption per item serves both here.
+    that lacks a language gets an empty caption list for it. The reference's teachers read
+    ``caption`` and its student read ``caption_en`` (§9). ``student_english = "shared"``: one
+    English caption per item, ``caption``, serves both, and a differing ``caption_en`` is kept in
+    ``extras``; ``"caption_en"``: the English captions are ``caption_en`` and the teachers' ones
+    (``Corpus.teacher_english``) are ``caption``, as in the reference (an item without
+    ``caption_en`` reads ``caption``).
     """
+    if student_english not in STUDENT_ENGLISH_FIELDS:
+        raise DataFileError(f"data.student_english '{student_english}' is not one of {', '.join(STUDENT_ENGLISH_FIELDS)}")
     data = _as_list_of_dicts(load_pickle(path) if items is None else items, path)
-    per_item = []
+    per_item, teacher_english = [], []
     for i, item in enumerate(data):
         found = {}
         for key, value in item.items():
@@ -264,7 +281,9 @@ def read_multi_youcook2(path, feature_key, split, items=None):
         english = item.get("caption", item.get("caption_en"))
         if english is None:
             raise DataFileError(f"{path}: item {i} has no English 'caption' (is this a YouCook2 file?)")
-        found[ENGLISH] = caption_list(english, path, i, "caption")
+        teacher_english.append(caption_list(english, path, i, "caption"))
+        if student_english == "shared" or ENGLISH not in found:
+            found[ENGLISH] = teacher_english[-1]
         per_item.append(found)
     extras, unread = [], set()
     for item in data:
@@ -273,7 +292,10 @@ def read_multi_youcook2(path, feature_key, split, items=None):
         if "caption_en" in item and "caption" in item and item["caption_en"] != item["caption"]:
             extra["caption_en"] = json_value(item["caption_en"])
         extras.append(extra)
-    return _assemble(path, data, per_item, feature_key, extras, unread)
+    corpus = _assemble(path, data, per_item, feature_key, extras, unread)
+    if student_english == "caption_en":
+        corpus.teacher_english = teacher_english
+    return corpus
 
 
 # ---- RUDDER --------------------------------------------------------------------------------------

@@ -15,19 +15,52 @@ from torch.utils.data import Dataset
 from data_loader.corpus import ENGLISH
 
 
+@dataclass(frozen=True)
+class EnglishReading:
+    """Which English captions a text encoder reads, and how.
+
+    A student reads the corpus' English captions as written. An English-input teacher (config key
+    ``model.role = teacher``) reads the teachers' English (``Corpus.teacher_english`` where the file
+    keeps one apart, YouCook2's ``caption``), regex-cleaned (words matching ``[\\w']+`` joined by
+    spaces) where the dataset's recipe says its teachers read it so (``data.clean_english``, §1.3, §9).
+    """
+    teacher: bool = False
+    clean: bool = False
+
+    @classmethod
+    def of(cls, config, clean_when_unrecorded=False):
+        """The reading a (possibly saved) config describes. A config written before ``model.role``
+        existed has only ``data.clean_english``, which then said whether this model cleaned its
+        English; ``clean_when_unrecorded`` stands for it when even that is missing."""
+        role = config["model"].get("role")
+        if role is None:
+            clean = config["data"].get("clean_english", clean_when_unrecorded)
+            return cls(teacher=clean, clean=clean)
+        teacher = role == "teacher"
+        return cls(teacher=teacher, clean=teacher and config["data"]["clean_english"])
+
+    def captions(self, corpus):
+        """Per item, the English captions this reading takes from ``corpus`` (before cleaning)."""
+        if self.teacher and corpus.teacher_english is not None:
+            return corpus.teacher_english
+        return corpus.captions[ENGLISH]
+
+    def describe(self):
+        return "regex-cleaned English" if self.clean else "English as written"
+
+
 @dataclass
 class TextInput:
     """How one text encoder sees the captions.
 
-    ``name`` keys this encoder's tokens in the batch, ``languages`` are the caption
-    languages it reads, and ``clean_english`` applies the reference's regex cleaning (words
-    matching ``[\\w']+`` joined by spaces) to the English captions, as its teachers read
-    them (§1.3); every other language is read as written.
+    ``name`` keys this encoder's tokens in the batch, ``languages`` are the caption languages it
+    reads, and ``english`` says which English captions it reads and how (``EnglishReading``); every
+    other language is read as written.
     """
     name: str
     tokenizer: object
     languages: list
-    clean_english: bool = False
+    english: EnglishReading = EnglishReading()
 
 
 # Batch key of the student's tokens (batch["text"][STUDENT][lang]).
@@ -91,8 +124,8 @@ class RetrievalDataset(Dataset):
         self.text_inputs = list(text_inputs)
         self.languages = corpus.languages
         self.tables = {
-            ti.name: {lang: TokenTable(corpus.captions[lang], ti.tokenizer, max_words,
-                                       clean=ti.clean_english and lang == ENGLISH)
+            ti.name: {lang: TokenTable(ti.english.captions(corpus) if lang == ENGLISH else corpus.captions[lang],
+                                       ti.tokenizer, max_words, clean=ti.english.clean and lang == ENGLISH)
                       for lang in ti.languages}
             for ti in self.text_inputs
         }

@@ -17,7 +17,8 @@ def load_split(config, split):
     if not path:
         raise DataFileError(f"config key 'data.{split}_path' is not set")
     corpus = read_corpus(path, data["layout"], data["feature_key"], split, languages=config["languages"],
-                         missing_caption_fallback=data["missing_caption_fallback"])
+                         missing_caption_fallback=data["missing_caption_fallback"],
+                         student_english=data["student_english"])
     wrong = [(i, f.shape[1]) for i, f in enumerate(corpus.features) if f.ndim == 2 and f.shape[1] != data["feature_dim"]]
     if wrong:
         i, dim = wrong[0]

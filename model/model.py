@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from utils.checkpoint import load_weights
 from utils.hub import load_named
 
+# Every LayerNorm of the reference model (the video norm, the text norm, the fusion blocks' norms)
+# has eps 1e-6, not PyTorch's 1e-5: converted checkpoints need it to reproduce their embeddings (§9).
+LAYER_NORM_EPS = 1e-6
+
 
 class GatedProjection(nn.Module):
     """y = h * sigmoid(W_g h) with h = W x + b: the reference's 'gated' unit (§2.2)."""
@@ -46,9 +50,9 @@ class Block(nn.Module):
     def __init__(self, width, heads, mlp_ratio):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.norm1 = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.attn = Attention(width, heads)
-        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, x, key_mask):
@@ -63,7 +67,7 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.feature_dim = feature_dim
         self.token_proj = GatedProjection(feature_dim, width)
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.masking_token = nn.Parameter(torch.zeros(width))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
@@ -119,7 +123,7 @@ class TextEncoder(nn.Module):
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler.requires_grad_(False)
         hidden = backbone.config.hidden_size
-        self.norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.norm = nn.LayerNorm(hidden, eps=LAYER_NORM_EPS)
         self.proj = GatedProjection(hidden, projection_dim)
 
     def forward(self, input_ids, attention_mask, pool_mask=None):

@@ -46,11 +46,12 @@ def test_c2kd_trains_and_reuses_cached_teacher_outputs(setup, capsys):
 
 def flagged_teachers(setup, student_mask=False, clean_english=False):
     """Copies of the teachers flagged to pool with the student's mask and to read cleaned English, as
-    converted reference teachers are."""
+    converted reference teachers of MSR-VTT, VATEX and YouCook2 are."""
     paths = []
     for i, path in enumerate(setup["teachers"]):
         state = load_checkpoint(path)
         state["config"]["model"]["pool_with_student_mask"] = student_mask
+        state["config"]["model"]["role"] = "teacher"
         state["config"]["data"]["clean_english"] = clean_english
         name = f"teacher{i}_mask{int(student_mask)}_clean{int(clean_english)}.pt"
         paths.append(str(save_checkpoint(state, setup["tmp"] / name)))
@@ -115,7 +116,7 @@ def test_teachers_read_english_as_they_were_trained(setup):
                           "teachers.checkpoints": flagged_teachers(setup, clean_english=clean)})
         trainer, batch = make_trainer(config)
         teacher = trainer.teachers.teachers[0]
-        assert teacher.clean_english is clean
+        assert teacher.english.clean is clean
         caption = trainer.train_loader.dataset.corpus.captions["en"][int(batch["index"][0])][
             int(batch["caption_index"][0])]
         text = clean_caption(caption) if clean else caption
@@ -183,13 +184,14 @@ def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
     import copy
     from types import SimpleNamespace
     from trainer.build import load_corpora
+    from data_loader.dataset import EnglishReading
     from trainer.teachers import Teachers, data_digest
 
     corpus = load_corpora(toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"]))["train"]
 
     def key(clean_english=False, data=corpus, **flat):
         teacher = SimpleNamespace(path=Path(setup["teachers"][0]), pool_with_student_mask=False,
-                                  clean_english=clean_english)
+                                  english=EnglishReading(teacher=True, clean=clean_english))
         config = toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"], **flat)
         host = SimpleNamespace(config=config, max_words=config["data"]["max_words_train"],
                                data_digest=data_digest(data, config["data"]["n_video_tokens"]))

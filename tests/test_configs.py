@@ -46,6 +46,8 @@ TEMPERATURE = {("msrvtt", "clip"): (0.1, 0.05, 0.1), ("msrvtt", "s3d"): (0.1, 0.
                ("vatex", "clip"): (0.05, 0.05, 0.05), ("youcook2", "s3d"): (0.1, 0.05, 0.05),
                ("youcook2", "clip"): (0.1, 0.1, 0.1), ("rudder", "clip"): (0.05, 0.05, 0.05)}
 MAX_WORDS = {"msrvtt": (35, 40), "vatex": (40, 40), "youcook2": (35, 35), "rudder": (40, 40)}
+# dataset -> whether its teachers read regex-cleaned English (§1.3, §9: RUDDER's read the raw caption)
+TEACHERS_CLEAN_ENGLISH = {"msrvtt": True, "vatex": True, "youcook2": True, "rudder": False}
 
 
 def config(path):
@@ -75,6 +77,8 @@ def test_matrix_hyper_parameters(ds, feat, stage):
     assert cfg["eval"]["total_queries"] == TOTAL_QUERIES[ds]
     assert data["missing_caption_fallback"] == "none"
     assert data["allow_duplicate_ids"] == (ds == "rudder")
+    assert data["clean_english"] is TEACHERS_CLEAN_ENGLISH[ds] and data["student_english"] == "shared"
+    assert cfg["model"]["role"] == ("teacher" if stage.startswith("teacher_") else "student")
     assert cfg["trainer"]["save_dir"] == f"runs/{ds}/{feat}"
     epochs, lr = RECIPE[ds]
     assert cfg["trainer"]["epochs"] == epochs
@@ -138,3 +142,39 @@ def test_scripts(script):
     for feat in FEATURES[ds]:
         resolved = refs[0].replace("${FEATURE:-%s}" % DEFAULT_FEATURE[ds], feat)
         assert (ROOT / resolved).is_file(), resolved
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"data.student_english": "caption_en"}, "config key 'data.student_english' = 'caption_en' is for 'data.layout' = "
+                                             "'multi-youcook2' (it is 'multi-msrvtt'); set it to 'shared'"),
+    ({"model.role": "mentor"}, "config key 'model.role' = \"mentor\" is not one of student, teacher"),
+    ({"eval.denominator": "file_items", "eval.total_queries": 1000},
+     "config key 'eval.denominator' = 'file_items' and 'eval.total_queries' both set the R@K denominator; set one "
+     "of them ('eval.denominator' = 'ranked', or 'eval.total_queries' = null)"),
+    ({"eval.denominator": "file_items", "eval.multi_caption": "separate"},
+     "config key 'eval.denominator' = 'file_items' counts videos and needs 'eval.multi_caption' = 'average', "
+     "not 'separate'"),
+])
+def test_reading_keys_are_checked_in_one_line(flat, message):
+    with pytest.raises(ValueError) as info:
+        resolve(flat)
+    assert str(info.value) == message
+
+
+# dataset -> what its parity preset sets: (eval.total_queries, eval.denominator,
+# data.missing_caption_fallback, data.student_english), the reference's evaluation (§1.6, §9)
+PARITY = {"msrvtt": (1000, "ranked", "none", "shared"), "vatex": (None, "ranked", "none", "shared"),
+          "youcook2": (3350, "ranked", "none", "caption_en"), "rudder": (None, "file_items", "last_available", "shared")}
+FEATURE_DIRS = [(ds, feat) for ds, feats in FEATURES.items() for feat in feats]
+
+
+@pytest.mark.parametrize("ds, feat", FEATURE_DIRS, ids=[f"{d}/{f}" for d, f in FEATURE_DIRS])
+def test_parity_presets_evaluate_as_the_reference(ds, feat):
+    path = ROOT / "configs" / ds / feat / "parity.json"
+    cfg, base = config(path), config(path.with_name("base.json"))
+    assert (cfg["eval"]["tie_break"], cfg["eval"]["multi_caption"]) == ("optimistic", "average")
+    assert (cfg["eval"]["total_queries"], cfg["eval"]["denominator"], cfg["data"]["missing_caption_fallback"],
+            cfg["data"]["student_english"]) == PARITY[ds]
+    assert cfg["data"]["clean_english"] is base["data"]["clean_english"] is TEACHERS_CLEAN_ENGLISH[ds]
+    # A preset changes no model key: the checkpoint's (its role among them) stay as they are.
+    assert not [k for k in load_flat(path) if k.startswith("model.") and k not in load_flat(path.with_name("base.json"))]

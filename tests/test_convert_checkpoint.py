@@ -10,11 +10,13 @@ import importlib.util
 import math
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,8 @@ from utils.checkpoint import load_checkpoint
 from utils.convert_checkpoint import ConvertError, convert, main
 
 ROOT = Path(__file__).resolve().parents[1]
+# The recipe converted checkpoints take their data settings from (MSR-VTT: teachers read cleaned English).
+DATA_CONFIG = ROOT / "configs" / "msrvtt" / "base.json"
 FEATURE_DIM, WIDTH, PROJ, MLP, DEPTH, HEADS = 24, 32, 16, 64, 2, 4
 ARCH = {"labse": "BaselineTokenFusionPerModModelLaBSE", "mbert": "BaselineTokenFusionPerModModelMBert",
         "xlm": "BaselineTokenFusionPerModModelXLMbase", "distill": "BaselineTokenFusionPerModModelDistill"}
@@ -113,38 +117,50 @@ def ref_gated(sd, prefix, x):
     return h * torch.sigmoid(F.linear(h, sd[f"{prefix}.cg.fc.weight"], sd[f"{prefix}.cg.fc.bias"]))
 
 
-def ref_video(sd, video, mask):
+# Every LayerNorm of the reference model has eps 1e-6 (§2.1, §2.4, §9).
+REFERENCE_EPS = 1e-6
+
+
+def ref_layer_norm(x, weight, bias, eps=REFERENCE_EPS):
+    """LayerNorm written out: biased variance over the last dimension, then scale and shift."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def ref_video(sd, video, mask, video_eps=REFERENCE_EPS):
     b = video.shape[0]
-    x = F.layer_norm(ref_gated(sd, "video_token_proj", video), (WIDTH,),
-                     sd["video_norm_layer.weight"], sd["video_norm_layer.bias"])
-    mask = mask.clone().float()
+    x = ref_layer_norm(ref_gated(sd, "video_token_proj", video), sd["video_norm_layer.weight"],
+                       sd["video_norm_layer.bias"], eps=video_eps)
+    mask = mask.clone().to(x.dtype)
     empty = mask.sum(1) == 0
     x[empty, 0] = sd["fusion_video.masking_token"]
     mask[empty, 0] = 1
     x = torch.cat([sd["fusion_video.cls_token"].expand(b, 1, WIDTH), x], 1)
-    mask = torch.cat([torch.ones(b, 1), mask], 1)
+    mask = torch.cat([torch.ones(b, 1, dtype=x.dtype), mask], 1)
     n, d = x.shape[1], WIDTH // HEADS
     for i in range(DEPTH):
         def p(name):  # (weight, bias) of a layer of block i
             return sd[f"fusion_video.blocks.{i}.{name}.weight"], sd[f"fusion_video.blocks.{i}.{name}.bias"]
-        h = F.layer_norm(x, (WIDTH,), *p("norm1"), eps=1e-6)
+        h = ref_layer_norm(x, *p("norm1"))
         q, k, v = F.linear(h, *p("attn.qkv")).reshape(b, n, 3, HEADS, d).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-2, -1)) * d ** -0.5
         attn = scores.masked_fill(mask[:, None, None, :] == 0, float("-inf")).softmax(-1)
         x = x + F.linear((attn @ v).transpose(1, 2).reshape(b, n, WIDTH), *p("attn.proj"))
-        h = F.layer_norm(x, (WIDTH,), *p("norm2"), eps=1e-6)
+        h = ref_layer_norm(x, *p("norm2"))
         x = x + F.linear(F.gelu(F.linear(h, *p("mlp.fc1"))), *p("mlp.fc2"))
     return ref_gated(sd, "video_proj", x[:, 0])
 
 
-def ref_text(sd, encoder_dir, tokens, pool_mask):
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir)).eval()
+def ref_text(sd, encoder_dir, tokens, pool_mask, text_eps=REFERENCE_EPS):
+    dtype = sd["text_proj.0.weight"].dtype
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir)).eval().to(dtype)
     encoder.load_state_dict({k.removeprefix("fusion_text."): v for k, v in sd.items()
                              if k.startswith("fusion_text.") and not k.endswith("position_ids")})
     states = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
-    m = pool_mask.unsqueeze(-1).float()
+    m = pool_mask.unsqueeze(-1).to(dtype)
     pooled = (states * m).sum(1) / m.sum(1)
-    pooled = F.layer_norm(pooled, pooled.shape[-1:], sd["text_proj.0.weight"], sd["text_proj.0.bias"], eps=1e-6)
+    pooled = ref_layer_norm(pooled, sd["text_proj.0.weight"], sd["text_proj.0.bias"], eps=text_eps)
     return ref_gated(sd, "text_proj.1", pooled)
 
 
@@ -180,18 +196,20 @@ def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path)
     sd = reference_state(encoder_dir, seed=len(kind))
     src = save_reference(tmp_path / "latest_model.pth", sd, arch=None if saved == "bare" else ARCH[kind],
                          prefix="module." if saved == "module." else "")
-    summary = convert(src, tmp_path / f"msrvtt_{kind}.pt", encoder_dir)
+    summary = convert(src, tmp_path / f"msrvtt_{kind}.pt", encoder_dir, DATA_CONFIG)
     assert summary["unknown"] == [] and sum(summary["dropped"].values()) > 0
     model, state = load_converted(tmp_path / f"msrvtt_{kind}.pt")
 
     cfg = state["config"]
     assert cfg["model"] | {"text_encoder": None} == {
         "text_encoder": None, "width": WIDTH, "projection_dim": PROJ, "depth": DEPTH, "heads": HEADS,
-        "mlp_ratio": MLP / WIDTH, "pool_with_student_mask": kind != "labse",
+        "mlp_ratio": MLP / WIDTH, "role": "student" if kind == "labse" else "teacher",
+        "pool_with_student_mask": kind != "labse",
         "pool_mask_tokenizer": "sentence-transformers/LaBSE", "length_bucket_rows": DEFAULT_BUCKET_ROWS}
     assert (cfg["name"], cfg["stage"], cfg["data"]["feature_dim"], cfg["data"]["feature_key"]) == \
         (f"msrvtt_{kind}", "translate-train", FEATURE_DIM, "2d")
-    assert cfg["data"]["clean_english"] is (kind != "labse")  # teachers read cleaned English, the student raw
+    # The data recipe comes from the dataset config: MSR-VTT's teachers read cleaned English.
+    assert (cfg["data"]["clean_english"], cfg["data"]["layout"], cfg["eval"]["total_queries"]) == (True, "multi-msrvtt", 1000)
     assert state["epoch"] == (0 if saved == "bare" else 20) and state["converted_from"] == str(src)
 
     with torch.no_grad():
@@ -202,16 +220,54 @@ def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path)
                                    atol=1e-5, rtol=0)
 
 
+def small_variance(sd, scale=1e-3):
+    """``sd`` with the inputs of the video and text LayerNorms shrunk to a variance of the order of
+    1e-6, where eps 1e-5 and 1e-6 give different outputs: the video token projection is scaled down,
+    and so is every LayerNorm of the text encoder (its last states come out of one)."""
+    out = OrderedDict(sd)
+    for key in ("video_token_proj.fc.weight", "video_token_proj.fc.bias"):
+        out[key] = sd[key] * scale
+    for key in sd:
+        if key.startswith("fusion_text.") and ("LayerNorm" in key or "layer_norm" in key):
+            out[key] = sd[key] * scale
+    return out
+
+
+@pytest.mark.parametrize("kind", ["labse", "distill"])
+def test_converted_forward_equals_a_float64_hand_computation_where_layer_norm_eps_matters(kind, encoders, tmp_path):
+    """Embeddings of a converted checkpoint equal the reference's math in float64 within 1e-5, on weights
+    whose LayerNorm inputs have a variance near eps: a LayerNorm with PyTorch's eps 1e-5 instead of the
+    reference's 1e-6 moves them by far more."""
+    encoder_dir = encoders[ENCODER[kind]]
+    sd = small_variance(reference_state(encoder_dir, seed=7))
+    src = save_reference(tmp_path / "latest_model.pth", sd, arch=ARCH[kind])
+    convert(src, tmp_path / "converted.pt", encoder_dir, DATA_CONFIG)
+    model, _ = load_converted(tmp_path / "converted.pt")
+    sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    video, mask = videos()
+    tok = tokens(encoder_dir)
+    with torch.no_grad():
+        tokens_var = ref_gated(sd64, "video_token_proj", video.double()).var(-1, unbiased=False)
+        assert tokens_var.max() < 1e-5  # the LayerNorm statistics the test is about
+        expected_video = ref_video(sd64, video.double(), mask)
+        expected_text = ref_text(sd64, encoder_dir, tok, tok["attention_mask"])
+        assert (model.encode_video(video, mask).double() - expected_video).abs().max() < 1e-5
+        assert (model.encode_text(tok).double() - expected_text).abs().max() < 1e-5
+        # The same math with eps 1e-5 in the video or text norm is far off: the comparison can fail.
+        assert (ref_video(sd64, video.double(), mask, video_eps=1e-5) - expected_video).abs().max() > 1e-3
+        assert (ref_text(sd64, encoder_dir, tok, tok["attention_mask"], text_eps=1e-5)
+                - expected_text).abs().max() > 1e-3
+
+
 def test_student_mask_pooling_gives_the_reference_teacher_output(encoders, tmp_path):
     teacher_dir, student_dir = encoders["xlmr-tiny"], encoders["labse-tiny"]
     sd = reference_state(teacher_dir)
     src = save_reference(tmp_path / "latest_model.pth", sd, arch=ARCH["xlm"])
-    convert(src, tmp_path / "own.pt", teacher_dir, student_mask_pooling=False)
+    convert(src, tmp_path / "own.pt", teacher_dir, DATA_CONFIG, student_mask_pooling=False)
     assert load_checkpoint(tmp_path / "own.pt")["config"]["model"]["pool_with_student_mask"] is False
-    convert(src, tmp_path / "teacher.pt", teacher_dir)
+    convert(src, tmp_path / "teacher.pt", teacher_dir, DATA_CONFIG)
     model, state = load_converted(tmp_path / "teacher.pt")
     assert state["config"]["model"]["pool_with_student_mask"] is True
-    assert state["config"]["data"]["clean_english"] is True  # reference teachers read cleaned English (§3.1)
 
     own, student = tokens(teacher_dir), tokens(student_dir)
     assert not torch.equal(own["attention_mask"], student["attention_mask"])
@@ -226,7 +282,7 @@ def test_converted_teacher_loads_as_a_c2kd_teacher(encoders, tmp_path):
     from trainer.teachers import load_teacher
     sd = reference_state(encoders["mbert-tiny"])
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["mbert"])
-    convert(src, tmp_path / "mbert.pt", encoders["mbert-tiny"])
+    convert(src, tmp_path / "mbert.pt", encoders["mbert-tiny"], DATA_CONFIG)
     teacher = load_teacher(tmp_path / "mbert.pt", FEATURE_DIM, torch.device("cpu"))
     assert teacher.pool_with_student_mask  # a reference teacher pooled with the student's mask (§2.3)
     video, mask = videos()
@@ -235,11 +291,44 @@ def test_converted_teacher_loads_as_a_c2kd_teacher(encoders, tmp_path):
                                    atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dataset, cleaned", [("rudder", False), ("msrvtt", True)])
+def test_converted_teacher_embeds_the_english_its_dataset_gave_it(dataset, cleaned, encoders, tmp_path):
+    """A converted RUDDER teacher embeds the raw English caption, punctuation included, as the reference's
+    RUDDER teachers read it; a teacher converted with MSR-VTT's recipe embeds the regex-cleaned caption
+    (§1.3, §9). Both pool with the student tokenizer's mask of the raw caption (§2.3)."""
+    from data_loader.corpus import read_corpus
+    from data_loader.dataset import clean_caption
+    from model.model import load_tokenizer
+    from parse_config import resolve
+    from trainer.teachers import Teachers, load_teacher
+    teacher_dir, student_dir = encoders["xlmr-tiny"], encoders["labse-tiny"]
+    sd = reference_state(teacher_dir)
+    src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["xlm"])
+    convert(src, tmp_path / "xlm.pt", teacher_dir, ROOT / "configs" / dataset / "base.json")
+    captions = ["A man, cutting an onion! (in the kitchen)", "a dog runs in the park; then jumps."]
+    g = torch.Generator().manual_seed(2)
+    items = [{"id": f"r{i}", "2d": torch.randn(5, FEATURE_DIM, generator=g).numpy(), "captions": {"en": c, "hi": "x"}}
+             for i, c in enumerate(captions)]
+    path = tmp_path / "rudder_train.pkl"
+    path.write_bytes(pickle.dumps(items))
+    config = resolve({"stage": "c2kd", "data.layout": "rudder", "data.feature_dim": FEATURE_DIM,
+                      "data.max_words_train": 40, "model.text_encoder": str(student_dir),
+                      "teachers.cache_dir": str(tmp_path / "cache")})
+    teacher = load_teacher(tmp_path / "xlm.pt", FEATURE_DIM, torch.device("cpu"))
+    cache = Teachers([teacher], read_corpus(path, "rudder", "2d", "train"), config, torch.device("cpu"),
+                     load_tokenizer(str(student_dir))).cache[0]
+    read = [clean_caption(c) if cleaned else c for c in captions]
+    with torch.no_grad():
+        expected = ref_text(sd, teacher_dir, tokens(teacher_dir, read), tokens(student_dir, captions)["attention_mask"])
+    torch.testing.assert_close(cache["text"], F.normalize(expected, dim=1), atol=1e-5, rtol=0)
+    assert [clean_caption(c) for c in captions] != captions  # punctuation that cleaning removes
+
+
 def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
     from data_loader import toy
     data = toy.generate(tmp_path / "toy", n_train=4, n_test=12, feature_dim=FEATURE_DIM)
     src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["xlmr-tiny"]), ARCH["xlm"])
-    convert(src, tmp_path / "xlm.pt", encoders["xlmr-tiny"], pool_mask_tokenizer=encoders["labse-tiny"])
+    convert(src, tmp_path / "xlm.pt", encoders["xlmr-tiny"], DATA_CONFIG, pool_mask_tokenizer=encoders["labse-tiny"])
     spec = importlib.util.spec_from_file_location("test_entry", ROOT / "test.py")  # not the stdlib's test
     entry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(entry)
@@ -248,12 +337,79 @@ def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
     assert (tmp_path / "eval" / "xlm" / "metrics.json").is_file()
 
 
+def optimistic_t2v(sims, query_ids, video_ids, denominator):
+    """The reference's evaluation (§4), by hand: a query's rank is the first position of its ground-truth
+    score in its row sorted in descending order (ties count in its favour); R@K over ``denominator``;
+    MedR and MeanR over the ranked queries, plus 1."""
+    ranks = []
+    for row, query in zip(sims, query_ids):
+        truth = row[video_ids.index(query)]
+        ranks.append(int(np.flatnonzero(np.sort(row)[::-1] == truth)[0]))
+    ranks = np.array(ranks)
+    return {"R1": 100 * (ranks < 1).sum() / denominator, "R5": 100 * (ranks < 5).sum() / denominator,
+            "R10": 100 * (ranks < 10).sum() / denominator, "MedR": np.median(ranks) + 1, "MeanR": ranks.mean() + 1}
+
+
+def test_parity_preset_gives_the_reference_evaluation_of_a_converted_checkpoint(encoders, tmp_path):
+    """test.py with configs/msrvtt/clip/parity.json on a converted reference student and a 968-video test
+    file: the similarities are the reference model's (within 1e-5) and R@1/5/10, MedR and MeanR are the
+    reference's optimistic ranks over 1000 videos, computed by hand from them."""
+    import json
+    from data_loader import toy
+    encoder_dir = encoders["labse-tiny"]
+    data = toy.generate(tmp_path / "toy", n_train=4, n_test=968, feature_dim=FEATURE_DIM)
+    items = pickle.loads(data["test"].read_bytes())
+    for a, b in ((0, 1), (10, 11), (20, 21)):  # identical videos: their captions' ground truth is tied
+        items[b]["2d"] = items[a]["2d"].copy()
+    (tmp_path / "test_968.pkl").write_bytes(pickle.dumps(items))
+    sd = reference_state(encoder_dir, seed=5)
+    src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["labse"])
+    convert(src, tmp_path / "student.pt", encoder_dir, DATA_CONFIG)
+    spec = importlib.util.spec_from_file_location("test_entry", ROOT / "test.py")  # not the stdlib's test
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    out, sims_dir = tmp_path / "eval", tmp_path / "sims"
+    assert entry.main(["-r", str(tmp_path / "student.pt"), "-c", str(ROOT / "configs/msrvtt/clip/parity.json"),
+                       "-d", "cpu", "--out", str(out), "--save-sims", str(sims_dir),
+                       "--set", f"data.eval_path={tmp_path / 'test_968.pkl'}", "--set", f"data.feature_dim={FEATURE_DIM}",
+                       "--set", f"model.projection_dim={PROJ}", "--set", f"trainer.save_dir={tmp_path / 'runs'}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+
+    # The reference model's similarities for the English captions: frames cut to 30 and L2-normalised,
+    # captions padded to 40 tokens (§1.3, §1.4).
+    video = torch.zeros(len(items), 30, FEATURE_DIM, dtype=torch.float64)
+    mask = torch.zeros(len(items), 30)
+    for i, item in enumerate(items):
+        frames = torch.from_numpy(item["2d"][:30]).double()
+        video[i, :len(frames)] = frames / frames.norm(dim=1, keepdim=True)
+        mask[i, :len(frames)] = 1
+    sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
+    tok = tokens(encoder_dir, [item["eval_caption_en"] for item in items])
+    with torch.no_grad():
+        reference = F.normalize(ref_text(sd64, encoder_dir, tok, tok["attention_mask"]), dim=1) @ \
+            F.normalize(ref_video(sd64, video, mask), dim=1).T
+    ids = json.loads((sims_dir / "en.json").read_text())
+    assert ids["query_ids"] == ids["video_ids"] == [item["id"] for item in items]
+    assert np.abs(np.load(sims_dir / "en.npy") - reference.numpy()).max() < 1e-5
+
+    tied = 0
+    for lang in ("en", "de", "sw"):
+        sims = np.load(sims_dir / f"{lang}.npy")
+        ids = json.loads((sims_dir / f"{lang}.json").read_text())
+        expected = optimistic_t2v(sims, ids["query_ids"], ids["video_ids"], denominator=1000)
+        got = metrics[lang]["t2v"]
+        assert got["num_queries"] == 968
+        assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-9), lang
+        tied += sum((row == row[i]).sum() > 1 for i, row in enumerate(sims))
+    assert tied > 0  # the optimistic rule was exercised
+
+
 def test_inference_of_a_converted_teacher_pools_with_the_student_mask(encoders, tmp_path):
     from utils.inference import Retriever
     teacher_dir, student_dir = encoders["xlmr-tiny"], encoders["labse-tiny"]
     sd = reference_state(teacher_dir)
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["xlm"])
-    convert(src, tmp_path / "xlm.pt", teacher_dir, pool_mask_tokenizer=student_dir)
+    convert(src, tmp_path / "xlm.pt", teacher_dir, DATA_CONFIG, pool_mask_tokenizer=student_dir)
     retriever = Retriever.from_checkpoint(tmp_path / "xlm.pt")
     max_words = retriever.config["data"]["max_words_eval"]
     own, student = tokens(teacher_dir, length=max_words), tokens(student_dir, length=max_words)
@@ -272,7 +428,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "config": Payload()}, path)
     with pytest.raises(ConvertError, match=r"refused global (posix|nt)\.system") as err:
-        convert(path, tmp_path / "out.pt", "unused")
+        convert(path, tmp_path / "out.pt", "unused", DATA_CONFIG)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
 
@@ -282,8 +438,8 @@ def test_unknown_key_fails_unless_allowed(encoders, tmp_path):
     sd["fusion_video.extra_head.weight"] = torch.zeros(3)
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["distill"])
     with pytest.raises(ConvertError, match=r"unknown key.*'fusion_video\.extra_head\.weight'.*--allow-unknown"):
-        convert(src, tmp_path / "out.pt", encoders["distiluse-tiny"])
-    summary = convert(src, tmp_path / "out.pt", encoders["distiluse-tiny"], allow_unknown=True)
+        convert(src, tmp_path / "out.pt", encoders["distiluse-tiny"], DATA_CONFIG)
+    summary = convert(src, tmp_path / "out.pt", encoders["distiluse-tiny"], DATA_CONFIG, allow_unknown=True)
     assert summary["unknown"] == ["fusion_video.extra_head.weight"]
     load_converted(tmp_path / "out.pt")
 
@@ -291,20 +447,32 @@ def test_unknown_key_fails_unless_allowed(encoders, tmp_path):
 def test_mismatches_name_the_key(encoders, tmp_path):
     src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["xlmr-tiny"]), ARCH["xlm"])
     with pytest.raises(ConvertError, match=r"'fusion_text\.[^']+' has shape .*check --text-encoder"):
-        convert(src, tmp_path / "out.pt", encoders["labse-tiny"])
+        convert(src, tmp_path / "out.pt", encoders["labse-tiny"], DATA_CONFIG)
     with pytest.raises(ConvertError, match=r"takes 24-d frame features, but --feature-dim is 512"):
-        convert(src, tmp_path / "out.pt", encoders["xlmr-tiny"], feature_dim=512)
+        convert(src, tmp_path / "out.pt", encoders["xlmr-tiny"], DATA_CONFIG, feature_dim=512)
 
 
-def test_cli(encoders, tmp_path):
+def test_cli(encoders, tmp_path, capsys):
     sd = reference_state(encoders["mbert-tiny"])
     sd["unexpected.weight"] = torch.zeros(1)
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["mbert"])
     out = tmp_path / "mbert.pt"
     cmd = [sys.executable, "-m", "utils.convert_checkpoint", str(src), str(out),
-           "--text-encoder", str(encoders["mbert-tiny"]), "--feature-dim", str(FEATURE_DIM)]
+           "--text-encoder", str(encoders["mbert-tiny"]), "--feature-dim", str(FEATURE_DIM),
+           "--data-config", str(ROOT / "configs" / "rudder" / "base.json")]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and not out.exists()
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and "'unexpected.weight'" in run.stderr
     assert main(cmd[3:] + ["--allow-unknown", "--own-mask-pooling"]) == 0
     assert load_checkpoint(out)["config"]["model"]["pool_with_student_mask"] is False
+    # The output says which English the teacher reads: RUDDER's teachers read the caption as written.
+    assert "English: teacher reading English as written (data.clean_english false" in capsys.readouterr().out
+
+
+def test_the_data_config_must_say_how_teachers_read_english(encoders, tmp_path):
+    src = save_reference(tmp_path / "latest_model.pth", reference_state(encoders["mbert-tiny"]), ARCH["mbert"])
+    silent = tmp_path / "mydata.json"
+    silent.write_text('{"data": {"layout": "rudder"}}')
+    with pytest.raises(ConvertError, match=r"mydata\.json: sets no 'data\.clean_english'"):
+        convert(src, tmp_path / "out.pt", encoders["mbert-tiny"], silent)
+    assert not (tmp_path / "out.pt").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_loader.corpus import read_corpus
-from data_loader.dataset import RetrievalDataset, TextInput, clean_caption, video_tokens
+from data_loader.dataset import EnglishReading, RetrievalDataset, TextInput, clean_caption, video_tokens
 from data_loader.safe_pickle import DataFileError, load_pickle
 
 
@@ -178,7 +178,7 @@ def test_clean_english_cleans_english_captions_only(toy_assets, clean_english):
     captions = {"en": [["A dog, running!"]], "de": [["Ein Hund, rennend!"]]}
     corpus = Corpus(path="punctuated", ids=["a"], features=[np.ones((3, 4), np.float32)], captions=captions)
     tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
-    data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages, clean_english)], max_words=12,
+    data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages, EnglishReading(clean_english, clean_english))], max_words=12,
                             n_video_tokens=3, train=True)
     item = data[0]["text"]["student"]
 

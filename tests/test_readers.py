@@ -17,7 +17,7 @@ import torch
 from data_loader import check, convert
 from data_loader.corpus import (READERS, detect_feature_key, detect_layout, fill_missing_captions, read_corpus,
                                 read_safe)
-from data_loader.dataset import RetrievalDataset, TextInput
+from data_loader.dataset import EnglishReading, RetrievalDataset, TextInput
 from data_loader.safe_pickle import DataFileError
 from trainer.evaluate import metrics_from_scores, score_languages
 
@@ -180,6 +180,26 @@ def test_youcook2_keeps_a_differing_caption_en(tmp_path):
     assert "caption_en" not in c.extras[0]
 
 
+def test_youcook2_student_english_from_caption_en_as_the_reference(tmp_path):
+    """data.student_english = caption_en: the student reads 'caption_en', an English-input teacher
+    'caption' (regex-cleaned where the recipe says so), as in the reference (§9)."""
+    items = youcook2_items(2)
+    items[1]["caption_en"] = "Chop the onion, finely."
+    items[1]["caption"] = "Chop the onion; (coarsely)!"
+    path = dump(tmp_path / "yc.pkl", items)
+    shared = read_corpus(path, "multi-youcook2", "s3d", "train")
+    split = read_corpus(path, "multi-youcook2", "s3d", "train", student_english="caption_en")
+    assert shared.captions["en"][1] == ["Chop the onion; (coarsely)!"] and shared.teacher_english is None
+    assert split.captions["en"][1] == ["Chop the onion, finely."]
+    assert split.teacher_english[1] == ["Chop the onion; (coarsely)!"]
+    tok = WordTokenizer()
+    inputs = [TextInput("student", tok, ["en"]), TextInput("teacher", tok, ["en"], EnglishReading(True, True))]
+    row = RetrievalDataset(split, inputs, max_words=8, n_video_tokens=4, train=False)[1]["text"]
+    expected = {name: tok([text], True, True, 8, "np", False)["input_ids"][0].tolist()
+                for name, text in (("student", "Chop the onion, finely."), ("teacher", "Chop the onion coarsely"))}
+    assert {name: row[name]["en"]["input_ids"].tolist() for name in expected} == expected
+
+
 def test_check_warns_of_youcook2_english_captions_that_differ(tmp_path, capsys):
     items = youcook2_items(3)
     items[2]["caption_en"] = "Chop the onion."
@@ -224,6 +244,23 @@ def test_rudder_last_available_fallback_matches_the_reference(tmp_path):
     assert all(out[lang]["t2v"]["num_queries"] == 5 for lang in c.languages)
     with pytest.raises(DataFileError, match="missing_caption_fallback"):
         fill_missing_captions(c, "first")
+
+
+def test_rudder_denominator_counts_the_file_items_as_the_reference(tmp_path):
+    """eval.denominator = file_items divides R@K by the items of the file (the reference's len(data)),
+    also when two items share an id and are averaged into one query; ranked divides by the queries."""
+    from trainer.evaluate import recall_denominator
+    items = rudder_items()
+    items[4]["id"] = "r3"
+    c = read_corpus(dump(tmp_path / "rudder_test.pkl", items), "rudder", "2d", "eval", languages=["en", "hi"])
+    denominators = {mode: recall_denominator({"total_queries": None, "denominator": mode}, c)
+                    for mode in ("ranked", "file_items")}
+    assert denominators == {"ranked": None, "file_items": 5}
+    assert recall_denominator({"total_queries": 7, "denominator": "ranked"}, c) == 7
+    out = perfect_eval(c, total_queries=denominators["file_items"])
+    assert out["en"]["t2v"]["num_queries"] == 3  # items 0, 1 and 3+4 (one id); item 2 has no en
+    assert out["en"]["t2v"]["R1"] == pytest.approx(100 * 3 / 5)
+    assert perfect_eval(c)["en"]["t2v"]["R1"] == 100.0
 
 
 # ---- detection -----------------------------------------------------------------------------------

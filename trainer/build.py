@@ -1,6 +1,6 @@
 """Wiring shared by train.py and test.py: config -> data -> model -> loss."""
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, STUDENT, TextInput
+from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from data_loader.safe_pickle import DataFileError
 from model.loss import RetrievalLoss
@@ -29,18 +29,18 @@ def student_languages(config, corpus):
 
 def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_size=1):
     train = None
-    clean_english = config["data"]["clean_english"]
+    english = EnglishReading.of(config)  # an English-input teacher reads English as the dataset's teachers do
     if "train" in corpora and config["model"]["pool_with_student_mask"]:
         # Training pools with the model's own mask; the student-mask quirk (§2.3) is reproduced only
         # where converted reference teachers are used: evaluation, inference and distillation.
         raise ConfigError("config key 'model.pool_with_student_mask' is for evaluating and distilling from "
                           "converted reference teachers; training with it is not supported (set it to false)")
     if "train" in corpora:
-        inputs = [TextInput(STUDENT, tokenizer, student_languages(config, corpora["train"]), clean_english),
+        inputs = [TextInput(STUDENT, tokenizer, student_languages(config, corpora["train"]), english),
                   *extra_inputs]
         train = train_loader(corpora["train"], inputs, config, rank, world_size)
     languages = corpora["eval"].languages
-    inputs = [TextInput(STUDENT, tokenizer, languages, clean_english)]
+    inputs = [TextInput(STUDENT, tokenizer, languages, english)]
     if config["model"]["pool_with_student_mask"]:
         inputs.append(TextInput(POOL_MASK, load_tokenizer(config["model"]["pool_mask_tokenizer"]), languages))
     evaluation = eval_loader(corpora["eval"], inputs, config, rank, world_size)

@@ -119,6 +119,16 @@ def metrics_from_scores(scores, tie_break, total_queries=None, device="cpu"):
     return summary
 
 
+def recall_denominator(eval_cfg, corpus):
+    """The R@K denominator of an evaluation of ``corpus``: ``eval.total_queries`` when set; the
+    number of items in the evaluation file under ``eval.denominator = file_items`` (the reference's
+    RUDDER ``len(data)``, which counts items sharing an id once each, §9); else None, the queries
+    ranked in each language."""
+    if eval_cfg["total_queries"] is not None:
+        return eval_cfg["total_queries"]
+    return len(corpus) if eval_cfg["denominator"] == "file_items" else None
+
+
 def metric_names(languages):
     """The keys ``flat_metrics`` gives for an evaluation of ``languages``."""
     return [f"{direction}_{group}_{stat}" for group in [*languages, *_means(languages)]
@@ -152,7 +162,7 @@ def evaluate(model, loader, languages, eval_cfg, device, return_scores=False):
         nonlocal scores
         texts, videos, items, has = _concat(parts)
         scores = score_languages(texts, videos, items, has, corpus.ids, eval_cfg["multi_caption"])
-        return metrics_from_scores(scores, eval_cfg["tie_break"], eval_cfg["total_queries"], device)
+        return metrics_from_scores(scores, eval_cfg["tie_break"], recall_denominator(eval_cfg, corpus), device)
 
     summary = on_main(rank_all)
     return (summary, scores) if return_scores else summary

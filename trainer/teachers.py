@@ -2,9 +2,10 @@
 
 A teacher is an ordinary checkpoint of this project, usually trained with the translate-train
 stage, with its own text encoder and tokenizer. During C2KD it is frozen and in eval mode, reads
-the **English** caption of each item as it was trained to (regex-cleaned with the teacher configs'
-``data.clean_english``, as the reference's teachers, §1.3), and its text-video similarity matrix
-over the batch is the distillation target.
+the **English** caption of each item as it was trained to (its checkpoint's ``model.role`` and
+``data.clean_english``: regex-cleaned where its dataset's teachers read cleaned English, as the
+reference's MSR-VTT, VATEX and YouCook2 teachers; as written for RUDDER, §1.3, §9), and its
+text-video similarity matrix over the batch is the distillation target.
 
 ``cached`` mode (default) embeds every (video, English caption) pair of the training set once,
 before training, and stores the normalised embeddings on disk keyed by the teacher checkpoint and
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, TextInput, TokenTable
+from data_loader.dataset import POOL_MASK, EnglishReading, TextInput, TokenTable
 from model.loss import cosine_sim, similarity
 from model.model import model_from_checkpoint
 from parse_config import ConfigError
@@ -31,13 +32,13 @@ CACHE_VERSION = 1
 
 
 class Teacher:
-    def __init__(self, path, model, tokenizer, pool_with_student_mask=False, clean_english=True):
+    def __init__(self, path, model, tokenizer, pool_with_student_mask=False, english=EnglishReading(True, True)):
         self.path, self.model, self.tokenizer = Path(path), model, tokenizer
         # Converted reference teachers pooled their states with the student tokenizer's mask
         # of the raw English caption (§2.3); they keep doing so to reproduce their targets.
         self.pool_with_student_mask = pool_with_student_mask
-        # English is read as the teacher was trained to read it (data.clean_english).
-        self.clean_english = clean_english
+        # English is read as the teacher was trained to read it (model.role, data.clean_english).
+        self.english = english
         self.model.eval().requires_grad_(False)
 
 
@@ -51,8 +52,8 @@ def load_teacher(path, feature_dim, device):
                               f"but config key 'data.feature_dim' is {feature_dim}")
     model, tokenizer = model_from_checkpoint(state["config"], state, path)
     # Checkpoints written before data.clean_english existed were distilled from with cleaned English.
-    clean_english = state["config"]["data"].get("clean_english", True)
-    return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False), clean_english)
+    english = EnglishReading.of(state["config"], clean_when_unrecorded=True)
+    return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False), english)
 
 
 class Teachers:
@@ -64,11 +65,11 @@ class Teachers:
         self.text_inputs = []
         self.cache = []
         if self.mode == "online":
-            self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], t.clean_english)
+            self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], t.english)
                                 for i, t in enumerate(teachers)]
             if any(t.pool_with_student_mask for t in teachers):
                 # The student tokenizer's mask of the raw English caption (§2.3), as the cache pools
-                # with, and not the student's own input, which data.clean_english may clean.
+                # with, and not a teacher's English, which may be cleaned or come from another field.
                 self.text_inputs.append(TextInput(POOL_MASK, student_tokenizer, [ENGLISH]))
         else:
             # What every teacher embeds, hashed once for the cache keys.
@@ -92,7 +93,7 @@ class Teachers:
         spec = {"version": CACHE_VERSION, "teacher": [str(teacher.path.resolve()), st.st_size, st.st_mtime_ns],
                 "data": self.data_digest,
                 "n_video_tokens": self.config["data"]["n_video_tokens"],
-                "max_words": self.max_words, "clean_english": teacher.clean_english,
+                "max_words": self.max_words, "english": [teacher.english.teacher, teacher.english.clean],
                 "pool_mask": self.config["model"]["text_encoder"] if teacher.pool_with_student_mask else "own"}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -114,7 +115,7 @@ class Teachers:
 
             def write():
                 nonlocal cache
-                counts = torch.tensor([len(caps) for caps in self.corpus.captions[ENGLISH]], dtype=torch.long)
+                counts = torch.tensor([len(caps) for caps in teacher.english.captions(self.corpus)], dtype=torch.long)
                 cache = {"text": torch.cat([s["text"] for s in shares]),
                          "video": torch.cat([s["video"] for s in shares]),
                          "offsets": torch.cumsum(counts, 0) - counts, "counts": counts}
@@ -137,12 +138,16 @@ class Teachers:
         ``text`` [captions, P] in caption order and ``video`` [videos, P]. ``share = (k, n)``: only
         the k-th of n contiguous parts of the captions and of the videos, each tokenized and
         embedded by one rank."""
-        captions = [c for caps in self.corpus.captions[ENGLISH] for c in caps]
+        english = teacher.english.captions(self.corpus)
+        captions = [c for caps in english for c in caps]
         rows = _part(len(captions), *share)
         mine = [[c] for c in captions[rows.start:rows.stop]]
-        table = TokenTable(mine, teacher.tokenizer, self.max_words, clean=teacher.clean_english)
-        pool_mask = (TokenTable(mine, self.student_tokenizer, self.max_words, clean=False).attention_mask
-                     if teacher.pool_with_student_mask else None)
+        table = TokenTable(mine, teacher.tokenizer, self.max_words, clean=teacher.english.clean)
+        pool_mask = None
+        if teacher.pool_with_student_mask:
+            # The student tokenizer's mask of the student's English caption of the same row (§2.3).
+            student = [[c] for c in _row_aligned(self.corpus.captions[ENGLISH], english)[rows.start:rows.stop]]
+            pool_mask = TokenTable(student, self.student_tokenizer, self.max_words, clean=False).attention_mask
         show = share[0] == 0
         texts = teacher.model.embed_texts(table.input_ids, table.attention_mask, pool_mask, batch_size, progress=show)
         videos = _part(len(self.corpus), *share)
@@ -177,14 +182,22 @@ class Teachers:
 
 
 def data_digest(corpus, n_video_tokens):
-    """Hash of what a teacher embeds from ``corpus``: each item's English captions and its first
-    ``n_video_tokens`` frames."""
+    """Hash of what a teacher embeds from ``corpus``: each item's English captions (the students' and
+    the teachers' own, where the file keeps them apart) and its first ``n_video_tokens`` frames."""
     h = hashlib.blake2b(digest_size=16)
-    for captions, frames in zip(corpus.captions[ENGLISH], corpus.features):
+    teacher_english = corpus.teacher_english or [None] * len(corpus)
+    for captions, teacher, frames in zip(corpus.captions[ENGLISH], teacher_english, corpus.features):
         frames = np.ascontiguousarray(frames[:n_video_tokens], dtype=np.float32)
-        h.update(json.dumps([captions, frames.shape]).encode())
+        h.update(json.dumps([captions, teacher, frames.shape]).encode())
         h.update(frames.tobytes())
     return h.hexdigest()
+
+
+def _row_aligned(student, teacher):
+    """For every caption of ``teacher`` (per item lists), the student's caption of the same item and
+    index (its last one if it has fewer, "" if none): one row per teacher caption."""
+    return [mine[min(k, len(mine) - 1)] if mine else "" for mine, theirs in zip(student, teacher)
+            for k in range(len(theirs))]
 
 
 def _part(n, k, parts):

@@ -146,7 +146,7 @@ def _epoch(loader):
 def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_video_tokens=30):
     """Items per second of the project's loader against the reference-style loader."""
     from data_loader.corpus import read_corpus
-    from data_loader.dataset import STUDENT, RetrievalDataset, TextInput
+    from data_loader.dataset import STUDENT, EnglishReading, RetrievalDataset, TextInput
     from data_loader.loaders import EpochSampler, make_loader
     from model.model import load_tokenizer
 
@@ -157,7 +157,8 @@ def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_v
     teachers = {s: load_tokenizer(str(assets["encoders"][name])) for s, name in zip(TEACHER_SUFFIXES, TEACHER_ENCODERS)}
     # The c2kd setup with online teachers: the student reads every language, each teacher English.
     inputs = [TextInput(STUDENT, student, corpus.languages),
-              *(TextInput(f"teacher{i}", tok, [ENGLISH], clean_english=True) for i, tok in enumerate(teachers.values()))]
+              *(TextInput(f"teacher{i}", tok, [ENGLISH], EnglishReading(teacher=True, clean=True))
+                for i, tok in enumerate(teachers.values()))]
 
     def sampler():
         return EpochSampler(n_items, batch_size, seed=0, shuffle=True, drop_last=False)

@@ -1,7 +1,7 @@
 """Convert the authors' released C2KD checkpoints into checkpoints of this project.
 
     python -m utils.convert_checkpoint weights/c2kd_teachers/msrvtt/xlm/latest_model.pth \\
-        weights/converted/msrvtt_xlm.pt --text-encoder xlm-roberta-base
+        weights/converted/msrvtt_xlm.pt --text-encoder xlm-roberta-base --data-config configs/msrvtt/clip/base.json
 
 A released file (c2kd-reference §5) is a torch.save'd dict with ``state_dict`` in the reference's
 module names (§2.6) and ``config``, a pickled ``parse_config.ConfigParser`` of the reference code.
@@ -9,7 +9,9 @@ It is read without running anything from it: the unpickler resolves only what te
 containers need and puts inert placeholders where the reference's config object (and the paths
 and argparse namespace it holds) would be. Every weight the reference model uses is renamed onto
 ``model.model.RetrievalModel``, the dead ones (§2.6) are dropped by name, anything else is an
-error. The result is loaded by test.py and by ``teachers.checkpoints`` like any other checkpoint.
+error. The data and evaluation settings (among them which English the teachers read,
+``data.clean_english``) come from the dataset config it is given. The result is loaded by test.py
+and by ``teachers.checkpoints`` like any other checkpoint.
 """
 import argparse
 import pickle
@@ -22,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from data_loader.dataset import EnglishReading
 from model.model import build_model
-from parse_config import LABSE, resolve
+from parse_config import LABSE, load_flat, resolve
 from utils.checkpoint import FORMAT, save_checkpoint
 from utils.errors import first_line, run_command, user_errors
 
@@ -241,10 +244,26 @@ def _count(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def convert(src, dst, text_encoder, feature_key=None, feature_dim=None, allow_unknown=False,
+def dataset_recipe(data_config, dim, src):
+    """The keys of the dataset config ``data_config`` that describe the data and its evaluation
+    (``data.*``, ``eval.*``, ``languages``), as its file and the ones it extends set them. It must say
+    how the dataset's teachers read English (``data.clean_english``): the converter never assumes it."""
+    recipe = {k: v for k, v in load_flat(data_config).items() if k == "languages" or k.startswith(("data.", "eval."))}
+    if "data.clean_english" not in recipe:
+        raise ConvertError(f"{data_config}: sets no 'data.clean_english' (whether the dataset's teachers read "
+                           "regex-cleaned English); pass the dataset's config, e.g. configs/msrvtt/clip/base.json")
+    if recipe.get("data.feature_dim", dim) != dim:
+        raise ConvertError(f"{src}: 'video_token_proj.fc.weight' takes {dim}-d frame features, but "
+                           f"{data_config} sets data.feature_dim {recipe['data.feature_dim']}")
+    return recipe
+
+
+def convert(src, dst, text_encoder, data_config, feature_key=None, feature_dim=None, allow_unknown=False,
             student_mask_pooling=None, pool_mask_tokenizer=LABSE):
     """Write ``dst`` from the reference checkpoint ``src``; returns a summary dict.
 
+    ``data_config``: the config of the dataset the checkpoint was trained on, whose data and
+    evaluation settings the converted checkpoint takes (see ``dataset_recipe``).
     ``student_mask_pooling`` None: true for teachers (every reference arch but the LaBSE student),
     whose text was mean-pooled with the student tokenizer's attention mask (§2.3); in evaluation
     and inference that mask comes from ``pool_mask_tokenizer``, in C2KD from the student's tokenizer."""
@@ -253,19 +272,21 @@ def convert(src, dst, text_encoder, feature_key=None, feature_dim=None, allow_un
     if feature_dim is not None and feature_dim != dim:
         raise ConvertError(f"{src}: 'video_token_proj.fc.weight' takes {dim}-d frame features, "
                            f"but --feature-dim is {feature_dim}")
+    recipe = dataset_recipe(data_config, dim, src)
     arch = meta.get("arch") if isinstance(meta.get("arch"), str) else None
     teacher = not (arch or "").endswith(STUDENT_ARCH)
     if student_mask_pooling is None:
         student_mask_pooling = teacher
-    if feature_key is None:
-        feature_key = "s3d" if dim == 1024 else "2d"  # §1.1: S3D features are 1024-d, CLIP ones 512-d
-    model_cfg = {"text_encoder": str(text_encoder), **model_cfg, "pool_with_student_mask": student_mask_pooling,
-                 "pool_mask_tokenizer": str(pool_mask_tokenizer)}
+    if feature_key is None:  # §1.1: S3D features are 1024-d, CLIP ones 512-d (YouCook2-CLIP's configs say 2d_raw)
+        feature_key = recipe.get("data.feature_key", "s3d" if dim == 1024 else "2d")
+    # The reference's teachers read English as their dataset's recipe says (data.clean_english), its
+    # student the raw caption.
+    model_cfg = {"text_encoder": str(text_encoder), **model_cfg, "role": "teacher" if teacher else "student",
+                 "pool_with_student_mask": student_mask_pooling, "pool_mask_tokenizer": str(pool_mask_tokenizer)}
     weights, dropped, unknown = map_state(state, expected_state(model_cfg, dim), src, allow_unknown)
-    flat = {f"model.{k}": v for k, v in model_cfg.items()}
-    # The reference's teachers were trained on regex-cleaned English (§3.1), its student on raw captions.
-    flat.update({"name": Path(dst).stem, "stage": "translate-train", "data.clean_english": teacher,
-                 "data.feature_key": feature_key, "data.feature_dim": dim})
+    flat = {**recipe, **{f"model.{k}": v for k, v in model_cfg.items()}}
+    flat.update({"name": Path(dst).stem, "stage": "translate-train", "data.feature_key": feature_key,
+                 "data.feature_dim": dim})
     config = resolve(flat)
     save_checkpoint({"model": weights, "config": config, "epoch": _count(meta.get("epoch")),
                      "step": _count(meta.get("step")), "converted_from": str(src), "reference_arch": arch}, dst)
@@ -280,8 +301,12 @@ def main(argv=None):
     parser.add_argument("dst", metavar="OUT", help="converted checkpoint to write; its stem becomes the run name")
     parser.add_argument("--text-encoder", required=True,
                         help="hub id or local folder of the text encoder the checkpoint was trained with")
-    parser.add_argument("--feature-key", help="video feature key of the data (default: s3d for 1024-d, else 2d; "
-                                              "the YouCook2-CLIP files hold 2d_raw)")
+    parser.add_argument("--data-config", required=True,
+                        help="config of the dataset the checkpoint was trained on (e.g. configs/rudder/clip/base.json): "
+                             "the converted checkpoint takes its data and evaluation settings, among them which "
+                             "English its teachers read (data.clean_english)")
+    parser.add_argument("--feature-key", help="video feature key of the data (default: the data config's, else s3d "
+                                              "for 1024-d and 2d otherwise)")
     parser.add_argument("--feature-dim", type=int, help="expected frame-feature size (checked; inferred anyway)")
     parser.add_argument("--allow-unknown", action="store_true", help="drop keys that are neither mapped nor known dead")
     pooling = parser.add_mutually_exclusive_group()
@@ -299,7 +324,7 @@ def main(argv=None):
 
 
 def convert_and_describe(args):
-    summary = convert(args.src, args.dst, args.text_encoder, args.feature_key, args.feature_dim,
+    summary = convert(args.src, args.dst, args.text_encoder, args.data_config, args.feature_key, args.feature_dim,
                       args.allow_unknown, args.student_mask, args.pool_mask_tokenizer)
     cfg = summary["config"]
     print(f"{args.src}: {summary['arch'] or 'bare state dict'} -> {summary['tensors']} tensors")
@@ -311,6 +336,8 @@ def convert_and_describe(args):
     print(f"  model: width {m['width']}, depth {m['depth']}, heads {m['heads']}, mlp_ratio {m['mlp_ratio']}, "
           f"projection_dim {m['projection_dim']}, pool_with_student_mask {m['pool_with_student_mask']}; "
           f"data: {cfg['data']['feature_key']} {cfg['data']['feature_dim']}-d")
+    print(f"  English: {m['role']} reading {EnglishReading.of(cfg).describe()} "
+          f"(data.clean_english {str(cfg['data']['clean_english']).lower()}, from {args.data_config})")
     print(f"wrote {args.dst}")
 
 

@@ -10,9 +10,9 @@ method: ``FaissExact`` (the same ranking) or ``FaissIVF`` (approximate, for larg
 ``retriever.build_index(ids, features, method=FaissIVF(nlist=1024, nprobe=256))``.
 
 Texts go through the checkpoint's own tokenizer (any language it can read, truncated to
-``data.max_words_eval`` tokens), as typed, or regex-cleaned when the checkpoint was trained with
-``data.clean_english``: a query to such an English-input teacher is taken as English and read as
-its English captions were (its evaluation read other languages raw); videos through the data
+``data.max_words_eval`` tokens), as typed, or regex-cleaned when the checkpoint is an English-input
+teacher of a dataset whose teachers read cleaned English (``model.role``, ``data.clean_english``): a
+query to such a teacher is taken as English and read as its English captions were (its evaluation read other languages raw); videos through the data
 layer's ``video_tokens`` (the first ``data.n_video_tokens`` frames, each L2-normalised). Embeddings are L2-normalised, so a score is
 the cosine similarity that evaluation ranks by.
 """
@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, is_safe_path, read_corpus
-from data_loader.dataset import TokenTable
+from data_loader.dataset import EnglishReading, TokenTable
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -257,12 +257,12 @@ class Retriever:
 
     def encode_texts(self, texts, batch_size=256):
         """[len(texts), P] normalised text embeddings of texts read as the model read its captions:
-        regex-cleaned under ``data.clean_english`` (queries to an English-input teacher are taken
-        as English), else as typed."""
+        regex-cleaned by an English-input teacher of a dataset whose teachers read cleaned English
+        (``model.role``, ``data.clean_english``; its queries are taken as English), else as typed."""
         check_texts(texts)
         captions = [[text] for text in texts]
         max_words = self.config["data"]["max_words_eval"]
-        table = TokenTable(captions, self.tokenizer, max_words, clean=self.config["data"].get("clean_english", False))
+        table = TokenTable(captions, self.tokenizer, max_words, clean=EnglishReading.of(self.config).clean)
         # Converted reference teachers pool with the student tokenizer's mask of the raw caption (§2.3).
         pool = (TokenTable(captions, self.pool_tokenizer, max_words, clean=False).attention_mask
                 if self.pool_tokenizer else None)
