@@ -105,7 +105,7 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"run folder: {killed}\n" in again.stdout
     assert sorted(p.name for p in runs.iterdir() if not p.name.startswith("_")) == ["full", "killed", "seed0"]
-    for folder, earlier in ((cut, "INTERRUPTED"), (killed, "RUNNING")):
+    for folder, earlier in ((cut, "INTERRUPTED"), (killed, "DIED")):  # killed: no process held its lock
         record = read_json(folder / "run.json")
         assert record["status"] == "COMPLETED" and record["result"]
         assert [a["status"] for a in record["earlier_attempts"]] == [earlier]
