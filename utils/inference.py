@@ -14,6 +14,7 @@ the cosine similarity that evaluation ranks by.
 """
 import html
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, is_safe_path, read_corpus
-from data_loader.dataset import TokenTable
+from data_loader.dataset import TokenTable, clean_caption
+from data_loader.loaders import check_items
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -116,6 +118,23 @@ class Retriever:
                 if self.pool_tokenizer else None)
         return self.model.embed_texts(table.input_ids, table.attention_mask, pool, batch_size)
 
+    def check_query(self, query):
+        """Refuse a query the tokenizer cannot read (every token unknown: its ranking would mean
+        nothing), and warn when the query is cut to ``data.max_words_eval`` tokens."""
+        check_texts([query])
+        text = clean_caption(query) if self.config["data"].get("clean_english", False) else query
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        unknown = self.tokenizer.unk_token_id
+        if unknown is not None and all(i == unknown for i in ids):
+            raise InferenceError(f"query {_shown(query)}: every token is unknown to the checkpoint's tokenizer "
+                                 f"({self.config['model']['text_encoder']}); write it in a language and script "
+                                 "that tokenizer covers")
+        room = self.config["data"]["max_words_eval"] - self.tokenizer.num_special_tokens_to_add()
+        if len(ids) > room:
+            kept = self.tokenizer.decode(ids[:room])
+            warnings.warn(f"query of {len(ids)} tokens cut to the first {room} (config key 'data.max_words_eval'): "
+                          f"only {_shown(kept)} is read")
+
     def encode_videos(self, features, batch_size=256, progress=False, ids=None):
         """[len(features), P] normalised embeddings of [frames, feature_dim] arrays; ``ids`` name
         the videos in errors."""
@@ -159,17 +178,24 @@ def check_texts(texts):
             raise InferenceError(f"empty query (text {i} is {text!r}); give some words to search for")
 
 
-def read_videos(path, layout, feature_key):
+def _shown(text, limit=60):
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def read_videos(path, layout, feature_key, allow_duplicate_ids=False):
     """A data file as the data layer reads it: its evaluation view, or its training view when it has
     no evaluation captions (a training file). A folder (or the files) of the safe layout is read as
-    such, whatever pickle layout the checkpoint's config names."""
+    such, whatever pickle layout the checkpoint's config names. Its items pass the checks that
+    training and evaluation make (``check_items``: no NaN or inf features, ...)."""
     if layout in PICKLE_LAYOUTS and is_safe_path(path):
         layout = "safe"
     items = load_pickle(path) if layout in PICKLE_LAYOUTS else None  # unpickled once for both views
     try:
-        return read_corpus(path, layout, feature_key, "eval", items=items)
+        corpus = read_corpus(path, layout, feature_key, "eval", items=items)
     except SplitNotInFile:
-        return read_corpus(path, layout, feature_key, "train", items=items)
+        corpus = read_corpus(path, layout, feature_key, "train", items=items)
+    check_items(corpus, allow_duplicate_ids)
+    return corpus
 
 
 def find_video(corpus, video_id):
