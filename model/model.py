@@ -268,17 +268,50 @@ def _check_local_folder(what, name):
         raise ModelError(f"{what} '{name}': no such folder (a hub id has the form 'name' or 'org/name')")
 
 
+def _hub_options(what, name, probe_file):
+    """Options for ``from_pretrained(name)``. A hub id that is neither in the local Hugging Face
+    cache nor reachable fails here in one line, instead of after a minute of retries; a cached one
+    is then read from the cache only."""
+    if Path(name).expanduser().exists():
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+    cached = isinstance(try_to_load_from_cache(name, probe_file), str)
+    if not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT):
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    raise ModelError(f"{what} '{name}': not a local folder, not in the Hugging Face cache, and "
+                     f"{constants.ENDPOINT} {'is off (HF_HUB_OFFLINE)' if constants.HF_HUB_OFFLINE else 'cannot be reached'}; "
+                     f"download it where the hub is reachable (hf download {name} --local-dir DIR) and name that "
+                     "folder in the config")
+
+
+def _reachable(url, timeout=3):
+    """Whether ``url`` answers at all (any HTTP status), within ``timeout`` seconds; proxies from the
+    environment are used."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
 def load_backbone(name, pretrained=True):
     """The text encoder named by a hub id or a local folder, through transformers' Auto classes."""
     from transformers import AutoConfig, AutoModel
     _check_local_folder("text encoder", name)
+    options = _hub_options("text encoder", name, "config.json")
     _quiet_transformers()
     try:
         # float32 weights whatever dtype the encoder's config.json names (transformers would load a
         # bfloat16 one as bfloat16): mixed precision comes from autocast, over float32 weights.
         if pretrained:
-            return AutoModel.from_pretrained(name, dtype=torch.float32)
-        return AutoModel.from_config(AutoConfig.from_pretrained(name), dtype=torch.float32)
+            return AutoModel.from_pretrained(name, dtype=torch.float32, **options)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name, **options), dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ModelError(f"text encoder '{name}' could not be loaded (a hub id or a folder "
                          f"written by save_pretrained is expected): {first_line(e)}") from None
@@ -287,9 +320,10 @@ def load_backbone(name, pretrained=True):
 def load_tokenizer(name):
     from transformers import AutoTokenizer
     _check_local_folder("tokenizer", name)
+    options = _hub_options("tokenizer", name, "tokenizer_config.json")
     _quiet_transformers()
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, **options)
     except (OSError, ValueError) as e:
         raise ModelError(f"tokenizer '{name}' could not be loaded: {first_line(e)}") from None
 
