@@ -284,12 +284,19 @@ def fmt(cell, digits, pm="±", group_n=None):
     return text
 
 
+def spread_text(methods):
+    """What a cell holds: a mean ± sample std needs two seeds; with one run per method it is that run."""
+    if all(len(m.runs) == 1 for m in methods):
+        return "one run per method"
+    return "mean ± sample std (ddof=1) over seeds"
+
+
 def markdown(methods, tables, languages, prefix, recalls, digits):
     cols = languages + ["avg_no_en", "avg_all"]
     lines = []
     for k in recalls:
         rows = tables[k]
-        lines.append(f"### {prefix} R@{k}: mean ± sample std (ddof=1) over seeds")
+        lines.append(f"### {prefix} R@{k}: {spread_text(methods)}")
         lines.append("")
         lines.append("| method | n | " + " | ".join(COLUMN_TITLES.get(c, c) for c in cols) + " |")
         lines.append("|---|---:|" + "---:|" * len(cols))
@@ -360,12 +367,14 @@ def bar_chart(methods, rows, languages, prefix, k, path):
         means = [rows[m.label][lang].mean for lang in languages]
         stds = [0.0 if math.isnan(rows[m.label][lang].std) else rows[m.label][lang].std for lang in languages]
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(languages))]
-        ax.bar(xs, [0.0 if math.isnan(v) else v for v in means], width, yerr=stds, capsize=2, label=m.label)
+        drawn = [i for i, v in enumerate(means) if not math.isnan(v)]  # a language the method lacks: no bar
+        ax.bar([xs[i] for i in drawn], [means[i] for i in drawn], width, yerr=[stds[i] for i in drawn], capsize=2,
+               label=m.label)
     ax.set_xticks(range(len(languages)))
     ax.set_xticklabels(languages)
     ax.set_ylim(bottom=0)
     ax.set_ylabel(f"{prefix} R@{k} (%)")
-    ax.set_title(f"{prefix} R@{k} per language (mean ± sample std over seeds)")
+    ax.set_title(f"{prefix} R@{k} per language ({spread_text(methods)})")
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
