@@ -16,7 +16,6 @@ from typing import NamedTuple, get_args, get_origin
 from pathlib import Path
 
 from data_loader.corpus import MISSING_CAPTION_FALLBACKS
-from utils.errors import first_line
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
@@ -238,7 +237,9 @@ def read_json(path):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+            raise ConfigError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or 'unreadable'})") from None
     else:
         try:
             data = json.loads(text)

@@ -22,9 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, is_safe_path, read_corpus
+from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, check_items, is_safe_path, read_corpus
 from data_loader.dataset import TokenTable, clean_caption
-from data_loader.loaders import check_items
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
