@@ -80,8 +80,9 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         # carry a payload. The reference's checkpoints hold a pickled config object.
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path}: not a readable checkpoint ({_plain(first_line(e))})") from None
-        raise CheckpointError(f"{path}: holds Python objects besides tensors and plain data, which are not "
-                              f"loaded; a reference checkpoint must first be converted: {CONVERT}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (it holds Python objects besides tensors and "
+                              f"plain data, which are never loaded); a reference checkpoint must first be converted: "
+                              f"{CONVERT}") from None
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path}: not a readable checkpoint ({_plain(first_line(e))})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
