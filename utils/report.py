@@ -13,7 +13,7 @@ searched for run folders (``_sources`` and ``test_runs`` folders are skipped).
 
 Methods (table rows) are formed in one of three ways, and a row never averages runs whose
 configs differ in anything but the seed (and the keys that cannot change results: IGNORED_KEYS):
-* positional directories, grouped by their config minus the seed (the default);
+* positional directories, grouped by their config name and config minus the seed (the default);
 * positional directories grouped by config name (``--group-by-name``): a mixed group is refused;
 * ``--method NAME=DIR[,DIR...]`` (repeatable): one row per option; a mixed group is refused.
 
@@ -188,10 +188,12 @@ def default_label(run):
 
 
 def group_runs(runs, by_name=False):
-    """Positional runs grouped by config minus the seed (or by name); labels made unique."""
+    """Positional runs grouped by name and config minus the seed (or by name alone); labels made
+    unique. Runs of two config files never share a row, even when the files differ only in keys
+    that change no result: their seeds would otherwise clash."""
     groups = {}
     for r in runs:
-        key = r.name if by_name else json.dumps(comparable(r.config), sort_keys=True, default=str)
+        key = r.name if by_name else json.dumps([r.name, comparable(r.config)], sort_keys=True, default=str)
         groups.setdefault(key, []).append(r)
     methods = [Method(default_label(rs[0]), rs) for rs in groups.values()]
     base = [m.label for m in methods]
