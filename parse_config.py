@@ -12,8 +12,8 @@ import json
 import math
 import os
 import warnings
-from typing import NamedTuple, get_args, get_origin
 from pathlib import Path
+from typing import NamedTuple, get_args, get_origin
 
 from data_loader.corpus import MISSING_CAPTION_FALLBACKS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
