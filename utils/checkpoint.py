@@ -76,15 +76,15 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # torch names the object and advises loading it unrestricted: never for a file that may
-        # carry a payload. The reference's checkpoints hold a pickled config object.
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path}: not a readable checkpoint ({_plain(first_line(e))})") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (it holds Python objects besides tensors and "
-                              f"plain data, which are never loaded); a reference checkpoint must first be converted: "
-                              f"{CONVERT}") from None
+        # torch advises loading an object it refused unrestricted: never, for a file that may carry
+        # a payload. The reference's checkpoints hold a pickled config object.
+        if "Unsupported global" in str(e):
+            raise CheckpointError(f"{path}: not a readable checkpoint (it holds Python objects besides tensors and "
+                                  f"plain data, which are never loaded); a reference checkpoint must first be "
+                                  f"converted: {CONVERT}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_torch_reason(e)})") from None
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_plain(first_line(e))})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_torch_reason(e)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (a reference checkpoint "
                               f"must first be converted: {CONVERT})")
@@ -94,9 +94,11 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     return state
 
 
-def _plain(text):
-    """``text`` without terminal colour codes (torch's messages carry them)."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+def _torch_reason(error):
+    """The cause in one of torch.load's errors, without its advice or terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    cause = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    return cause.group(1).strip()[:200] if cause else first_line(text)
 
 
 def checkpoint_header(path):
