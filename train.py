@@ -67,7 +67,7 @@ def train_or_reuse(args, dist, device):
                           f"{config['trainer']['epochs']} epochs; pass --epochs N with N > {resumed['epoch']} "
                           "to train further")
     continued = continued_run_id(resume, run_root, args.run_id) if resume else None
-    if resumed and not continued and dist.is_main:
+    if resumed and resumed.get("epoch", 0) > 0 and not continued and dist.is_main:
         print(f"{resume}: training on from epoch {resumed.get('epoch', 0)} to {config['trainer']['epochs']} in a new "
               f"run folder under {run_root} (the checkpoint's run stays as it is)")
     run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, resume),
