@@ -59,11 +59,12 @@ def main(argv=None):
 
 def read_data(retriever, path, args):
     data = retriever.config["data"]
-    return read_videos(path, args.layout or data["layout"], args.feature_key or data["feature_key"])
+    return read_videos(path, args.layout or data["layout"], args.feature_key or data["feature_key"],
+                       data.get("allow_duplicate_ids", False))
 
 
 def run_search(retriever, args):
-    check_texts([args.query])  # before the collection is encoded
+    retriever.check_query(args.query)  # before the collection is encoded
     corpus = read_data(retriever, args.videos, args)
     hits = retriever.search(args.query, retriever.build_index(corpus.ids, corpus.features), top=args.top)
     print(f"query: {args.query}")
@@ -83,6 +84,7 @@ def run_moments(retriever, args):
     path, sep, video_id = args.video.rpartition(":")
     if not sep or not path or not video_id:
         raise InferenceError(f"--video {args.video}: expected DATA:ID, a data file and a video id")
+    retriever.check_query(args.query)
     corpus = read_data(retriever, path, args)
     item = find_video(corpus, video_id)
     moments = score_moments(retriever, corpus.features[item], args.query, window=args.window,

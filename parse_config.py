@@ -9,9 +9,11 @@ reported in one line naming the key. The resolved config is saved with every run
 import argparse
 import copy
 import json
+import math
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple, get_args, get_origin
 
 from data_loader.corpus import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELDS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
@@ -28,7 +30,7 @@ SCHEMA = {
     "seed": (0, int, None, "seed of every random generator"),
     "stage": ("translate-train", str, STAGES,
               "training objective (model/loss.py); the reference's command line defaulted to c2kd"),
-    "languages": (None, (list, NULLABLE), None, "caption languages; null = every language of the training file"),
+    "languages": (None, (list[str], NULLABLE), None, "caption languages; null = every language of the training file"),
     "data.layout": ("multi-msrvtt", str, None, "reader of the data files (data_loader/corpus.py)"),
     "data.train_path": (None, (str, NULLABLE), None, "training file"),
     "data.eval_path": (None, (str, NULLABLE), None, "evaluation file"),
@@ -79,7 +81,7 @@ SCHEMA = {
     "loss.distill_temp": (0.1, float, None, "τd: temperature of the distillation softmaxes"),
     "loss.teacher_pool": ("max", str, TEACHER_POOLS, "how several teachers' similarities are combined"),
     "loss.teachtext": (False, bool, None, "TeachText ablation: SmoothL1 on raw similarities instead of KL"),
-    "teachers.checkpoints": ([], list, None, "teacher checkpoint paths (c2kd); each is a translate-train run"),
+    "teachers.checkpoints": ([], list[str], None, "teacher checkpoint paths (c2kd); each is a translate-train run"),
     "teachers.mode": ("cached", str, ("cached", "online"),
                       "cached: teacher outputs computed once before training; online: every step"),
     "teachers.cache_dir": ("cache/teacher_outputs", str, None, "where cached teacher outputs are stored"),
@@ -128,10 +130,67 @@ STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": 
 
 class ConfigError(ValueError):
     """A config file, key or value is invalid; the message names it."""
+    same_on_every_rank = True  # every process of a torchrun reads the same config: rank 0 reports it
 
 
 def _types(spec):
     return spec if isinstance(spec, tuple) else (spec,)
+
+
+class Range(NamedTuple):
+    """The values a numeric key accepts: ``low`` (excluded when ``open_low``) up to ``high``."""
+    low: float = None
+    high: float = None
+    open_low: bool = False
+
+    def admits(self, value):
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self):
+        low = None if self.low is None else f"{'above' if self.open_low else 'at least'} {_number(self.low)}"
+        if self.high is None:
+            return f"must be {low}"
+        if self.low is not None and not self.open_low:
+            return f"must be between {_number(self.low)} and {_number(self.high)}"
+        return f"must be {low} and at most {_number(self.high)}"
+
+
+def _number(x):
+    return json.dumps(int(x) if float(x).is_integer() else x)
+
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Range(1), Range(0), Range(0, open_low=True)
+# The valid values of every numeric key of SCHEMA (tests check that none is missing), checked with
+# its type before anything runs: a NaN, a negative learning rate or a zero temperature would
+# otherwise train, or fail later naming a batch instead of the key.
+RANGES = {
+    "seed": Range(0, 2**32 - 1),  # numpy's seed range
+    "data.feature_dim": AT_LEAST_1, "data.n_video_tokens": AT_LEAST_1, "data.max_words_train": AT_LEAST_1,
+    "data.max_words_eval": AT_LEAST_1, "data.batch_size": AT_LEAST_1, "data.eval_batch_size": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0,
+    "model.width": AT_LEAST_1, "model.projection_dim": AT_LEAST_1, "model.depth": AT_LEAST_1,
+    "model.heads": AT_LEAST_1, "model.mlp_ratio": ABOVE_0, "model.length_bucket_rows": AT_LEAST_1,
+    "loss.temperature": ABOVE_0, "loss.distill_temp": ABOVE_0,
+    "loss.balance": Range(0, 1),  # λ outside [0, 1] gives one of the two terms a negative weight
+    "teachers.learnable_lr": AT_LEAST_0, "optimizer.lr": ABOVE_0,
+    "scheduler.gamma": Range(0, 1, open_low=True),
+    "trainer.epochs": AT_LEAST_1, "trainer.save_period": AT_LEAST_0, "trainer.log_every": AT_LEAST_1,
+    "trainer.accumulation_steps": AT_LEAST_1, "trainer.max_skipped_steps": AT_LEAST_0,
+    "trainer.max_steps_per_epoch": AT_LEAST_1,
+    "eval.total_queries": AT_LEAST_1,
+}
+
+
+def _is_instance(value, t):
+    """isinstance for the schema's types: a bool is no int, and ``list[str]`` checks each item."""
+    if get_origin(t) is list:
+        return isinstance(value, list) and all(_is_instance(v, get_args(t)[0]) for v in value)
+    return isinstance(value, t) and not (t is int and isinstance(value, bool))
+
+
+def _type_name(t):
+    return f"a list of {get_args(t)[0].__name__}" if get_origin(t) is list else t.__name__
 
 
 def _check_value(key, value):
@@ -143,13 +202,16 @@ def _check_value(key, value):
         return value
     if float in types and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    ok = any(t is not NULLABLE and isinstance(value, t) and not (t is int and isinstance(value, bool))
-             for t in types)
-    if not ok:
-        expected = " or ".join(t.__name__ for t in types if t is not NULLABLE)
+    if not any(t is not NULLABLE and _is_instance(value, t) for t in types):
+        expected = " or ".join(_type_name(t) if t is not NULLABLE else "null" for t in types)
         raise ConfigError(f"config key '{key}' must be {expected}, got {json.dumps(value)}")
     if choices is not None and value not in choices:
         raise ConfigError(f"config key '{key}' = {json.dumps(value)} is not one of {', '.join(choices)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' = {value} must be a finite number")
+    if key in RANGES and not RANGES[key].admits(value):
+        null = ", or null" if NULLABLE in types else ""
+        raise ConfigError(f"config key '{key}' = {_number(value)} {RANGES[key]}{null}")
     return value
 
 
@@ -177,22 +239,64 @@ def _unflatten(flat):
 
 
 def read_json(path):
+    """The JSON object in ``path``; a YAML file (the reference's configs) is read as YAML, so that
+    ``load_flat`` can say what replaces each of its keys."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+            raise ConfigError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or 'unreadable'})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a JSON object")
     return data
 
 
+# Keys of the reference's YAML configs (§1, §5, §6 of its description): what replaces each here.
+REFERENCE_KEYS = {
+    "arch": "use model.* keys", "data_loader": "use data.* keys: layout, paths, feature_key, batch_size",
+    "optimizer.type": "drop it: Adam always", "optimizer.args": "use optimizer.lr",
+    "lr_scheduler": "use scheduler.gamma: ExponentialLR always", "loss.type": "use stage", "loss.args": "use loss.temperature",
+    "metrics": "drop it: every retrieval metric is computed, see eval.* keys",
+    "n_gpu": "use torchrun --nproc_per_node N", "word2vec_path": "drop it: not needed",
+    "video_sampling_strategy": "drop it: the first data.n_video_tokens frames are used",
+    "use_2D": "use data.feature_key", "use_3D": "use data.feature_key",
+    "complete_dataset_size": "use eval.total_queries", "metric_break_ties": "use eval.tie_break",
+    "max_words": "use data.max_words_train and data.max_words_eval", "n_video_tokens": "use data.n_video_tokens",
+    "trainer.save_latest": "drop it: latest.pt is written every epoch", "trainer.verbosity": "drop it",
+    "trainer.early_stop": "drop it", "trainer.tensorboard": "drop it",
+    "trainer.resume_only_model": "drop it: -r resumes exactly; reference weights go through utils.convert_checkpoint",
+}
+
+
+def _reference_hint(key):
+    return next((REFERENCE_KEYS[k] for k in (key, key.split(".")[0]) if k in REFERENCE_KEYS), None)
+
+
+def _unknown_keys_message(path, unknown):
+    """One line for every key of ``path`` outside SCHEMA, with what replaces a reference key."""
+    if len(unknown) == 1 and not _reference_hint(unknown[0]):
+        return f"{path}: unknown config key '{unknown[0]}'"
+    listed = "; ".join(f"'{k}' ({_reference_hint(k)})" if _reference_hint(k) else f"'{k}'" for k in unknown)
+    return f"{path}: {len(unknown)} unknown config keys: {listed}; every key is listed in SCHEMA in parse_config.py"
+
+
 def load_flat(path, _seen=()):
-    """Flattened keys of ``path`` after following its ``extends`` chain (without defaults)."""
+    """Flattened keys of ``path`` after following its ``extends`` chain (without defaults). Every
+    unknown key is reported at once; a known key's type and range are checked here, so that the
+    error names the file."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
@@ -200,9 +304,14 @@ def load_flat(path, _seen=()):
     parent = data.pop("extends", None)
     flat = load_flat(path.parent / parent, _seen + (path,)) if parent else {}
     own = flatten_config(data)
-    for key in own:
-        if key not in SCHEMA:
-            raise ConfigError(f"{path}: unknown config key '{key}'")
+    unknown = [key for key in own if key not in SCHEMA]
+    if unknown:
+        raise ConfigError(_unknown_keys_message(path, unknown))
+    for key, value in own.items():
+        try:
+            _check_value(key, STAGE_ALIASES.get(value, value) if key == "stage" else value)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     flat.update(own)
     return flat
 
@@ -222,20 +331,7 @@ def resolve(flat, name=None):
     return _unflatten(merged)
 
 
-# Counts and sizes that must be at least 1 (0 would train or evaluate nothing, or crash later).
-POSITIVE_KEYS = ("trainer.epochs", "trainer.accumulation_steps", "trainer.log_every", "data.batch_size",
-                 "data.eval_batch_size", "data.n_video_tokens", "data.max_words_train", "data.max_words_eval",
-                 "model.width", "model.projection_dim", "model.depth", "model.heads",
-                 "trainer.max_steps_per_epoch", "model.length_bucket_rows")  # these two may also be null
-
-
 def _check_combinations(flat):
-    for key in POSITIVE_KEYS:
-        if flat[key] is not None and flat[key] < 1:
-            null = ", or null" if NULLABLE in _types(SCHEMA[key][1]) else ""
-            raise ConfigError(f"config key '{key}' = {flat[key]} must be at least 1{null}")
-    if not 0 <= flat["seed"] < 2**32:  # numpy's seed range
-        raise ConfigError(f"config key 'seed' = {flat['seed']} must be between 0 and 2**32 - 1")
     if flat["model.width"] % flat["model.heads"]:
         raise ConfigError(f"config key 'model.heads' = {flat['model.heads']} must divide 'model.width' = "
                           f"{flat['model.width']}")

@@ -1,10 +1,11 @@
 """Evaluate a checkpoint: per-language text-to-video and video-to-text retrieval.
 
     python test.py -r runs/toy/translate_train/1/latest.pt
-    python test.py -r model.pt --set data.eval_path=data/other_test.pkl --save-sims sims/
+    python test.py -r model.pt --set data.eval_path=data/other_test.pkl --save-sims
 The checkpoint's own config is the base; ``-c`` and ``--set`` override it (for example another
 evaluation file). Prints the tables and writes metrics.json to --out (default:
-<checkpoint folder>/eval/<checkpoint name>/, so each checkpoint keeps its own results).
+<checkpoint folder>/eval/<checkpoint name>/, so each checkpoint keeps its own results), and with
+--save-sims the similarity matrices to <out>/sims/ (or the folder it names).
 """
 import json
 import sys
@@ -19,13 +20,14 @@ from trainer.build import build_loaders, load_corpora
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import load_checkpoint
 from utils.errors import run_command
-from utils.experiment import run_experiment
+from utils.experiment import check_run_id, run_experiment
 
 
 def main(argv=None):
     parser = build_parser(__doc__.splitlines()[0], train=False)
     parser.add_argument("--out", help="folder for metrics.json (default: <checkpoint folder>/eval/<checkpoint name>)")
-    parser.add_argument("--save-sims", metavar="DIR", help="also write each language's similarity matrix (.npy)")
+    parser.add_argument("--save-sims", metavar="DIR", nargs="?", const=True,
+                        help="also write each language's similarity matrix (.npy) to DIR (default: <out>/sims)")
     args = parser.parse_args(argv)
     return run_command(lambda: run(args), args.debug)
 
@@ -33,22 +35,25 @@ def main(argv=None):
 def run(args):
     if not args.resume:
         raise ConfigError("test.py needs a checkpoint: -r CHECKPOINT")
+    check_run_id(args.run_id)
     device = select_device(args.device)
     state = load_checkpoint(args.resume)
     config = config_from_args(args, flatten_config(state["config"]), args.resume)
     out = Path(args.out) if args.out else Path(args.resume).parent / "eval" / Path(args.resume).stem
+    save_sims = out / "sims" if args.save_sims is True else args.save_sims
     run_root = Path(config["trainer"]["save_dir"]) / config["name"] / "test_runs"
-    run_experiment("test", config, lambda cfg, run: test(cfg, run, state, args.resume, device, out, args.save_sims),
+    model, tokenizer = model_from_checkpoint(config, state, args.resume)  # a misfit refused before any record
+    run_experiment("test", config,
+                   lambda cfg, run: test(cfg, run, state, args.resume, model.to(device), tokenizer, device, out,
+                                         save_sims),
                    run_root, run_id=args.run_id, mongo=args.mongo, neptune=args.neptune)
 
 
-def test(config, run, state, checkpoint, device, out, save_sims=None):
+def test(config, run, state, checkpoint, model, tokenizer, device, out, save_sims=None):
     for folder in (out, save_sims):  # an unwritable output fails now, not after the evaluation
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
     corpora = load_corpora(config, splits=("eval",))
-    model, tokenizer = model_from_checkpoint(config, state, checkpoint)
-    model.to(device)
     _, loader = build_loaders(config, corpora, tokenizer)
     summary, scores = evaluate(model, loader, corpora["eval"].languages, config["eval"], device, return_scores=True)
     for direction in ("t2v", "v2t"):

@@ -20,7 +20,8 @@ from trainer.trainer import Trainer, TrainingInterrupted, check_resumable, seed_
 from utils.checkpoint import checkpoint_header
 from utils.distributed import close_distributed, init_distributed, on_main
 from utils.errors import run_command
-from utils.experiment import RESUMABLE, continued_run_id, existing_run, run_dir, run_experiment
+from utils.experiment import (RESUMABLE, check_run_id, continued_run_id, existing_run, run_dir, run_experiment,
+                              run_root_of)
 
 
 def main(argv=None):
@@ -43,10 +44,13 @@ def run(args):
 
 
 def train_or_reuse(args, dist, device):
+    check_run_id(args.run_id)
     resume = args.resume
     resumed = checkpoint_header(resume) if resume else None
     config = config_from_args(args, flatten_config(resumed["config"]) if resumed else None, resume)
     run_root = Path(config["trainer"]["save_dir"]) / config["name"]
+    if resumed and run_root_of(resume) and not config_moved(resumed["config"], config):
+        run_root = run_root_of(resume)  # the run's folder as it is now, also when moved or copied
     if args.run_id is not None and not resume:  # the same command again: reuse or resume its run
         folder = run_root / args.run_id
         found = on_main(lambda: existing_run(folder, config))
@@ -63,9 +67,17 @@ def train_or_reuse(args, dist, device):
                           f"{config['trainer']['epochs']} epochs; pass --epochs N with N > {resumed['epoch']} "
                           "to train further")
     continued = continued_run_id(resume, run_root, args.run_id) if resume else None
+    if resumed and resumed.get("epoch", 0) > 0 and not continued and dist.is_main:
+        print(f"{resume}: training on from epoch {resumed.get('epoch', 0)} to {config['trainer']['epochs']} in a new "
+              f"run folder under {run_root} (the checkpoint's run stays as it is)")
     run_experiment("train", config, lambda cfg, run: train(cfg, run, device, dist, resume),
                    run_root, run_id=continued or args.run_id, mongo=args.mongo, neptune=args.neptune,
                    continue_run=continued is not None)
+
+
+def config_moved(saved, config):
+    """Whether the command line places the run elsewhere than the checkpoint's config did."""
+    return (saved["trainer"]["save_dir"], saved["name"]) != (config["trainer"]["save_dir"], config["name"])
 
 
 def train(config, run, device, dist, resume=None):

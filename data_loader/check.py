@@ -9,8 +9,10 @@ the layout, split and feature key are detected when not given. Prints the number
 unique ids, the feature key, dimension, stored dtype and frames per video (min / median / max),
 and per language the number of captions and of items without one. Warnings (exit status 0, or 1
 with --strict): items without a caption in some language, empty caption strings, videos with no
-frames, duplicate ids. Errors: a file that cannot be read in the given layout (exit status 2) and
-features holding NaN or inf (exit status 1). A non-zero exit prints a one-line reason on stderr.
+frames. Errors (exit status 2), the same that train.py and test.py refuse: a file that cannot be
+read in the given layout, features holding NaN or inf, items without a caption in any language,
+and duplicate ids (unless --allow-duplicate-ids, as config key 'data.allow_duplicate_ids'). A
+non-zero exit prints a one-line reason on stderr.
 """
 import argparse
 import sys
@@ -81,7 +83,7 @@ class Findings:
     errors: list = field(default_factory=list)
 
 
-def summarise(loaded, max_ids=10):
+def summarise(loaded, max_ids=10, allow_duplicate_ids=False):
     c = loaded.corpus
     out = Findings()
     say = out.lines.append
@@ -113,15 +115,17 @@ def summarise(loaded, max_ids=10):
         say("  " + "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]))
     no_caption = problems["uncaptioned"]
     if no_caption:
-        out.warnings.append(f"{len(no_caption)} items have no caption in any language: {listed(no_caption, max_ids)}")
+        out.errors.append(f"{len(no_caption)} items have no caption in any language: {listed(no_caption, max_ids)}")
     empty_videos = [c.ids[i] for i, n in enumerate(frames) if n == 0]
     if empty_videos:
         out.warnings.append(f"{len(empty_videos)} videos have no frames: {listed(empty_videos, max_ids)}")
     dups = problems["repeated"]
     if dups:
         shown = [f"{i} x{n}" for i, n in dups.items()]
-        out.warnings.append(f"{len(dups)} ids occur more than once (evaluation averages items sharing an id): "
-                            f"{listed(shown, max_ids)}")
+        found = (out.warnings if allow_duplicate_ids else out.errors).append
+        found(f"{len(dups)} ids occur more than once: {listed(shown, max_ids)}"
+              + (" (evaluation averages items sharing an id)" if allow_duplicate_ids else
+                 " (pass --allow-duplicate-ids, and set config key 'data.allow_duplicate_ids', to average them)"))
     bad = problems["non_finite"]
     if bad:
         out.errors.append(f"{len(bad)} items have NaN or inf features: {listed(bad, max_ids)}")
@@ -146,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--layout", help=f"one of {', '.join(sorted(READERS))} (default: detected)")
     parser.add_argument("--feature-key", help="video feature key, e.g. 2d, 2d_raw, s3d (default: detected)")
     parser.add_argument("--split", choices=("train", "eval"), help="multi-msrvtt only (default: detected)")
+    parser.add_argument("--allow-duplicate-ids", action="store_true",
+                        help="ids that occur more than once are a warning (config key data.allow_duplicate_ids)")
     parser.add_argument("--strict", action="store_true", help="treat warnings as errors (exit status 1)")
     parser.add_argument("--max-ids", type=int, default=10, help="ids listed per finding (default 10)")
     args = parser.parse_args(argv)
@@ -153,7 +159,8 @@ def main(argv=None):
 
 
 def check(args):
-    found = summarise(load_any(args.path, args.layout, args.feature_key, args.split), args.max_ids)
+    found = summarise(load_any(args.path, args.layout, args.feature_key, args.split), args.max_ids,
+                      args.allow_duplicate_ids)
     print("\n".join(found.lines))
     for w in found.warnings:
         print(f"warning: {w}")
@@ -161,7 +168,7 @@ def check(args):
     if problems:
         more = f" (and {len(problems) - 1} more finding(s) above)" if len(problems) > 1 else ""
         print(f"error: {args.path}: {problems[0]}{more}", file=sys.stderr)
-        return 1
+        return 2 if found.errors else 1
     print("ok")
     return 0
 

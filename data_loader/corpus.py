@@ -576,3 +576,18 @@ def item_problems(corpus):
                         if not any(c.strip() for lang in corpus.languages for c in corpus.captions[lang][i])],
         "repeated": {vid: n for vid, n in Counter(corpus.ids).items() if n > 1},
     }
+
+
+def check_items(corpus, allow_duplicate_ids=False):
+    """Refuse items that would poison training: non-finite features, no caption at all, repeated ids."""
+    problems = item_problems(corpus)
+    if problems["non_finite"]:
+        raise DataFileError(f"{corpus.path}: NaN or infinite video features in item(s) "
+                            f"{listed(problems['non_finite'])}")
+    if problems["uncaptioned"]:
+        raise DataFileError(f"{corpus.path}: item(s) without any caption in the languages read "
+                            f"({', '.join(corpus.languages)}; config key 'languages'): "
+                            f"{listed(problems['uncaptioned'])}")
+    if problems["repeated"] and not allow_duplicate_ids:
+        raise DataFileError(f"{corpus.path}: duplicate id(s): {listed(list(problems['repeated']))} (set config key "
+                            "'data.allow_duplicate_ids' to true to average items that share an id)")

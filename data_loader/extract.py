@@ -70,8 +70,8 @@ class ClipImageFeatures:
     def load_processor(self):
         from transformers import AutoImageProcessor
         # The PIL backend: the default one needs torchvision.
-        self.processor = load_named("image processor", self.model, lambda: AutoImageProcessor.from_pretrained(
-            self.model, backend="pil"), EncoderError)
+        self.processor = load_named("image processor", self.model, lambda **options: AutoImageProcessor.from_pretrained(
+            self.model, backend="pil", **options), EncoderError, probe_file="preprocessor_config.json")
         if self.size is None:  # decode at the processor's own resize target, so that it resizes nothing
             size, crop = self.processor.size or {}, self.processor.crop_size or {}
             self.size = size.get("shortest_edge") or min(crop.get("height", 224), crop.get("width", 224))
@@ -93,7 +93,8 @@ class ClipImageFeatures:
         import torch
         from transformers import AutoModel
         network = load_named("CLIP model", self.model,
-                             lambda: AutoModel.from_pretrained(self.model, dtype=torch.float32), EncoderError)
+                             lambda **options: AutoModel.from_pretrained(self.model, dtype=torch.float32, **options),
+                             EncoderError)
         if not hasattr(network, "get_image_features"):
             raise EncoderError(f"model '{self.model}' is a {type(network).__name__}, which has no image tower "
                                "(a CLIP checkpoint is expected)")

@@ -3,7 +3,7 @@
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from data_loader.corpus import item_problems, listed, read_corpus
+from data_loader.corpus import check_items, read_corpus
 from data_loader.dataset import RetrievalDataset
 from data_loader.safe_pickle import DataFileError
 from parse_config import ConfigError
@@ -44,21 +44,6 @@ def videos_with_captions(corpus):
     captions of a video are averaged into one."""
     return {lang: len({vid for vid, caps in zip(corpus.ids, corpus.captions[lang]) if caps})
             for lang in corpus.languages}
-
-
-def check_items(corpus, allow_duplicate_ids=False):
-    """Refuse items that would poison training: non-finite features, no caption at all, repeated ids."""
-    problems = item_problems(corpus)
-    if problems["non_finite"]:
-        raise DataFileError(f"{corpus.path}: NaN or infinite video features in item(s) "
-                            f"{listed(problems['non_finite'])}")
-    if problems["uncaptioned"]:
-        raise DataFileError(f"{corpus.path}: item(s) without any caption in the languages read "
-                            f"({', '.join(corpus.languages)}; config key 'languages'): "
-                            f"{listed(problems['uncaptioned'])}")
-    if problems["repeated"] and not allow_duplicate_ids:
-        raise DataFileError(f"{corpus.path}: duplicate id(s): {listed(list(problems['repeated']))} (set config key "
-                            "'data.allow_duplicate_ids' to true to average items that share an id)")
 
 
 class EpochSampler(Sampler):

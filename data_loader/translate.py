@@ -42,9 +42,10 @@ class Seq2Seq:
     def __init__(self, name, device):
         import torch
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-        self.tokenizer, self.model = load_named("translation model", name, lambda: (
-            AutoTokenizer.from_pretrained(name),
-            AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32).to(device).eval()), TranslatorError)
+        self.tokenizer, self.model = load_named("translation model", name, lambda **options: (
+            AutoTokenizer.from_pretrained(name, **options),
+            AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32, **options).to(device).eval()),
+            TranslatorError)
         self.device = device
 
     def language_token(self, code):

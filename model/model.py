@@ -261,18 +261,19 @@ def load_backbone(name, pretrained=True):
     """The text encoder named by a hub id or a local folder, through transformers' Auto classes."""
     from transformers import AutoConfig, AutoModel
 
-    def load():
+    def load(**options):
         # float32 weights whatever dtype the encoder's config.json names (transformers would load a
         # bfloat16 one as bfloat16): mixed precision comes from autocast, over float32 weights.
         if pretrained:
-            return AutoModel.from_pretrained(name, dtype=torch.float32)
-        return AutoModel.from_config(AutoConfig.from_pretrained(name), dtype=torch.float32)
+            return AutoModel.from_pretrained(name, dtype=torch.float32, **options)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name, **options), dtype=torch.float32)
     return load_named("text encoder", name, load, ModelError)
 
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
-    return load_named("tokenizer", name, lambda: AutoTokenizer.from_pretrained(name), ModelError, expected="")
+    return load_named("tokenizer", name, lambda **options: AutoTokenizer.from_pretrained(name, **options), ModelError,
+                      probe_file="tokenizer_config.json", expected="")
 
 
 def build_model(model_cfg, feature_dim, pretrained_text=True):

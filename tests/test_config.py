@@ -70,7 +70,7 @@ def test_teachers_flag_takes_none_and_refuses_reference_names(tmp_path):
     ({"languages": []}, "config key 'languages' is an empty list"),
     ({"trainer": {"max_steps_per_epoch": 0}}, "config key 'trainer.max_steps_per_epoch' = 0 must be at least 1"),
     ({"model": {"length_bucket_rows": 0}}, "config key 'model.length_bucket_rows' = 0 must be at least 1, or null"),
-    ({"seed": -1}, "config key 'seed' = -1 must be between 0 and 2**32 - 1"),
+    ({"seed": -1}, "config key 'seed' = -1 must be between 0 and 4294967295"),
     ({"model": {"width": 100, "heads": 3}}, "config key 'model.heads' = 3 must divide 'model.width' = 100"),
     ({"eval": {"total_queries": 1000, "multi_caption": "separate"}},
      "config key 'eval.total_queries' counts videos"),
@@ -81,6 +81,54 @@ def test_bad_configs_are_reported_in_one_line(tmp_path, content, message):
         resolve(load_flat(path))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_every_numeric_key_has_a_range():
+    from parse_config import RANGES, SCHEMA, _types
+    numeric = {key for key, spec in SCHEMA.items() if {int, float} & set(_types(spec[1]))}
+    assert numeric == set(RANGES)
+
+
+@pytest.mark.parametrize("flat, message", [
+    ({"optimizer.lr": -1e-4}, "config key 'optimizer.lr' = -0.0001 must be above 0"),
+    ({"optimizer.lr": float("nan")}, "config key 'optimizer.lr' = nan must be a finite number"),
+    ({"loss.balance": 2.5}, "config key 'loss.balance' = 2.5 must be between 0 and 1"),
+    ({"loss.balance": -0.1}, "config key 'loss.balance' = -0.1 must be between 0 and 1"),
+    ({"loss.temperature": 0}, "config key 'loss.temperature' = 0 must be above 0"),
+    ({"loss.distill_temp": -0.1}, "config key 'loss.distill_temp' = -0.1 must be above 0"),
+    ({"loss.distill_temp": float("inf")}, "config key 'loss.distill_temp' = inf must be a finite number"),
+    ({"scheduler.gamma": 0}, "config key 'scheduler.gamma' = 0 must be above 0 and at most 1"),
+    ({"scheduler.gamma": 1.5}, "config key 'scheduler.gamma' = 1.5 must be above 0 and at most 1"),
+    ({"model.mlp_ratio": 0}, "config key 'model.mlp_ratio' = 0 must be above 0"),
+    ({"data.num_workers": -1}, "config key 'data.num_workers' = -1 must be at least 0"),
+    ({"trainer.save_period": -2}, "config key 'trainer.save_period' = -2 must be at least 0"),
+    ({"eval.total_queries": 0}, "config key 'eval.total_queries' = 0 must be at least 1, or null"),
+    ({"seed": 2**32}, "config key 'seed' = 4294967296 must be between 0 and 4294967295"),
+    ({"languages": [1, 2]}, "config key 'languages' must be a list of str or null, got [1, 2]"),
+    ({"teachers.checkpoints": "a.pt"}, "config key 'teachers.checkpoints' must be a list of str, got \"a.pt\""),
+])
+def test_values_outside_a_keys_range_or_type_are_refused(flat, message):
+    with pytest.raises(ConfigError) as info:
+        resolve(flat)
+    assert str(info.value) == message
+    assert resolve({"loss.balance": 0, "scheduler.gamma": 1, "data.num_workers": 0})  # the bounds themselves
+
+
+def test_a_reference_config_lists_every_unknown_key_and_its_replacement(tmp_path):
+    reference = write(tmp_path, "23_msrvtt_c2kd.yaml", "\n".join([
+        "name: 23_msrvtt_c2kd", "n_gpu: 1", "arch: {type: AVLnet, args: {}}",
+        "data_loader: [{type: FeatureDataloader, args: {batch_size: 64}}]",
+        "optimizer: {type: Adam, args: {lr: 0.0001}}", "lr_scheduler: {type: ExponentialLR, args: {gamma: 0.9}}",
+        "trainer: {epochs: 20, save_latest: true, verbosity: 2}", "word2vec_path: ./data/w2v.bin"]))
+    with pytest.raises(ConfigError) as info:
+        load_flat(reference)
+    message = str(info.value)
+    assert message.startswith(f"{reference}: 9 unknown config keys: 'n_gpu' (use torchrun --nproc_per_node N); "
+                              "'arch' (use model.* keys); ") and "\n" not in message
+    for key, replacement in (("optimizer.args", "use optimizer.lr"), ("lr_scheduler", "use scheduler.gamma"),
+                             ("trainer.save_latest", "drop it: latest.pt is written every epoch"),
+                             ("word2vec_path", "drop it: not needed"), ("data_loader", "use data.* keys")):
+        assert f"'{key}' ({replacement}" in message, key
 
 
 def test_bad_override_names_the_key(tmp_path):
@@ -103,7 +151,7 @@ def test_train_cli_prints_one_line_and_exits_2(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "-c", str(path)], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: config key 'trainer.epochs' must be int, got -1.5"
+    assert result.stderr.strip() == f"error: {path}: config key 'trainer.epochs' must be int, got -1.5"
     assert "Traceback" not in result.stderr
 
 

@@ -383,13 +383,15 @@ def test_check_summarises_valid_files(tmp_path, capsys):
 def test_check_flags_rudder_gaps_and_duplicates(tmp_path, capsys):
     items = rudder_items()
     items[4]["id"] = "r0"
-    code, out, err = check_main(capsys, dump(tmp_path / "r.pkl", items))
+    code, out, err = check_main(capsys, dump(tmp_path / "r.pkl", items), "--allow-duplicate-ids")
     assert code == 0
     assert "rudder" in out and "5 (4 unique ids)" in out
     assert "1 items have no 'en' caption (left out of that language's loss and evaluation): r2" in out
     assert "ids occur more than once" in out and "r0 x2" in out
-    code, _, err = check_main(capsys, dump(tmp_path / "r.pkl", items), "--strict")
+    code, _, err = check_main(capsys, dump(tmp_path / "r.pkl", items), "--allow-duplicate-ids", "--strict")
     assert code == 1 and len(err.strip().splitlines()) == 1
+    code, _, err = check_main(capsys, dump(tmp_path / "r.pkl", items))  # train.py refuses it so by default
+    assert code == 2 and "ids occur more than once: r0 x2 (pass --allow-duplicate-ids" in err
 
 
 def malformed_files(tmp_path):
@@ -416,7 +418,7 @@ def malformed_files(tmp_path):
     items = msrvtt_items(3, "eval")
     items[2]["2d"][1, 3] = np.nan
     dump(tmp_path / "nan.pkl", items)
-    cases["nan"] = ([tmp_path / "nan.pkl"], 1, "NaN or inf features: video2")
+    cases["nan"] = ([tmp_path / "nan.pkl"], 2, "NaN or inf features: video2")
     items = msrvtt_items(2, "eval")
     items[0]["2d"] = items[0]["2d"][0]
     dump(tmp_path / "shape.pkl", items)

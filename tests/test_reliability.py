@@ -336,10 +336,14 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+OVERFLOWING_TEMPERATURE = 1e-39  # similarities / τ exceed float32's range
+
+
 def test_non_finite_loss_stops_the_run_naming_step_terms_and_items(toy_assets, tmp_path):
-    # A zero temperature divides the similarities by zero: the very first loss is not finite.
+    # A temperature so small (but above 0, the smallest the config admits) that the logits overflow
+    # float32: the very first loss is not finite.
     config = toy_config(toy_assets, tmp_path, "translate-train", **{
-        "loss.temperature": 0.0})
+        "loss.temperature": OVERFLOWING_TEMPERATURE})
     result = train_cli("-c", str(write_json_config(tmp_path, "nan", config)))
     err = result.stderr.strip().splitlines()[-1]  # after the progress bar of the epoch it stopped in
     assert result.returncode == 2, result.stderr
@@ -368,7 +372,7 @@ def test_fp16_scaler_skips_non_finite_steps_then_stops(toy_assets, tmp_path):
     more than trainer.max_skipped_steps were skipped."""
     from trainer.trainer import NonFiniteLoss
     trainer, batch = make_trainer(toy_config(toy_assets, tmp_path, "translate-train", **{
-        "loss.temperature": 0.0, "trainer.max_skipped_steps": 2}))
+        "loss.temperature": OVERFLOWING_TEMPERATURE, "trainer.max_skipped_steps": 2}))
     model = trainer.model
     # What fp16 training builds (test_mixed_precision_modes_and_the_gradient_scaler), on the CPU.
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)

@@ -112,6 +112,16 @@ def test_group_by_name_refuses_mixed_configs(tmp_path, runs, capsys):
     assert code == 0 and "c2kd [loss.balance=0.5]" in stdout and "c2kd [loss.balance=0.1]" in stdout
 
 
+def test_runs_of_two_config_files_with_the_same_seeds_are_two_rows(tmp_path, runs, capsys):
+    for s in R1:  # the same settings under another config file's name
+        write_run(tmp_path / "runs" / "copy" / f"seed{s}", config(s, name="c2kd_copy"), metrics(R1[s], 1.0))
+    code, stdout, err = run_report(capsys, tmp_path / "runs", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "| c2kd | 3 | 12.0 ± 2.0 |" in stdout and "| c2kd_copy / c2kd | 3 | 13.0 ± 2.0 |" in stdout
+    one = run_report(capsys, runs[0], "--out", tmp_path / "one")[1]
+    assert "one run per method" in one and "±" not in one.split("Runs per method")[0]
+
+
 def test_a_key_an_older_config_lacks_counts_at_what_older_runs_did(tmp_path, runs, capsys):
     """A run written before model.length_bucket_rows existed ran one bucket (LEGACY_VALUES), not
     today's default; a key without a legacy value counts at its default."""

@@ -78,6 +78,8 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
         loss["timestamps"].append(loss["timestamps"][-1])
     (killed / "metrics.json").write_text(json.dumps(metrics))
 
+    copied = tmp_path / "elsewhere" / "copy"  # a run folder copied away from its config's save_dir
+    shutil.copytree(cut, copied)
     first_cout = (cut / "cout.txt").read_text()
     assert "SIGTERM received: stopping after this step" in first_cout  # an interrupted run keeps its output
 
@@ -105,7 +107,7 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"run folder: {killed}\n" in again.stdout
     assert sorted(p.name for p in runs.iterdir() if not p.name.startswith("_")) == ["full", "killed", "seed0"]
-    for folder, earlier in ((cut, "INTERRUPTED"), (killed, "RUNNING")):
+    for folder, earlier in ((cut, "INTERRUPTED"), (killed, "DIED")):  # killed: no process held its lock
         record = read_json(folder / "run.json")
         assert record["status"] == "COMPLETED" and record["result"]
         assert [a["status"] for a in record["earlier_attempts"]] == [earlier]
@@ -115,6 +117,11 @@ def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):
         assert_same_series(folder, runs / "full")  # nothing lost or twice; redone steps replaced
     cout = (cut / "cout.txt").read_text()
     assert cout.startswith(first_cout) and "resumed from" in cout[len(first_cout):]  # the console output goes on
+    moved = train_cli("-r", str(copied / "latest.pt"))  # continues in the copy, not in the config's save_dir
+    assert moved.returncode == 0 and f"run folder: {copied}\n" in moved.stdout, moved.stderr[-2000:]
+    assert read_json(copied / "run.json")["status"] == "COMPLETED"
+    assert_same_weights(runs / "full" / "latest.pt", copied / "latest.pt")
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith("_")) == ["full", "killed", "seed0"]
 
     # A completed run is not reopened: training it further is a new run, or refused under its own id.
     finished = train_cli("-r", str(cut / "latest.pt"))

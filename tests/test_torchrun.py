@@ -112,7 +112,7 @@ def test_resuming_with_another_number_of_processes(two_process_run):
 
 def test_an_existing_run_folder_is_judged_alike_by_every_process(two_process_run):
     """A finished run of the same config is reused by all processes (said once); one of another
-    config, or a folder that is not a run, stops every process, each with the same line."""
+    config, or a folder that is not a run, stops every process, and rank 0 alone says why."""
     def launch(run_id, *extra):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "train.py",
@@ -127,10 +127,14 @@ def test_an_existing_run_folder_is_judged_alike_by_every_process(two_process_run
     other = launch("one_node", "--lr", "0.5")
     assert other.returncode != 0
     line = f"error: {runs / 'one_node'}: finished run of another config (optimizer.lr: "
-    assert other.stderr.count(line) == 2, other.stderr[-3000:]
+    assert other.stderr.count(line) == 1, other.stderr[-3000:]
     (runs / "not_a_run").mkdir()
     foreign = launch("not_a_run")
     (runs / "not_a_run").rmdir()
     assert foreign.returncode != 0
     line = f"error: {runs / 'not_a_run'}: run folder exists; pick another --run-id or remove it"
-    assert foreign.stderr.count(line) == 2, foreign.stderr[-3000:]
+    assert foreign.stderr.count(line) == 1, foreign.stderr[-3000:]
+    bad = launch("bad", "--lr", "-1")  # a config error: every process finds it, rank 0 reports it
+    assert bad.returncode != 0
+    assert bad.stderr.count("error: ") == 1 and "error: config key 'optimizer.lr' = -1 must be above 0" in bad.stderr
+    assert not (runs / "bad").exists()

@@ -43,7 +43,8 @@ def embed_eval_set(model, loader, languages, device):
     texts = {lang: [] for lang in languages}
     has = {lang: [] for lang in languages}
     videos, items = [], []
-    for batch in tqdm(loader, desc="embed", leave=False, dynamic_ncols=True, disable=rank() != 0):
+    # disable=None: no bar when stderr is not a terminal, where a bar cleared by "\r" glues onto the next line
+    for batch in tqdm(loader, desc="embed", leave=False, dynamic_ncols=True, disable=None if rank() == 0 else True):
         batch = to_device(batch, device)
         with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast
             videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())

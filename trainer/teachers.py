@@ -45,6 +45,9 @@ class Teacher:
 def load_teacher(path, feature_dim, device):
     """A frozen teacher from a checkpoint; every failure names the file."""
     state = load_checkpoint(path, map_location="cpu")
+    if state["config"].get("stage") == "c2kd":  # C2KD distils from English-input translate-train models
+        raise CheckpointError(f"{path}: a C2KD student, not a teacher (config key 'teachers.checkpoints' takes "
+                              "translate-train runs, or converted reference teachers)")
     model_cfg = state["config"]["model"]
     teacher_dim = state["config"]["data"]["feature_dim"]
     if teacher_dim != feature_dim:

@@ -1,4 +1,5 @@
 """The errors a user can act on: entry points print their one-line message instead of a traceback."""
+import os
 import sys
 import warnings
 
@@ -36,10 +37,17 @@ def run_command(action, debug=False, errors=None):
     except errors as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not reported_by_another_rank(e):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if debug or e.filename is None:  # not about a path the user named
             raise
         print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
+
+
+def reported_by_another_rank(error):
+    """Under torchrun, an error that every rank raises alike (``same_on_every_rank``: a config
+    error, or rank 0's error passed on by ``utils.distributed.on_main``) is printed by rank 0 only."""
+    return os.environ.get("RANK", "0") != "0" and getattr(error, "same_on_every_rank", False)

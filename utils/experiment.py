@@ -92,6 +92,21 @@ def in_progress(folder):
     return False
 
 
+def check_run_id(run_id):
+    """``--run-id`` names one folder under ``<trainer.save_dir>/<name>``: not empty, not a path."""
+    if run_id is not None and (not run_id.strip() or run_id in (".", "..") or "/" in run_id or os.sep in run_id):
+        raise ObserverError(f"--run-id {run_id!r}: expected a folder name (not empty, no '/', not '.' or '..')")
+
+
+def run_root_of(checkpoint):
+    """The folder that holds the run folder of ``checkpoint`` when it is a run's latest.pt (beside
+    its run.json), wherever that folder was moved or copied; else None."""
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint.name == RESUMABLE and (checkpoint.parent / "run.json").is_file():
+        return checkpoint.parent.parent
+    return None
+
+
 def continued_run_id(checkpoint, run_root, run_id=None):
     """The id of the run that resuming from ``checkpoint`` continues in its own folder, or None
     when the resumed run is a new run.
@@ -247,6 +262,8 @@ class RunFolderObserver(FileStorageObserver):
 def _attempts(earlier):
     """The ``earlier_attempts`` of a run that continues the run recorded in ``earlier``."""
     attempt = {k: earlier.get(k) for k in ("start_time", "stop_time", "heartbeat", "status")}
+    if attempt["status"] == "RUNNING":  # no process held its lock: it was killed (its heartbeat: when)
+        attempt["status"] = "DIED"
     attempt["host"] = (earlier.get("host") or {}).get("hostname")
     return earlier.get("earlier_attempts", []) + [attempt]
 
@@ -349,15 +366,20 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
         ex.dependencies.add(PackageDependency(package, importlib.metadata.version(package)))
     ex.add_config(config)
     on_main(lambda: check_writable(run_root, run_id, continue_run))
+    folder_observer = None
     if rank() == 0:
-        ex.observers.append(RunFolderObserver(str(run_root), continue_id=run_id if continue_run else None))
+        folder_observer = RunFolderObserver(str(run_root), continue_id=run_id if continue_run else None)
+        ex.observers.append(folder_observer)
         if mongo:
             ex.observers.append(RunRecordObserver(mongo, run_root, continue_run))  # pymongo: in requirements
         if neptune:
             ex.observers.append(_neptune_observer())
 
+    started = []
+
     @ex.main
     def _main(_run, _config):
+        started.append(True)
         try:
             return main(json.loads(json.dumps(_config)), _run)  # Sacred hands out read-only containers
         finally:
@@ -371,8 +393,24 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     options = {"--loglevel": "CRITICAL"}
     if run_id is not None:
         options["--id"] = run_id
-    run = ex.run(options=options)
+    try:
+        run = ex.run(options=options)
+    except OSError as e:
+        if started or folder_observer is None:
+            raise
+        raise _unrecorded(folder_observer, run_root, continue_run, e) from None
     return run.result
+
+
+def _unrecorded(observer, run_root, continue_run, error):
+    """The ObserverError of a run whose folder could not be written before it started (a full disk,
+    a quota): it names the run folder, and a new folder is removed, so that the same command can be
+    repeated."""
+    observer._release()
+    folder = Path(observer.dir) if observer.dir else Path(run_root)
+    if observer.dir and not continue_run:
+        shutil.rmtree(folder, ignore_errors=True)
+    return ObserverError(f"{folder}: cannot record the run ({error.strerror or error}); nothing was trained")
 
 
 def check_writable(run_root, run_id=None, continue_run=False):

@@ -27,12 +27,47 @@ def check_local_folder(what, name, error):
         raise error(f"{what} '{name}': no such folder (a hub id has the form 'name' or 'org/name')")
 
 
-def load_named(what, name, load, error, expected=EXPECTED):
-    """``load()`` of the model ``name``, with a missing folder, an unreachable hub id or a folder of
-    something else as one line in an ``error``."""
+def hub_options(what, name, probe_file, error):
+    """Options for ``from_pretrained(name)``. A hub id that is neither in the local Hugging Face
+    cache nor reachable fails here in one line, instead of after a minute of retries; a cached one
+    is then read from the cache only."""
+    if Path(name).expanduser().exists():
+        return {}
+    from huggingface_hub import constants, try_to_load_from_cache
+    cached = isinstance(try_to_load_from_cache(name, probe_file), str)
+    if not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT):
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    why = "is off (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else "cannot be reached"
+    raise error(f"{what} '{name}': not a local folder, not in the Hugging Face cache, and {constants.ENDPOINT} "
+                f"{why}; download it where the hub is reachable (hf download {name} --local-dir DIR) and name "
+                "that folder instead")
+
+
+def reachable(url, timeout=3):
+    """Whether ``url`` answers at all (any HTTP status) within ``timeout`` seconds; proxies from the
+    environment are used."""
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
+def load_named(what, name, load, error, probe_file="config.json", expected=EXPECTED):
+    """``load(**options)`` of the model ``name``, with a missing folder, an unreachable hub id or a
+    folder of something else as one line in an ``error``. ``options`` are ``from_pretrained``'s
+    (``local_files_only`` for a hub id read from the cache); ``probe_file`` is a file every such
+    model has, to look up in the cache."""
     check_local_folder(what, name, error)
+    options = hub_options(what, name, probe_file, error)
     quiet_transformers()
     try:
-        return load()
+        return load(**options)
     except (OSError, ValueError) as e:
         raise error(f"{what} '{name}' could not be loaded{expected}: {first_line(e)}") from None

@@ -18,6 +18,7 @@ the cosine similarity that evaluation ranks by.
 """
 import html
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, is_safe_path, read_corpus
-from data_loader.dataset import EnglishReading, TokenTable
+from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, check_items, is_safe_path, read_corpus
+from data_loader.dataset import EnglishReading, TokenTable, clean_caption
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -268,6 +269,32 @@ class Retriever:
                 if self.pool_tokenizer else None)
         return self.model.embed_texts(table.input_ids, table.attention_mask, pool, batch_size)
 
+    def query_token_ids(self, query):
+        """The token ids of ``query`` as ``encode_texts`` reads it, before truncation."""
+        text = clean_caption(query) if EnglishReading.of(self.config).clean else query
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def unreadable(self, query):
+        """True when the checkpoint's tokenizer reads ``query`` as unknown tokens only (e.g. a
+        script outside its vocabulary): a ranking for it would mean nothing."""
+        unknown = self.tokenizer.unk_token_id
+        return unknown is not None and all(i == unknown for i in self.query_token_ids(query))
+
+    def check_query(self, query):
+        """Refuse an empty query or one the tokenizer cannot read, and warn when the query is cut to
+        ``data.max_words_eval`` tokens."""
+        check_texts([query])
+        if self.unreadable(query):
+            raise InferenceError(f"query {_shown(query)}: every token is unknown to the checkpoint's tokenizer "
+                                 f"({self.config['model']['text_encoder']}); write it in a language and script "
+                                 "that tokenizer covers")
+        ids = self.query_token_ids(query)
+        room = self.config["data"]["max_words_eval"] - self.tokenizer.num_special_tokens_to_add()
+        if len(ids) > room:
+            kept = self.tokenizer.decode(ids[:room])
+            warnings.warn(f"query of {len(ids)} tokens cut to the first {room} (config key 'data.max_words_eval'): "
+                          f"only {_shown(kept)} is read")
+
     def encode_videos(self, features, batch_size=256, progress=False, ids=None):
         """[len(features), P] normalised embeddings of [frames, feature_dim] arrays; ``ids`` name
         the videos in errors."""
@@ -292,15 +319,6 @@ class Retriever:
                                  f"makes {len(q)}-d ones; rebuild the index with this checkpoint")
         return [(index.ids[i], float(s)) for i, s in index.search(q[None], top)[0]]
 
-    def unreadable(self, query):
-        """True when the checkpoint's tokenizer reads ``query`` (as ``encode_texts`` reads it) as
-        unknown tokens only, e.g. a script outside its vocabulary: a ranking for it means nothing."""
-        table = TokenTable([[query]], self.tokenizer, self.config["data"]["max_words_eval"],
-                           clean=self.config["data"].get("clean_english", False))
-        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
-        words = [i for i in table.input_ids[0][table.attention_mask[0]].tolist() if i not in special]
-        return all(i == self.tokenizer.unk_token_id for i in words)
-
     def check_features(self, features, name="the video"):
         """``features`` as a float32 [frames, feature_dim] array; another shape is an InferenceError."""
         shape = np.shape(features)
@@ -319,17 +337,24 @@ def check_texts(texts):
             raise InferenceError(f"empty query (text {i} is {text!r}); give some words to search for")
 
 
-def read_videos(path, layout, feature_key):
+def _shown(text, limit=60):
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def read_videos(path, layout, feature_key, allow_duplicate_ids=False):
     """A data file as the data layer reads it: its evaluation view, or its training view when it has
     no evaluation captions (a training file). A folder (or the files) of the safe layout is read as
-    such, whatever pickle layout the checkpoint's config names."""
+    such, whatever pickle layout the checkpoint's config names. Its items pass the checks that
+    training and evaluation make (``check_items``: no NaN or inf features, ...)."""
     if layout in PICKLE_LAYOUTS and is_safe_path(path):
         layout = "safe"
     items = load_pickle(path) if layout in PICKLE_LAYOUTS else None  # unpickled once for both views
     try:
-        return read_corpus(path, layout, feature_key, "eval", items=items)
+        corpus = read_corpus(path, layout, feature_key, "eval", items=items)
     except SplitNotInFile:
-        return read_corpus(path, layout, feature_key, "train", items=items)
+        corpus = read_corpus(path, layout, feature_key, "train", items=items)
+    check_items(corpus, allow_duplicate_ids)
+    return corpus
 
 
 def find_video(corpus, video_id):

@@ -13,7 +13,7 @@ searched for run folders (``_sources`` and ``test_runs`` folders are skipped).
 
 Methods (table rows) are formed in one of three ways, and a row never averages runs whose
 configs differ in anything but the seed (and the keys that cannot change results: IGNORED_KEYS):
-* positional directories, grouped by their config minus the seed (the default);
+* positional directories, grouped by their config name and config minus the seed (the default);
 * positional directories grouped by config name (``--group-by-name``): a mixed group is refused;
 * ``--method NAME=DIR[,DIR...]`` (repeatable): one row per option; a mixed group is refused.
 
@@ -188,10 +188,12 @@ def default_label(run):
 
 
 def group_runs(runs, by_name=False):
-    """Positional runs grouped by config minus the seed (or by name); labels made unique."""
+    """Positional runs grouped by name and config minus the seed (or by name alone); labels made
+    unique. Runs of two config files never share a row, even when the files differ only in keys
+    that change no result: their seeds would otherwise clash."""
     groups = {}
     for r in runs:
-        key = r.name if by_name else json.dumps(comparable(r.config), sort_keys=True, default=str)
+        key = r.name if by_name else json.dumps([r.name, comparable(r.config)], sort_keys=True, default=str)
         groups.setdefault(key, []).append(r)
     methods = [Method(default_label(rs[0]), rs) for rs in groups.values()]
     base = [m.label for m in methods]
@@ -284,12 +286,19 @@ def fmt(cell, digits, pm="±", group_n=None):
     return text
 
 
+def spread_text(methods):
+    """What a cell holds: a mean ± sample std needs two seeds; with one run per method it is that run."""
+    if all(len(m.runs) == 1 for m in methods):
+        return "one run per method"
+    return "mean ± sample std (ddof=1) over seeds"
+
+
 def markdown(methods, tables, languages, prefix, recalls, digits):
     cols = languages + ["avg_no_en", "avg_all"]
     lines = []
     for k in recalls:
         rows = tables[k]
-        lines.append(f"### {prefix} R@{k}: mean ± sample std (ddof=1) over seeds")
+        lines.append(f"### {prefix} R@{k}: {spread_text(methods)}")
         lines.append("")
         lines.append("| method | n | " + " | ".join(COLUMN_TITLES.get(c, c) for c in cols) + " |")
         lines.append("|---|---:|" + "---:|" * len(cols))
@@ -360,12 +369,14 @@ def bar_chart(methods, rows, languages, prefix, k, path):
         means = [rows[m.label][lang].mean for lang in languages]
         stds = [0.0 if math.isnan(rows[m.label][lang].std) else rows[m.label][lang].std for lang in languages]
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(languages))]
-        ax.bar(xs, [0.0 if math.isnan(v) else v for v in means], width, yerr=stds, capsize=2, label=m.label)
+        drawn = [i for i, v in enumerate(means) if not math.isnan(v)]  # a language the method lacks: no bar
+        ax.bar([xs[i] for i in drawn], [means[i] for i in drawn], width, yerr=[stds[i] for i in drawn], capsize=2,
+               label=m.label)
     ax.set_xticks(range(len(languages)))
     ax.set_xticklabels(languages)
     ax.set_ylim(bottom=0)
     ax.set_ylabel(f"{prefix} R@{k} (%)")
-    ax.set_title(f"{prefix} R@{k} per language (mean ± sample std over seeds)")
+    ax.set_title(f"{prefix} R@{k} per language ({spread_text(methods)})")
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
