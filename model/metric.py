@@ -30,6 +30,8 @@ import warnings
 import numpy as np
 import torch
 
+from data_loader.corpus import ENGLISH
+
 TIE_BREAKS = ("optimistic", "pessimistic", "averaging")
 RECALL_KS = (1, 5, 10, 50)
 STATS = tuple(f"R{k}" for k in RECALL_KS) + ("MedR", "MeanR")  # each direction's statistics
@@ -175,6 +177,13 @@ def put_own(tile, own, query_video, rows: slice, cols: slice):
     return tile
 
 
+def tiles(shape, chunk_size):
+    """(rows, cols) slices of the ``chunk_size`` x ``chunk_size`` tiles of a matrix of ``shape``."""
+    for r in range(0, shape[0], chunk_size):
+        for c in range(0, shape[1], chunk_size):
+            yield slice(r, min(r + chunk_size, shape[0])), slice(c, min(c + chunk_size, shape[1]))
+
+
 def rank_scores(scores, tie_break: str = "averaging", total_queries: int | None = None,
                 chunk_size: int = 4096) -> dict[str, dict[str, float]]:
     """t2v and v2t metrics of ``scores`` (MatrixScores, EmbeddingScores or a re-ranking of them),
@@ -200,15 +209,12 @@ def rank_scores(scores, tie_break: str = "averaging", total_queries: int | None 
     t2v_above, t2v_tied = (torch.zeros(num_q, dtype=torch.int32, device=own.device) for _ in range(2))
     v2t_above, v2t_tied = (torch.zeros(num_v, dtype=torch.int32, device=own.device) for _ in range(2))
     counts = _fused_tile_counts if num_q * num_v >= COMPILE_MIN_SCORES else _tile_counts
-    for r in range(0, num_q, chunk_size):
-        rows = slice(r, min(r + chunk_size, num_q))
-        for c in range(0, num_v, chunk_size):
-            cols = slice(c, min(c + chunk_size, num_v))
-            above_r, tied_r, above_c, tied_c = counts(scores.tile(rows, cols), own[rows, None], best[None, cols])
-            t2v_above[rows] += above_r
-            t2v_tied[rows] += tied_r
-            v2t_above[cols] += above_c
-            v2t_tied[cols] += tied_c
+    for rows, cols in tiles(scores.shape, chunk_size):
+        above_r, tied_r, above_c, tied_c = counts(scores.tile(rows, cols), own[rows, None], best[None, cols])
+        t2v_above[rows] += above_r
+        t2v_tied[rows] += tied_r
+        v2t_above[cols] += above_c
+        v2t_tied[cols] += tied_c
     has_query = at_best > 0  # videos without any caption are not ranked
     return {"t2v": _summarise(t2v_above.cpu(), t2v_tied.cpu(), torch.ones(num_q, dtype=torch.int32),
                               tie_break, total_queries),
@@ -253,6 +259,22 @@ def mean_over_languages(per_lang: dict[str, dict[str, dict[str, float]]],
     }
 
 
+def mean_rows(languages):
+    """The means over languages that a summary holds besides the languages: name -> languages left out."""
+    means = {"mean": ()}
+    if ENGLISH in languages and len(languages) > 1:
+        means[f"mean_no_{ENGLISH}"] = (ENGLISH,)
+    return means
+
+
+def with_mean_rows(per_lang: dict[str, dict]) -> dict[str, dict]:
+    """Per-language metrics followed by their ``mean_rows``."""
+    summary = dict(per_lang)
+    for name, exclude in mean_rows(per_lang).items():
+        summary[name] = mean_over_languages(per_lang, exclude=exclude)
+    return summary
+
+
 def format_table(per_lang: dict[str, dict], direction="t2v",
                  stats=("R1", "R5", "R10", "R50", "MedR", "MeanR")) -> str:
     """Plain-text table with one row per language and one column per statistic."""
@@ -265,3 +287,18 @@ def format_table(per_lang: dict[str, dict], direction="t2v",
         return "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))])
 
     return "\n".join(fmt(row) for row in [header, *rows])
+
+
+def format_side_by_side(variants: dict[str, dict], direction="t2v", stats=("R1", "R5", "R10", "MedR")) -> str:
+    """The ``format_table`` of each summary in ``variants`` ({label: summary}), side by side under
+    its label; summaries without ``direction`` are left out."""
+    blocks = []
+    for label, summary in variants.items():
+        present = {row: metrics for row, metrics in summary.items() if direction in metrics}
+        if present:
+            lines = [label, *format_table(present, direction, stats).splitlines()]
+            width = max(map(len, lines))
+            blocks.append([line.ljust(width) for line in lines])
+    height = max(map(len, blocks), default=0)
+    return "\n".join(" | ".join(block[i] if i < len(block) else " " * len(block[0]) for block in blocks).rstrip()
+                     for i in range(height))
