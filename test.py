@@ -47,6 +47,7 @@ def run(args):
     device = select_device(args.device)
     state = load_checkpoint(args.resume)
     config = config_from_args(args, flatten_config(state["config"]), args.resume)
+    rerankers_from_config(config["eval"])  # a wrong re-ranker fails before a run folder is made
     out = Path(args.out) if args.out else Path(args.resume).parent / "eval" / Path(args.resume).stem
     run_root = Path(config["trainer"]["save_dir"]) / config["name"] / "test_runs"
     run_experiment("test", config, lambda cfg, run: test(cfg, run, state, args.resume, device, out, args.save_sims),

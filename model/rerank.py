@@ -45,7 +45,7 @@ class DualSoftmax:
         self.temperature = temperature
 
     def label(self):
-        return f"DSL (T={self.temperature:g}, softmax over all test queries)"
+        return f"DSL (T={self.temperature:g}, softmax over {self.data})"
 
     def metrics(self, scores, bank_sims=None, tie_break="averaging", total_queries=None, chunk_size=4096):
         """``bank_sims`` is not read: the dual softmax normalises over the test queries."""

@@ -389,3 +389,17 @@ def test_fused_tile_counts_equal_the_eager_ones():
         eager = _tile_counts(tile, row_ref, col_ref)
         assert all(torch.equal(f, e) for f, e in zip(fused, eager))
         assert eager[1].min() >= 1 and eager[1].max() > 1  # the references tie with other scores
+
+
+def test_ground_truth_scores_round_as_the_matrix_product_does():
+    """The ground truths are computed before the pass; they equal the materialised matrix's
+    entries bit for bit (a row-by-row dot product would not), so float32 metrics are identical."""
+    from model.metric import EmbeddingScores
+    queries, videos = _embeddings(700, 300, 64, seed=8, dtype=torch.float32)
+    query_video = torch.randint(0, 300, (700,), generator=torch.Generator().manual_seed(8))
+    sims = queries @ videos.t()
+    expected = sims[torch.arange(700), query_video]
+    assert torch.equal(EmbeddingScores(queries, videos, query_video).own, expected)
+    assert not torch.equal((queries * videos[query_video]).sum(1), expected)  # the dot product rounds otherwise
+    assert retrieval_metrics_from_embeddings(queries, videos, query_video, chunk_size=128) == \
+        retrieval_metrics(sims, query_video)
