@@ -91,7 +91,8 @@ def _tile_counts(tile, row_ref, col_ref):
 
 # Eager, the four comparisons and sums sweep a tile eight times and cost more than the matrix
 # product that made it; compiled, they fuse into one sweep. Compiling takes seconds once per
-# process, so only rankings of at least this many scores use it.
+# process (square tiles and the others compile apart; torch caches both on disk), so only
+# rankings of at least this many scores use it.
 COMPILE_MIN_SCORES = 2**26
 _compiled_tile_counts = None
 
