@@ -111,6 +111,18 @@ SCHEMA = {
                          "reference's RUDDER len(data), §9)"),
     "eval.multi_caption": ("average", str, ("average", "separate"),
                            "captions sharing a video id: averaged into one query, or ranked separately"),
+    "eval.rerank": ([], list, None,
+                    "test-time re-rankers that test.py reports beside the raw scores (model/rerank.py): "
+                    "dsl (dual softmax), qbnorm (querybank normalisation); [] = raw scores only"),
+    "eval.rerank_dsl_temperature": (0.01, float, None,
+                                    "dual softmax temperature on cosine scores (0.01: CLIP's logit scale of 100)"),
+    "eval.rerank_qbnorm_beta": (20.0, float, None, "QB-Norm inverse temperature beta of the inverted softmax"),
+    "eval.rerank_qbnorm_bank_size": (5000, int, None,
+                                     "QB-Norm querybank: training captions drawn (seeded by 'seed'), at most this many"),
+    "eval.rerank_qbnorm_bank_languages": (None, (list, NULLABLE), None,
+                                          "QB-Norm querybank languages: null = each evaluation language draws "
+                                          "from its own training captions; a list = one mix drawn evenly from "
+                                          "these languages, used for every evaluation language"),
 }
 
 # Keys that change neither what a run trains nor its last-epoch results (they name, place or log
@@ -118,6 +130,9 @@ SCHEMA = {
 RESULT_NEUTRAL_KEYS = frozenset({
     "name", "notes", "trainer.save_dir", "trainer.save_period", "trainer.log_every", "trainer.monitor",
     "data.num_workers", "data.eval_batch_size", "teachers.cache_dir",
+    # Re-ranking runs in test.py only, beside the raw numbers training reports.
+    "eval.rerank", "eval.rerank_dsl_temperature", "eval.rerank_qbnorm_beta", "eval.rerank_qbnorm_bank_size",
+    "eval.rerank_qbnorm_bank_languages",
 })
 
 # What a config written before a key existed did, where that differs from the key's default: such a

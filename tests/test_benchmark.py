@@ -138,8 +138,9 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     assert flops["online_over_cached_bound"] == pytest.approx(1 + flops["teachers"] / flops["student"])
     (row,) = report["evaluation"]["sizes"]
     assert row["n"] == 200 and row["same_metrics"]
-    for method in ("matrix", "chunked"):
+    for method in ("matrix", "two_pass", "one_pass", "products"):
         assert row[method]["seconds"] > 0 and row[method]["peak_mib"] >= 0
+    assert row["two_pass_over_one_pass"] > 0 and row["one_pass_over_products"] > 0
     if not torch.cuda.is_available():
         assert report["gpu_step"] == {"skipped": "no CUDA device"}
     extraction = report["extraction"]["encoders"]

@@ -126,3 +126,36 @@ def test_training_needs_english_but_evaluation_ranks_any_languages(trained, tmp_
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert sorted(metrics) == ["de", "fr", "mean"]
     assert metrics["mean"]["t2v"]["R1"] == pytest.approx((metrics["de"]["t2v"]["R1"] + metrics["fr"]["t2v"]["R1"]) / 2)
+
+
+def test_test_py_reranks_beside_the_raw_numbers_and_offline_from_saved_files(trained, tmp_path, capsys):
+    from utils import rerank as offline
+    run = trained["full"]
+    out, sims = tmp_path / "eval", tmp_path / "sims"
+    capsys.readouterr()
+    assert test_entry.main(["-r", str(run / "latest.pt"), "--out", str(out), "--save-sims", str(sims),
+                            "--rerank", "dsl,qbnorm", "--set", "eval.rerank_qbnorm_bank_size=64"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["eval"]["rerank"] == ["dsl", "qbnorm"]
+    dsl, qb = record["reranked"]["dsl"], record["reranked"]["qbnorm"]
+    assert dsl["label"] == "DSL (T=0.01, softmax over all test queries)"
+    assert qb["label"] == "QB-Norm (beta=20, bank of 64 training captions in the query's language; t2v only)"
+    # Each table row holds the raw numbers first, then each re-ranked variant, under its label.
+    t2v_header = next(line for line in printed.splitlines() if line.startswith("raw"))
+    assert t2v_header.index("raw") < t2v_header.index(dsl["label"]) < t2v_header.index(qb["label"])
+    raw_de = next(line for line in printed.splitlines() if line.startswith("de "))
+    assert raw_de.split()[1] == f"{record['metrics']['de']['t2v']['R1']:.1f}"
+    assert set(qb["metrics"]["de"]) == {"t2v"} and set(dsl["metrics"]["de"]) == {"t2v", "v2t"}
+    # The raw numbers are those of a run without re-ranking.
+    assert record["metrics"]["de"]["t2v"]["R1"] == sacred_scalars(run, "val.t2v_de_R1")[-1]
+    # On Multi-Toy both re-rankers move the mean R@1 in the direction the papers report.
+    raw_r1 = record["metrics"]["mean"]["t2v"]["R1"]
+    assert dsl["metrics"]["mean"]["t2v"]["R1"] > raw_r1 and qb["metrics"]["mean"]["t2v"]["R1"] > raw_r1
+    # Offline, from the saved files, the same numbers.
+    assert (sims / "de.querybank.npy").is_file() and np.load(sims / "de.querybank.npy").shape == (64, 48)
+    assert offline.main([str(sims), "--out", str(tmp_path / "offline.json")]) == 0
+    again = json.loads((tmp_path / "offline.json").read_text())["metrics"]
+    for label, summary in ((dsl["label"], dsl["metrics"]), (qb["label"], qb["metrics"]), ("raw", record["metrics"])):
+        for direction in summary["de"]:
+            assert again[label]["de"][direction] == pytest.approx(summary["de"][direction])

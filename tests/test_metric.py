@@ -355,3 +355,51 @@ def test_from_embeddings_on_cuda_matches_cpu():
     expected = retrieval_metrics(queries @ videos.t(), query_video)
     out = retrieval_metrics_from_embeddings(queries.cuda(), videos.cuda(), query_video.cuda(), chunk_size=64)
     assert out == expected
+
+
+# ---- one-pass ranking: each score computed once, both directions counted from it -------------
+
+@pytest.mark.parametrize("tie_break", ["optimistic", "pessimistic", "averaging"])
+def test_one_pass_equals_the_two_pass_ranking_it_replaced(tie_break):
+    from utils.benchmark import two_pass_ranks
+    for seed in range(3):
+        # Quantised embeddings: every score exact, many ties at the ground truth.
+        queries, videos = _embeddings(130, 90, 5, seed=seed, levels=1, dtype=torch.float32)
+        query_video = torch.randint(0, 90, (130,), generator=torch.Generator().manual_seed(seed))
+        for chunk_size in (7, 32, 4096):
+            expected = two_pass_ranks(queries, videos, query_video, chunk_size=chunk_size, tie_break=tie_break)
+            assert retrieval_metrics_from_embeddings(queries, videos, query_video, tie_break=tie_break,
+                                                     chunk_size=chunk_size) == expected
+            assert retrieval_metrics(queries @ videos.t(), query_video, tie_break=tie_break,
+                                     chunk_size=chunk_size) == expected
+
+
+def test_fused_tile_counts_equal_the_eager_ones():
+    import warnings
+    from model.metric import _fused_tile_counts, _tile_counts
+    scores = torch.randint(0, 4, (400, 300), generator=torch.Generator().manual_seed(0)).float()
+    # A contiguous tile and a strided view (a tile of a materialised matrix), references taken from them.
+    for tile in (scores[:256].clone(), scores[17:290, 33:250]):
+        row_ref, col_ref = tile[:, 3:4].clone(), tile[5:6].clone()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused = _fused_tile_counts(tile, row_ref, col_ref)
+        # A failed compilation would fall back to the eager counts, with this warning.
+        assert not [w for w in caught if "without torch.compile" in str(w.message)]
+        eager = _tile_counts(tile, row_ref, col_ref)
+        assert all(torch.equal(f, e) for f, e in zip(fused, eager))
+        assert eager[1].min() >= 1 and eager[1].max() > 1  # the references tie with other scores
+
+
+def test_ground_truth_scores_round_as_the_matrix_product_does():
+    """The ground truths are computed before the pass; they equal the materialised matrix's
+    entries bit for bit (a row-by-row dot product would not), so float32 metrics are identical."""
+    from model.metric import EmbeddingScores
+    queries, videos = _embeddings(700, 300, 64, seed=8, dtype=torch.float32)
+    query_video = torch.randint(0, 300, (700,), generator=torch.Generator().manual_seed(8))
+    sims = queries @ videos.t()
+    expected = sims[torch.arange(700), query_video]
+    assert torch.equal(EmbeddingScores(queries, videos, query_video).own, expected)
+    assert not torch.equal((queries * videos[query_video]).sum(1), expected)  # the dot product rounds otherwise
+    assert retrieval_metrics_from_embeddings(queries, videos, query_video, chunk_size=128) == \
+        retrieval_metrics(sims, query_video)

@@ -178,3 +178,15 @@ def test_an_unwritable_output_folder_is_a_one_line_error(tmp_path, runs, capsys)
     blocked.write_text("not a folder")
     code, _, err = run_report(capsys, *runs, "--out", blocked / "report")
     assert code == 2 and err.strip() == f"error: {blocked / 'report'}: Not a directory"
+
+
+def test_a_reranked_test_run_adds_labelled_rows_under_its_raw_row(tmp_path, capsys):
+    result = {**metrics(R1[0]), **{f"dsl/{k}": v + 1.0 for k, v in metrics(R1[0]).items()},
+              **{f"qbnorm/{k}": v + 2.0 for k, v in metrics(R1[0]).items() if k.startswith("t2v")}}
+    write_run(tmp_path / "test_runs" / "1", config(0), result)
+    code, out, _ = run_report(capsys, "--method", f"C2KD={tmp_path / 'test_runs' / '1'}", "--out", str(tmp_path / "rep"))
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| C2KD")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| C2KD", "| C2KD + dsl (over all test queries)", "| C2KD + qbnorm (over a querybank of training captions)"]
+    assert [row.split(" | ")[2] for row in rows] == ["10.0", "11.0", "12.0"]  # en R@1: raw, DSL, QB-Norm

@@ -8,13 +8,16 @@ precision; the evaluation batch size then changes the embeddings only by float32
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, STUDENT
-from model.metric import STATS, mean_over_languages, retrieval_metrics_from_embeddings
+from data_loader.dataset import POOL_MASK, STUDENT, TokenTable
+from model.metric import STATS, EmbeddingScores, mean_rows, retrieval_metrics_from_embeddings, with_mean_rows
+from model.model import load_tokenizer
+from model.rerank import build_rerankers
 from parse_config import ConfigError
 from utils.device import to_device
 from utils.distributed import gather_to_main, on_main, rank
@@ -100,24 +103,96 @@ def score_languages(texts, videos, items, has_caption, item_ids, multi_caption):
     return scores
 
 
-def _means(languages):
-    """The means over languages that a summary holds besides the languages: name -> languages left out."""
-    means = {"mean": ()}
-    if ENGLISH in languages and len(languages) > 1:
-        means[f"mean_no_{ENGLISH}"] = (ENGLISH,)
-    return means
-
-
 def metrics_from_scores(scores, tie_break, total_queries=None, device="cpu"):
-    """Ranks computed in chunks on ``device`` from the embeddings: memory stays bounded for any size."""
-    per_lang = {lang: retrieval_metrics_from_embeddings(s.queries.to(device), s.videos.to(device),
-                                                        s.query_video.to(device), tie_break=tie_break,
-                                                        total_queries=total_queries)
-                for lang, s in scores.items()}
-    summary = dict(per_lang)
-    for name, exclude in _means(per_lang).items():
-        summary[name] = mean_over_languages(per_lang, exclude=exclude)
-    return summary
+    """Ranks computed in tiles on ``device`` from the embeddings: memory stays bounded for any size."""
+    return with_mean_rows({lang: retrieval_metrics_from_embeddings(s.queries.to(device), s.videos.to(device),
+                                                                s.query_video.to(device), tie_break=tie_break,
+                                                                total_queries=total_queries)
+                        for lang, s in scores.items()})
+
+
+# ---- test-time re-ranking (test.py): beside the raw metrics, never instead of them ---------------
+
+def rerankers_from_config(eval_cfg):
+    """The re-rankers ``eval.rerank`` names, in its order; a wrong name or value is a ConfigError."""
+    for key in ("rerank_dsl_temperature", "rerank_qbnorm_beta", "rerank_qbnorm_bank_size"):
+        if not eval_cfg[key] > 0:
+            raise ConfigError(f"config key 'eval.{key}' = {eval_cfg[key]} must be positive")
+    try:
+        return build_rerankers(eval_cfg["rerank"], eval_cfg["rerank_dsl_temperature"], eval_cfg["rerank_qbnorm_beta"])
+    except ValueError as e:
+        raise ConfigError(f"config key 'eval.rerank': {e}") from None
+
+
+def querybank_description(eval_cfg, bank_embeddings):
+    """What the querybanks hold, for labels: their size (fewer than asked where the training file
+    has fewer captions) and languages."""
+    languages = eval_cfg["rerank_qbnorm_bank_languages"]
+    sizes = sorted({len(b) for b in bank_embeddings.values()})
+    size = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
+    where = f"in {'+'.join(languages)}" if languages else "in the query's language"
+    return f"bank of {size} training captions {where}"
+
+
+def draw_querybanks(corpus, eval_languages, eval_cfg, seed):
+    """{evaluation language: (language, caption) pairs of its querybank} drawn from the training
+    ``corpus``: from the language's own captions, or one mix drawn evenly from
+    ``eval.rerank_qbnorm_bank_languages`` for every language."""
+    size, mix = eval_cfg["rerank_qbnorm_bank_size"], eval_cfg["rerank_qbnorm_bank_languages"]
+    key = "eval.rerank_qbnorm_bank_languages"
+    missing = [lang for lang in (mix or eval_languages) if lang not in corpus.languages]
+    if missing:
+        raise ConfigError(f"config key '{key}': the training file {corpus.path} has no captions in "
+                          f"{', '.join(missing)} for the QB-Norm querybank (it has {', '.join(corpus.languages)}); "
+                          "list languages it has")
+    rng = np.random.default_rng(seed)
+
+    def draw(lang, n):
+        captions = [c for caps in corpus.captions[lang] for c in caps]
+        return [(lang, captions[i]) for i in sorted(rng.choice(len(captions), min(n, len(captions)), replace=False))]
+    if mix:
+        shares = [size // len(mix) + (i < size % len(mix)) for i in range(len(mix))]
+        bank = [pair for lang, n in zip(mix, shares) for pair in draw(lang, n)]
+        return {lang: bank for lang in eval_languages}
+    return {lang: draw(lang, size) for lang in eval_languages}
+
+
+@torch.no_grad()
+def embed_querybanks(model, tokenizer, banks, config):
+    """{evaluation language: [bank, P] L2-normalised embeddings of its querybank's captions},
+    tokenized as evaluation captions are."""
+    data, pool_with_student_mask = config["data"], config["model"]["pool_with_student_mask"]
+    pool_tokenizer = load_tokenizer(config["model"]["pool_mask_tokenizer"]) if pool_with_student_mask else None
+    model.eval()
+    out = {}
+    for lang, pairs in banks.items():
+        parts = []
+        for caption_lang in dict.fromkeys(cl for cl, _ in pairs):
+            captions = [[c] for cl, c in pairs if cl == caption_lang]
+            clean = data["clean_english"] and caption_lang == ENGLISH
+            table = TokenTable(captions, tokenizer, data["max_words_eval"], clean)
+            pool = TokenTable(captions, pool_tokenizer, data["max_words_eval"], False).attention_mask \
+                if pool_tokenizer is not None else None
+            parts.append(model.embed_texts(table.input_ids, table.attention_mask, pool_mask=pool))
+        out[lang] = torch.cat(parts)
+    return out
+
+
+def rerank_metrics(scores, rerankers, eval_cfg, bank_embeddings=None, device="cpu"):
+    """{re-ranker name: {"label", "metrics"}}: each re-ranker's summary over the languages of
+    ``scores`` (as ``metrics_from_scores`` gives the raw one); QB-Norm reads ``bank_embeddings``."""
+    out = {}
+    for reranker in rerankers:
+        per_lang, label = {}, reranker.label()
+        for lang, s in scores.items():
+            base = EmbeddingScores(s.queries.to(device), s.videos.to(device), s.query_video.to(device))
+            bank_sims = None
+            if reranker.needs_querybank:
+                bank_sims = bank_embeddings[lang].to(device) @ base.videos.t()
+                label = reranker.label(querybank_description(eval_cfg, bank_embeddings))
+            per_lang[lang] = reranker.metrics(base, bank_sims, eval_cfg["tie_break"], eval_cfg["total_queries"])
+        out[reranker.name] = {"label": label, "metrics": with_mean_rows(per_lang)}
+    return out
 
 
 def recall_denominator(eval_cfg, corpus):
@@ -132,7 +207,7 @@ def recall_denominator(eval_cfg, corpus):
 
 def metric_names(languages):
     """The keys ``flat_metrics`` gives for an evaluation of ``languages``."""
-    return [f"{direction}_{group}_{stat}" for group in [*languages, *_means(languages)]
+    return [f"{direction}_{group}_{stat}" for group in [*languages, *mean_rows(languages)]
             for direction in ("t2v", "v2t") for stat in STATS]
 
 

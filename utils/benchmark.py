@@ -12,8 +12,9 @@
    left in train mode as the reference ran them, with and without the padding cut (the reference
    ran every text column up to max_words), and, as diagnostics, the step with the student's
    dropout off, the cached step without the padding cut, and the counted model FLOPs.
-3. ranking N x N: ``retrieval_metrics`` on a materialised matrix against
-   ``retrieval_metrics_from_embeddings``; time and peak memory, one subprocess per measurement.
+3. ranking N x N: ``retrieval_metrics_from_embeddings`` (one pass: each score computed once)
+   against the two-pass ranking it replaced, ``retrieval_metrics`` on a materialised matrix and
+   the matrix products alone (the floor); time and peak memory, one subprocess per measurement.
 4. on a CUDA device only: a training step of a LaBSE-shaped student with three base-sized
    teachers (random weights), cached and online, bf16 autocast, with model FLOPs utilisation.
 5. feature extraction (``data_loader.extract``): videos per second decoded and prepared by one
@@ -385,9 +386,53 @@ def _reset_peak_rss():
         return False
 
 
+def two_pass_ranks(queries, videos, query_video, chunk_size=4096, tie_break="averaging"):
+    """The ranking one-pass ranking replaced, kept as this benchmark's comparison: t2v from blocks
+    of queries (chunk @ videos.T), v2t from blocks of videos (queries @ chunk.T), with eager
+    comparisons, so every score is computed twice."""
+    from model.metric import _summarise
+    num_q, num_v = len(queries), len(videos)
+    t2v = ([], [], [])
+    for start in range(0, num_q, chunk_size):
+        rows = queries[start:start + chunk_size] @ videos.t()
+        gt = rows.gather(1, query_video[start:start + chunk_size, None])
+        t2v[0].append((rows > gt).sum(1, dtype=torch.int32).cpu())
+        t2v[1].append((rows == gt).sum(1, dtype=torch.int32).cpu())
+        t2v[2].append(torch.ones(len(rows), dtype=torch.int32))
+    v2t = ([], [], [])
+    all_queries = torch.arange(num_q, device=queries.device)
+    for start in range(0, num_v, chunk_size):
+        end = min(start + chunk_size, num_v)
+        cols = queries @ videos[start:end].t()
+        inside = (query_video >= start) & (query_video < end)
+        q_in, col_in = all_queries[inside], query_video[inside] - start
+        own = cols[q_in, col_in]
+        best = torch.full((end - start,), float("-inf"), dtype=cols.dtype, device=cols.device)
+        best = best.scatter_reduce(0, col_in, own, reduce="amax")
+        at_best = torch.zeros(end - start, dtype=torch.int32, device=cols.device)
+        at_best = at_best.scatter_add(0, col_in, (own == best[col_in]).int())
+        has_query = (at_best > 0).cpu()
+        v2t[0].append((cols > best).sum(0, dtype=torch.int32).cpu()[has_query])
+        v2t[1].append((cols == best).sum(0, dtype=torch.int32).cpu()[has_query])
+        v2t[2].append(at_best.cpu()[has_query])
+    return {name: _summarise(*(torch.cat(c) for c in counts), tie_break, None)
+            for name, counts in (("t2v", t2v), ("v2t", v2t))}
+
+
+def products_only(queries, videos, chunk_size=4096):
+    """The matrix products of one-pass ranking and nothing else: the floor of its time."""
+    for r in range(0, len(queries), chunk_size):
+        for c in range(0, len(videos), chunk_size):
+            queries[r:r + chunk_size] @ videos[c:c + chunk_size].t()
+
+
+RANKING_METHODS = ("matrix", "two_pass", "one_pass", "products")
+
+
 def eval_worker(spec):
     """One ranking measurement in a fresh process: seconds and peak extra memory in bytes."""
-    from model.metric import retrieval_metrics, retrieval_metrics_from_embeddings
+    from model.metric import (COMPILE_MIN_SCORES, _fused_tile_counts, retrieval_metrics,
+                              retrieval_metrics_from_embeddings)
     n, dim, device = spec["n"], spec["dim"], torch.device(spec["device"])
     gen = torch.Generator(device=device).manual_seed(spec.get("seed", 0))
     # Built in place, so that building leaves no higher memory mark than what it keeps.
@@ -398,17 +443,25 @@ def eval_worker(spec):
     queries.mul_(spec.get("noise", 0.3)).add_(videos)
     queries.div_(queries.norm(dim=1, keepdim=True))
     query_video = torch.arange(n, device=device)
-    chunk = spec["chunk_size"]
-
-    def rank(q, v, qv):
-        if spec["method"] == "matrix":
-            return retrieval_metrics(q @ v.t(), qv, chunk_size=chunk)
-        return retrieval_metrics_from_embeddings(q, v, qv, chunk_size=chunk)
+    chunk, method = spec["chunk_size"], spec["method"]
+    rank = {"matrix": lambda q, v, qv: retrieval_metrics(q @ v.t(), qv, chunk_size=chunk),
+            "two_pass": lambda q, v, qv: two_pass_ranks(q, v, qv, chunk_size=chunk),
+            "one_pass": lambda q, v, qv: retrieval_metrics_from_embeddings(q, v, qv, chunk_size=chunk),
+            "products": lambda q, v, qv: products_only(q, v, chunk_size=chunk)}[method]
 
     def run():
         return rank(queries, videos, query_video)
 
     rank(queries[:16], videos[:16], query_video[:16])  # one-off initialisation (CUDA context, kernels)
+    compile_s = None
+    if method == "one_pass" and n * n >= COMPILE_MIN_SCORES:
+        # Compiling the fused comparisons is a one-off per process (and cached on disk): once for
+        # square tiles and once for the others (torch.compile specialises on equal sizes).
+        def compile_counts():
+            for cols in (64, 48):
+                tile = queries[:64] @ videos[:cols].t()
+                _fused_tile_counts(tile, tile[:, 0].clone()[:, None], tile[0].clone()[None])
+        compile_s, _ = timed(compile_counts, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -419,7 +472,8 @@ def eval_worker(spec):
         before = _peak_rss_bytes()
     seconds, metrics = timed(run, device)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes()) - before
-    return {"seconds": seconds, "peak_bytes": int(peak), "peak_mark_reset": reset, "metrics": metrics}
+    return {"seconds": seconds, "peak_bytes": int(peak), "peak_mark_reset": reset, "metrics": metrics,
+            "compile_s": compile_s}
 
 
 def _run_worker(spec):
@@ -431,10 +485,12 @@ def _run_worker(spec):
 
 
 def bench_eval(sizes, device, dim=512, chunk_size=4096, repeats=3, materialise_limit=20_000, log=print):
-    """Ranking time and peak memory of N x N sets, materialised matrix against chunked."""
+    """Ranking time and peak memory of N x N sets: one-pass ranking from embeddings against the
+    two-pass ranking it replaced, a materialised matrix (up to ``materialise_limit``) and the
+    matrix products alone."""
     results = []
     for n in sizes:
-        methods = ["matrix", "chunked"] if n <= materialise_limit else ["chunked"]
+        methods = [m for m in RANKING_METHODS if m != "matrix" or n <= materialise_limit]
         reps = repeats if n <= materialise_limit else 1
         runs = {m: [] for m in methods}
         for _ in range(reps):
@@ -442,15 +498,18 @@ def bench_eval(sizes, device, dim=512, chunk_size=4096, repeats=3, materialise_l
                 runs[m].append(_run_worker({"n": n, "dim": dim, "device": str(device), "method": m,
                                             "chunk_size": chunk_size}))
         row = {"n": n, "dim": dim, "chunk_size": chunk_size, "repeats": reps,
-               "peak_mark_reset": all(r["peak_mark_reset"] for rs in runs.values() for r in rs)}
+               "peak_mark_reset": all(r["peak_mark_reset"] for rs in runs.values() for r in rs),
+               "compile_s": runs["one_pass"][0]["compile_s"]}
         for m in methods:
             row[m] = {"seconds": median([r["seconds"] for r in runs[m]]),
                       "peak_mib": median([r["peak_bytes"] for r in runs[m]]) / 2**20,
-                      "samples_s": [r["seconds"] for r in runs[m]],
-                      "t2v_R1": runs[m][0]["metrics"]["t2v"]["R1"], "v2t_R1": runs[m][0]["metrics"]["v2t"]["R1"]}
-        if "matrix" in row:
-            row["same_metrics"] = runs["matrix"][0]["metrics"] == runs["chunked"][0]["metrics"]
-            row["chunked_over_matrix_time"] = row["chunked"]["seconds"] / row["matrix"]["seconds"]
+                      "samples_s": [r["seconds"] for r in runs[m]]}
+            if m != "products":
+                row[m].update(t2v_R1=runs[m][0]["metrics"]["t2v"]["R1"], v2t_R1=runs[m][0]["metrics"]["v2t"]["R1"])
+        ranked = [m for m in methods if m != "products"]
+        row["same_metrics"] = all(runs[m][0]["metrics"] == runs["one_pass"][0]["metrics"] for m in ranked)
+        row["two_pass_over_one_pass"] = row["two_pass"]["seconds"] / row["one_pass"]["seconds"]
+        row["one_pass_over_products"] = row["one_pass"]["seconds"] / row["products"]["seconds"]
         log(f"  ranking N={n}: " + ", ".join(f"{m} {row[m]['seconds']:.2f} s" for m in methods))
         results.append(row)
     return {"device": str(device), "memory": "increase of the peak resident memory (VmHWM) of a fresh process "
@@ -786,7 +845,7 @@ def build_parser():
     p.add_argument("--eval-dim", type=int, default=512)
     p.add_argument("--chunk-size", type=int, default=4096, help="rows/columns per block when ranking")
     p.add_argument("--materialise-limit", type=int, default=20_000,
-                   help="largest N ranked through a materialised matrix (larger N: chunked only)")
+                   help="largest N ranked through a materialised matrix (larger N: from embeddings only)")
     p.add_argument("--gpu-steps", type=int, default=10, help="interleaved full-size steps per mode (CUDA only)")
     p.add_argument("--peak-flops", type=float, help="peak dense bf16 FLOP/s of the GPU, when not detected by name")
     p.add_argument("--threads", type=int,
@@ -916,9 +975,11 @@ def format_report(report):
     if e:
         lines.append(f"ranking N x N ({e['device']})")
         for row in e["sizes"]:
-            parts = [f"{m} {row[m]['seconds']:.2f} s, {row[m]['peak_mib']:.0f} MiB"
-                     for m in ("matrix", "chunked") if m in row]
+            parts = [f"{m} {row[m]['seconds']:.2f} s, {row[m]['peak_mib']:.0f} MiB" for m in RANKING_METHODS if m in row]
             lines.append(f"  N={row['n']:<7} " + "   ".join(parts))
+            lines.append(f"    two-pass/one-pass {row['two_pass_over_one_pass']:.2f}x   one-pass/products "
+                         f"{row['one_pass_over_products']:.2f}x   identical metrics: {row['same_metrics']}   "
+                         + (f"   (compiling the fused comparisons, once: {row['compile_s']:.1f} s)" if row["compile_s"] else ""))
     s = report.get("search")
     if s:
         lines.append(f"search at scale ({s['data']})")

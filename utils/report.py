@@ -17,6 +17,9 @@ configs differ in anything but the seed (and the keys that cannot change results
 * positional directories grouped by config name (``--group-by-name``): a mixed group is refused;
 * ``--method NAME=DIR[,DIR...]`` (repeatable): one row per option; a mixed group is refused.
 
+A test.py run that re-ranked (``eval.rerank``) adds, right under its row, one row per re-ranker,
+labelled with it and the data it used; its raw row is never left out.
+
 Each cell is the mean ± the sample standard deviation (ddof=1) over the runs of the row; the
 last two columns average each run over the non-English languages and over all languages first.
 Writes table.md, table.tex, table.csv and a grouped bar chart of per-language R@1 (r1_bars.png)
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_loader.corpus import ENGLISH
+from model.rerank import RERANKERS
 from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config, value_when_missing
 from utils.errors import run_command
 
@@ -206,6 +210,21 @@ def group_runs(runs, by_name=False):
     for m, suffix in zip(methods, suffixes):
         m.label += suffix
     return methods
+
+
+def with_reranked_rows(methods):
+    """Each method followed by one method per re-ranker its runs report (test.py's result keys
+    ``<re-ranker>/<metric>``), holding those metrics under the plain names."""
+    out = []
+    for m in methods:
+        out.append(m)
+        for name, reranker in RERANKERS.items():
+            prefix = f"{name}/"
+            if all(any(k.startswith(prefix) for k in r.metrics) for r in m.runs):
+                runs = [Run(r.path, r.config, {k[len(prefix):]: v for k, v in r.metrics.items() if k.startswith(prefix)},
+                            r.source) for r in m.runs]
+                out.append(Method(f"{m.label} + {name} (over {reranker.data})", runs))
+    return out
 
 
 def parse_method(text):
@@ -402,6 +421,7 @@ def build_methods(args):
         methods += grouped
     if not methods:
         raise ReportError("nothing to report: pass run folders or --method NAME=DIR[,DIR...]")
+    methods = with_reranked_rows(methods)
     labels = [m.label for m in methods]
     dup = next((l for l in labels if labels.count(l) > 1), None)
     if dup:
