@@ -111,7 +111,7 @@ SCHEMA = {
                          "reference's RUDDER len(data), §9)"),
     "eval.multi_caption": ("average", str, ("average", "separate"),
                            "captions sharing a video id: averaged into one query, or ranked separately"),
-    "eval.rerank": ([], list, None,
+    "eval.rerank": ([], list[str], None,
                     "test-time re-rankers that test.py reports beside the raw scores (model/rerank.py): "
                     "dsl (dual softmax), qbnorm (querybank normalisation); [] = raw scores only"),
     "eval.rerank_dsl_temperature": (0.01, float, None,
@@ -119,7 +119,7 @@ SCHEMA = {
     "eval.rerank_qbnorm_beta": (20.0, float, None, "QB-Norm inverse temperature beta of the inverted softmax"),
     "eval.rerank_qbnorm_bank_size": (5000, int, None,
                                      "QB-Norm querybank: training captions drawn (seeded by 'seed'), at most this many"),
-    "eval.rerank_qbnorm_bank_languages": (None, (list, NULLABLE), None,
+    "eval.rerank_qbnorm_bank_languages": (None, (list[str], NULLABLE), None,
                                           "QB-Norm querybank languages: null = each evaluation language draws "
                                           "from its own training captions; a list = one mix drawn evenly from "
                                           "these languages, used for every evaluation language"),
@@ -194,6 +194,8 @@ RANGES = {
     "trainer.accumulation_steps": AT_LEAST_1, "trainer.max_skipped_steps": AT_LEAST_0,
     "trainer.max_steps_per_epoch": AT_LEAST_1,
     "eval.total_queries": AT_LEAST_1,
+    "eval.rerank_dsl_temperature": ABOVE_0, "eval.rerank_qbnorm_beta": ABOVE_0,
+    "eval.rerank_qbnorm_bank_size": AT_LEAST_1,
 }
 
 
