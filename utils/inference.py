@@ -340,8 +340,6 @@ class Retriever:
 
     def search(self, query, index, top=10):
         """The ``top`` best videos of ``index`` for ``query``: [(video_id, cosine score)], best first."""
-        if top < 1:
-            raise InferenceError(f"top = {top}: ask for at least 1 video")
         self.check_index(index)
         q = self.encode_texts([query])[0]
         return [(index.ids[i], float(s)) for i, s in index.search(q[None], top)[0]]
