@@ -21,12 +21,15 @@ demo: setup  # scripts/demo.sh builds (or reuses) the toy data and encoders
 	bash scripts/demo.sh
 
 # The search page's test drives a real headless Chromium: Debian's chromium and chromium-driver,
-# installed here when missing if we run as root with apt; elsewhere that test is skipped.
-browser:
+# installed here when missing if we run as root with apt; elsewhere that test is skipped. A failed
+# install is recorded in .venv and not retried (delete $(VENV)/.no-browser to try again).
+browser: setup
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ -e $(VENV)/.no-browser ]; then echo "chromium is not installed: the browser test will be skipped"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \
-	    || echo "could not install chromium: the browser test will be skipped"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver >/dev/null) \
+	    || { touch $(VENV)/.no-browser; echo "could not install chromium: the browser test will be skipped"; }; \
 	else echo "chromium is not installed (needs root and apt): the browser test will be skipped"; fi
 
 test: setup browser

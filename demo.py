@@ -14,7 +14,7 @@ from pathlib import Path
 
 from parse_config import select_device
 from utils.errors import run_command
-from utils.inference import (InferenceError, Retriever, VideoIndex, check_texts, find_video, read_videos,
+from utils.inference import (InferenceError, Retriever, VideoIndex, find_video, read_videos,
                              results_html)
 from utils.moments import matching_event, plot_moments, score_moments
 
@@ -26,17 +26,20 @@ def build_parser():
     search.add_argument("--videos", required=True, metavar="DATA", help="a data file the data layer reads")
     search.add_argument("--top", type=int, default=10, help="number of videos to print (default 10)")
     search.add_argument("--html", metavar="OUT.html", help="also write a self-contained HTML page of the results")
+    search.set_defaults(func=run_search)
     moments = commands.add_parser("moments", help="find the frames of one video that match a text query")
     moments.add_argument("--video", required=True, metavar="DATA:ID", help="data file and video id")
     moments.add_argument("--window", type=int, default=4, help="frames per window (default 4, stride 1)")
     moments.add_argument("--plot", metavar="OUT.png", help="write a PNG of the score over time")
     moments.add_argument("--event", type=int, metavar="N",
                          help="Multi-Toy: mark event N as the true segment (default: the event the query names)")
+    moments.set_defaults(func=run_moments)
     serve = commands.add_parser("serve", help="a local search page: queries in any language, moments of each hit")
     serve.add_argument("--videos", metavar="DATA", help="a data file the data layer reads: its videos are encoded "
                                                         "at start, and give the captions and the moments plots")
     serve.add_argument("--index", metavar="INDEX", help="a saved VideoIndex to search instead of encoding --videos")
-    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
+    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000; 0: any free port)")
+    serve.set_defaults(func=run_serve)
     for sub in (search, moments):
         sub.add_argument("--query", required=True, help="the text query, in any language")
     for sub in (search, moments, serve):
@@ -51,10 +54,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
 
-    def run():
-        retriever = Retriever.from_checkpoint(args.resume, select_device(args.device))
-        {"search": run_search, "moments": run_moments, "serve": run_serve}[args.command](retriever, args)
-    return run_command(run, args.debug)
+    return run_command(lambda: args.func(args), args.debug)
+
+
+def load_retriever(args):
+    return Retriever.from_checkpoint(args.resume, select_device(args.device))
 
 
 def read_data(retriever, path, args):
@@ -63,7 +67,8 @@ def read_data(retriever, path, args):
                        data.get("allow_duplicate_ids", False))
 
 
-def run_search(retriever, args):
+def run_search(args):
+    retriever = load_retriever(args)
     retriever.check_query(args.query)  # before the collection is encoded
     corpus = read_data(retriever, args.videos, args)
     hits = retriever.search(args.query, retriever.build_index(corpus.ids, corpus.features), top=args.top)
@@ -80,7 +85,8 @@ def run_search(retriever, args):
         print(f"wrote {args.html}")
 
 
-def run_moments(retriever, args):
+def run_moments(args):
+    retriever = load_retriever(args)
     path, sep, video_id = args.video.rpartition(":")
     if not sep or not path or not video_id:
         raise InferenceError(f"--video {args.video}: expected DATA:ID, a data file and a video id")
@@ -114,11 +120,12 @@ def run_moments(retriever, args):
         print(f"wrote {args.plot}")
 
 
-def run_serve(retriever, args):
+def run_serve(args):
     from utils.search_server import SearchService, bind_local, serve
     if not args.videos and not args.index:
         raise InferenceError("serve needs --videos DATA (encoded at start) or --index INDEX (a saved index)")
-    sock = bind_local(args.port)  # a busy port fails before the collection is encoded
+    sock = bind_local(args.port)  # a busy port fails before the checkpoint is loaded
+    retriever = load_retriever(args)
     corpus = read_data(retriever, args.videos, args) if args.videos else None
     index = (VideoIndex.load(args.index) if args.index
              else retriever.build_index(corpus.ids, corpus.features))

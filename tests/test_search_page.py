@@ -1,7 +1,11 @@
 """The live search page (`demo.py serve`), driven in a real headless Chromium, and the server's
 one-line errors. The browser test is skipped where Chromium and its driver are not installed
-(`make test` installs Debian's chromium and chromium-driver where it can)."""
+(`make test` installs Debian's chromium and chromium-driver where it can). With
+SEARCH_PAGE_SCREENSHOT=docs/search_page.png it writes the README's screenshot there."""
+import http.client
 import json
+import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -25,9 +29,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def serve_command(trained, port):
-    return [sys.executable, "demo.py", "serve", "-r", str(trained["checkpoint"]), "--videos",
-            str(trained["test_file"]), "--port", str(port), "-d", "cpu"]
+INJECTED = '<img src=x onerror="window.injected = 1">'  # markup in a caption must show as text
+
+
+def serve_command(checkpoint, videos, port):
+    return [sys.executable, "demo.py", "serve", "-r", str(checkpoint), "--videos", str(videos), "--port", str(port),
+            "-d", "cpu"]
 
 
 def get(url):
@@ -36,27 +43,38 @@ def get(url):
 
 
 @pytest.fixture(scope="module")
-def server(trained):
-    """`demo.py serve` in its own process on a free port, up once its page answers."""
+def server(trained, tmp_path_factory):
+    """`demo.py serve` in its own process on a free port, up once its page answers, serving the
+    Multi-Toy test set with markup appended to the English caption of one video: one its German
+    caption finds, outside the screenshot's results (those of video 3's German caption)."""
+    search, corpus = trained["retriever"].search, trained["corpus"]
+    shown = {vid for vid, _ in search(corpus.captions["de"][3][0], trained["index"])}
+    marked = next(i for i, vid in enumerate(corpus.ids) if vid not in shown
+                  and vid in {v for v, _ in search(corpus.captions["de"][i][0], trained["index"])})
+    items = pickle.loads(Path(trained["test_file"]).read_bytes())
+    items[marked]["eval_caption_en"] += " " + INJECTED
+    videos = tmp_path_factory.mktemp("served") / "multi_toy_test.pkl"
+    videos.write_bytes(pickle.dumps(items))
     port = free_port()
-    process = subprocess.Popen(serve_command(trained, port), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(serve_command(trained["checkpoint"], videos, port), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}: {process.stderr.read()[-2000:]}")
-        try:
-            if get(url + "/")[0] == 200:
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                process.kill()
-                pytest.fail("the server did not answer within 180 s")
-            time.sleep(0.5)
-    yield {"url": url, "port": port}
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the server exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+            try:
+                if get(url + "/")[0] == 200:
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the server did not answer within 180 s")
+                time.sleep(0.5)
+        yield {"url": url, "port": port, "videos": videos, "marked": marked}
+    finally:
+        process.kill()
+        process.wait(timeout=30)
 
 
 @pytest.fixture
@@ -112,7 +130,7 @@ def test_a_query_in_the_browser_finds_the_video_and_plots_its_moments(trained, s
     wait_for(browser, lambda d: d.execute_script("return arguments[0].naturalWidth", plot) > 100)
     assert f"video {video}: best segment frames" in browser.find_element(By.ID, "moments").text
 
-    shot = tmp_path / "search_page.png"
+    shot = Path(os.environ.get("SEARCH_PAGE_SCREENSHOT") or tmp_path / "search_page.png")
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -121,6 +139,28 @@ def test_a_query_in_the_browser_finds_the_video_and_plots_its_moments(trained, s
         submit(browser, text)
         wait_for(browser, lambda d: message in d.find_element(By.ID, "message").text)
         assert not browser.find_element(By.ID, "results").is_displayed()
+
+
+def test_markup_in_captions_and_queries_shows_as_text(trained, server, browser):
+    from selenium.webdriver.common.by import By
+    browser.get(server["url"] + "/")
+    marked = server["marked"]
+    submit(browser, trained["corpus"].captions["de"][marked][0])
+    row = wait_for(browser, lambda d: d.find_elements(By.ID, f"hit-{trained['corpus'].ids[marked]}"))[0]
+    assert INJECTED in row.text  # the caption's markup, as characters
+    submit(browser, "<b>a cup</b> " + INJECTED)
+    wait_for(browser, lambda d: d.find_element(By.ID, "status").text.startswith("10 of 200 videos in "))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#results img, #results b")
+    assert browser.execute_script("return window.injected") is None
+
+
+def test_a_request_for_another_host_name_is_refused(server):
+    """DNS rebinding: a page of another site whose name now points at 127.0.0.1."""
+    for host, status in (("evil.example", 400), (f"localhost:{server['port']}", 200)):
+        connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=30)
+        connection.request("GET", "/api/search?q=a+cup", headers={"Host": host})
+        assert connection.getresponse().status == status, host
+        connection.close()
 
 
 def test_the_api_answers_bad_queries_with_400_and_a_message(server):
@@ -133,9 +173,10 @@ def test_the_api_answers_bad_queries_with_400_and_a_message(server):
     assert json.loads(raised.value.read()) == {"error": "unknown video id 'nope'"}
 
 
-def test_a_second_server_on_the_same_port_exits_2_with_one_line(trained, server):
-    result = subprocess.run(serve_command(trained, server["port"]), cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+def test_a_second_server_on_the_same_port_exits_2_with_one_line(server, tmp_path):
+    # The port is bound before the checkpoint is read: a missing one shows it is never loaded.
+    result = subprocess.run(serve_command(tmp_path / "no.pt", server["videos"], server["port"]), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: port {server['port']} on 127.0.0.1 is in use (a server may already run there): "
@@ -147,3 +188,27 @@ def test_unreadable_means_unknown_tokens_only(trained):
     assert retriever.unreadable(UNREADABLE) and retriever.unreadable("🙂 🙂")
     assert not retriever.unreadable("someone washes a cup")
     assert not retriever.unreadable("人が台所で玉ねぎを切る")  # mostly unknown, but two characters are read
+
+
+def test_a_restarted_server_binds_a_port_with_connections_in_time_wait():
+    from utils.search_server import bind_local
+    listener = bind_local(0)
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+    client.close()
+    listener.close()
+    bind_local(port).close()
+
+
+def test_bad_ports_and_an_index_of_another_size_are_one_line_errors(trained, capsys):
+    import demo
+    import torch
+    from utils.inference import InferenceError, VideoIndex
+    from utils.search_server import SearchService
+    assert demo.main(["serve", "-r", "no.pt", "--videos", "no.pkl", "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --port 70000: expected 1 to 65535 (0: any free port)"]
+    index = VideoIndex(["a", "b"], torch.nn.functional.normalize(torch.randn(2, 7), dim=1))
+    with pytest.raises(InferenceError, match="the index holds 7-d embeddings but this model makes"):
+        SearchService(trained["retriever"], index)

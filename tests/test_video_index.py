@@ -57,7 +57,7 @@ def test_ivf_recall_grows_with_the_cells_it_scans():
 def test_faiss_index_saved_beside_the_safetensors_file_and_read_back(tmp_path):
     index = random_index(method=FaissIVF(nlist=16, nprobe=3))
     path = index.save(tmp_path / "videos.safetensors")
-    assert (tmp_path / "videos.faiss").is_file()
+    assert len(list(tmp_path.glob("videos.*.faiss"))) == 1
     loaded = VideoIndex.load(path)
     assert loaded.method == FaissIVF(nlist=16, nprobe=3) and loaded.ids == index.ids
     assert torch.equal(loaded.embeddings, index.embeddings)
@@ -68,7 +68,7 @@ def test_faiss_index_saved_beside_the_safetensors_file_and_read_back(tmp_path):
     assert positions(reference.search(q, 10)) == positions(random_index().search(q, 10))
     # A torch index writes no FAISS file and reads back as a torch index.
     random_index().save(tmp_path / "plain.safetensors")
-    assert not (tmp_path / "plain.faiss").exists()
+    assert not list(tmp_path.glob("plain*.faiss"))
     assert isinstance(VideoIndex.load(tmp_path / "plain.safetensors").method, TorchExact)
 
 
@@ -86,11 +86,39 @@ def test_bad_faiss_parameters_and_files_are_one_line_errors(tmp_path):
         random_index(n=50, method=FaissIVF(nlist=64, nprobe=8)).build()
     with pytest.raises(InferenceError, match="nprobe = 20: expected 1 to nlist = 16"):
         random_index(method=FaissIVF(nlist=16, nprobe=20)).build()
-    random_index(method=FaissExact()).save(tmp_path / "a.safetensors")
-    random_index(n=10, method=FaissExact()).save(tmp_path / "b.safetensors")
-    (tmp_path / "b.faiss").replace(tmp_path / "a.faiss")  # the FAISS file of another collection
-    with pytest.raises(InferenceError, match=r"a.faiss: holds 10 videos, a.safetensors 2000; save the index again"):
-        VideoIndex.load(tmp_path / "a.safetensors")
-    (tmp_path / "a.faiss").write_bytes(b"garbage")
-    with pytest.raises(InferenceError, match="a.faiss: not a readable FAISS index"):
-        VideoIndex.load(tmp_path / "a.safetensors")
+    with pytest.raises(InferenceError, match="top = 0: ask for at least 1 video"):
+        random_index(n=50, method=FaissExact()).search(queries(2), 0)
+    with pytest.raises(InferenceError, match=r"videos.faiss: an index is saved as a safetensors file"):
+        random_index(n=50, method=FaissExact()).save(tmp_path / "videos.faiss")
+    assert not (tmp_path / "videos.faiss").exists()
+    index = random_index(n=30)
+    save_file({"embeddings": index.embeddings}, str(tmp_path / "odd.safetensors"),
+              metadata={"format": "c2kd-video-index", "ids": json.dumps(index.ids),
+                        "method": json.dumps({"name": "FaissIVF", "params": {"nlist": 4, "nprobe": 2, "cells": 3}})})
+    with pytest.raises(InferenceError, match="odd.safetensors: bad parameters of search method FaissIVF .*'cells'"):
+        VideoIndex.load(tmp_path / "odd.safetensors")
+
+
+def test_a_faiss_file_of_another_collection_of_the_same_size_is_refused(tmp_path):
+    random_index(method=FaissExact(), seed=0).save(tmp_path / "a" / "videos.safetensors")
+    random_index(method=FaissExact(), seed=1).save(tmp_path / "b" / "videos.safetensors")
+    [a_file], [b_file] = (tmp_path / "a").glob("*.faiss"), (tmp_path / "b").glob("*.faiss")
+    b_file.replace(a_file)  # same size, other vectors: only a check of the content can tell
+    with pytest.raises(InferenceError, match=r"a/videos\.\w{8}\.faiss: not the FAISS index saved with these "):
+        VideoIndex.load(tmp_path / "a" / "videos.safetensors")
+    # Saving another collection at the same path replaces the FAISS file whole, old name removed.
+    index = random_index(n=500, method=FaissExact(), seed=2)
+    index.save(tmp_path / "a" / "videos.safetensors")
+    assert [f.name for f in (tmp_path / "a").glob("*.faiss")] != [a_file.name]
+    assert len(list((tmp_path / "a").glob("*.faiss*"))) == 1
+    assert VideoIndex.load(tmp_path / "a" / "videos.safetensors").search(queries(5), 5) == index.search(queries(5), 5)
+
+
+def test_a_failed_faiss_write_is_one_line_and_leaves_no_new_safetensors(tmp_path):
+    index = random_index(n=200, method=FaissExact())
+    index.save(tmp_path / "a" / "videos.safetensors")
+    [name] = [f.name for f in (tmp_path / "a").glob("*.faiss")]
+    (tmp_path / "b" / f"{name}.tmp").mkdir(parents=True)  # faiss cannot open its temporary file
+    with pytest.raises(InferenceError, match=rf"{name}: cannot write the FAISS index \("):
+        index.save(tmp_path / "b" / "videos.safetensors")
+    assert not (tmp_path / "b" / "videos.safetensors").exists()

@@ -7,7 +7,8 @@
 
 An index searches by brute force in torch (``TorchExact``, the reference) unless built with a FAISS
 method: ``FaissExact`` (the same ranking) or ``FaissIVF`` (approximate, for large collections), e.g.
-``retriever.build_index(ids, features, method=FaissIVF(nlist=1024, nprobe=256))``.
+``retriever.build_index(ids, features, method=FaissIVF(nlist=4096, nprobe=2048))``; check its
+``nprobe`` against ``TorchExact`` on your own collection (docs/benchmark.md).
 
 Texts go through the checkpoint's own tokenizer (any language it can read, truncated to
 ``data.max_words_eval`` tokens), as typed, or regex-cleaned when the checkpoint is an English-input
@@ -16,8 +17,10 @@ query to such a teacher is taken as English and read as its English captions wer
 layer's ``video_tokens`` (the first ``data.n_video_tokens`` frames, each L2-normalised). Embeddings are L2-normalised, so a score is
 the cosine similarity that evaluation ranks by.
 """
+import hashlib
 import html
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,7 +74,6 @@ class _TorchSearch:
 
 class _FaissMethod:
     """A FAISS index over the embeddings, written to a file of its own by ``VideoIndex.save``."""
-    on_gpu = True  # faiss has GPU versions of the flat and IVF indexes
 
     def build(self, embeddings):
         faiss = _faiss()
@@ -80,8 +82,15 @@ class _FaissMethod:
         index.add(vectors)
         return _FaissSearch(self, index)
 
-    def read(self, path):
+    def read(self, path, sha256):
+        """The index in ``path``, which must be the file whose SHA-256 the safetensors file records:
+        a FAISS file of another collection (or an older save) would rank silently wrong."""
         faiss = _faiss()
+        if not path.is_file():
+            raise InferenceError(f"{path}: FAISS index file not found; save the index again")
+        if file_sha256(path) != sha256:
+            raise InferenceError(f"{path}: not the FAISS index saved with these embeddings (its SHA-256 differs "
+                                 "from the one the safetensors file records); save the index again")
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as e:
@@ -93,12 +102,12 @@ class _FaissMethod:
 
 
 class _FaissSearch:
-    """A built FAISS index, on every GPU that faiss sees (a faiss GPU build on a GPU machine), else
-    on the CPU."""
+    """A built FAISS index, on every GPU that faiss sees (a faiss GPU build on a GPU machine: it
+    has GPU versions of the flat and IVF indexes), else on the CPU."""
 
     def __init__(self, method, index):
         faiss = _faiss()
-        self.method, self.on_gpu = method, method.on_gpu and faiss.get_num_gpus() > 0
+        self.method, self.on_gpu = method, faiss.get_num_gpus() > 0
         self.index = faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index
         self.space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
 
@@ -111,8 +120,27 @@ class _FaissSearch:
         return torch.from_numpy(scores), torch.from_numpy(positions)  # position -1: fewer than k found
 
     def write(self, path):
+        """Write the index to ``path`` (through a temporary file: an existing file is replaced whole or
+        not at all); returns the file's SHA-256."""
         faiss = _faiss()
-        faiss.write_index(faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index, str(path))
+        temporary = path.with_name(path.name + ".tmp")
+        try:
+            faiss.write_index(faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index, str(temporary))
+            digest = file_sha256(temporary)
+            os.replace(temporary, path)
+        except (RuntimeError, OSError) as e:
+            if temporary.is_file():
+                temporary.unlink()
+            raise InferenceError(f"{path}: cannot write the FAISS index ({first_line(e)})") from None
+        return digest
+
+
+def file_sha256(path, block=1 << 24):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -127,9 +155,12 @@ class FaissExact(_FaissMethod):
 class FaissIVF(_FaissMethod):
     """Approximate: k-means splits the collection into ``nlist`` cells (trained on at most
     ``train_per_cell`` videos per cell), and a query scans its ``nprobe`` nearest cells. More
-    cells scanned: higher recall, slower queries; ``nprobe`` can be changed on a built index."""
-    nlist: int = 1024
-    nprobe: int = 256
+    cells scanned: higher recall, slower queries; ``nprobe`` can be changed on a built index.
+    Both are required: no setting suits every collection. About 4 * sqrt(N) cells is a common
+    start; on random vectors (docs/benchmark.md) recall@10 reached 0.95 only when scanning 7/8 of
+    the cells (0.49 at 1/4), so measure recall against ``TorchExact`` on your own collection."""
+    nlist: int
+    nprobe: int
     train_per_cell: int = 64
     seed: int = 0
 
@@ -184,23 +215,37 @@ class VideoIndex:
     def search(self, queries, top):
         """The ``top`` best videos for each of ``queries`` [Q, P]: a list per query of (position,
         score), best first (an approximate method may find fewer)."""
+        if top < 1:
+            raise InferenceError(f"top = {top}: ask for at least 1 video")
         scores, positions = self.build()._searcher.search(queries.float().cpu().contiguous(), min(top, len(self)))
         return [[(i, s) for i, s in zip(p, sc) if i >= 0] for p, sc in zip(positions.tolist(), scores.tolist())]
 
     def save(self, path):
+        """Write the index to ``path`` (a safetensors file). A FAISS method's index goes first to
+        ``<stem>.<hash>.faiss`` beside it, its SHA-256 recorded in the safetensors file, so that a
+        load never pairs the embeddings with another save's FAISS file; each file is replaced whole."""
         path = Path(path)
+        if path.suffix == ".faiss":
+            raise InferenceError(f"{path}: an index is saved as a safetensors file (e.g. "
+                                 f"{path.with_suffix('.safetensors').name}); its FAISS file is written beside it")
         method = {"name": type(self.method).__name__, "params": asdict(self.method)}
-        structure = path.with_suffix(".faiss") if isinstance(self.method, _FaissMethod) else None
-        if structure is not None:
-            method["file"] = structure.name
+        previous = _saved_file(path)  # the FAISS file of the save this one replaces
+        temporary = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"embeddings": self.embeddings}, str(path),
+            if isinstance(self.method, _FaissMethod):
+                content = hashlib.sha256(self.embeddings.numpy())
+                content.update(json.dumps(self.ids).encode())
+                structure = path.with_name(f"{path.stem}.{content.hexdigest()[:8]}.faiss")
+                method.update(file=structure.name, sha256=self.build()._searcher.write(structure))
+            save_file({"embeddings": self.embeddings}, str(temporary),
                       metadata={"format": INDEX_FORMAT, "ids": json.dumps(self.ids), "method": json.dumps(method)})
-            if structure is not None:
-                self.build()._searcher.write(structure)
+            os.replace(temporary, path)
         except OSError as e:
+            temporary.unlink(missing_ok=True)
             raise InferenceError(f"{path}: cannot write the index ({e.strerror or e})") from None
+        if previous and previous != method.get("file"):
+            (path.parent / previous).unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -228,13 +273,24 @@ class VideoIndex:
         if saved.get("name") not in SEARCH_METHODS:
             raise InferenceError(f"{path}: unknown search method {saved.get('name')!r} "
                                  f"(expected one of {', '.join(SEARCH_METHODS)})")
-        index = cls(ids, embeddings, SEARCH_METHODS[saved["name"]](**saved["params"]))
+        try:
+            method = SEARCH_METHODS[saved["name"]](**saved.get("params", {}))
+        except TypeError as e:
+            raise InferenceError(f"{path}: bad parameters of search method {saved['name']} ({e})") from None
+        index = cls(ids, embeddings, method)
         if "file" in saved:
-            index._searcher = index.method.read(path.parent / saved["file"])
-            if len(index._searcher) != len(index):
-                raise InferenceError(f"{path.parent / saved['file']}: holds {len(index._searcher)} videos, "
-                                     f"{path.name} {len(index)}; save the index again")
+            index._searcher = method.read(path.parent / saved["file"], saved.get("sha256"))
         return index
+
+
+def _saved_file(path):
+    """The name of the FAISS file that the index saved at ``path`` names, if any."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["method"]).get("file") if meta.get("format") == INDEX_FORMAT else None
+    except (SafetensorError, OSError, KeyError, ValueError):
+        return None
 
 
 class Retriever:
@@ -311,13 +367,16 @@ class Retriever:
 
     def search(self, query, index, top=10):
         """The ``top`` best videos of ``index`` for ``query``: [(video_id, cosine score)], best first."""
-        if top < 1:
-            raise InferenceError(f"top = {top}: ask for at least 1 video")
+        self.check_index(index)
         q = self.encode_texts([query])[0]
-        if index.embeddings.shape[1] != len(q):
-            raise InferenceError(f"the index holds {index.embeddings.shape[1]}-d embeddings but this model "
-                                 f"makes {len(q)}-d ones; rebuild the index with this checkpoint")
         return [(index.ids[i], float(s)) for i, s in index.search(q[None], top)[0]]
+
+    def check_index(self, index):
+        """An index of embeddings of another size than this model's is an InferenceError."""
+        size = self.config["model"]["projection_dim"]
+        if index.embeddings.shape[1] != size:
+            raise InferenceError(f"the index holds {index.embeddings.shape[1]}-d embeddings but this model "
+                                 f"makes {size}-d ones (model.projection_dim); rebuild the index with this checkpoint")
 
     def check_features(self, features, name="the video"):
         """``features`` as a float32 [frames, feature_dim] array; another shape is an InferenceError."""

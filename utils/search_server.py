@@ -31,7 +31,12 @@ HOST = "127.0.0.1"  # local only: the page runs a model for whoever can reach it
 def bind_local(port):
     """A listening socket on 127.0.0.1:``port``, bound before the collection is encoded so that a
     busy port fails at once. A port in use is an InferenceError."""
+    if not 0 <= port <= 65535:
+        raise InferenceError(f"--port {port}: expected 1 to 65535 (0: any free port)")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # A restarted server may reuse a port whose old connections linger in TIME_WAIT; Linux still
+    # refuses a port that another socket listens on.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((HOST, port))
     except OSError as e:
@@ -55,6 +60,7 @@ class SearchService:
         if missing:
             raise InferenceError(f"{corpus.path}: has no video '{missing[0]}' of the index ({len(missing)} of "
                                  f"{len(index)} missing); give the data file the index was built from")
+        retriever.check_index(index)
         index.build()  # a FAISS index is built now, not on the first query
         # One request at a time: a fast tokenizer raises when two threads call it at once.
         self._lock = threading.Lock()
@@ -108,8 +114,11 @@ def build_app(service):
     """The FastAPI application of ``service``: the page and its two JSON endpoints."""
     from fastapi import FastAPI, Query
     from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="C2KD video search", docs_url=None, redoc_url=None, openapi_url=None)
+    # A page of another site must not reach the server through a DNS name rebound to 127.0.0.1.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[HOST, "localhost"])
 
     def answer(compute):
         try:
