@@ -231,3 +231,30 @@ def test_every_stage_starts_from_the_same_student_at_one_seed(setup, monkeypatch
     c2kd, translate_train = initial["c2kd"], initial["translate-train"]
     assert c2kd.keys() == translate_train.keys()
     assert all(torch.equal(c2kd[k], translate_train[k]) for k in c2kd)
+
+
+@pytest.mark.parametrize("saved_clean, expected", [(True, (True, True)), (None, (False, False))])
+def test_a_checkpoint_saved_before_model_role_reads_english_alike_in_every_loader(setup, saved_clean, expected):
+    """A teacher saved before model.role existed, with data.clean_english true (it trained on cleaned
+    English) or without it (it trained on English as written), reads English the same way when it is
+    distilled from, searched with, evaluated by test.py and resumed by train.py."""
+    from data_loader.dataset import EnglishReading
+    from parse_config import build_parser, config_from_args
+    from trainer.teachers import load_teacher
+    from utils.inference import Retriever
+
+    state = load_checkpoint(setup["teachers"][0])
+    del state["config"]["model"]["role"]
+    if saved_clean is None:
+        del state["config"]["data"]["clean_english"]
+    else:
+        state["config"]["data"]["clean_english"] = saved_clean
+    path = save_checkpoint(state, setup["tmp"] / f"old_style_clean{saved_clean}.pt")
+    readings = {
+        "distilled": load_teacher(path, state["config"]["data"]["feature_dim"], "cpu").english,
+        "searched": EnglishReading.of(Retriever.from_checkpoint(path).config),
+    }
+    for command, train in (("test.py -r", False), ("train.py -r", True)):
+        args = build_parser(command, train).parse_args(["-r", str(path)])
+        readings[command] = EnglishReading.of(config_from_args(args, flatten_config(state["config"]), path))
+    assert {name: (r.teacher, r.clean) for name, r in readings.items()} == dict.fromkeys(readings, expected)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from data_loader.corpus import ENGLISH
 from model.rerank import RERANKERS
-from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config, value_when_missing
+from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config, upgrade_saved_config
 from utils.errors import run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
@@ -102,16 +102,12 @@ def find_run_dirs(path):
     return found
 
 
-def values_when_missing():
-    """Every config key at what a run whose config lacks it ran with (an older run, written before
-    the key existed): that is the value grouped and compared."""
-    return {key: value_when_missing(key) for key in SCHEMA}
-
-
-def load_run(path, include_unfinished=False, defaults=None):
-    """The run in ``path``; None (with a note on stderr) for an unfinished run unless asked for."""
+def load_run(path, include_unfinished=False):
+    """The run in ``path``; None (with a note on stderr) for an unfinished run unless asked for. A key
+    its config lacks counts at what runs written before the key existed did: that value is grouped
+    and compared."""
     path = Path(path)
-    config = {**(defaults or {}), **flatten_config(_read_json(path / "config.json"))}
+    config = upgrade_saved_config(flatten_config(_read_json(path / "config.json")))
     info = _read_json(path / "run.json")
     status = info.get("status", "UNKNOWN")
     if status != "COMPLETED" and not include_unfinished:
@@ -136,14 +132,13 @@ def load_run(path, include_unfinished=False, defaults=None):
 
 def load_runs(paths, include_unfinished=False):
     runs, seen = [], set()
-    defaults = values_when_missing()
     for p in paths:
         for d in find_run_dirs(p):
             key = d.resolve()
             if key in seen:
                 continue
             seen.add(key)
-            run = load_run(d, include_unfinished, defaults)
+            run = load_run(d, include_unfinished)
             if run is not None:
                 runs.append(run)
     return runs
