@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, get_args, get_origin
 
-from data_loader.corpus import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELDS
+from data_loader.corpus import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDENT_ENGLISH_FIELDS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
@@ -382,9 +382,10 @@ def _check_combinations(flat):
     if flat["eval.denominator"] == "file_items" and flat["eval.multi_caption"] == "separate":
         raise ConfigError("config key 'eval.denominator' = 'file_items' counts videos and needs "
                           "'eval.multi_caption' = 'average', not 'separate'")
-    if flat["data.student_english"] != "shared" and flat["data.layout"] != "multi-youcook2":
+    if flat["data.student_english"] != "shared" and "student_english" not in READER_OPTIONS.get(flat["data.layout"], ()):
+        takers = ", ".join(f"'{layout}'" for layout, options in READER_OPTIONS.items() if "student_english" in options)
         raise ConfigError(f"config key 'data.student_english' = '{flat['data.student_english']}' is for "
-                          f"'data.layout' = 'multi-youcook2' (it is '{flat['data.layout']}'); set it to 'shared'")
+                          f"'data.layout' = {takers} (it is '{flat['data.layout']}'); set it to 'shared'")
     if flat["eval.total_queries"] is not None and flat["eval.multi_caption"] == "separate":
         raise ConfigError("config key 'eval.total_queries' counts videos (the reference's complete dataset size) "
                           "and needs 'eval.multi_caption' = 'average', not 'separate'")
