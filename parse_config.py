@@ -105,6 +105,10 @@ SCHEMA = {
                        "ground truth tied with others: averaging = expected rank and R@K under a random "
                        "order of the tied items; the reference is optimistic"),
     "eval.total_queries": (None, (int, NULLABLE), None, "R@K denominator when the file lacks some queries"),
+    "eval.total_queries_items": (None, (int, NULLABLE), None,
+                                 "the number of evaluation-file items eval.total_queries is for: a file holding "
+                                 "another number is scored as eval.denominator says (the reference's MSR-VTT rule: "
+                                 "1000 for its 968-item file, else the rows ranked, §1.6); null = always"),
     "eval.denominator": ("ranked", str, ("ranked", "file_items"),
                          "R@K denominator when eval.total_queries is null: ranked = the queries ranked in each "
                          "language; file_items = the items of the evaluation file, also when ids repeat (the "
@@ -203,6 +207,7 @@ RANGES = {
     "trainer.accumulation_steps": AT_LEAST_1, "trainer.max_skipped_steps": AT_LEAST_0,
     "trainer.max_steps_per_epoch": AT_LEAST_1,
     "eval.total_queries": AT_LEAST_1,
+    "eval.total_queries_items": AT_LEAST_1,
     "eval.rerank_dsl_temperature": ABOVE_0, "eval.rerank_qbnorm_beta": ABOVE_0,
     "eval.rerank_qbnorm_bank_size": AT_LEAST_1,
 }
@@ -386,6 +391,9 @@ def _check_combinations(flat):
         takers = ", ".join(f"'{layout}'" for layout, options in READER_OPTIONS.items() if "student_english" in options)
         raise ConfigError(f"config key 'data.student_english' = '{flat['data.student_english']}' is for "
                           f"'data.layout' = {takers} (it is '{flat['data.layout']}'); set it to 'shared'")
+    if flat["eval.total_queries_items"] is not None and flat["eval.total_queries"] is None:
+        raise ConfigError("config key 'eval.total_queries_items' says which file 'eval.total_queries' is for; "
+                          "set 'eval.total_queries' too, or 'eval.total_queries_items' = null")
     if flat["eval.total_queries"] is not None and flat["eval.multi_caption"] == "separate":
         raise ConfigError("config key 'eval.total_queries' counts videos (the reference's complete dataset size) "
                           "and needs 'eval.multi_caption' = 'average', not 'separate'")

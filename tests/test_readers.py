@@ -146,6 +146,16 @@ def test_msrvtt_968_videos_scored_against_1000(tmp_path, capsys):
     assert check_main(capsys, test)[1].count("eval.total_queries = 1000") == 1
 
 
+def test_msrvtt_parity_scores_against_1000_only_the_968_item_file(tmp_path):
+    """The reference's MSR-VTT rule (§1.6): 1000 for a file of 968 items, else the rows ranked."""
+    from parse_config import load_flat, resolve
+    from trainer.evaluate import recall_denominator
+    parity = resolve(load_flat(ROOT / "configs" / "msrvtt" / "clip" / "parity.json"))["eval"]
+    for n, expected in ((968, 1000), (20, None)):
+        path = dump(tmp_path / f"test{n}.pkl", msrvtt_items(n, "eval", dim=4, langs=["en"]))
+        assert recall_denominator(parity, read_corpus(path, "multi-msrvtt", "2d", "eval")) == expected
+
+
 # ---- YouCook2 ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, dim", [("s3d", 1024), ("2d_raw", 512)])
@@ -273,10 +283,10 @@ def test_rudder_denominator_counts_the_file_items_as_the_reference(tmp_path):
     items = rudder_items()
     items[4]["id"] = "r3"
     c = read_corpus(dump(tmp_path / "rudder_test.pkl", items), "rudder", "2d", "eval", languages=["en", "hi"])
-    denominators = {mode: recall_denominator({"total_queries": None, "denominator": mode}, c)
-                    for mode in ("ranked", "file_items")}
+    unset = {"total_queries": None, "total_queries_items": None}
+    denominators = {mode: recall_denominator({**unset, "denominator": mode}, c) for mode in ("ranked", "file_items")}
     assert denominators == {"ranked": None, "file_items": 5}
-    assert recall_denominator({"total_queries": 7, "denominator": "ranked"}, c) == 7
+    assert recall_denominator({"total_queries": 7, "total_queries_items": None, "denominator": "ranked"}, c) == 7
     out = perfect_eval(c, total_queries=denominators["file_items"])
     assert out["en"]["t2v"]["num_queries"] == 3  # items 0, 1 and 3+4 (one id); item 2 has no en
     assert out["en"]["t2v"]["R1"] == pytest.approx(100 * 3 / 5)

@@ -196,11 +196,12 @@ def rerank_metrics(scores, rerankers, eval_cfg, bank_embeddings=None, device="cp
 
 
 def recall_denominator(eval_cfg, corpus):
-    """The R@K denominator of an evaluation of ``corpus``: ``eval.total_queries`` when set; the
-    number of items in the evaluation file under ``eval.denominator = file_items`` (the reference's
-    RUDDER ``len(data)``, which counts items sharing an id once each, §9); else None, the queries
-    ranked in each language."""
-    if eval_cfg["total_queries"] is not None:
+    """The R@K denominator of an evaluation of ``corpus``: ``eval.total_queries`` when set (and, with
+    ``eval.total_queries_items``, when the file holds that many items); the number of items in the
+    evaluation file under ``eval.denominator = file_items`` (the reference's RUDDER ``len(data)``,
+    which counts items sharing an id once each, §9); else None, the queries ranked in each language."""
+    for_items = eval_cfg["total_queries_items"]
+    if eval_cfg["total_queries"] is not None and for_items in (None, len(corpus)):
         return eval_cfg["total_queries"]
     return len(corpus) if eval_cfg["denominator"] == "file_items" else None
 
