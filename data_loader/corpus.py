@@ -249,6 +249,8 @@ def caption_list(value, path, index, key):
 YOUCOOK2_RENAMES = {"cz": "cs"}
 
 
+# The field of a multi-youcook2 item whose English the teachers read (and the student under "shared").
+TEACHER_ENGLISH_FIELD = "caption"
 # data.student_english: which field of a multi-youcook2 item the student's English comes from.
 STUDENT_ENGLISH_FIELDS = ("shared", "caption_en")
 
@@ -282,7 +284,7 @@ def read_multi_youcook2(path, feature_key, split, items=None, student_english="s
                 raise DataFileError(f"{path}: item {i} has captions for '{lang}' under two keys "
                                     f"(caption_{lang} and its released alias)")
             found[lang] = caption_list(value, path, i, key)
-        english = item.get("caption", item.get("caption_en"))
+        english = item.get(TEACHER_ENGLISH_FIELD, item.get("caption_en"))
         if english is None:
             raise DataFileError(f"{path}: item {i} has no English 'caption' (is this a YouCook2 file?)")
         teacher_english.append(caption_list(english, path, i, "caption"))
