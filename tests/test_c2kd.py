@@ -258,3 +258,19 @@ def test_a_checkpoint_saved_before_model_role_reads_english_alike_in_every_loade
         args = build_parser(command, train).parse_args(["-r", str(path)])
         readings[command] = EnglishReading.of(config_from_args(args, flatten_config(state["config"]), path))
     assert {name: (r.teacher, r.clean) for name, r in readings.items()} == dict.fromkeys(readings, expected)
+
+
+def test_querybank_english_is_read_as_the_model_reads_english(setup):
+    """QB-Norm's querybank captions are tokenized as the model's own captions: regex-cleaned English
+    for a teacher of a dataset whose teachers read it so, as written for a student of that dataset."""
+    from model.model import model_from_checkpoint
+    from trainer.evaluate import embed_querybanks
+    state = load_checkpoint(setup["teachers"][0])
+    model, tokenizer = model_from_checkpoint(state["config"], state, setup["teachers"][0])
+    typed, plain = "a dog, (running) on grass!", "a dog running on grass"
+    banks = {}
+    for role in ("student", "teacher"):
+        config = resolve({**flatten_config(state["config"]), "model.role": role, "data.clean_english": True})
+        bank = embed_querybanks(model, tokenizer, {"en": [("en", typed), ("en", plain)]}, config)["en"]
+        banks[role] = torch.equal(bank[0], bank[1])
+    assert banks == {"student": False, "teacher": True}

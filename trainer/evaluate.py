@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, STUDENT, TokenTable
+from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TokenTable
 from model.metric import STATS, EmbeddingScores, mean_rows, retrieval_metrics_from_embeddings, with_mean_rows
 from model.model import load_tokenizer
 from model.rerank import build_rerankers
@@ -162,6 +162,7 @@ def embed_querybanks(model, tokenizer, banks, config):
     """{evaluation language: [bank, P] L2-normalised embeddings of its querybank's captions},
     tokenized as evaluation captions are."""
     data, pool_with_student_mask = config["data"], config["model"]["pool_with_student_mask"]
+    clean_english = EnglishReading.of(config).clean  # bank captions are read as the model reads captions
     pool_tokenizer = load_tokenizer(config["model"]["pool_mask_tokenizer"]) if pool_with_student_mask else None
     model.eval()
     out = {}
@@ -169,7 +170,7 @@ def embed_querybanks(model, tokenizer, banks, config):
         parts = []
         for caption_lang in dict.fromkeys(cl for cl, _ in pairs):
             captions = [[c] for cl, c in pairs if cl == caption_lang]
-            clean = data["clean_english"] and caption_lang == ENGLISH
+            clean = clean_english and caption_lang == ENGLISH
             table = TokenTable(captions, tokenizer, data["max_words_eval"], clean)
             pool = TokenTable(captions, pool_tokenizer, data["max_words_eval"], False).attention_mask \
                 if pool_tokenizer is not None else None
