@@ -8,7 +8,8 @@
 A run is a Sacred run folder written by train.py (``config.json`` and ``run.json``). Its numbers
 are ``run.json``'s ``result`` (the metrics of the last epoch), or, where that is missing, the last
 value of every ``val.*`` series in ``metrics.json``. A config key missing from an older run's
-``config.json`` counts as its current default (parse_config.SCHEMA). A directory that is not a run folder is
+``config.json`` counts at what runs written before the key existed did
+(parse_config.upgrade_saved_config). A directory that is not a run folder is
 searched for run folders (``_sources`` and ``test_runs`` folders are skipped).
 
 Methods (table rows) are formed in one of three ways, and a row never averages runs whose
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from data_loader.corpus import ENGLISH
 from model.rerank import RERANKERS
-from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config, upgrade_saved_config
+from parse_config import RESULT_NEUTRAL_KEYS, config_differences, flatten_config, upgrade_saved_config
 from utils.errors import run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
