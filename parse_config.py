@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, get_args, get_origin
 
-from data_loader.corpus import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELDS
+from data_loader.corpus import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDENT_ENGLISH_FIELDS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
@@ -105,6 +105,10 @@ SCHEMA = {
                        "ground truth tied with others: averaging = expected rank and R@K under a random "
                        "order of the tied items; the reference is optimistic"),
     "eval.total_queries": (None, (int, NULLABLE), None, "R@K denominator when the file lacks some queries"),
+    "eval.total_queries_items": (None, (int, NULLABLE), None,
+                                 "the number of evaluation-file items eval.total_queries is for: a file holding "
+                                 "another number is scored as eval.denominator says (the reference's MSR-VTT rule: "
+                                 "1000 for its 968-item file, else the rows ranked, §1.6); null = always"),
     "eval.denominator": ("ranked", str, ("ranked", "file_items"),
                          "R@K denominator when eval.total_queries is null: ranked = the queries ranked in each "
                          "language; file_items = the items of the evaluation file, also when ids repeat (the "
@@ -135,9 +139,18 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "eval.rerank_qbnorm_bank_languages",
 })
 
-# What a config written before a key existed did, where that differs from the key's default: such a
-# run is not the same experiment as one at the default (config_differences).
-LEGACY_VALUES = {"model.length_bucket_rows": None}
+
+def _legacy_role(saved):
+    # Before model.role, data.clean_english said whether the model itself trained on cleaned English,
+    # and training read English as written where the key was missing: a model that cleaned was a
+    # teacher reading its dataset's teachers' English, any other read English as written.
+    return "teacher" if saved.get("data.clean_english") is True else "student"
+
+
+# What a config written before a key existed did, where that differs from the key's default (a
+# function of the saved flat config where it depends on it): such a run is not the same experiment
+# as one at the default (config_differences), and a checkpoint is loaded so (upgrade_saved_config).
+LEGACY_VALUES = {"model.length_bucket_rows": None, "model.role": _legacy_role}
 
 # The reference's stage names (§3.1).
 STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
@@ -194,6 +207,7 @@ RANGES = {
     "trainer.accumulation_steps": AT_LEAST_1, "trainer.max_skipped_steps": AT_LEAST_0,
     "trainer.max_steps_per_epoch": AT_LEAST_1,
     "eval.total_queries": AT_LEAST_1,
+    "eval.total_queries_items": AT_LEAST_1,
     "eval.rerank_dsl_temperature": ABOVE_0, "eval.rerank_qbnorm_beta": ABOVE_0,
     "eval.rerank_qbnorm_bank_size": AT_LEAST_1,
 }
@@ -330,7 +344,16 @@ def load_flat(path, _seen=()):
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     flat.update(own)
+    if not _seen and parent and _looks_like_old_teacher(own) and "model.role" not in flat:
+        warnings.warn(f"{path}: sets 'data.clean_english' without 'model.role'; 'model.role: teacher' is now what "
+                      "makes a model read English as its dataset's teachers do (this one reads it as written)")
     return flat
+
+
+def _looks_like_old_teacher(own):
+    """A file that names its own text encoder and cleans English: a teacher config written before
+    model.role, when data.clean_english was the model's own reading (dataset recipes set it now)."""
+    return own.get("data.clean_english") is True and "model.text_encoder" in own
 
 
 def resolve(flat, name=None):
@@ -364,9 +387,13 @@ def _check_combinations(flat):
     if flat["eval.denominator"] == "file_items" and flat["eval.multi_caption"] == "separate":
         raise ConfigError("config key 'eval.denominator' = 'file_items' counts videos and needs "
                           "'eval.multi_caption' = 'average', not 'separate'")
-    if flat["data.student_english"] != "shared" and flat["data.layout"] != "multi-youcook2":
+    if flat["data.student_english"] != "shared" and "student_english" not in READER_OPTIONS.get(flat["data.layout"], ()):
+        takers = ", ".join(f"'{layout}'" for layout, options in READER_OPTIONS.items() if "student_english" in options)
         raise ConfigError(f"config key 'data.student_english' = '{flat['data.student_english']}' is for "
-                          f"'data.layout' = 'multi-youcook2' (it is '{flat['data.layout']}'); set it to 'shared'")
+                          f"'data.layout' = {takers} (it is '{flat['data.layout']}'); set it to 'shared'")
+    if flat["eval.total_queries_items"] is not None and flat["eval.total_queries"] is None:
+        raise ConfigError("config key 'eval.total_queries_items' says which file 'eval.total_queries' is for; "
+                          "set 'eval.total_queries' too, or 'eval.total_queries_items' = null")
     if flat["eval.total_queries"] is not None and flat["eval.multi_caption"] == "separate":
         raise ConfigError("config key 'eval.total_queries' counts videos (the reference's complete dataset size) "
                           "and needs 'eval.multi_caption' = 'average', not 'separate'")
@@ -445,9 +472,10 @@ def overrides_from_args(args):
 
 
 def config_from_args(args, base_flat=None, base_source=None):
-    """Resolved config: ``base_flat`` (e.g. the config saved in checkpoint ``base_source``), then
-    the ``-c`` file, then flags."""
-    flat = dict(base_flat or {})
+    """Resolved config: ``base_flat`` (e.g. the config saved in checkpoint ``base_source``, read as
+    ``upgrade_saved_config`` reads it), then the ``-c`` file, then flags."""
+    saved = upgrade_saved_config(base_flat) if base_flat is not None else None
+    flat = dict(saved or {})
     name = None
     if args.config:
         flat.update(load_flat(args.config))
@@ -458,7 +486,7 @@ def config_from_args(args, base_flat=None, base_source=None):
     try:
         return resolve(flat, name=name)
     except ConfigError as e:
-        if base_source is not None and str(e) == _resolve_error(base_flat):  # the saved config's own fault
+        if base_source is not None and str(e) == _resolve_error(saved):  # the saved config's own fault
             raise ConfigError(f"{e} (in the config saved in {base_source})") from None
         raise
 
@@ -483,15 +511,25 @@ def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
     for key in sorted(set(a) | set(b)):
         if key in ignore:
             continue
-        missing = value_when_missing(key)
-        if a.get(key, missing) != b.get(key, missing):
-            differences.append((key, a.get(key, missing), b.get(key, missing)))
+        in_a, in_b = a.get(key, value_when_missing(key, a)), b.get(key, value_when_missing(key, b))
+        if in_a != in_b:
+            differences.append((key, in_a, in_b))
     return differences
 
 
-def value_when_missing(key):
-    """What a run whose config lacks ``key`` (written before the key existed) ran with."""
-    return LEGACY_VALUES.get(key, SCHEMA[key][0] if key in SCHEMA else None)
+def value_when_missing(key, saved=None):
+    """What a run whose config (flat ``saved``) lacks ``key`` (written before the key existed) ran with."""
+    legacy = LEGACY_VALUES.get(key, SCHEMA[key][0] if key in SCHEMA else None)
+    return legacy(saved or {}) if callable(legacy) else copy.deepcopy(legacy)
+
+
+def upgrade_saved_config(config):
+    """A config saved with a checkpoint or run (flat or nested, returned alike) with every schema key
+    it lacks set to what runs written before that key existed did: every loader of a saved config
+    reads it through here, so that an old checkpoint means the same to each of them."""
+    flat = flatten_config(config)
+    upgraded = {**{key: value_when_missing(key, flat) for key in SCHEMA if key not in flat}, **flat}
+    return _unflatten(upgraded) if any(isinstance(v, dict) for v in config.values()) else upgraded
 
 
 def select_device(arg):

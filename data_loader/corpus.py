@@ -45,8 +45,9 @@ class Corpus:
     captions: dict                 # lang -> list (per item) of lists of strings
     extras: list = field(default_factory=list)  # per item: fields readers keep but training ignores
     unread_fields: list = field(default_factory=list)  # fields of the source items that are not plain data
-    # The English captions the teachers read when the file keeps them apart from the students' English
-    # (YouCook2 under data.student_english = caption_en); None: the teachers read captions["en"].
+    # The English captions the teachers read where they differ from the students' English (YouCook2
+    # under data.student_english = caption_en; RUDDER items without English under the last_available
+    # fallback); None: the teachers read captions["en"].
     teacher_english: list = None
 
     def __len__(self):
@@ -72,6 +73,8 @@ class Corpus:
 
 
 READERS = {}
+# layout -> the optional reading options (keyword arguments, config keys data.<option>) its reader takes.
+READER_OPTIONS = {}
 
 
 # Layouts whose files hold training and evaluation captions under different keys, so that the
@@ -79,9 +82,10 @@ READERS = {}
 SPLIT_LAYOUTS = set()
 
 
-def register_reader(name, reads_split=False):
+def register_reader(name, reads_split=False, options=()):
     def wrap(fn):
         READERS[name] = fn
+        READER_OPTIONS[name] = tuple(options)
         if reads_split:
             SPLIT_LAYOUTS.add(name)
         return fn
@@ -99,8 +103,8 @@ def read_corpus(path, layout, feature_key, split, languages=None, missing_captio
     language's loss and evaluation; ``"last_available"`` copies the caption of its last available
     language, which is what the reference's RUDDER loader did (parity only, see
     ``fill_missing_captions``). The fallback is applied after the language selection.
-    ``student_english`` (config key ``data.student_english``, multi-youcook2 only): see
-    ``read_multi_youcook2``.
+    ``student_english`` (config key ``data.student_english``, for the readers that declare it in
+    ``READER_OPTIONS``): see ``read_multi_youcook2``.
     """
     if layout not in READERS:
         raise DataFileError(f"unknown data layout '{layout}'; known: {', '.join(sorted(READERS))}")
@@ -108,7 +112,7 @@ def read_corpus(path, layout, feature_key, split, languages=None, missing_captio
         raise DataFileError(f"{path}: a folder or safe-layout files, but config key 'data.layout' is '{layout}', "
                             "which reads one pickle file; data written by data_loader.convert needs 'safe'")
     options = {} if items is None else {"items": items}
-    if student_english != "shared":
+    if "student_english" in READER_OPTIONS[layout]:
         options["student_english"] = student_english
     corpus = READERS[layout](path, feature_key=feature_key, split=split, **options)
     if languages:
@@ -245,11 +249,13 @@ def caption_list(value, path, index, key):
 YOUCOOK2_RENAMES = {"cz": "cs"}
 
 
+# The field of a multi-youcook2 item whose English the teachers read (and the student under "shared").
+TEACHER_ENGLISH_FIELD = "caption"
 # data.student_english: which field of a multi-youcook2 item the student's English comes from.
 STUDENT_ENGLISH_FIELDS = ("shared", "caption_en")
 
 
-@register_reader("multi-youcook2")
+@register_reader("multi-youcook2", options=("student_english",))
 def read_multi_youcook2(path, feature_key, split, items=None, student_english="shared"):
     """Multilingual YouCook2 pickles (reference §1.2): one item per pre-cut clip.
 
@@ -278,7 +284,7 @@ def read_multi_youcook2(path, feature_key, split, items=None, student_english="s
                 raise DataFileError(f"{path}: item {i} has captions for '{lang}' under two keys "
                                     f"(caption_{lang} and its released alias)")
             found[lang] = caption_list(value, path, i, key)
-        english = item.get("caption", item.get("caption_en"))
+        english = item.get(TEACHER_ENGLISH_FIELD, item.get("caption_en"))
         if english is None:
             raise DataFileError(f"{path}: item {i} has no English 'caption' (is this a YouCook2 file?)")
         teacher_english.append(caption_list(english, path, i, "caption"))
@@ -343,7 +349,9 @@ def fill_missing_captions(corpus, mode="none"):
     when the reader recorded it, else the corpus' language order), among the corpus' languages.
     The copy is then trained and evaluated as if it were a caption in the missing language, which
     inflates that language's numbers; use it only to compare with the reference. Which language
-    was copied is recorded in ``extras[i]["filled_captions"]``.
+    was copied is recorded in ``extras[i]["filled_captions"]``. The teachers' English of an item
+    without English is its *first* available language (``Corpus.teacher_english``), as the
+    reference's RUDDER teachers read it.
     """
     if mode not in MISSING_CAPTION_FALLBACKS:
         raise DataFileError(f"data.missing_caption_fallback '{mode}' is not one of "
@@ -359,6 +367,10 @@ def fill_missing_captions(corpus, mode="none"):
         available = [lang for lang in order if corpus.captions[lang][i]]
         if not available:
             continue
+        if ENGLISH in languages and not corpus.captions[ENGLISH][i]:
+            if corpus.teacher_english is None:
+                corpus.teacher_english = [list(caps) for caps in corpus.captions[ENGLISH]]
+            corpus.teacher_english[i] = list(corpus.captions[available[0]][i])
         source = available[-1]
         filled = {}
         for lang in languages:

@@ -28,15 +28,10 @@ class EnglishReading:
     clean: bool = False
 
     @classmethod
-    def of(cls, config, clean_when_unrecorded=False):
-        """The reading a (possibly saved) config describes. A config written before ``model.role``
-        existed has only ``data.clean_english``, which then said whether this model cleaned its
-        English; ``clean_when_unrecorded`` stands for it when even that is missing."""
-        role = config["model"].get("role")
-        if role is None:
-            clean = config["data"].get("clean_english", clean_when_unrecorded)
-            return cls(teacher=clean, clean=clean)
-        teacher = role == "teacher"
+    def of(cls, config):
+        """The reading a resolved config describes (a saved one goes through
+        ``parse_config.upgrade_saved_config`` first)."""
+        teacher = config["model"]["role"] == "teacher"
         return cls(teacher=teacher, clean=teacher and config["data"]["clean_english"])
 
     def captions(self, corpus):

@@ -231,3 +231,46 @@ def test_every_stage_starts_from_the_same_student_at_one_seed(setup, monkeypatch
     c2kd, translate_train = initial["c2kd"], initial["translate-train"]
     assert c2kd.keys() == translate_train.keys()
     assert all(torch.equal(c2kd[k], translate_train[k]) for k in c2kd)
+
+
+@pytest.mark.parametrize("saved_clean, expected", [(True, (True, True)), (None, (False, False))])
+def test_a_checkpoint_saved_before_model_role_reads_english_alike_in_every_loader(setup, saved_clean, expected):
+    """A teacher saved before model.role existed, with data.clean_english true (it trained on cleaned
+    English) or without it (it trained on English as written), reads English the same way when it is
+    distilled from, searched with, evaluated by test.py and resumed by train.py."""
+    from data_loader.dataset import EnglishReading
+    from parse_config import build_parser, config_from_args
+    from trainer.teachers import load_teacher
+    from utils.inference import Retriever
+
+    state = load_checkpoint(setup["teachers"][0])
+    del state["config"]["model"]["role"]
+    if saved_clean is None:
+        del state["config"]["data"]["clean_english"]
+    else:
+        state["config"]["data"]["clean_english"] = saved_clean
+    path = save_checkpoint(state, setup["tmp"] / f"old_style_clean{saved_clean}.pt")
+    readings = {
+        "distilled": load_teacher(path, state["config"]["data"]["feature_dim"], "cpu").english,
+        "searched": EnglishReading.of(Retriever.from_checkpoint(path).config),
+    }
+    for command, train in (("test.py -r", False), ("train.py -r", True)):
+        args = build_parser(command, train).parse_args(["-r", str(path)])
+        readings[command] = EnglishReading.of(config_from_args(args, flatten_config(state["config"]), path))
+    assert {name: (r.teacher, r.clean) for name, r in readings.items()} == dict.fromkeys(readings, expected)
+
+
+def test_querybank_english_is_read_as_the_model_reads_english(setup):
+    """QB-Norm's querybank captions are tokenized as the model's own captions: regex-cleaned English
+    for a teacher of a dataset whose teachers read it so, as written for a student of that dataset."""
+    from model.model import model_from_checkpoint
+    from trainer.evaluate import embed_querybanks
+    state = load_checkpoint(setup["teachers"][0])
+    model, tokenizer = model_from_checkpoint(state["config"], state, setup["teachers"][0])
+    typed, plain = "a dog, (running) on grass!", "a dog running on grass"
+    banks = {}
+    for role in ("student", "teacher"):
+        config = resolve({**flatten_config(state["config"]), "model.role": role, "data.clean_english": True})
+        bank = embed_querybanks(model, tokenizer, {"en": [("en", typed), ("en", plain)]}, config)["en"]
+        banks[role] = torch.equal(bank[0], bank[1])
+    assert banks == {"student": False, "teacher": True}

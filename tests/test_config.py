@@ -194,3 +194,20 @@ def test_config_differences_ignore_settings_that_change_no_result():
     del recorded["model"]["length_bucket_rows"]
     assert config_differences(recorded, config) == [("model.length_bucket_rows", None, 128)]
     assert config_differences(recorded, resolve({"trainer.epochs": 3, "model.length_bucket_rows": None})) == []
+
+
+def test_a_teacher_config_written_before_model_role_is_warned_about(tmp_path, recwarn):
+    """A config that cleans English for its own text encoder, without model.role, was a teacher
+    config: it is told once that model.role now makes a model read English as teachers do."""
+    write(tmp_path, "base.json", {"data": {"clean_english": True}})
+    old = write(tmp_path, "old_teacher.json", {"extends": "base.json", "model": {"text_encoder": "x"},
+                                               "data": {"clean_english": True}})
+    new = write(tmp_path, "teacher.json", {"extends": "old_teacher.json", "model": {"role": "teacher"}})
+    student = write(tmp_path, "student.json", {"extends": "base.json", "model": {"text_encoder": "x"}})
+    for path in (new, student, tmp_path / "base.json"):
+        load_flat(path)
+    assert not recwarn.list
+    load_flat(old)
+    assert [str(w.message).split(": ", 1)[1][:50] for w in recwarn.list] == [
+        "sets 'data.clean_english' without 'model.role'; 'm"]
+    assert str(recwarn.list[0].message).startswith(str(old))

@@ -161,10 +161,11 @@ def test_reading_keys_are_checked_in_one_line(flat, message):
     assert str(info.value) == message
 
 
-# dataset -> what its parity preset sets: (eval.total_queries, eval.denominator,
+# dataset -> what its parity preset sets: (eval.total_queries, eval.total_queries_items, eval.denominator,
 # data.missing_caption_fallback, data.student_english), the reference's evaluation (§1.6, §9)
-PARITY = {"msrvtt": (1000, "ranked", "none", "shared"), "vatex": (None, "ranked", "none", "shared"),
-          "youcook2": (3350, "ranked", "none", "caption_en"), "rudder": (None, "file_items", "last_available", "shared")}
+PARITY = {"msrvtt": (1000, 968, "ranked", "none", "shared"), "vatex": (None, None, "ranked", "none", "shared"),
+          "youcook2": (3350, None, "ranked", "none", "caption_en"),
+          "rudder": (None, None, "file_items", "last_available", "shared")}
 FEATURE_DIRS = [(ds, feat) for ds, feats in FEATURES.items() for feat in feats]
 
 
@@ -173,8 +174,8 @@ def test_parity_presets_evaluate_as_the_reference(ds, feat):
     path = ROOT / "configs" / ds / feat / "parity.json"
     cfg, base = config(path), config(path.with_name("base.json"))
     assert (cfg["eval"]["tie_break"], cfg["eval"]["multi_caption"]) == ("optimistic", "average")
-    assert (cfg["eval"]["total_queries"], cfg["eval"]["denominator"], cfg["data"]["missing_caption_fallback"],
-            cfg["data"]["student_english"]) == PARITY[ds]
+    assert (cfg["eval"]["total_queries"], cfg["eval"]["total_queries_items"], cfg["eval"]["denominator"],
+            cfg["data"]["missing_caption_fallback"], cfg["data"]["student_english"]) == PARITY[ds]
     assert cfg["data"]["clean_english"] is base["data"]["clean_english"] is TEACHERS_CLEAN_ENGLISH[ds]
     # A preset changes no model key: the checkpoint's (its role among them) stay as they are.
     assert not [k for k in load_flat(path) if k.startswith("model.") and k not in load_flat(path.with_name("base.json"))]

@@ -7,6 +7,7 @@ reference weights.
 """
 import argparse
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -354,7 +355,6 @@ def test_parity_preset_gives_the_reference_evaluation_of_a_converted_checkpoint(
     """test.py with configs/msrvtt/clip/parity.json on a converted reference student and a 968-video test
     file: the similarities are the reference model's (within 1e-5) and R@1/5/10, MedR and MeanR are the
     reference's optimistic ranks over 1000 videos, computed by hand from them."""
-    import json
     from data_loader import toy
     encoder_dir = encoders["labse-tiny"]
     data = toy.generate(tmp_path / "toy", n_train=4, n_test=968, feature_dim=FEATURE_DIM)
@@ -391,6 +391,9 @@ def test_parity_preset_gives_the_reference_evaluation_of_a_converted_checkpoint(
     ids = json.loads((sims_dir / "en.json").read_text())
     assert ids["query_ids"] == ids["video_ids"] == [item["id"] for item in items]
     assert np.abs(np.load(sims_dir / "en.npy") - reference.numpy()).max() < 1e-5
+    # test.py's metrics equal those of the reference's own similarities, ranked optimistically by hand.
+    expected = optimistic_t2v(reference.numpy(), ids["query_ids"], ids["video_ids"], denominator=1000)
+    assert {k: metrics["en"]["t2v"][k] for k in expected} == pytest.approx(expected, abs=1e-9)
 
     tied = 0
     for lang in ("en", "de", "sw"):
@@ -476,3 +479,19 @@ def test_the_data_config_must_say_how_teachers_read_english(encoders, tmp_path):
     with pytest.raises(ConvertError, match=r"mydata\.json: sets no 'data\.clean_english'"):
         convert(src, tmp_path / "out.pt", encoders["mbert-tiny"], silent)
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_output_names_the_youcook2_field_each_model_reads(encoders, tmp_path, capsys):
+    """Under data.student_english = caption_en the converted student reads 'caption_en', a teacher
+    'caption' (the reference's inputs, §9); the converter says which."""
+    recipe = tmp_path / "youcook2.json"
+    recipe.write_text(json.dumps({"extends": str(ROOT / "configs" / "youcook2" / "base.json"),
+                                  "data": {"student_english": "caption_en", "feature_dim": FEATURE_DIM}}))
+    lines = {}
+    for kind, encoder in (("labse", "labse-tiny"), ("mbert", "mbert-tiny")):
+        src = save_reference(tmp_path / f"{kind}.pth", reference_state(encoders[encoder]), ARCH[kind])
+        assert main([str(src), str(tmp_path / f"{kind}.pt"), "--text-encoder", str(encoders[encoder]),
+                     "--data-config", str(recipe)]) == 0
+        lines[kind] = next(line for line in capsys.readouterr().out.splitlines() if "English:" in line)
+    assert "English: student reading English as written of each item's 'caption_en'" in lines["labse"]
+    assert "English: teacher reading regex-cleaned English of each item's 'caption'" in lines["mbert"]

@@ -146,6 +146,16 @@ def test_msrvtt_968_videos_scored_against_1000(tmp_path, capsys):
     assert check_main(capsys, test)[1].count("eval.total_queries = 1000") == 1
 
 
+def test_msrvtt_parity_scores_against_1000_only_the_968_item_file(tmp_path):
+    """The reference's MSR-VTT rule (§1.6): 1000 for a file of 968 items, else the rows ranked."""
+    from parse_config import load_flat, resolve
+    from trainer.evaluate import recall_denominator
+    parity = resolve(load_flat(ROOT / "configs" / "msrvtt" / "clip" / "parity.json"))["eval"]
+    for n, expected in ((968, 1000), (20, None)):
+        path = dump(tmp_path / f"test{n}.pkl", msrvtt_items(n, "eval", dim=4, langs=["en"]))
+        assert recall_denominator(parity, read_corpus(path, "multi-msrvtt", "2d", "eval")) == expected
+
+
 # ---- YouCook2 ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, dim", [("s3d", 1024), ("2d_raw", 512)])
@@ -246,6 +256,26 @@ def test_rudder_last_available_fallback_matches_the_reference(tmp_path):
         fill_missing_captions(c, "first")
 
 
+def test_rudder_teachers_read_the_first_available_language_of_an_item_without_english(tmp_path):
+    """Under last_available, an item without English gives its student the last available language
+    as English and its English-input teachers the first, as the reference's RUDDER loader did."""
+    path = dump(tmp_path / "rudder_test.pkl", rudder_items())
+    c = read_corpus(path, "rudder", "2d", "eval", languages=["en", "hi", "mr", "kn"],
+                    missing_caption_fallback="last_available")
+    tok = WordTokenizer()
+    inputs = [TextInput("student", tok, ["en"]), TextInput("teacher", tok, ["en"], EnglishReading(True, False))]
+    data = RetrievalDataset(c, inputs, max_words=8, n_video_tokens=4, train=False)
+    read = {name: [data[j]["text"][name]["en"]["input_ids"].tolist() for j in range(len(data))]
+            for name in ("student", "teacher")}
+    ids = lambda text: tok([text], True, True, 8, "np", False)["input_ids"][0].tolist()  # noqa: E731
+    english = [caps[0] for caps in c.captions["en"]]
+    assert english[2] == "hi 2"  # item 2 {mr, hi}: its student's English is its last language
+    assert read["student"] == [ids(text) for text in english]
+    assert read["teacher"] == [ids("mr 2" if j == 2 else text) for j, text in enumerate(english)]
+    unfilled = read_corpus(path, "rudder", "2d", "eval", languages=["en", "hi", "mr", "kn"])
+    assert unfilled.teacher_english is None
+
+
 def test_rudder_denominator_counts_the_file_items_as_the_reference(tmp_path):
     """eval.denominator = file_items divides R@K by the items of the file (the reference's len(data)),
     also when two items share an id and are averaged into one query; ranked divides by the queries."""
@@ -253,10 +283,10 @@ def test_rudder_denominator_counts_the_file_items_as_the_reference(tmp_path):
     items = rudder_items()
     items[4]["id"] = "r3"
     c = read_corpus(dump(tmp_path / "rudder_test.pkl", items), "rudder", "2d", "eval", languages=["en", "hi"])
-    denominators = {mode: recall_denominator({"total_queries": None, "denominator": mode}, c)
-                    for mode in ("ranked", "file_items")}
+    unset = {"total_queries": None, "total_queries_items": None}
+    denominators = {mode: recall_denominator({**unset, "denominator": mode}, c) for mode in ("ranked", "file_items")}
     assert denominators == {"ranked": None, "file_items": 5}
-    assert recall_denominator({"total_queries": 7, "denominator": "ranked"}, c) == 7
+    assert recall_denominator({"total_queries": 7, "total_queries_items": None, "denominator": "ranked"}, c) == 7
     out = perfect_eval(c, total_queries=denominators["file_items"])
     assert out["en"]["t2v"]["num_queries"] == 3  # items 0, 1 and 3+4 (one id); item 2 has no en
     assert out["en"]["t2v"]["R1"] == pytest.approx(100 * 3 / 5)
@@ -478,3 +508,23 @@ def test_configs_load_the_new_layouts(tmp_path):
     assert load_split(cfg, "eval").captions == corpus.captions
     cfg["data"]["missing_caption_fallback"] = "last_available"
     assert load_split(cfg, "train").captions["en"][2] == ["hi 2"]
+
+
+def test_a_reader_declares_the_reading_options_it_takes(tmp_path, monkeypatch):
+    """data.student_english is taken by the layouts whose reader declares it, whatever their name,
+    and refused in one line for the others."""
+    import parse_config
+    from data_loader import corpus as corpora
+    from parse_config import ConfigError, resolve
+    options = dict(corpora.READER_OPTIONS)  # the registration below is undone after the test
+    monkeypatch.setattr(corpora, "READERS", dict(READERS))
+    monkeypatch.setattr(corpora, "READER_OPTIONS", options)
+    monkeypatch.setattr(parse_config, "READER_OPTIONS", options)
+    corpora.register_reader("my-recipes", options=("student_english",))(corpora.read_multi_youcook2)
+    items = youcook2_items(2)
+    items[1]["caption_en"] = "Chop the onion, finely."
+    corpus = read_corpus(dump(tmp_path / "mine.pkl", items), "my-recipes", "s3d", "train", student_english="caption_en")
+    assert corpus.captions["en"][1] == ["Chop the onion, finely."] and corpus.teacher_english[1] == ["chop the onion 1"]
+    assert resolve({"data.layout": "my-recipes", "data.student_english": "caption_en"})["data"]["layout"] == "my-recipes"
+    with pytest.raises(ConfigError, match="is for 'data.layout' = 'multi-youcook2', 'my-recipes' \\(it is 'rudder'\\)"):
+        resolve({"data.layout": "rudder", "data.student_english": "caption_en"})

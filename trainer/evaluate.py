@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, STUDENT, TokenTable
+from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TokenTable
 from model.metric import STATS, EmbeddingScores, mean_rows, retrieval_metrics_from_embeddings, with_mean_rows
 from model.model import load_tokenizer
 from model.rerank import build_rerankers
@@ -162,6 +162,7 @@ def embed_querybanks(model, tokenizer, banks, config):
     """{evaluation language: [bank, P] L2-normalised embeddings of its querybank's captions},
     tokenized as evaluation captions are."""
     data, pool_with_student_mask = config["data"], config["model"]["pool_with_student_mask"]
+    clean_english = EnglishReading.of(config).clean  # bank captions are read as the model reads captions
     pool_tokenizer = load_tokenizer(config["model"]["pool_mask_tokenizer"]) if pool_with_student_mask else None
     model.eval()
     out = {}
@@ -169,7 +170,7 @@ def embed_querybanks(model, tokenizer, banks, config):
         parts = []
         for caption_lang in dict.fromkeys(cl for cl, _ in pairs):
             captions = [[c] for cl, c in pairs if cl == caption_lang]
-            clean = data["clean_english"] and caption_lang == ENGLISH
+            clean = clean_english and caption_lang == ENGLISH
             table = TokenTable(captions, tokenizer, data["max_words_eval"], clean)
             pool = TokenTable(captions, pool_tokenizer, data["max_words_eval"], False).attention_mask \
                 if pool_tokenizer is not None else None
@@ -196,11 +197,12 @@ def rerank_metrics(scores, rerankers, eval_cfg, bank_embeddings=None, device="cp
 
 
 def recall_denominator(eval_cfg, corpus):
-    """The R@K denominator of an evaluation of ``corpus``: ``eval.total_queries`` when set; the
-    number of items in the evaluation file under ``eval.denominator = file_items`` (the reference's
-    RUDDER ``len(data)``, which counts items sharing an id once each, §9); else None, the queries
-    ranked in each language."""
-    if eval_cfg["total_queries"] is not None:
+    """The R@K denominator of an evaluation of ``corpus``: ``eval.total_queries`` when set (and, with
+    ``eval.total_queries_items``, when the file holds that many items); the number of items in the
+    evaluation file under ``eval.denominator = file_items`` (the reference's RUDDER ``len(data)``,
+    which counts items sharing an id once each, §9); else None, the queries ranked in each language."""
+    for_items = eval_cfg["total_queries_items"]
+    if eval_cfg["total_queries"] is not None and for_items in (None, len(corpus)):
         return eval_cfg["total_queries"]
     return len(corpus) if eval_cfg["denominator"] == "file_items" else None
 

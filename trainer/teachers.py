@@ -24,7 +24,7 @@ from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, EnglishReading, TextInput, TokenTable
 from model.loss import cosine_sim, similarity
 from model.model import model_from_checkpoint
-from parse_config import ConfigError
+from parse_config import ConfigError, upgrade_saved_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from utils.distributed import gather, gather_objects, gather_to_main, on_main, rank, world_size
 
@@ -32,7 +32,7 @@ CACHE_VERSION = 1
 
 
 class Teacher:
-    def __init__(self, path, model, tokenizer, pool_with_student_mask=False, english=EnglishReading(True, True)):
+    def __init__(self, path, model, tokenizer, english, pool_with_student_mask=False):
         self.path, self.model, self.tokenizer = Path(path), model, tokenizer
         # Converted reference teachers pooled their states with the student tokenizer's mask
         # of the raw English caption (§2.3); they keep doing so to reproduce their targets.
@@ -45,18 +45,17 @@ class Teacher:
 def load_teacher(path, feature_dim, device):
     """A frozen teacher from a checkpoint; every failure names the file."""
     state = load_checkpoint(path, map_location="cpu")
-    if state["config"].get("stage") == "c2kd":  # C2KD distils from English-input translate-train models
+    config = upgrade_saved_config(state["config"])
+    if config["stage"] == "c2kd":  # C2KD distils from English-input translate-train models
         raise CheckpointError(f"{path}: a C2KD student, not a teacher (config key 'teachers.checkpoints' takes "
                               "translate-train runs, or converted reference teachers)")
-    model_cfg = state["config"]["model"]
-    teacher_dim = state["config"]["data"]["feature_dim"]
+    teacher_dim = config["data"]["feature_dim"]
     if teacher_dim != feature_dim:
         raise CheckpointError(f"{path}: teacher was trained on {teacher_dim}-d video features, "
                               f"but config key 'data.feature_dim' is {feature_dim}")
-    model, tokenizer = model_from_checkpoint(state["config"], state, path)
-    # Checkpoints written before data.clean_english existed were distilled from with cleaned English.
-    english = EnglishReading.of(state["config"], clean_when_unrecorded=True)
-    return Teacher(path, model.to(device), tokenizer, model_cfg.get("pool_with_student_mask", False), english)
+    model, tokenizer = model_from_checkpoint(config, state, path)
+    return Teacher(path, model.to(device), tokenizer, EnglishReading.of(config),
+                   config["model"]["pool_with_student_mask"])
 
 
 class Teachers:

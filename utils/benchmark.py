@@ -632,6 +632,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     """Trainer.training_step of a full-size C2KD setup with cached and with online teachers.
 
     Student and online teachers run under the trainer's autocast, as the reference did (§3.1)."""
+    from data_loader.dataset import EnglishReading
     from model.model import RetrievalModel, TextEncoder, VideoEncoder
     from parse_config import resolve
     from trainer.build import build_loss
@@ -650,7 +651,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
 
     torch.manual_seed(0)
     student = retrieval_model(*shapes["student"])
-    teachers = [Teacher(f"random-{family}-{i}", retrieval_model(family, shape), tokenizer=None)
+    teachers = [Teacher(f"random-{family}-{i}", retrieval_model(family, shape), None, EnglishReading(teacher=True))
                 for i, (family, shape) in enumerate(shapes["teachers"])]
     batch = synthetic_batch(batch_size, langs, seq_len, n_video_tokens, feature_dim,
                             shapes["student"][1]["vocab_size"], [s["vocab_size"] for _, s in shapes["teachers"]],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from data_loader.corpus import READER_OPTIONS, TEACHER_ENGLISH_FIELD
 from data_loader.dataset import EnglishReading
 from model.model import build_model
 from parse_config import LABSE, load_flat, resolve
@@ -323,6 +324,16 @@ def main(argv=None):
     return run_command(lambda: convert_and_describe(args), args.debug, errors=user_errors() + (ConvertError,))
 
 
+def english_field(cfg):
+    """For a layout whose items keep two English fields (data.student_english): the one this
+    checkpoint reads, as " of each item's 'FIELD'"; else ""."""
+    data = cfg["data"]
+    if "student_english" not in READER_OPTIONS[data["layout"]]:
+        return ""
+    own = cfg["model"]["role"] == "student" and data["student_english"] != "shared"
+    return f" of each item's '{data['student_english'] if own else TEACHER_ENGLISH_FIELD}'"
+
+
 def convert_and_describe(args):
     summary = convert(args.src, args.dst, args.text_encoder, args.data_config, args.feature_key, args.feature_dim,
                       args.allow_unknown, args.student_mask, args.pool_mask_tokenizer)
@@ -336,7 +347,7 @@ def convert_and_describe(args):
     print(f"  model: width {m['width']}, depth {m['depth']}, heads {m['heads']}, mlp_ratio {m['mlp_ratio']}, "
           f"projection_dim {m['projection_dim']}, pool_with_student_mask {m['pool_with_student_mask']}; "
           f"data: {cfg['data']['feature_key']} {cfg['data']['feature_dim']}-d")
-    print(f"  English: {m['role']} reading {EnglishReading.of(cfg).describe()} "
+    print(f"  English: {m['role']} reading {EnglishReading.of(cfg).describe()}{english_field(cfg)} "
           f"(data.clean_english {str(cfg['data']['clean_english']).lower()}, from {args.data_config})")
     print(f"wrote {args.dst}")
 

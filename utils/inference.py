@@ -34,6 +34,7 @@ from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, check_it
 from data_loader.dataset import EnglishReading, TokenTable, clean_caption
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
+from parse_config import upgrade_saved_config
 from utils.checkpoint import load_checkpoint
 from utils.errors import first_line
 
@@ -310,7 +311,8 @@ class Retriever:
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):
         state = load_checkpoint(path)
-        return cls(*model_from_checkpoint(state["config"], state, path), state["config"], device)
+        config = upgrade_saved_config(state["config"])
+        return cls(*model_from_checkpoint(config, state, path), config, device)
 
     def encode_texts(self, texts, batch_size=256):
         """[len(texts), P] normalised text embeddings of texts read as the model read its captions:

@@ -8,7 +8,8 @@
 A run is a Sacred run folder written by train.py (``config.json`` and ``run.json``). Its numbers
 are ``run.json``'s ``result`` (the metrics of the last epoch), or, where that is missing, the last
 value of every ``val.*`` series in ``metrics.json``. A config key missing from an older run's
-``config.json`` counts as its current default (parse_config.SCHEMA). A directory that is not a run folder is
+``config.json`` counts at what runs written before the key existed did
+(parse_config.upgrade_saved_config). A directory that is not a run folder is
 searched for run folders (``_sources`` and ``test_runs`` folders are skipped).
 
 Methods (table rows) are formed in one of three ways, and a row never averages runs whose
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from data_loader.corpus import ENGLISH
 from model.rerank import RERANKERS
-from parse_config import RESULT_NEUTRAL_KEYS, SCHEMA, config_differences, flatten_config, value_when_missing
+from parse_config import RESULT_NEUTRAL_KEYS, config_differences, flatten_config, upgrade_saved_config
 from utils.errors import run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
@@ -102,16 +103,12 @@ def find_run_dirs(path):
     return found
 
 
-def values_when_missing():
-    """Every config key at what a run whose config lacks it ran with (an older run, written before
-    the key existed): that is the value grouped and compared."""
-    return {key: value_when_missing(key) for key in SCHEMA}
-
-
-def load_run(path, include_unfinished=False, defaults=None):
-    """The run in ``path``; None (with a note on stderr) for an unfinished run unless asked for."""
+def load_run(path, include_unfinished=False):
+    """The run in ``path``; None (with a note on stderr) for an unfinished run unless asked for. A key
+    its config lacks counts at what runs written before the key existed did: that value is grouped
+    and compared."""
     path = Path(path)
-    config = {**(defaults or {}), **flatten_config(_read_json(path / "config.json"))}
+    config = upgrade_saved_config(flatten_config(_read_json(path / "config.json")))
     info = _read_json(path / "run.json")
     status = info.get("status", "UNKNOWN")
     if status != "COMPLETED" and not include_unfinished:
@@ -136,14 +133,13 @@ def load_run(path, include_unfinished=False, defaults=None):
 
 def load_runs(paths, include_unfinished=False):
     runs, seen = [], set()
-    defaults = values_when_missing()
     for p in paths:
         for d in find_run_dirs(p):
             key = d.resolve()
             if key in seen:
                 continue
             seen.add(key)
-            run = load_run(d, include_unfinished, defaults)
+            run = load_run(d, include_unfinished)
             if run is not None:
                 runs.append(run)
     return runs
