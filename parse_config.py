@@ -19,6 +19,7 @@ from data_loader.corpus import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDEN
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
+from utils.errors import ConfigError  # noqa: F401  (re-exported: parse_config.ConfigError)
 
 NULLABLE = object()  # marker: the key also accepts null
 LABSE = "sentence-transformers/LaBSE"  # the paper's student, whose tokenizer converted teachers pool with
@@ -154,11 +155,6 @@ LEGACY_VALUES = {"model.length_bucket_rows": None, "model.role": _legacy_role}
 
 # The reference's stage names (§3.1).
 STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names it."""
-    same_on_every_rank = True  # every process of a torchrun reads the same config: rank 0 reports it
 
 
 def _types(spec):

@@ -155,7 +155,7 @@ def main(argv=None):
     parser.add_argument("--strict", action="store_true", help="treat warnings as errors (exit status 1)")
     parser.add_argument("--max-ids", type=int, default=10, help="ids listed per finding (default 10)")
     args = parser.parse_args(argv)
-    return run_command(lambda: check(args), errors=(DataFileError,))
+    return run_command(lambda: check(args))
 
 
 def check(args):

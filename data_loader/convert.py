@@ -116,7 +116,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="overwrite an existing converted folder")
     parser.add_argument("--no-verify", action="store_true", help="skip reading the result back")
     args = parser.parse_args(argv)
-    return run_command(lambda: convert(args), errors=(DataFileError,))
+    return run_command(lambda: convert(args))
 
 
 def convert(args):

@@ -29,7 +29,7 @@ import numpy as np
 from data_loader.corpus import ENGLISH, Corpus, caption_list, read_safe_raw, safe_files
 from data_loader.safe_pickle import DataFileError
 from data_loader.video import VideoError, center_crop, decode_frames, list_videos
-from utils.errors import first_line, run_command
+from utils.errors import UserError, first_line, run_command
 from utils.files import atomic_write
 from utils.hub import load_named, model_identity
 
@@ -38,7 +38,7 @@ REPORT = "failed.tsv"
 SETTINGS = "extract.json"
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError, ValueError):
     """The encoder cannot be loaded from what the command line names."""
 
 
@@ -404,7 +404,7 @@ def main(argv=None):
                         help="decoding processes (0: decode in the main process)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     args = parser.parse_args(argv)
-    return run_command(lambda: extract(args), errors=(DataFileError, EncoderError))
+    return run_command(lambda: extract(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, Sampler
 from data_loader.corpus import check_items, read_corpus
 from data_loader.dataset import RetrievalDataset
 from data_loader.safe_pickle import DataFileError
-from parse_config import ConfigError
+from utils.errors import ConfigError
 
 
 def load_split(config, split):

@@ -9,6 +9,8 @@ everything else before it is called.
 import pickle
 from pathlib import Path
 
+from utils.errors import UserError
+
 # Globals a pickle of plain containers and numpy arrays needs, and nothing more.
 # numpy moved its internals from numpy.core to numpy._core in 2.0; files written
 # by either version name one or the other.
@@ -43,7 +45,7 @@ class DataUnpickler(pickle.Unpickler):
             "and numpy arrays are accepted")
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError, ValueError):
     """A data file is missing, unreadable or not in the expected layout."""
 
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 from data_loader.corpus import ENGLISH, safe_files
 from data_loader.safe_pickle import DataFileError
-from utils.errors import first_line, run_command
+from utils.errors import UserError, first_line, run_command
 from utils.files import atomic_write
 from utils.hub import load_named, model_identity
 
 
-class TranslatorError(ValueError):
+class TranslatorError(UserError, ValueError):
     """A translation model cannot be loaded or cannot be told a target language."""
 
 
@@ -231,7 +231,7 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="replace captions of a language that another model (or a person) produced")
     args = parser.parse_args(argv)
-    return run_command(lambda: translate(args), errors=(DataFileError, TranslatorError))
+    return run_command(lambda: translate(args))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.checkpoint import load_weights
+from utils.errors import UserError
 from utils.hub import load_named
 
 # Every LayerNorm of the reference model (the video norm, the text norm, the fusion blocks' norms)
@@ -253,7 +254,7 @@ def _batches(n, batch_size, desc, progress):
                 leave=False, dynamic_ncols=True)
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model cannot be built from its configuration."""
 
 

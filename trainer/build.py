@@ -5,7 +5,7 @@ from data_loader.loaders import eval_loader, load_split, train_loader
 from data_loader.safe_pickle import DataFileError
 from model.loss import RetrievalLoss
 from model.model import load_tokenizer
-from parse_config import ConfigError
+from utils.errors import ConfigError
 
 
 def load_corpora(config, splits=("train", "eval")):

@@ -18,9 +18,9 @@ from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TokenTable
 from model.metric import STATS, EmbeddingScores, mean_rows, retrieval_metrics_from_embeddings, with_mean_rows
 from model.model import load_tokenizer
 from model.rerank import build_rerankers
-from parse_config import ConfigError
 from utils.device import to_device
 from utils.distributed import gather_to_main, on_main, rank
+from utils.errors import ConfigError
 
 
 @dataclass

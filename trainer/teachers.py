@@ -24,9 +24,10 @@ from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, EnglishReading, TextInput, TokenTable
 from model.loss import cosine_sim, similarity
 from model.model import model_from_checkpoint
-from parse_config import ConfigError, upgrade_saved_config
+from parse_config import upgrade_saved_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from utils.distributed import gather, gather_objects, gather_to_main, on_main, rank, world_size
+from utils.errors import ConfigError
 
 CACHE_VERSION = 1
 

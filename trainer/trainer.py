@@ -20,12 +20,12 @@ from tqdm import tqdm
 from data_loader.corpus import ENGLISH, listed
 from data_loader.dataset import STUDENT
 from model.metric import format_table
-from parse_config import RESULT_NEUTRAL_KEYS, ConfigError, config_differences
+from parse_config import RESULT_NEUTRAL_KEYS, config_differences
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
 from utils.distributed import DistInfo, gather_to_main, on_main
-from utils.errors import first_line
+from utils.errors import ConfigError, UserError, first_line
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -36,7 +36,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(UserError, FloatingPointError):
     """The loss became NaN or infinite; the message names the step, the terms and the items."""
 
 

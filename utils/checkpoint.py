@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import first_line
+from utils.errors import UserError, first_line
 from utils.files import atomic_write
 
 FORMAT = "c2kd-retrieval"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be written, read, or is not one of this project's."""
 
 

@@ -29,14 +29,14 @@ from data_loader.dataset import EnglishReading
 from model.model import build_model
 from parse_config import LABSE, load_flat, resolve
 from utils.checkpoint import FORMAT, save_checkpoint
-from utils.errors import first_line, run_command, user_errors
+from utils.errors import UserError, first_line, run_command
 
 # The reference's fusion transformer always has 4 heads (§2.1); weights cannot tell.
 REFERENCE_HEADS = 4
 STUDENT_ARCH = "LaBSE"  # the student class is BaselineTokenFusionPerModModelLaBSE (§2.1)
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
     """A reference checkpoint cannot be read or does not fit this project's model."""
 
 
@@ -321,7 +321,7 @@ def main(argv=None):
                              f"test.py and demo.py pool with (default: {LABSE})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
-    return run_command(lambda: convert_and_describe(args), args.debug, errors=user_errors() + (ConvertError,))
+    return run_command(lambda: convert_and_describe(args), args.debug)
 
 
 def english_field(cfg):

@@ -11,30 +11,26 @@ def first_line(error, limit=200):
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
-def user_errors():
-    """The project's error types whose message tells the user what to change. Imported on use, so
-    that the data tools, which need only their own, start without torch."""
-    from data_loader.safe_pickle import DataFileError
-    from model.model import ModelError
-    from parse_config import ConfigError
-    from trainer.trainer import NonFiniteLoss
-    from utils.checkpoint import CheckpointError
-    from utils.experiment import ObserverError
-    from utils.inference import InferenceError
-    return (ConfigError, DataFileError, CheckpointError, ModelError, ObserverError, InferenceError, NonFiniteLoss)
+class UserError(Exception):
+    """An error whose message tells the user what to change: every such error of the project
+    subclasses it, so that the entry points catch this one type."""
 
 
-def run_command(action, debug=False, errors=None):
+class ConfigError(UserError, ValueError):
+    """A config file, key or value is invalid; the message names it."""
+    same_on_every_rank = True  # every process of a torchrun reads the same config: rank 0 reports it
+
+
+def run_command(action, debug=False):
     """Run ``action()`` as a command-line program and return its exit status (what it returns, 0 for
-    None): one of ``errors`` (default: ``user_errors()``), or a file that cannot be read or written,
+    None): a ``UserError``, or a file that cannot be read or written,
     prints ``error: <one line>`` and gives status 2 (``debug``: the traceback instead); warnings
     print as ``warning: <message>``, without file and source line."""
-    errors = user_errors() if errors is None else errors
     if not debug:
         warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     try:
         return action() or 0
-    except errors as e:
+    except UserError as e:
         if debug:
             raise
         if not reported_by_another_rank(e):

@@ -38,6 +38,8 @@ from sacred.dependencies import PackageDependency  # noqa: E402
 from sacred.observers import FileStorageObserver, MongoObserver  # noqa: E402
 from sacred.observers.file_storage import DEFAULT_FILE_STORAGE_PRIORITY  # noqa: E402
 
+from utils.errors import ConfigError, UserError  # noqa: E402
+
 # tqdm progress bars and Sacred's file-descriptor capture do not mix; capture at sys level.
 SETTINGS.CAPTURE_MODE = "sys"
 # run.json records every loaded module of this project as a source (copied into _sources/) and
@@ -51,7 +53,7 @@ RECORDED_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "nump
 RESUMABLE = "latest.pt"  # the checkpoint that holds where an unfinished run stopped
 
 
-class ObserverError(RuntimeError):
+class ObserverError(UserError, RuntimeError):
     """An optional observer was requested but cannot be used, or the run folder cannot be used."""
 
 
@@ -161,7 +163,7 @@ def existing_run(folder, config):
     train, and ``check_writable`` judges the folder). A finished or unfinished run of another
     config, outside the keys that change no result, is a one-line ConfigError naming what
     differs, so that a repeated command never passes off another run's results as its own."""
-    from parse_config import ConfigError, config_differences  # torch: not needed by the state command
+    from parse_config import config_differences  # torch: not needed by the state command
     folder = Path(folder)
     state = folder_state(folder)
     if state not in ("finished", "resume"):

@@ -36,12 +36,12 @@ from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from parse_config import upgrade_saved_config
 from utils.checkpoint import load_checkpoint
-from utils.errors import first_line
+from utils.errors import UserError, first_line
 
 INDEX_FORMAT = "c2kd-video-index"
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """An input to inference is invalid (empty query, unknown id, wrong feature size, bad index)."""
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from data_loader.corpus import ENGLISH
 from model.rerank import RERANKERS
 from parse_config import RESULT_NEUTRAL_KEYS, config_differences, flatten_config, upgrade_saved_config
-from utils.errors import run_command
+from utils.errors import UserError, run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
 # Config keys never compared: those that change no result, and the seed, which a row averages over.
@@ -48,7 +48,7 @@ IGNORED_KEYS = RESULT_NEUTRAL_KEYS | {"seed"}
 SKIP_DIRS = ("_sources", "test_runs")
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A run cannot be used or runs cannot be grouped; the message says why, in one line."""
 
 
@@ -441,7 +441,7 @@ def main(argv=None):
     parser.add_argument("--include-unfinished", action="store_true",
                         help="also use runs that did not complete (their last logged epoch)")
     args = parser.parse_args(argv)
-    return run_command(lambda: report(args), errors=(ReportError,))
+    return run_command(lambda: report(args))
 
 
 def report(args):

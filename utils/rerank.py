@@ -18,10 +18,10 @@ import torch
 
 from model.metric import TIE_BREAKS, MatrixScores, format_side_by_side, rank_scores, with_mean_rows
 from model.rerank import RERANKERS, build_rerankers
-from utils.errors import run_command
+from utils.errors import UserError, run_command
 
 
-class SimsError(ValueError):
+class SimsError(UserError, ValueError):
     """A saved similarity file is missing or does not match its neighbours; the message names it."""
 
 
@@ -79,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--total-queries", type=int, help="R@K denominator (default: the ranked queries)")
     parser.add_argument("--out", help="also write the tables' numbers to this JSON file")
     args = parser.parse_args(argv)
-    return run_command(lambda: run(args), errors=(SimsError,))
+    return run_command(lambda: run(args))
 
 
 def run(args):
