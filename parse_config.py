@@ -19,7 +19,7 @@ from data_loader.corpus import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDEN
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
-from utils.errors import ConfigError  # noqa: F401  (re-exported: parse_config.ConfigError)
+from utils.errors import ConfigError  # defined at ground level; callers may also import it from here
 
 NULLABLE = object()  # marker: the key also accepts null
 LABSE = "sentence-transformers/LaBSE"  # the paper's student, whose tokenizer converted teachers pool with
