@@ -102,7 +102,9 @@ def _fused_tile_counts(tile, row_ref, col_ref):
     if _compiled_tile_counts is None:
         _compiled_tile_counts = torch.compile(_tile_counts, dynamic=True)
     try:
-        return _compiled_tile_counts(tile, row_ref, col_ref)
+        # References rebuilt from fresh 1-D copies: torch.compile guards the sizes and strides of
+        # a view's base too, so views of the whole [N] vectors would compile again in the pass.
+        return _compiled_tile_counts(tile, row_ref.reshape(-1).clone()[:, None], col_ref.reshape(-1).clone()[None])
     except Exception as e:  # e.g. no C++ compiler: the same counts, eagerly
         warnings.warn(f"ranking without torch.compile ({type(e).__name__}: {str(e).splitlines()[0]})")
         _compiled_tile_counts = _tile_counts
@@ -136,6 +138,11 @@ class MatrixScores:
         return self.sims[rows, cols]
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    # min and max carry any NaN or infinity: one sweep without a temporary (isfinite makes one).
+    return x.numel() == 0 or bool(torch.stack(x.aminmax()).isfinite().all())
+
+
 class EmbeddingScores:
     """The scores ``queries @ videos.T``, tile by tile, never holding the [Q, V] matrix.
 
@@ -159,7 +166,7 @@ class EmbeddingScores:
         if not dtype.is_floating_point:
             dtype = torch.float64
         self.queries, self.videos = queries.to(dtype), videos.to(dtype)
-        if not (self.queries.isfinite().all() and self.videos.isfinite().all()):
+        if not (_all_finite(self.queries) and _all_finite(self.videos)):
             raise ValueError("queries or videos contain NaN or infinite values")
         self.shape, self.device = (len(queries), len(videos)), queries.device
         self.query_video = _check_query_video(query_video, *self.shape, queries.device)
