@@ -343,9 +343,9 @@ class Retriever:
         ``data.max_words_eval`` tokens."""
         check_texts([query])
         if self.unreadable(query):
-            raise InferenceError(f"query {_shown(query)}: every token is unknown to the checkpoint's tokenizer "
-                                 f"({self.config['model']['text_encoder']}); write it in a language and script "
-                                 "that tokenizer covers")
+            raise InferenceError(f"query {_shown(query)}: the checkpoint's tokenizer "
+                                 f"({self.config['model']['text_encoder']}) reads this query as unknown tokens only; "
+                                 "write it in a language and script that tokenizer covers")
         ids = self.query_token_ids(query)
         room = self.config["data"]["max_words_eval"] - self.tokenizer.num_special_tokens_to_add()
         if len(ids) > room:

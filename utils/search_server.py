@@ -65,16 +65,9 @@ class SearchService:
         # One request at a time: a fast tokenizer raises when two threads call it at once.
         self._lock = threading.Lock()
 
-    def check_query(self, query):
-        if not query.strip():
-            raise InferenceError("empty query: type some words to search for")
-        if self.retriever.unreadable(query):
-            raise InferenceError("the checkpoint's tokenizer reads this query as unknown tokens only: "
-                                 "try other words, or a language it covers")
-
     def search(self, query, top):
         with self._lock:
-            self.check_query(query)
+            self.retriever.check_query(query)
             start = time.perf_counter()  # the query's encoding and the index search
             hits = self.retriever.search(query, self.index, top=top)
             ms = 1e3 * (time.perf_counter() - start)
@@ -91,7 +84,7 @@ class SearchService:
             return self._moments(query, video_id, window)
 
     def _moments(self, query, video_id, window):
-        self.check_query(query)
+        self.retriever.check_query(query)
         if self.corpus is None:
             raise InferenceError("no video features: start the server with --videos to plot moments")
         i = self._item.get(video_id)
