@@ -304,7 +304,7 @@ REFERENCE_KEYS = {
     "max_words": "use data.max_words_train and data.max_words_eval", "n_video_tokens": "use data.n_video_tokens",
     "trainer.save_latest": "drop it: latest.pt is written every epoch", "trainer.verbosity": "drop it",
     "trainer.early_stop": "drop it", "trainer.tensorboard": "drop it",
-    "trainer.resume_only_model": "drop it: -r resumes exactly; reference weights go through utils.convert_checkpoint",
+    "trainer.resume_only_model": "drop it: -r resumes exactly; reference weights go through apps.convert_checkpoint",
 }
 
 

@@ -8,7 +8,7 @@ evaluation file). Prints the tables and writes metrics.json to --out (default:
 <checkpoint folder>/eval/<checkpoint name>/, so each checkpoint keeps its own results), and with
 --save-sims the similarity matrices to <out>/sims/ (or the folder it names). With re-rankers
 (``--rerank`` or ``eval.rerank``), each re-ranked table is printed beside the raw one and stored
-beside it in metrics.json; ``python -m utils.rerank`` redoes them from --save-sims files.
+beside it in metrics.json; ``python -m apps.rerank`` redoes them from --save-sims files.
 """
 import json
 import sys
@@ -24,7 +24,7 @@ from trainer.evaluate import (draw_querybanks, embed_querybanks, evaluate, flat_
                               rerank_metrics, rerankers_from_config)
 from utils.checkpoint import load_checkpoint
 from utils.errors import run_command
-from utils.experiment import check_run_id, run_experiment
+from trainer.experiment import check_run_id, run_experiment
 
 
 def main(argv=None):

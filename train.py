@@ -4,9 +4,9 @@
     python train.py -c configs/msrvtt/clip/c2kd.json --epochs 20 --lr 1e-4
     python train.py -r runs/toy/translate_train/1/latest.pt          # resume exactly
 A run that did not finish, resumed from its folder's latest.pt, continues in that folder under its
-own run id; any other resume is a new run (see utils.experiment.continued_run_id). The same
+own run id; any other resume is a new run (see trainer.experiment.continued_run_id). The same
 command can be repeated: with --run-id naming a run of the same config, an unfinished run resumes in
-place and a finished one is reused; a run of another config is an error (utils.experiment.existing_run).
+place and a finished one is reused; a run of another config is an error (trainer.experiment.existing_run).
 """
 import sys
 from pathlib import Path
@@ -20,7 +20,7 @@ from trainer.trainer import Trainer, TrainingInterrupted, check_resumable, seed_
 from utils.checkpoint import checkpoint_header
 from utils.distributed import close_distributed, init_distributed, on_main
 from utils.errors import run_command
-from utils.experiment import (RESUMABLE, check_run_id, continued_run_id, existing_run, run_dir, run_experiment,
+from trainer.experiment import (RESUMABLE, check_run_id, continued_run_id, existing_run, run_dir, run_experiment,
                               run_root_of)
 
 

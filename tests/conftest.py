@@ -9,7 +9,7 @@ import torch
 from data_loader import toy
 from model.model import build_model
 from parse_config import resolve
-from utils import tiny_encoders
+from apps import tiny_encoders
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     """A translate-train checkpoint on the full Multi-Toy (1000 training videos), in a tmp dir, with
     its retriever and the index of the Multi-Toy test set."""
     import train as train_entry
-    from utils.inference import Retriever, read_videos
+    from apps.inference import Retriever, read_videos
     assets = tiny_encoders.ensure_toy_assets(ROOT / "cache")
     runs = tmp_path_factory.mktemp("demo_runs")
     code = train_entry.main([

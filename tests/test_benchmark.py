@@ -1,4 +1,4 @@
-"""utils.benchmark: a quick smoke run (every section), the full-size GPU step code on tiny shapes, FLOP counting by hand.
+"""apps.benchmark: a quick smoke run (every section), the full-size GPU step code on tiny shapes, FLOP counting by hand.
 Timings are never asserted: they depend on the machine and its load."""
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.model import TextEncoder, VideoEncoder
-from utils import benchmark
+from apps import benchmark
 
 
 def _bert(h=32, layers=2, inter=64, vocab=100):
@@ -104,7 +104,7 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
         argv += ["--skip", "gpu"]
     assert benchmark.main(argv, assets=toy_assets) == 0
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python -m utils.benchmark --quick")
+    assert report["command"].startswith("python -m apps.benchmark --quick")
     data = report["data_pipeline"]
     for key in ("project_setup_s", "project_items_per_s", "reference_items_per_s", "steady_state_ratio",
                 "one_epoch_with_setup_ratio"):

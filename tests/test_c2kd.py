@@ -241,7 +241,7 @@ def test_a_checkpoint_saved_before_model_role_reads_english_alike_in_every_loade
     from data_loader.dataset import EnglishReading
     from parse_config import build_parser, config_from_args
     from trainer.teachers import load_teacher
-    from utils.inference import Retriever
+    from apps.inference import Retriever
 
     state = load_checkpoint(setup["teachers"][0])
     del state["config"]["model"]["role"]

@@ -129,7 +129,7 @@ def test_training_needs_english_but_evaluation_ranks_any_languages(trained, tmp_
 
 
 def test_test_py_reranks_beside_the_raw_numbers_and_offline_from_saved_files(trained, tmp_path, capsys):
-    from utils import rerank as offline
+    from apps import rerank as offline
     run = trained["full"]
     out, sims = tmp_path / "eval", tmp_path / "sims"
     capsys.readouterr()

@@ -7,7 +7,7 @@ import mongomock.gridfs
 import pymongo
 import pytest
 
-from utils.experiment import run_experiment
+from trainer.experiment import run_experiment
 
 URL = "mongodb://sacred-db.test:27017"
 

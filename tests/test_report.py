@@ -1,4 +1,4 @@
-"""utils.report: gathering Sacred run folders, mean ± sample std over seeds, refusing mixed groups."""
+"""apps.report: gathering Sacred run folders, mean ± sample std over seeds, refusing mixed groups."""
 import csv
 import json
 import math
@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from utils import report
+from apps import report
 
 LANGS = ("en", "de", "fr")
 # seed -> {lang: t2v R1}; the expected means and sample standard deviations are computed below

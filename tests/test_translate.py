@@ -11,7 +11,7 @@ import pytest
 from data_loader import translate
 from data_loader.convert import write_safe
 from data_loader.corpus import Corpus, read_safe
-from utils.tiny_encoders import build_tiny_translator
+from apps.tiny_encoders import build_tiny_translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = "a man cuts an onion in the kitchen then woman washes cup garden dog runs".split()

@@ -59,7 +59,7 @@ class _Sink:
         self.f.flush()
 
 
-CONVERT = "python -m utils.convert_checkpoint SRC DST"
+CONVERT = "python -m apps.convert_checkpoint SRC DST"
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False):

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The reproduction pipeline of one dataset, shared by scripts/reproduce/<dataset>.sh: the three
 # teachers (seed 0), then zero-shot, translate-train and C2KD with every seed in SEEDS, then the
-# table (mean ± sample std over seeds) with utils.report, written to runs/<dataset>/$FEATURE/report/.
+# table (mean ± sample std over seeds) with apps.report, written to runs/<dataset>/$FEATURE/report/.
 #   bash scripts/reproduce/pipeline.sh DATASET FEATURE [train.py arguments...]
 # The script can be re-run after an interruption, as each train.py command can: for its run folder
-# (see python -m utils.experiment state FOLDER), train.py trains a new run, resumes an unfinished
+# (see python -m trainer.experiment state FOLDER), train.py trains a new run, resumes an unfinished
 # run of the same config in place, reuses a finished run of the same config, replaces a run that
 # failed before its first checkpoint (missing data or teacher), and stops the script with a one-line
 # error for a run of another config (naming the keys that differ), a run in progress in another
 # process, or a folder that is not a run. A teacher folder holding a latest.pt without a run.json
-# is used as given weights (e.g. converted with utils.convert_checkpoint).
+# is used as given weights (e.g. converted with apps.convert_checkpoint).
 # Extra arguments go to every train.py call. DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,13 +27,13 @@ DRY=${DRY_RUN:+echo}
 run() {  # run SCRIPT RUN_FOLDER SEED [train.py arguments...]
   local script=$1 folder=$2 seed=$3
   shift 3
-  echo "== $folder ($("$PY" -m utils.experiment state "$folder"))"
+  echo "== $folder ($("$PY" -m trainer.experiment state "$folder"))"
   $DRY env SEED="$seed" bash "$script" "$@"
 }
 
 for teacher in xlmr mbert distill; do
   folder="$RUNS/teacher_$teacher/seed0"
-  if [ "$("$PY" -m utils.experiment state "$folder")" = weights ]; then
+  if [ "$("$PY" -m trainer.experiment state "$folder")" = weights ]; then
     echo "== teacher $teacher: using the given weights $folder/latest.pt"
   else
     run "scripts/teacher_training/$DATASET/$teacher.sh" "$folder" 0 "$@"
@@ -51,7 +51,7 @@ for seed in $SEEDS; do
 done
 
 join() { local IFS=,; echo "$*"; }
-$DRY "$PY" -m utils.report \
+$DRY "$PY" -m apps.report \
   --method "Zero-shot=$(join "${zero_shot[@]}")" \
   --method "Translate-train=$(join "${translate_train[@]}")" \
   --method "C2KD=$(join "${c2kd[@]}")" \

@@ -1,6 +1,6 @@
 """Throughput benchmarks, measured as ratios within one run on one machine.
 
-    python -m utils.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
+    python -m apps.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
                               [--search-sizes 100000,1000000] [--skip data,c2kd,eval,gpu,search]
 
 1. data pipeline: items per second of this project's loader (captions tokenized once per
@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_loader.corpus import ENGLISH
-from utils.tiny_encoders import build_backbone
+from apps.tiny_encoders import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_ENCODERS = ("xlmr-tiny", "mbert-tiny", "distiluse-tiny")
@@ -477,7 +477,7 @@ def eval_worker(spec):
 
 
 def _run_worker(spec):
-    out = subprocess.run([sys.executable, "-m", "utils.benchmark", "--eval-worker", json.dumps(spec)],
+    out = subprocess.run([sys.executable, "-m", "apps.benchmark", "--eval-worker", json.dumps(spec)],
                          cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"ranking worker {spec} failed:\n{out.stderr.strip()[-2000:]}")
@@ -764,7 +764,7 @@ def bench_search(sizes, dim=512, n_queries=500, n_single=50, nlist=1024, nprobes
     """Build time, queries per second and recall@k of each search method of ``VideoIndex`` on random
     unit vectors. Isotropic data is the hard case for approximate search: a query's neighbours are
     barely closer than any other vector, so the IVF cells hold no locality to exploit."""
-    from utils.inference import FaissExact, FaissIVF, TorchExact, VideoIndex
+    from apps.inference import FaissExact, FaissIVF, TorchExact, VideoIndex
     results = []
     for n in sizes:
         embeddings = random_unit_vectors(n, dim, seed=0)
@@ -890,7 +890,7 @@ def _run(args, assets, log):
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     quick = args.quick
     if assets is None and not {"data", "c2kd"} <= skip:
-        from utils.tiny_encoders import ensure_toy_assets
+        from apps.tiny_encoders import ensure_toy_assets
         assets = ensure_toy_assets(args.assets_root)
     report = {"machine": machine_info(), "quick": quick}
     started = time.perf_counter()
@@ -1020,7 +1020,7 @@ def main(argv=None, assets=None):
     if args.eval_worker:
         print(json.dumps(eval_worker(json.loads(args.eval_worker))))
         return 0
-    report = {"command": " ".join(["python -m utils.benchmark", *(sys.argv[1:] if argv is None else argv)]),
+    report = {"command": " ".join(["python -m apps.benchmark", *(sys.argv[1:] if argv is None else argv)]),
               **run(args, assets=assets)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_loader import toy
-from utils.inference import InferenceError
+from apps.inference import InferenceError
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Convert the authors' released C2KD checkpoints into checkpoints of this project.
 
-    python -m utils.convert_checkpoint weights/c2kd_teachers/msrvtt/xlm/latest_model.pth \\
+    python -m apps.convert_checkpoint weights/c2kd_teachers/msrvtt/xlm/latest_model.pth \\
         weights/converted/msrvtt_xlm.pt --text-encoder xlm-roberta-base --data-config configs/msrvtt/clip/base.json
 
 A released file (c2kd-reference §5) is a torch.save'd dict with ``state_dict`` in the reference's
@@ -296,7 +296,7 @@ def convert(src, dst, text_encoder, data_config, feature_key=None, feature_dim=N
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m utils.convert_checkpoint",
+        prog="python -m apps.convert_checkpoint",
         description="Convert a released C2KD checkpoint (latest_model.pth) into a checkpoint of this project.")
     parser.add_argument("src", metavar="IN", help="reference checkpoint (.pth), or a bare state dict")
     parser.add_argument("dst", metavar="OUT", help="converted checkpoint to write; its stem becomes the run name")

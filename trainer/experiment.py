@@ -16,7 +16,7 @@ never resumed, removed or written by a second process.
 A training command that names its run folder (``--run-id``) can be repeated: it trains a new run,
 resumes its own unfinished run, or reuses its own finished one (``existing_run``).
 
-    python -m utils.experiment state RUN_FOLDER   # what the folder holds (STATES)
+    python -m trainer.experiment state RUN_FOLDER   # what the folder holds (STATES)
 """
 import importlib.metadata
 import json
@@ -453,7 +453,7 @@ def run_dir(run):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "state":
-        print("usage: python -m utils.experiment state RUN_FOLDER\n"
+        print("usage: python -m trainer.experiment state RUN_FOLDER\n"
               "prints one of: " + "; ".join(f"{k} ({v})" for k, v in STATES.items()), file=sys.stderr)
         return 2
     print(folder_state(argv[1]))
