@@ -146,7 +146,7 @@ def _epoch(loader):
 
 def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_video_tokens=30):
     """Items per second of the project's loader against the reference-style loader."""
-    from data_loader.corpus import read_corpus
+    from data_loader.readers import read_corpus
     from data_loader.dataset import STUDENT, EnglishReading, RetrievalDataset, TextInput
     from data_loader.loaders import EpochSampler, make_loader
     from model.model import load_tokenizer

@@ -163,7 +163,7 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
 
 @pytest.mark.parametrize("n", [1, 5])
 def test_tile_corpus_repeats_items(toy_assets, n):
-    from data_loader.corpus import read_corpus
+    from data_loader.readers import read_corpus
     corpus = read_corpus(toy_assets["train"], "multi-msrvtt", "2d", "train")
     tiled = benchmark.tile_corpus(corpus, len(corpus) * n + 3)
     assert len(tiled) == len(corpus) * n + 3 and len(set(tiled.ids)) == len(tiled)
