@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, get_args, get_origin
 
-from data_loader.corpus import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDENT_ENGLISH_FIELDS
+from data_loader.readers import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDENT_ENGLISH_FIELDS
 from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
@@ -32,7 +32,7 @@ SCHEMA = {
     "stage": ("translate-train", str, STAGES,
               "training objective (model/loss.py); the reference's command line defaulted to c2kd"),
     "languages": (None, (list[str], NULLABLE), None, "caption languages; null = every language of the training file"),
-    "data.layout": ("multi-msrvtt", str, None, "reader of the data files (data_loader/corpus.py)"),
+    "data.layout": ("multi-msrvtt", str, None, "reader of the data files (data_loader/readers.py)"),
     "data.train_path": (None, (str, NULLABLE), None, "training file"),
     "data.eval_path": (None, (str, NULLABLE), None, "evaluation file"),
     "data.feature_key": ("2d", str, None, "video feature key in each item: 2d (CLIP), s3d, 2d_raw"),

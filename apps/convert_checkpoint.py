@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from data_loader.corpus import READER_OPTIONS, TEACHER_ENGLISH_FIELD
+from data_loader.readers import READER_OPTIONS, TEACHER_ENGLISH_FIELD
 from data_loader.dataset import EnglishReading
 from model.model import build_model
 from parse_config import LABSE, load_flat, resolve

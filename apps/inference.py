@@ -30,8 +30,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_loader.corpus import ENGLISH, PICKLE_LAYOUTS, SplitNotInFile, check_items, is_safe_path, read_corpus
+from data_loader.corpus import ENGLISH, check_items, is_safe_path
 from data_loader.dataset import EnglishReading, TokenTable, clean_caption
+from data_loader.readers import PICKLE_LAYOUTS, SplitNotInFile, read_corpus
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from parse_config import upgrade_saved_config

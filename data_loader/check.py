@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_loader.corpus import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_feature_key, detect_layout,
-                                is_safe_path, item_problems, listed, read_safe, read_safe_raw)
+from data_loader.corpus import is_safe_path, item_problems, listed, read_safe_raw
+from data_loader.readers import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_feature_key, detect_layout,
+                                 read_safe)
 from data_loader.safe_pickle import DataFileError, load_pickle
 from utils.errors import run_command
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from data_loader.check import load_any
-from data_loader.corpus import (READERS, SAFE_FORMAT, SAFE_VERSION, _DROP, SafeFiles, json_value, read_safe)
+from data_loader.corpus import SAFE_FORMAT, SAFE_VERSION, SafeFiles
+from data_loader.readers import READERS, _DROP, json_value, read_safe
 from data_loader.safe_pickle import DataFileError
 from utils.errors import run_command
 from utils.files import atomic_write

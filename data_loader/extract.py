@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_loader.corpus import ENGLISH, Corpus, caption_list, read_safe_raw, safe_files
+from data_loader.corpus import ENGLISH, Corpus, read_safe_raw, safe_files
+from data_loader.readers import caption_list
 from data_loader.safe_pickle import DataFileError
 from data_loader.video import VideoError, center_crop, decode_frames, list_videos
 from utils.errors import UserError, first_line, run_command

@@ -3,7 +3,8 @@
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from data_loader.corpus import check_items, read_corpus
+from data_loader.corpus import check_items
+from data_loader.readers import read_corpus
 from data_loader.dataset import RetrievalDataset
 from data_loader.safe_pickle import DataFileError
 from utils.errors import ConfigError

@@ -5,13 +5,17 @@ import json
 import pytest
 import torch
 
+from apps.benchmark.cli import main
+from apps.benchmark.data import tile_corpus
+from apps.benchmark.flops import c2kd_step_flops, peak_bf16_flops, text_forward_flops, video_forward_flops
+from apps.benchmark.gpu import bench_gpu_step
+from apps.tiny_encoders import build_backbone
 from model.model import TextEncoder, VideoEncoder
-from apps import benchmark
 
 
 def _bert(h=32, layers=2, inter=64, vocab=100):
-    return benchmark.build_backbone("bert", dict(vocab_size=vocab, hidden_size=h, num_hidden_layers=layers,
-                                                 num_attention_heads=2, intermediate_size=inter))
+    return build_backbone("bert", dict(vocab_size=vocab, hidden_size=h, num_hidden_layers=layers,
+                                       num_attention_heads=2, intermediate_size=inter))
 
 
 def test_text_forward_flops_by_hand():
@@ -25,7 +29,7 @@ def test_text_forward_flops_by_hand():
     per_token = layers * per_layer + 2 * h  # plus the embedding LayerNorm; the tables are lookups
     per_sequence = (h * h + h) + 2 * h + (h * proj + proj) + (proj * proj + proj)  # pooler, norm, gated proj
     sequences, seq_len = 6, 11
-    assert benchmark.text_forward_flops(encoder, sequences, seq_len) == \
+    assert text_forward_flops(encoder, sequences, seq_len) == \
         2 * (per_token * sequences * seq_len + per_sequence * sequences)
 
 
@@ -36,7 +40,7 @@ def test_video_forward_flops_by_hand():
     per_block_token = 2 * w + (w * 3 * w + 3 * w) + (w * w + w) + 2 * w + 2 * (w * w + w)
     per_video = (w * p + p) + (p * p + p)                             # gated output projection on CLS
     videos, frames = 5, 7
-    assert benchmark.video_forward_flops(video, videos, frames) == \
+    assert video_forward_flops(video, videos, frames) == \
         2 * videos * (per_frame * frames + per_block_token * (frames + 1) + per_video)
 
 
@@ -45,19 +49,19 @@ def test_c2kd_step_flops_counts_teachers_only_online():
     student = benchmark_model(_bert(32, 2, 64))
     teachers = [benchmark_model(_bert(32, 1, 64)), benchmark_model(_bert(32, 2, 64))]
     b, langs, seq, frames = 4, 9, 10, 6
-    student_fwd = (benchmark.text_forward_flops(student.text, b * langs, seq)
-                   + benchmark.video_forward_flops(student.video, b, frames))
-    teacher_fwd = sum(benchmark.text_forward_flops(t.text, b, seq) + benchmark.video_forward_flops(t.video, b, frames)
+    student_fwd = (text_forward_flops(student.text, b * langs, seq)
+                   + video_forward_flops(student.video, b, frames))
+    teacher_fwd = sum(text_forward_flops(t.text, b, seq) + video_forward_flops(t.video, b, frames)
                       for t in teachers)
-    online = benchmark.c2kd_step_flops(student, teachers, b, langs, seq, frames, online=True)
-    cached = benchmark.c2kd_step_flops(student, teachers, b, langs, seq, frames, online=False)
+    online = c2kd_step_flops(student, teachers, b, langs, seq, frames, online=True)
+    cached = c2kd_step_flops(student, teachers, b, langs, seq, frames, online=False)
     assert online == {"student": 3 * student_fwd, "teachers": teacher_fwd, "total": 3 * student_fwd + teacher_fwd}
     assert cached == {"student": 3 * student_fwd, "teachers": 0.0, "total": 3 * student_fwd}
     # Length buckets: each bucket's rows at its own columns.
     buckets = [(20, 4), (16, seq)]
-    bucketed = benchmark.c2kd_step_flops(student, teachers, b, langs, seq, frames, online=False, student_buckets=buckets)
-    text_fwd = benchmark.text_forward_flops(student.text, 20, 4) + benchmark.text_forward_flops(student.text, 16, seq)
-    assert bucketed["student"] == 3 * (text_fwd + benchmark.video_forward_flops(student.video, b, frames))
+    bucketed = c2kd_step_flops(student, teachers, b, langs, seq, frames, online=False, student_buckets=buckets)
+    text_fwd = text_forward_flops(student.text, 20, 4) + text_forward_flops(student.text, 16, seq)
+    assert bucketed["student"] == 3 * (text_fwd + video_forward_flops(student.video, b, frames))
     assert bucketed["student"] < cached["student"]
 
 
@@ -67,10 +71,10 @@ def benchmark_model(backbone):
 
 
 def test_peak_flops_by_device_name():
-    assert benchmark.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert benchmark.peak_bf16_flops("NVIDIA H200") == 989e12
-    assert benchmark.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
-    assert benchmark.peak_bf16_flops("Tesla T4") is None
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("Tesla T4") is None
 
 
 TINY_SHAPES = {
@@ -84,9 +88,9 @@ TINY_SHAPES = {
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 def test_full_size_step_code_runs_on_tiny_shapes(one_thread, device):
-    out = benchmark.bench_gpu_step(torch.device(device), shapes=TINY_SHAPES, batch_size=4, languages=3, seq_len=6,
-                                   n_video_tokens=5, feature_dim=8, video_width=16, projection_dim=16,
-                                   steps=1, warmup=1, peak_flops=1e12)
+    out = bench_gpu_step(torch.device(device), shapes=TINY_SHAPES, batch_size=4, languages=3, seq_len=6,
+                         n_video_tokens=5, feature_dim=8, video_width=16, projection_dim=16,
+                         steps=1, warmup=1, peak_flops=1e12)
     for mode in ("cached", "online"):
         step = out[mode]
         assert step["step_s"] > 0
@@ -102,7 +106,7 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
     argv = ["--quick", "--out", str(out), "--eval-sizes", "200", "--search-sizes", "2000"]
     if torch.cuda.is_available():  # full-size models take long to build; their code is tested on tiny shapes
         argv += ["--skip", "gpu"]
-    assert benchmark.main(argv, assets=toy_assets) == 0
+    assert main(argv, assets=toy_assets) == 0
     report = json.loads(out.read_text())
     assert report["command"].startswith("python -m apps.benchmark --quick")
     data = report["data_pipeline"]
@@ -163,8 +167,8 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
 
 @pytest.mark.parametrize("n", [1, 5])
 def test_tile_corpus_repeats_items(toy_assets, n):
-    from data_loader.corpus import read_corpus
+    from data_loader.readers import read_corpus
     corpus = read_corpus(toy_assets["train"], "multi-msrvtt", "2d", "train")
-    tiled = benchmark.tile_corpus(corpus, len(corpus) * n + 3)
+    tiled = tile_corpus(corpus, len(corpus) * n + 3)
     assert len(tiled) == len(corpus) * n + 3 and len(set(tiled.ids)) == len(tiled)
     assert tiled.captions["de"][len(corpus)] == corpus.captions["de"][0]

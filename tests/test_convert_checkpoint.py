@@ -297,7 +297,7 @@ def test_converted_teacher_embeds_the_english_its_dataset_gave_it(dataset, clean
     """A converted RUDDER teacher embeds the raw English caption, punctuation included, as the reference's
     RUDDER teachers read it; a teacher converted with MSR-VTT's recipe embeds the regex-cleaned caption
     (§1.3, §9). Both pool with the student tokenizer's mask of the raw caption (§2.3)."""
-    from data_loader.corpus import read_corpus
+    from data_loader.readers import read_corpus
     from data_loader.dataset import clean_caption
     from model.model import load_tokenizer
     from parse_config import resolve

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader.corpus import read_corpus
 from data_loader.dataset import EnglishReading, RetrievalDataset, TextInput, clean_caption, video_tokens
+from data_loader.readers import read_corpus
 from data_loader.safe_pickle import DataFileError, load_pickle
 
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from data_loader.corpus import read_safe
+from data_loader.readers import read_safe
 from data_loader.video import synthetic_frames, write_video
 from tests.test_translate import WORDS, english
 from apps.tiny_encoders import build_tiny_clip, build_tiny_translator

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from data_loader import check, convert
-from data_loader.corpus import (READERS, detect_feature_key, detect_layout, fill_missing_captions, read_corpus,
-                                read_safe)
+from data_loader.readers import (READERS, detect_feature_key, detect_layout, fill_missing_captions, read_corpus,
+                                 read_safe)
 from data_loader.dataset import EnglishReading, RetrievalDataset, TextInput
 from data_loader.safe_pickle import DataFileError
 from trainer.evaluate import metrics_from_scores, score_languages
@@ -514,13 +514,13 @@ def test_a_reader_declares_the_reading_options_it_takes(tmp_path, monkeypatch):
     """data.student_english is taken by the layouts whose reader declares it, whatever their name,
     and refused in one line for the others."""
     import parse_config
-    from data_loader import corpus as corpora
+    from data_loader import readers
     from parse_config import ConfigError, resolve
-    options = dict(corpora.READER_OPTIONS)  # the registration below is undone after the test
-    monkeypatch.setattr(corpora, "READERS", dict(READERS))
-    monkeypatch.setattr(corpora, "READER_OPTIONS", options)
+    options = dict(readers.READER_OPTIONS)  # the registration below is undone after the test
+    monkeypatch.setattr(readers, "READERS", dict(READERS))
+    monkeypatch.setattr(readers, "READER_OPTIONS", options)
     monkeypatch.setattr(parse_config, "READER_OPTIONS", options)
-    corpora.register_reader("my-recipes", options=("student_english",))(corpora.read_multi_youcook2)
+    readers.register_reader("my-recipes", options=("student_english",))(readers.read_multi_youcook2)
     items = youcook2_items(2)
     items[1]["caption_en"] = "Chop the onion, finely."
     corpus = read_corpus(dump(tmp_path / "mine.pkl", items), "my-recipes", "s3d", "train", student_english="caption_en")

@@ -94,7 +94,7 @@ def test_rerankers_from_config_name_the_key_of_a_wrong_value():
 
 
 def test_querybanks_per_language_or_one_stated_mix(toy_assets):
-    from data_loader.corpus import read_corpus
+    from data_loader.readers import read_corpus
     from parse_config import ConfigError
     from trainer.evaluate import draw_querybanks
     corpus = read_corpus(toy_assets["train"], "multi-msrvtt", "2d", "train")

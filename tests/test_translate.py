@@ -10,7 +10,8 @@ import pytest
 
 from data_loader import translate
 from data_loader.convert import write_safe
-from data_loader.corpus import Corpus, read_safe
+from data_loader.corpus import Corpus
+from data_loader.readers import read_safe
 from apps.tiny_encoders import build_tiny_translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")

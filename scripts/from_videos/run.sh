@@ -51,7 +51,7 @@ echo "== check"
 "$PY" -m data_loader.check "$DATA/train"
 "$PY" -m data_loader.check "$DATA/eval"
 
-DIM=$("$PY" -c 'import sys; from data_loader.corpus import read_safe; print(read_safe(sys.argv[1]).feature_dim)' "$DATA/train")
+DIM=$("$PY" -c 'import sys; from data_loader.readers import read_safe; print(read_safe(sys.argv[1]).feature_dim)' "$DATA/train")
 COMMON=(--seed "$SEED" --run-id "seed$SEED"
   --set "data.train_path=$DATA/train" --set "data.eval_path=$DATA/eval"
   --set "data.feature_key=$FEATURE_KEY" --set "data.feature_dim=$DIM" --set "model.projection_dim=$DIM"
