@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from config_keys import LABSE
 from data_loader.corpus import READER_OPTIONS, TEACHER_ENGLISH_FIELD
 from data_loader.dataset import EnglishReading
 from model.model import build_model
-from parse_config import LABSE, load_flat, resolve
+from parse_config import load_flat, resolve
 from utils.checkpoint import FORMAT, save_checkpoint
 from utils.errors import UserError, first_line, run_command
 
