@@ -2,252 +2,30 @@
 
 A config is a JSON object. ``"extends": "other.json"`` (a path relative to the file) starts from
 another config and overrides it key by key, so per-dataset and per-stage configs stay short.
-``SCHEMA`` below lists every key with its default, its type and, where it matters, its allowed
-values; a key that is not in it, a value of the wrong type or a value outside the allowed set is
-reported in one line naming the key. The resolved config is saved with every run and checkpoint.
+``KEYS`` in config_keys.py lists every key with its default, its type and, where it matters, its
+allowed values or range; a key that is not in it, a value of the wrong type or a value outside the
+allowed set is reported in one line naming the key. The resolved config is saved with every run and
+checkpoint, and read back through ``upgrade_saved_config``.
 """
 import argparse
 import copy
 import json
-import math
 import os
 import warnings
 from pathlib import Path
-from typing import NamedTuple, get_args, get_origin
 
-from data_loader.readers import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDENT_ENGLISH_FIELDS
-from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
-from model.metric import TIE_BREAKS
-from model.model import DEFAULT_BUCKET_ROWS
+from config_keys import KEYS, REFERENCE_KEYS, RESULT_NEUTRAL_KEYS
+from data_loader.readers import READER_OPTIONS
+from model.loss import legacy_teacher_pool
 from utils.errors import ConfigError  # defined at ground level; callers may also import it from here
-
-NULLABLE = object()  # marker: the key also accepts null
-LABSE = "sentence-transformers/LaBSE"  # the paper's student, whose tokenizer converted teachers pool with
-
-# key -> (default, type(s), allowed values or None, what it means)
-SCHEMA = {
-    "name": (None, (str, NULLABLE), None, "run name; defaults to the config file's stem"),
-    "notes": (None, (str, NULLABLE), None, "free text: where this config's values come from (not used in training)"),
-    "seed": (0, int, None, "seed of every random generator"),
-    "stage": ("translate-train", str, STAGES,
-              "training objective (model/loss.py); the reference's command line defaulted to c2kd"),
-    "languages": (None, (list[str], NULLABLE), None, "caption languages; null = every language of the training file"),
-    "data.layout": ("multi-msrvtt", str, None, "reader of the data files (data_loader/readers.py)"),
-    "data.train_path": (None, (str, NULLABLE), None, "training file"),
-    "data.eval_path": (None, (str, NULLABLE), None, "evaluation file"),
-    "data.feature_key": ("2d", str, None, "video feature key in each item: 2d (CLIP), s3d, 2d_raw"),
-    "data.feature_dim": (512, int, None, "dimension of one frame feature"),
-    "data.n_video_tokens": (30, int, None, "frames kept per video (the first ones)"),
-    "data.max_words_train": (35, int, None, "token length of training captions"),
-    "data.max_words_eval": (40, int, None, "token length of evaluation captions"),
-    "data.clean_english": (False, bool, None,
-                           "the dataset's recipe: its English-input teachers (model.role = teacher) read English "
-                           "captions regex-cleaned (words of [\\w']+ joined by spaces), in training and evaluation, "
-                           "as the reference's MSR-VTT, VATEX and YouCook2 teachers did; false = as written, as its "
-                           "RUDDER teachers did (§1.3, §9); students always read captions as written"),
-    "data.student_english": ("shared", str, STUDENT_ENGLISH_FIELDS,
-                             "multi-youcook2 files: shared = the student reads the item's 'caption', as the teachers "
-                             "do; caption_en = it reads 'caption_en', the reference's student input, while teachers "
-                             "keep 'caption' (§9)"),
-    "data.batch_size": (64, int, None, "training batch size"),
-    "data.eval_batch_size": (64, int, None, "evaluation batch size (changes embeddings by float32 rounding only)"),
-    "data.allow_duplicate_ids": (False, bool, None,
-                                 "accept items sharing an id (evaluation averages them, as the reference did)"),
-    "data.num_workers": (0, int, None, "DataLoader worker processes"),
-    "data.missing_caption_fallback": ("none", str, MISSING_CAPTION_FALLBACKS,
-                                      "item lacking a language: none = no caption (left out of that language's loss "
-                                      "and evaluation); last_available = copy its last available language's caption "
-                                      "(the reference's RUDDER behaviour; parity only)"),
-    "model.text_encoder": (LABSE, str, None, "Hugging Face hub id or local folder"),
-    "model.width": (512, int, None, "video transformer width"),
-    "model.projection_dim": (512, int, None, "joint embedding size"),
-    "model.depth": (2, int, None, "video transformer blocks"),
-    "model.heads": (4, int, None, "attention heads per block"),
-    "model.mlp_ratio": (1.0, float, None, "MLP hidden size / width"),
-    "model.role": ("student", str, ("student", "teacher"),
-                   "teacher = an English-input teacher: it reads English captions as the dataset's teachers do "
-                   "(data.clean_english, data.student_english); student = as written; other languages: as written"),
-    "model.pool_with_student_mask": (False, bool, None, "teacher pools text with the student's mask (§2.3)"),
-    "model.length_bucket_rows": (DEFAULT_BUCKET_ROWS, (int, NULLABLE), None,
-                                 "text rows per length bucket: a text batch is sorted by caption length and run "
-                                 "in buckets of about this many rows, each cut to its longest caption (outputs "
-                                 "change by float rounding only, but training draws other dropout masks); "
-                                 "null runs a batch as one bucket"),
-    "model.pool_mask_tokenizer": (LABSE, str, None,
-                                  "with pool_with_student_mask, outside C2KD training: the tokenizer whose mask "
-                                  "pools the text states (the reference student's; in C2KD the student's own)"),
-    "loss.temperature": (0.05, float, None, "InfoNCE temperature"),
-    "loss.balance": (0.5, float, None, "λ: weight of the contrastive terms in c2kd; 1 - λ weighs distillation "
-                                       "(the reference's command line defaulted to 0.1)"),
-    "loss.distill_temp": (0.1, float, None, "τd: temperature of the distillation softmaxes"),
-    "loss.teacher_pool": ("max", str, TEACHER_POOLS, "how several teachers' similarities are combined"),
-    "loss.teachtext": (False, bool, None, "TeachText ablation: SmoothL1 on raw similarities instead of KL"),
-    "teachers.checkpoints": ([], list[str], None, "teacher checkpoint paths (c2kd); each is a translate-train run"),
-    "teachers.mode": ("cached", str, ("cached", "online"),
-                      "cached: teacher outputs computed once before training; online: every step"),
-    "teachers.cache_dir": ("cache/teacher_outputs", str, None, "where cached teacher outputs are stored"),
-    "teachers.learnable_lr": (1e-2, float, None, "learning rate of the learnable teacher weights"),
-    "optimizer.lr": (1e-4, float, None, "Adam learning rate"),
-    "scheduler.gamma": (0.9, float, None, "ExponentialLR decay per epoch"),
-    "trainer.epochs": (20, int, None, "training epochs"),
-    "trainer.save_dir": ("runs", str, None, "root of run folders: <save_dir>/<name>/<run id>/"),
-    "trainer.save_period": (0, int, None, "also keep checkpoint-epoch<N>.pt every N epochs; 0 = never"),
-    # Off by default: every shipped config evaluates on its test split, so a "best" epoch would be
-    # chosen on test data; the reference kept no best checkpoint and reported the last epoch (§4).
-    "trainer.monitor": ("off", str, None, "metric that selects best.pt, e.g. t2v_mean_R1; 'off' = none"),
-    "trainer.mixed_precision": ("auto", str, ("auto", "bf16", "fp16", "off"),
-                                "autocast on CUDA: auto = bf16 where supported, else fp16 with a scaler"),
-    "trainer.log_every": (8, int, None, "log the training loss every N steps"),
-    "trainer.accumulation_steps": (1, int, None, "micro-batches per step; gives the whole batch's gradients"),
-    "trainer.compile": (False, bool, None, "wrap the model in torch.compile"),
-    "trainer.max_skipped_steps": (50, int, None, "fp16: stop after the scaler skipped this many steps"),
-    "trainer.max_steps_per_epoch": (None, (int, NULLABLE), None, "cap on steps per epoch (smoke runs)"),
-    "eval.tie_break": ("averaging", str, TIE_BREAKS,
-                       "ground truth tied with others: averaging = expected rank and R@K under a random "
-                       "order of the tied items; the reference is optimistic"),
-    "eval.total_queries": (None, (int, NULLABLE), None, "R@K denominator when the file lacks some queries"),
-    "eval.total_queries_items": (None, (int, NULLABLE), None,
-                                 "the number of evaluation-file items eval.total_queries is for: a file holding "
-                                 "another number is scored as eval.denominator says (the reference's MSR-VTT rule: "
-                                 "1000 for its 968-item file, else the rows ranked, §1.6); null = always"),
-    "eval.denominator": ("ranked", str, ("ranked", "file_items"),
-                         "R@K denominator when eval.total_queries is null: ranked = the queries ranked in each "
-                         "language; file_items = the items of the evaluation file, also when ids repeat (the "
-                         "reference's RUDDER len(data), §9)"),
-    "eval.multi_caption": ("average", str, ("average", "separate"),
-                           "captions sharing a video id: averaged into one query, or ranked separately"),
-    "eval.rerank": ([], list[str], None,
-                    "test-time re-rankers that test.py reports beside the raw scores (model/rerank.py): "
-                    "dsl (dual softmax), qbnorm (querybank normalisation); [] = raw scores only"),
-    "eval.rerank_dsl_temperature": (0.01, float, None,
-                                    "dual softmax temperature on cosine scores (0.01: CLIP's logit scale of 100)"),
-    "eval.rerank_qbnorm_beta": (20.0, float, None, "QB-Norm inverse temperature beta of the inverted softmax"),
-    "eval.rerank_qbnorm_bank_size": (5000, int, None,
-                                     "QB-Norm querybank: training captions drawn (seeded by 'seed'), at most this many"),
-    "eval.rerank_qbnorm_bank_languages": (None, (list[str], NULLABLE), None,
-                                          "QB-Norm querybank languages: null = each evaluation language draws "
-                                          "from its own training captions; a list = one mix drawn evenly from "
-                                          "these languages, used for every evaluation language"),
-}
-
-# Keys that change neither what a run trains nor its last-epoch results (they name, place or log
-# it): a finished run is reused, and runs are averaged in a report, whatever they say.
-RESULT_NEUTRAL_KEYS = frozenset({
-    "name", "notes", "trainer.save_dir", "trainer.save_period", "trainer.log_every", "trainer.monitor",
-    "data.num_workers", "data.eval_batch_size", "teachers.cache_dir",
-    # Re-ranking runs in test.py only, beside the raw numbers training reports.
-    "eval.rerank", "eval.rerank_dsl_temperature", "eval.rerank_qbnorm_beta", "eval.rerank_qbnorm_bank_size",
-    "eval.rerank_qbnorm_bank_languages",
-})
-
-
-def _legacy_role(saved):
-    # Before model.role, data.clean_english said whether the model itself trained on cleaned English,
-    # and training read English as written where the key was missing: a model that cleaned was a
-    # teacher reading its dataset's teachers' English, any other read English as written.
-    return "teacher" if saved.get("data.clean_english") is True else "student"
-
-
-# What a config written before a key existed did, where that differs from the key's default (a
-# function of the saved flat config where it depends on it): such a run is not the same experiment
-# as one at the default (config_differences), and a checkpoint is loaded so (upgrade_saved_config).
-LEGACY_VALUES = {"model.length_bucket_rows": None, "model.role": _legacy_role}
-
-# The reference's stage names (§3.1).
-STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
-
-
-def _types(spec):
-    return spec if isinstance(spec, tuple) else (spec,)
-
-
-class Range(NamedTuple):
-    """The values a numeric key accepts: ``low`` (excluded when ``open_low``) up to ``high``."""
-    low: float = None
-    high: float = None
-    open_low: bool = False
-
-    def admits(self, value):
-        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
-        return above and (self.high is None or value <= self.high)
-
-    def __str__(self):
-        low = None if self.low is None else f"{'above' if self.open_low else 'at least'} {_number(self.low)}"
-        if self.high is None:
-            return f"must be {low}"
-        if self.low is not None and not self.open_low:
-            return f"must be between {_number(self.low)} and {_number(self.high)}"
-        return f"must be {low} and at most {_number(self.high)}"
-
-
-def _number(x):
-    return json.dumps(int(x) if float(x).is_integer() else x)
-
-
-AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Range(1), Range(0), Range(0, open_low=True)
-# The valid values of every numeric key of SCHEMA (tests check that none is missing), checked with
-# its type before anything runs: a NaN, a negative learning rate or a zero temperature would
-# otherwise train, or fail later naming a batch instead of the key.
-RANGES = {
-    "seed": Range(0, 2**32 - 1),  # numpy's seed range
-    "data.feature_dim": AT_LEAST_1, "data.n_video_tokens": AT_LEAST_1, "data.max_words_train": AT_LEAST_1,
-    "data.max_words_eval": AT_LEAST_1, "data.batch_size": AT_LEAST_1, "data.eval_batch_size": AT_LEAST_1,
-    "data.num_workers": AT_LEAST_0,
-    "model.width": AT_LEAST_1, "model.projection_dim": AT_LEAST_1, "model.depth": AT_LEAST_1,
-    "model.heads": AT_LEAST_1, "model.mlp_ratio": ABOVE_0, "model.length_bucket_rows": AT_LEAST_1,
-    "loss.temperature": ABOVE_0, "loss.distill_temp": ABOVE_0,
-    "loss.balance": Range(0, 1),  # λ outside [0, 1] gives one of the two terms a negative weight
-    "teachers.learnable_lr": AT_LEAST_0, "optimizer.lr": ABOVE_0,
-    "scheduler.gamma": Range(0, 1, open_low=True),
-    "trainer.epochs": AT_LEAST_1, "trainer.save_period": AT_LEAST_0, "trainer.log_every": AT_LEAST_1,
-    "trainer.accumulation_steps": AT_LEAST_1, "trainer.max_skipped_steps": AT_LEAST_0,
-    "trainer.max_steps_per_epoch": AT_LEAST_1,
-    "eval.total_queries": AT_LEAST_1,
-    "eval.total_queries_items": AT_LEAST_1,
-    "eval.rerank_dsl_temperature": ABOVE_0, "eval.rerank_qbnorm_beta": ABOVE_0,
-    "eval.rerank_qbnorm_bank_size": AT_LEAST_1,
-}
-
-
-def _is_instance(value, t):
-    """isinstance for the schema's types: a bool is no int, and ``list[str]`` checks each item."""
-    if get_origin(t) is list:
-        return isinstance(value, list) and all(_is_instance(v, get_args(t)[0]) for v in value)
-    return isinstance(value, t) and not (t is int and isinstance(value, bool))
-
-
-def _type_name(t):
-    return f"a list of {get_args(t)[0].__name__}" if get_origin(t) is list else t.__name__
-
-
-def _check_value(key, value):
-    default, types, choices, _ = SCHEMA[key]
-    types = _types(types)
-    if value is None:
-        if NULLABLE not in types:
-            raise ConfigError(f"config key '{key}' must not be null")
-        return value
-    if float in types and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not any(t is not NULLABLE and _is_instance(value, t) for t in types):
-        expected = " or ".join(_type_name(t) if t is not NULLABLE else "null" for t in types)
-        raise ConfigError(f"config key '{key}' must be {expected}, got {json.dumps(value)}")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"config key '{key}' = {json.dumps(value)} is not one of {', '.join(choices)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{key}' = {value} must be a finite number")
-    if key in RANGES and not RANGES[key].admits(value):
-        null = ", or null" if NULLABLE in types else ""
-        raise ConfigError(f"config key '{key}' = {_number(value)} {RANGES[key]}{null}")
-    return value
 
 
 def flatten_config(tree, prefix=""):
-    """{"data": {"batch_size": 8}} -> {"data.batch_size": 8}, descending only into schema sections."""
+    """{"data": {"batch_size": 8}} -> {"data.batch_size": 8}, descending only into the sections of KEYS."""
     flat = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in SCHEMA):
+        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in KEYS):
             flat.update(flatten_config(value, dotted + "."))
         else:
             flat[dotted] = value
@@ -291,33 +69,16 @@ def read_json(path):
     return data
 
 
-# Keys of the reference's YAML configs (§1, §5, §6 of its description): what replaces each here.
-REFERENCE_KEYS = {
-    "arch": "use model.* keys", "data_loader": "use data.* keys: layout, paths, feature_key, batch_size",
-    "optimizer.type": "drop it: Adam always", "optimizer.args": "use optimizer.lr",
-    "lr_scheduler": "use scheduler.gamma: ExponentialLR always", "loss.type": "use stage", "loss.args": "use loss.temperature",
-    "metrics": "drop it: every retrieval metric is computed, see eval.* keys",
-    "n_gpu": "use torchrun --nproc_per_node N", "word2vec_path": "drop it: not needed",
-    "video_sampling_strategy": "drop it: the first data.n_video_tokens frames are used",
-    "use_2D": "use data.feature_key", "use_3D": "use data.feature_key",
-    "complete_dataset_size": "use eval.total_queries", "metric_break_ties": "use eval.tie_break",
-    "max_words": "use data.max_words_train and data.max_words_eval", "n_video_tokens": "use data.n_video_tokens",
-    "trainer.save_latest": "drop it: latest.pt is written every epoch", "trainer.verbosity": "drop it",
-    "trainer.early_stop": "drop it", "trainer.tensorboard": "drop it",
-    "trainer.resume_only_model": "drop it: -r resumes exactly; reference weights go through apps.convert_checkpoint",
-}
-
-
 def _reference_hint(key):
     return next((REFERENCE_KEYS[k] for k in (key, key.split(".")[0]) if k in REFERENCE_KEYS), None)
 
 
 def _unknown_keys_message(path, unknown):
-    """One line for every key of ``path`` outside SCHEMA, with what replaces a reference key."""
+    """One line for every key of ``path`` outside KEYS, with what replaces a reference key."""
     if len(unknown) == 1 and not _reference_hint(unknown[0]):
         return f"{path}: unknown config key '{unknown[0]}'"
     listed = "; ".join(f"'{k}' ({_reference_hint(k)})" if _reference_hint(k) else f"'{k}'" for k in unknown)
-    return f"{path}: {len(unknown)} unknown config keys: {listed}; every key is listed in SCHEMA in parse_config.py"
+    return f"{path}: {len(unknown)} unknown config keys: {listed}; every key is listed in KEYS in config_keys.py"
 
 
 def load_flat(path, _seen=()):
@@ -331,12 +92,12 @@ def load_flat(path, _seen=()):
     parent = data.pop("extends", None)
     flat = load_flat(path.parent / parent, _seen + (path,)) if parent else {}
     own = flatten_config(data)
-    unknown = [key for key in own if key not in SCHEMA]
+    unknown = [key for key in own if key not in KEYS]
     if unknown:
         raise ConfigError(_unknown_keys_message(path, unknown))
     for key, value in own.items():
         try:
-            _check_value(key, STAGE_ALIASES.get(value, value) if key == "stage" else value)
+            KEYS[key].check(key, value)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     flat.update(own)
@@ -354,13 +115,12 @@ def _looks_like_old_teacher(own):
 
 def resolve(flat, name=None):
     """Defaults, then ``flat``; validated; returned as a nested dict."""
-    merged = {key: copy.deepcopy(spec[0]) for key, spec in SCHEMA.items()}
+    merged = {key: copy.deepcopy(spec.default) for key, spec in KEYS.items()}
     for key, value in flat.items():
-        if key not in SCHEMA:
+        if key not in KEYS:
             raise ConfigError(f"unknown config key '{key}'")
         merged[key] = value
-    merged["stage"] = STAGE_ALIASES.get(merged["stage"], merged["stage"])
-    merged = {key: _check_value(key, value) for key, value in merged.items()}
+    merged = {key: KEYS[key].check(key, value) for key, value in merged.items()}
     _check_combinations(merged)
     if merged["name"] is None:
         merged["name"] = name or "run"
@@ -500,31 +260,20 @@ def _resolve_error(flat):
 
 def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
     """``[(key, value in a, value in b)]`` for every key outside ``ignore`` where two configs (nested
-    or flattened) differ; a key that one of them lacks counts at what runs written before the key
-    existed did (LEGACY_VALUES), else at its default."""
-    a, b = flatten_config(a), flatten_config(b)
-    differences = []
-    for key in sorted(set(a) | set(b)):
-        if key in ignore:
-            continue
-        in_a, in_b = a.get(key, value_when_missing(key, a)), b.get(key, value_when_missing(key, b))
-        if in_a != in_b:
-            differences.append((key, in_a, in_b))
-    return differences
-
-
-def value_when_missing(key, saved=None):
-    """What a run whose config (flat ``saved``) lacks ``key`` (written before the key existed) ran with."""
-    legacy = LEGACY_VALUES.get(key, SCHEMA[key][0] if key in SCHEMA else None)
-    return legacy(saved or {}) if callable(legacy) else copy.deepcopy(legacy)
+    or flattened, saved or resolved) differ, each read as ``upgrade_saved_config`` reads it."""
+    a, b = upgrade_saved_config(flatten_config(a)), upgrade_saved_config(flatten_config(b))
+    return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b))
+            if key not in ignore and a.get(key) != b.get(key)]
 
 
 def upgrade_saved_config(config):
-    """A config saved with a checkpoint or run (flat or nested, returned alike) with every schema key
-    it lacks set to what runs written before that key existed did: every loader of a saved config
-    reads it through here, so that an old checkpoint means the same to each of them."""
+    """A config saved with a checkpoint or run (flat or nested, returned alike) with every key of
+    KEYS it lacks set to what runs written before that key existed did (``Key.legacy``, else its
+    default): every reader of a saved config reads it through here, so that an old checkpoint means
+    the same to each of them."""
     flat = flatten_config(config)
-    upgraded = {**{key: value_when_missing(key, flat) for key in SCHEMA if key not in flat}, **flat}
+    missing = {name: copy.deepcopy(key.when_missing(flat)) for name, key in KEYS.items() if name not in flat}
+    upgraded = {**missing, **flat}
     return _unflatten(upgraded) if any(isinstance(v, dict) for v in config.values()) else upgraded
 
 

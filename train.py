@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from model.model import model_from_config
-from parse_config import ConfigError, build_parser, config_from_args, flatten_config, select_device
+from parse_config import (ConfigError, build_parser, config_from_args, flatten_config, select_device,
+                          upgrade_saved_config)
 from trainer.build import build_loaders, build_loss, load_corpora
 from trainer.evaluate import check_monitor, flat_metrics
 from trainer.teachers import build_teachers
@@ -77,6 +78,7 @@ def train_or_reuse(args, dist, device):
 
 def config_moved(saved, config):
     """Whether the command line places the run elsewhere than the checkpoint's config did."""
+    saved = upgrade_saved_config(saved)
     return (saved["trainer"]["save_dir"], saved["name"]) != (config["trainer"]["save_dir"], config["name"])
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from config_keys import LABSE
 from data_loader.readers import READER_OPTIONS, TEACHER_ENGLISH_FIELD
 from data_loader.dataset import EnglishReading
 from model.model import build_model
-from parse_config import LABSE, load_flat, resolve
+from parse_config import load_flat, resolve
 from utils.checkpoint import FORMAT, save_checkpoint
 from utils.errors import UserError, first_line, run_command
 
@@ -284,11 +285,11 @@ def convert(src, dst, text_encoder, data_config, feature_key=None, feature_dim=N
     # student the raw caption.
     model_cfg = {"text_encoder": str(text_encoder), **model_cfg, "role": "teacher" if teacher else "student",
                  "pool_with_student_mask": student_mask_pooling, "pool_mask_tokenizer": str(pool_mask_tokenizer)}
-    weights, dropped, unknown = map_state(state, expected_state(model_cfg, dim), src, allow_unknown)
     flat = {**recipe, **{f"model.{k}": v for k, v in model_cfg.items()}}
     flat.update({"name": Path(dst).stem, "stage": "translate-train", "data.feature_key": feature_key,
                  "data.feature_dim": dim})
     config = resolve(flat)
+    weights, dropped, unknown = map_state(state, expected_state(config["model"], dim), src, allow_unknown)
     save_checkpoint({"model": weights, "config": config, "epoch": _count(meta.get("epoch")),
                      "step": _count(meta.get("step")), "converted_from": str(src), "reference_arch": arch}, dst)
     return {"arch": arch, "tensors": len(weights), "dropped": dropped, "unknown": unknown, "config": config}

@@ -307,7 +307,7 @@ class Retriever:
         # Converted reference teachers pool with another tokenizer's mask (§2.3).
         model_cfg = config["model"]
         self.pool_tokenizer = (load_tokenizer(model_cfg["pool_mask_tokenizer"])
-                               if model_cfg.get("pool_with_student_mask") else None)
+                               if model_cfg["pool_with_student_mask"] else None)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu"):

@@ -37,9 +37,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config_keys import RESULT_NEUTRAL_KEYS
 from data_loader.corpus import ENGLISH
 from model.rerank import RERANKERS
-from parse_config import RESULT_NEUTRAL_KEYS, config_differences, flatten_config, upgrade_saved_config
+from parse_config import config_differences, flatten_config, upgrade_saved_config
 from utils.errors import UserError, run_command
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
@@ -55,17 +56,17 @@ class ReportError(UserError, ValueError):
 @dataclass
 class Run:
     path: Path
-    config: dict                 # flattened: {"loss.balance": 0.5, ...}
+    config: dict                 # flattened and upgraded (every key): {"loss.balance": 0.5, ...}
     metrics: dict                # {"t2v_de_R1": 23.1, ...}
     source: str = "result"
 
     @property
     def seed(self):
-        return self.config.get("seed")
+        return self.config["seed"]
 
     @property
     def name(self):
-        return self.config.get("name") or self.path.parent.name
+        return self.config["name"] or self.path.parent.name
 
 
 @dataclass
@@ -127,7 +128,7 @@ def load_run(path, include_unfinished=False):
     if not metrics:
         print(f"note: skipping {path}: no result in run.json and no val.* series in metrics.json", file=sys.stderr)
         return None
-    epochs = config.get("trainer.epochs")
+    epochs = config["trainer.epochs"]
     return Run(path, config, metrics, source=f"metrics.json, epoch {last_step} of {epochs}")
 
 
@@ -182,7 +183,7 @@ def check_group(label, runs):
 
 
 def default_label(run):
-    stage = run.config.get("stage", "?")
+    stage = run.config["stage"]
     name = run.name
     return name if name.replace("_", "-") == stage else f"{name} / {stage}"
 
@@ -253,7 +254,7 @@ def languages_of(methods, prefix):
                     found.append(hit.group(1))
     preferred = []
     for m in methods:
-        preferred += [lang for lang in (m.runs[0].config.get("languages") or []) if lang not in preferred]
+        preferred += [lang for lang in (m.runs[0].config["languages"] or []) if lang not in preferred]
     rest = sorted(lang for lang in found if lang not in preferred)
     order = [ENGLISH] + [lang for lang in preferred + rest if lang != ENGLISH]
     return [lang for lang in order if lang in found]

@@ -278,12 +278,12 @@ def load_tokenizer(name):
 
 
 def build_model(model_cfg, feature_dim, pretrained_text=True):
-    """Build from the ``model`` section of a config. With ``pretrained_text=False`` the text encoder
+    """Build from the ``model`` section of a resolved config (a saved one goes through
+    ``parse_config.upgrade_saved_config`` first). With ``pretrained_text=False`` the text encoder
     is built from its configuration only, for weights that a checkpoint will provide."""
     backbone = load_backbone(model_cfg["text_encoder"], pretrained=pretrained_text)
-    # Checkpoints written before model.length_bucket_rows existed take its default.
     text = TextEncoder(backbone, projection_dim=model_cfg["projection_dim"],
-                       bucket_rows=model_cfg.get("length_bucket_rows", DEFAULT_BUCKET_ROWS))
+                       bucket_rows=model_cfg["length_bucket_rows"])
     video = VideoEncoder(feature_dim, width=model_cfg["width"], projection_dim=model_cfg["projection_dim"],
                          depth=model_cfg["depth"], heads=model_cfg["heads"], mlp_ratio=model_cfg["mlp_ratio"])
     return RetrievalModel(text, video)

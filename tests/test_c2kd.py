@@ -237,27 +237,31 @@ def test_every_stage_starts_from_the_same_student_at_one_seed(setup, monkeypatch
 def test_a_checkpoint_saved_before_model_role_reads_english_alike_in_every_loader(setup, saved_clean, expected):
     """A teacher saved before model.role existed, with data.clean_english true (it trained on cleaned
     English) or without it (it trained on English as written), reads English the same way when it is
-    distilled from, searched with, evaluated by test.py and resumed by train.py."""
+    distilled from, searched with, evaluated by test.py and resumed by train.py; saved before
+    model.length_bucket_rows existed, it runs its text as one bucket in each of them."""
     from data_loader.dataset import EnglishReading
     from parse_config import build_parser, config_from_args
     from trainer.teachers import load_teacher
     from apps.inference import Retriever
 
     state = load_checkpoint(setup["teachers"][0])
-    del state["config"]["model"]["role"]
+    del state["config"]["model"]["role"], state["config"]["model"]["length_bucket_rows"]
     if saved_clean is None:
         del state["config"]["data"]["clean_english"]
     else:
         state["config"]["data"]["clean_english"] = saved_clean
     path = save_checkpoint(state, setup["tmp"] / f"old_style_clean{saved_clean}.pt")
-    readings = {
-        "distilled": load_teacher(path, state["config"]["data"]["feature_dim"], "cpu").english,
-        "searched": EnglishReading.of(Retriever.from_checkpoint(path).config),
-    }
+    teacher = load_teacher(path, state["config"]["data"]["feature_dim"], "cpu")
+    retriever = Retriever.from_checkpoint(path)
+    readings = {"distilled": teacher.english, "searched": EnglishReading.of(retriever.config)}
+    bucket_rows = {"distilled": teacher.model.text.bucket_rows, "searched": retriever.model.text.bucket_rows}
     for command, train in (("test.py -r", False), ("train.py -r", True)):
         args = build_parser(command, train).parse_args(["-r", str(path)])
-        readings[command] = EnglishReading.of(config_from_args(args, flatten_config(state["config"]), path))
+        config = config_from_args(args, flatten_config(state["config"]), path)
+        readings[command] = EnglishReading.of(config)
+        bucket_rows[command] = config["model"]["length_bucket_rows"]
     assert {name: (r.teacher, r.clean) for name, r in readings.items()} == dict.fromkeys(readings, expected)
+    assert bucket_rows == dict.fromkeys(readings, None)
 
 
 def test_querybank_english_is_read_as_the_model_reads_english(setup):

@@ -84,9 +84,9 @@ def test_bad_configs_are_reported_in_one_line(tmp_path, content, message):
 
 
 def test_every_numeric_key_has_a_range():
-    from parse_config import RANGES, SCHEMA, _types
-    numeric = {key for key, spec in SCHEMA.items() if {int, float} & set(_types(spec[1]))}
-    assert numeric == set(RANGES)
+    from config_keys import KEYS
+    numeric = {name for name, key in KEYS.items() if key.type in (int, float)}
+    assert numeric == {name for name, key in KEYS.items() if key.range is not None}
 
 
 @pytest.mark.parametrize("flat, message", [
@@ -181,7 +181,8 @@ def test_optional_observers_fail_with_an_install_hint(tmp_path):
 
 
 def test_config_differences_ignore_settings_that_change_no_result():
-    from parse_config import RESULT_NEUTRAL_KEYS, config_differences, flatten_config, resolve
+    from config_keys import RESULT_NEUTRAL_KEYS
+    from parse_config import config_differences, flatten_config, resolve
     config = resolve({"trainer.epochs": 3})
     recorded = resolve({"trainer.epochs": 3, "data.num_workers": 4, "data.eval_batch_size": 7, "notes": "x"})
     assert config_differences(recorded, config) == []

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from parse_config import SCHEMA, load_flat, resolve
+from config_keys import KEYS
+from parse_config import load_flat, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.json"))
@@ -114,8 +115,8 @@ def test_matrix_hyper_parameters(ds, feat, stage):
 
 
 def test_new_schema_keys():
-    assert SCHEMA["data.missing_caption_fallback"][0] == "none"
-    assert set(SCHEMA["data.missing_caption_fallback"][2]) == {"none", "last_available"}
+    assert KEYS["data.missing_caption_fallback"].default == "none"
+    assert set(KEYS["data.missing_caption_fallback"].choices) == {"none", "last_available"}
     with pytest.raises(ValueError, match="missing_caption_fallback"):
         resolve({"data.missing_caption_fallback": "first"})
 

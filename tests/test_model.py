@@ -4,14 +4,14 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model.model import build_model, load_tokenizer, row_lengths, used_length
+from model.model import DEFAULT_BUCKET_ROWS, build_model, load_tokenizer, row_lengths, used_length
 
 
 @pytest.mark.parametrize("encoder", ["labse-tiny", "xlmr-tiny", "mbert-tiny", "distiluse-tiny"])
 def test_text_and_video_attention_use_sdpa(toy_assets, encoder):
     name = str(toy_assets["encoders"][encoder])
     model = build_model({"text_encoder": name, "projection_dim": 16, "width": 32, "depth": 2, "heads": 2,
-                         "mlp_ratio": 1.0}, feature_dim=8).eval()
+                         "mlp_ratio": 1.0, "length_bucket_rows": DEFAULT_BUCKET_ROWS}, feature_dim=8).eval()
     tokens = load_tokenizer(name)(["a red car", "un chat noir sur le toit"], padding=True, return_tensors="pt",
                                   return_token_type_ids=False)
     video, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -26,7 +26,7 @@ def test_text_and_video_attention_use_sdpa(toy_assets, encoder):
 def _text_encoder(toy_assets, encoder):
     name = str(toy_assets["encoders"][encoder])
     model = build_model({"text_encoder": name, "projection_dim": 16, "width": 32, "depth": 1, "heads": 2,
-                         "mlp_ratio": 1.0}, feature_dim=8)
+                         "mlp_ratio": 1.0, "length_bucket_rows": DEFAULT_BUCKET_ROWS}, feature_dim=8)
     return model.text, load_tokenizer(name)
 
 
@@ -174,7 +174,8 @@ def test_encoders_load_in_float32_whatever_dtype_their_config_names(toy_assets, 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     model = build_model({"text_encoder": str(folder), "projection_dim": 16, "width": 32, "depth": 1, "heads": 2,
-                         "mlp_ratio": 1.0}, feature_dim=8, pretrained_text=pretrained)
+                         "mlp_ratio": 1.0, "length_bucket_rows": DEFAULT_BUCKET_ROWS}, feature_dim=8,
+                         pretrained_text=pretrained)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     tokens = load_tokenizer(str(folder))(["a red car"], return_tensors="pt", return_token_type_ids=False)
     assert model.encode_text(dict(tokens)).dtype == torch.float32

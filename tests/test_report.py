@@ -123,7 +123,7 @@ def test_runs_of_two_config_files_with_the_same_seeds_are_two_rows(tmp_path, run
 
 
 def test_a_key_an_older_config_lacks_counts_at_what_older_runs_did(tmp_path, runs, capsys):
-    """A run written before model.length_bucket_rows existed ran one bucket (LEGACY_VALUES), not
+    """A run written before model.length_bucket_rows existed ran one bucket (its legacy value in config_keys.py), not
     today's default; a key without a legacy value counts at its default."""
     now = config(3)
     now["model"] = {"length_bucket_rows": 128}

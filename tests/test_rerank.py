@@ -76,8 +76,8 @@ def test_tiles_and_embeddings_give_the_materialised_result(reranker):
 
 
 def _eval_cfg(**changes):
-    from parse_config import SCHEMA
-    cfg = {key.split(".", 1)[1]: spec[0] for key, spec in SCHEMA.items() if key.startswith("eval.")}
+    from config_keys import KEYS
+    cfg = {name.split(".", 1)[1]: key.default for name, key in KEYS.items() if name.startswith("eval.")}
     return {**cfg, **changes}
 
 

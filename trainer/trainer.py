@@ -17,10 +17,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from config_keys import RESTORED_ON_RESUME, RESUME_MAY_CHANGE
 from data_loader.corpus import ENGLISH, listed
 from data_loader.dataset import STUDENT
 from model.metric import format_table
-from parse_config import RESULT_NEUTRAL_KEYS, config_differences
+from parse_config import config_differences
 from trainer.evaluate import evaluate, flat_metrics
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.device import amp_dtype, autocast, to_device
@@ -62,29 +63,14 @@ def split_batch(batch, parts):
     return [{k: v[i] for k, v in chunks.items()} for i in range(parts)]
 
 
-# Settings that a resumed run takes from the checkpoint's optimizer and scheduler state, whatever
-# its config says: changing them on resume would record values that were never used.
-RESTORED_SETTINGS = ("optimizer.lr", "scheduler.gamma", "teachers.learnable_lr")
-
-# What a resumed run may change besides the keys that change no result: how long it trains, where
-# its files are (their content is not compared; a mid-epoch resume checks the number of training
-# items), and how it computes the same steps. Any other change (the seed, the batch size, the
-# loss, ...) would make one run record two experiments, and mid-epoch it would also break the
-# epoch's data order, which the checkpoint counts in batches of the saved size and seed.
-RESUME_MAY_CHANGE = RESULT_NEUTRAL_KEYS | {
-    "trainer.epochs", "data.train_path", "data.eval_path", "model.text_encoder", "model.pool_mask_tokenizer",
-    "teachers.checkpoints", "teachers.mode", "trainer.mixed_precision", "trainer.compile",
-    "trainer.accumulation_steps", "trainer.max_skipped_steps", "model.length_bucket_rows"}
-
-
 def check_resumable(saved_config, config, path):
     """Refuse to resume ``path`` (whose config is ``saved_config``) under a config that differs
-    outside RESUME_MAY_CHANGE (teachers.learnable_lr counts only where the loss has learnable
-    teacher weights: nothing else uses it)."""
+    in a key that a resumed run may not change (config_keys.py says which; teachers.learnable_lr
+    counts only where the loss has learnable teacher weights: nothing else uses it)."""
     for key, saved, now in config_differences(saved_config, config, ignore=RESUME_MAY_CHANGE):
         if key == "teachers.learnable_lr" and config["loss"]["teacher_pool"] != "learnable":
             continue
-        why = ("a resumed run continues the saved optimizer and schedule" if key in RESTORED_SETTINGS
+        why = ("a resumed run continues the saved optimizer and schedule" if key in RESTORED_ON_RESUME
                else "a resumed run continues the same experiment")
         raise ConfigError(f"{path}: config key '{key}' = {json.dumps(now)} differs from the checkpoint's "
                           f"{json.dumps(saved)}; {why}, so keep it, or start a new run")
