@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple, get_args, get_origin
 
 from data_loader.corpus import MISSING_CAPTION_FALLBACKS, READER_OPTIONS, STUDENT_ENGLISH_FIELDS
-from model.loss import STAGES, TEACHER_POOLS, legacy_teacher_pool
+from model.loss import DISTANCES, STAGES, TEACHER_POOLS, legacy_teacher_pool
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
 from utils.errors import ConfigError  # defined at ground level; callers may also import it from here
@@ -29,7 +29,7 @@ SCHEMA = {
     "name": (None, (str, NULLABLE), None, "run name; defaults to the config file's stem"),
     "notes": (None, (str, NULLABLE), None, "free text: where this config's values come from (not used in training)"),
     "seed": (0, int, None, "seed of every random generator"),
-    "stage": ("translate-train", str, STAGES,
+    "stage": ("translate-train", str, tuple(STAGES),
               "training objective (model/loss.py); the reference's command line defaulted to c2kd"),
     "languages": (None, (list[str], NULLABLE), None, "caption languages; null = every language of the training file"),
     "data.layout": ("multi-msrvtt", str, None, "reader of the data files (data_loader/corpus.py)"),
@@ -80,8 +80,10 @@ SCHEMA = {
     "loss.balance": (0.5, float, None, "λ: weight of the contrastive terms in c2kd; 1 - λ weighs distillation "
                                        "(the reference's command line defaulted to 0.1)"),
     "loss.distill_temp": (0.1, float, None, "τd: temperature of the distillation softmaxes"),
-    "loss.teacher_pool": ("max", str, TEACHER_POOLS, "how several teachers' similarities are combined"),
-    "loss.teachtext": (False, bool, None, "TeachText ablation: SmoothL1 on raw similarities instead of KL"),
+    "loss.teacher_pool": ("max", str, tuple(TEACHER_POOLS), "how several teachers' similarities are combined"),
+    "loss.distance": ("kl", str, tuple(DISTANCES),
+                      "distillation distance: kl = KL of the row and column softmaxes at τd; smooth_l1 = the "
+                      "TeachText ablation, SmoothL1 on raw similarities"),
     "teachers.checkpoints": ([], list[str], None, "teacher checkpoint paths (c2kd); each is a translate-train run"),
     "teachers.mode": ("cached", str, ("cached", "online"),
                       "cached: teacher outputs computed once before training; online: every step"),
@@ -155,6 +157,33 @@ LEGACY_VALUES = {"model.length_bucket_rows": None, "model.role": _legacy_role}
 
 # The reference's stage names (§3.1).
 STAGE_ALIASES = {"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}
+
+
+def _teachtext_distance(teachtext):
+    if not isinstance(teachtext, bool):
+        raise ConfigError(f"config key 'loss.teachtext' must be bool, got {json.dumps(teachtext)}")
+    return "smooth_l1" if teachtext else "kl"
+
+
+# Keys that another key replaced: old key -> (new key, the new key's value for the old one's). Still
+# read from config files, overrides and saved configs.
+REPLACED_KEYS = {"loss.teachtext": ("loss.distance", _teachtext_distance)}
+
+
+def _replace_old_keys(flat, warn_as=None):
+    """``flat`` with every key of REPLACED_KEYS written as its new key; ``warn_as`` (a message prefix,
+    None for no warning) says so in one line each."""
+    new = {}
+    for key, value in flat.items():
+        if key in REPLACED_KEYS:
+            new_key, convert = REPLACED_KEYS[key]
+            value = convert(value)
+            if warn_as is not None:
+                warnings.warn(f"{warn_as}config key '{key}' is replaced by '{new_key}'; "
+                              f"read as {new_key} = {json.dumps(value)}", stacklevel=3)
+            key = new_key
+        new[key] = value
+    return new
 
 
 def _types(spec):
@@ -331,14 +360,15 @@ def load_flat(path, _seen=()):
     parent = data.pop("extends", None)
     flat = load_flat(path.parent / parent, _seen + (path,)) if parent else {}
     own = flatten_config(data)
-    unknown = [key for key in own if key not in SCHEMA]
+    unknown = [key for key in own if key not in SCHEMA and key not in REPLACED_KEYS]
     if unknown:
         raise ConfigError(_unknown_keys_message(path, unknown))
-    for key, value in own.items():
-        try:
+    try:
+        own = _replace_old_keys(own, warn_as=f"{path}: ")
+        for key, value in own.items():
             _check_value(key, STAGE_ALIASES.get(value, value) if key == "stage" else value)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     flat.update(own)
     if not _seen and parent and _looks_like_old_teacher(own) and "model.role" not in flat:
         warnings.warn(f"{path}: sets 'data.clean_english' without 'model.role'; 'model.role: teacher' is now what "
@@ -355,7 +385,7 @@ def _looks_like_old_teacher(own):
 def resolve(flat, name=None):
     """Defaults, then ``flat``; validated; returned as a nested dict."""
     merged = {key: copy.deepcopy(spec[0]) for key, spec in SCHEMA.items()}
-    for key, value in flat.items():
+    for key, value in _replace_old_keys(flat, warn_as="").items():
         if key not in SCHEMA:
             raise ConfigError(f"unknown config key '{key}'")
         merged[key] = value
@@ -431,7 +461,7 @@ def add_train_args(parser):
     parser.add_argument("--balance", type=float, help="loss.balance")
     parser.add_argument("--distill_temp", type=float, help="loss.distill_temp")
     parser.add_argument("--teacher_sim_pool", help="the reference's pooling names (min = element-wise max)")
-    parser.add_argument("--teachtext", type=int, choices=(0, 1), help="loss.teachtext")
+    parser.add_argument("--teachtext", type=int, choices=(0, 1), help="loss.distance: 1 = smooth_l1, 0 = kl")
     parser.add_argument("--teachers", help="only 'None' (no teachers) is taken; teachers are checkpoint paths in "
                                            "teachers.checkpoints")
 
@@ -453,7 +483,7 @@ def overrides_from_args(args):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if getattr(args, "teachtext", None) is not None:
-        flat["loss.teachtext"] = bool(args.teachtext)
+        flat["loss.distance"] = _teachtext_distance(bool(args.teachtext))
     teachers = getattr(args, "teachers", None)
     if teachers == "None":
         flat["teachers.checkpoints"] = []
@@ -502,7 +532,7 @@ def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
     """``[(key, value in a, value in b)]`` for every key outside ``ignore`` where two configs (nested
     or flattened) differ; a key that one of them lacks counts at what runs written before the key
     existed did (LEGACY_VALUES), else at its default."""
-    a, b = flatten_config(a), flatten_config(b)
+    a, b = (_replace_old_keys(flatten_config(c)) for c in (a, b))
     differences = []
     for key in sorted(set(a) | set(b)):
         if key in ignore:
@@ -523,7 +553,7 @@ def upgrade_saved_config(config):
     """A config saved with a checkpoint or run (flat or nested, returned alike) with every schema key
     it lacks set to what runs written before that key existed did: every loader of a saved config
     reads it through here, so that an old checkpoint means the same to each of them."""
-    flat = flatten_config(config)
+    flat = _replace_old_keys(flatten_config(config))
     upgraded = {**{key: value_when_missing(key, flat) for key in SCHEMA if key not in flat}, **flat}
     return _unflatten(upgraded) if any(isinstance(v, dict) for v in config.values()) else upgraded
 
