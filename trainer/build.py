@@ -1,10 +1,11 @@
-"""Wiring shared by train.py and test.py: config -> data -> model -> loss."""
+"""Wiring shared by train.py and test.py: config -> data -> model -> teachers -> loss."""
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from data_loader.safe_pickle import DataFileError
 from model.loss import stage_loss
 from model.model import load_tokenizer
+from trainer.teachers import CachedTeachers, OnlineTeachers, load_teacher
 from utils.errors import ConfigError
 
 
@@ -46,3 +47,17 @@ def build_loss(config, num_teachers=0):
     """The loss of the config's stage."""
     return stage_loss(config["stage"]).from_config(config["loss"], num_teachers)
 
+
+def build_teachers(config, train_corpus, device, student_tokenizer):
+    """The frozen teachers of a stage that distils, cached or online as ``teachers.mode`` says; None
+    for the other stages. All checks run here, before any training step."""
+    if not stage_loss(config["stage"]).distils:
+        return None
+    paths = config["teachers"]["checkpoints"]
+    if not paths:
+        raise ConfigError(f"stage '{config['stage']}' needs teachers: set config key 'teachers.checkpoints' "
+                          "to a list of teacher checkpoint paths")
+    teachers = [load_teacher(p, config["data"]["feature_dim"], device) for p in paths]
+    if config["teachers"]["mode"] == "online":
+        return OnlineTeachers(teachers, student_tokenizer)
+    return CachedTeachers.build(teachers, train_corpus, config, device, student_tokenizer)
