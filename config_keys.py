@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, get_args, get_origin
 
 from data_loader.readers import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELDS
-from model.loss import STAGES, TEACHER_POOLS
+from model.loss import DISTANCES, STAGES, TEACHER_POOLS
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
 from utils.errors import ConfigError
@@ -132,7 +132,7 @@ KEYS = {
     "seed": Key(0, int, "seed of every random generator", range=Range(0, 2**32 - 1)),  # numpy's seed range
     "stage": Key("translate-train", str,
                  "training objective (model/loss.py); the reference's command line defaulted to c2kd",
-                 choices=STAGES,  # the reference's stage names are read as ours (§3.1)
+                 choices=tuple(STAGES),  # the reference's stage names are read as ours (§3.1)
                  aliases={"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}),
     "languages": Key(None, list[str], "caption languages; null = every language of the training file",
                      nullable=True),
@@ -193,8 +193,10 @@ KEYS = {
                                     "(the reference's command line defaulted to 0.1)",
                         range=Range(0, 1)),  # λ outside [0, 1] gives one of the two terms a negative weight
     "loss.distill_temp": Key(0.1, float, "τd: temperature of the distillation softmaxes", range=ABOVE_0),
-    "loss.teacher_pool": Key("max", str, "how several teachers' similarities are combined", choices=TEACHER_POOLS),
-    "loss.teachtext": Key(False, bool, "TeachText ablation: SmoothL1 on raw similarities instead of KL"),
+    "loss.teacher_pool": Key("max", str, "how several teachers' similarities are combined", choices=tuple(TEACHER_POOLS)),
+    "loss.distance": Key("kl", str, "distillation distance: kl = KL of the row and column softmaxes at τd; "
+                                    "smooth_l1 = the TeachText ablation, SmoothL1 on raw similarities",
+                         choices=tuple(DISTANCES)),
     "teachers.checkpoints": Key([], list[str], "teacher checkpoint paths (c2kd); each is a translate-train run",
                                 resume_may_change=True),
     "teachers.mode": Key("cached", str, "cached: teacher outputs computed once before training; online: every step",
@@ -267,6 +269,18 @@ KEYS = {
 RESULT_NEUTRAL_KEYS = frozenset(name for name, key in KEYS.items() if key.result_neutral)
 RESUME_MAY_CHANGE = frozenset(name for name, key in KEYS.items() if key.result_neutral or key.resume_may_change)
 RESTORED_ON_RESUME = frozenset(name for name, key in KEYS.items() if key.restored_on_resume)
+
+
+
+def _teachtext_distance(teachtext):
+    if not isinstance(teachtext, bool):
+        raise ConfigError(f"config key 'loss.teachtext' must be bool, got {json.dumps(teachtext)}")
+    return "smooth_l1" if teachtext else "kl"
+
+
+# Keys that another key replaced: old key -> (new key, the new key's value for the old one's). Still
+# read from config files, overrides and saved configs (parse_config._replace_old_keys).
+REPLACED_KEYS = {"loss.teachtext": ("loss.distance", _teachtext_distance)}
 
 # Keys of the reference's YAML configs (§1, §5, §6 of its description): what replaces each here.
 REFERENCE_KEYS = {

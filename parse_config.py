@@ -14,7 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
-from config_keys import KEYS, REFERENCE_KEYS, RESULT_NEUTRAL_KEYS
+from config_keys import KEYS, REFERENCE_KEYS, REPLACED_KEYS, RESULT_NEUTRAL_KEYS
 from data_loader.readers import READER_OPTIONS
 from model.loss import legacy_teacher_pool
 from utils.errors import ConfigError  # defined at ground level; callers may also import it from here
@@ -81,6 +81,22 @@ def _unknown_keys_message(path, unknown):
     return f"{path}: {len(unknown)} unknown config keys: {listed}; every key is listed in KEYS in config_keys.py"
 
 
+def _replace_old_keys(flat, warn_as=None):
+    """``flat`` with each key of REPLACED_KEYS renamed to its new key and its value converted;
+    ``warn_as`` (a prefix such as the file name, or None for no warning) says so in one line each."""
+    new = {}
+    for key, value in flat.items():
+        if key in REPLACED_KEYS:
+            new_key, convert = REPLACED_KEYS[key]
+            value = convert(value)
+            if warn_as is not None:
+                warnings.warn(f"{warn_as}config key '{key}' is replaced by '{new_key}'; "
+                              f"read as {new_key} = {json.dumps(value)}", stacklevel=3)
+            key = new_key
+        new[key] = value
+    return new
+
+
 def load_flat(path, _seen=()):
     """Flattened keys of ``path`` after following its ``extends`` chain (without defaults). Every
     unknown key is reported at once; a known key's type and range are checked here, so that the
@@ -92,14 +108,15 @@ def load_flat(path, _seen=()):
     parent = data.pop("extends", None)
     flat = load_flat(path.parent / parent, _seen + (path,)) if parent else {}
     own = flatten_config(data)
-    unknown = [key for key in own if key not in KEYS]
+    unknown = [key for key in own if key not in KEYS and key not in REPLACED_KEYS]
     if unknown:
         raise ConfigError(_unknown_keys_message(path, unknown))
-    for key, value in own.items():
-        try:
+    try:
+        own = _replace_old_keys(own, warn_as=f"{path}: ")
+        for key, value in own.items():
             KEYS[key].check(key, value)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     flat.update(own)
     if not _seen and parent and _looks_like_old_teacher(own) and "model.role" not in flat:
         warnings.warn(f"{path}: sets 'data.clean_english' without 'model.role'; 'model.role: teacher' is now what "
@@ -116,7 +133,7 @@ def _looks_like_old_teacher(own):
 def resolve(flat, name=None):
     """Defaults, then ``flat``; validated; returned as a nested dict."""
     merged = {key: copy.deepcopy(spec.default) for key, spec in KEYS.items()}
-    for key, value in flat.items():
+    for key, value in _replace_old_keys(flat, warn_as="").items():
         if key not in KEYS:
             raise ConfigError(f"unknown config key '{key}'")
         merged[key] = value
@@ -191,7 +208,7 @@ def add_train_args(parser):
     parser.add_argument("--balance", type=float, help="loss.balance")
     parser.add_argument("--distill_temp", type=float, help="loss.distill_temp")
     parser.add_argument("--teacher_sim_pool", help="the reference's pooling names (min = element-wise max)")
-    parser.add_argument("--teachtext", type=int, choices=(0, 1), help="loss.teachtext")
+    parser.add_argument("--teachtext", type=int, choices=(0, 1), help="loss.distance: 1 = smooth_l1, 0 = kl")
     parser.add_argument("--teachers", help="only 'None' (no teachers) is taken; teachers are checkpoint paths in "
                                            "teachers.checkpoints")
 
@@ -213,7 +230,7 @@ def overrides_from_args(args):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if getattr(args, "teachtext", None) is not None:
-        flat["loss.teachtext"] = bool(args.teachtext)
+        flat["loss.distance"] = "smooth_l1" if args.teachtext else "kl"
     teachers = getattr(args, "teachers", None)
     if teachers == "None":
         flat["teachers.checkpoints"] = []
@@ -271,7 +288,7 @@ def upgrade_saved_config(config):
     KEYS it lacks set to what runs written before that key existed did (``Key.legacy``, else its
     default): every reader of a saved config reads it through here, so that an old checkpoint means
     the same to each of them."""
-    flat = flatten_config(config)
+    flat = _replace_old_keys(flatten_config(config))
     missing = {name: copy.deepcopy(key.when_missing(flat)) for name, key in KEYS.items() if name not in flat}
     upgraded = {**missing, **flat}
     return _unflatten(upgraded) if any(isinstance(v, dict) for v in config.values()) else upgraded

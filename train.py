@@ -14,9 +14,8 @@ from pathlib import Path
 from model.model import model_from_config
 from parse_config import (ConfigError, build_parser, config_from_args, flatten_config, select_device,
                           upgrade_saved_config)
-from trainer.build import build_loaders, build_loss, load_corpora
+from trainer.build import build_loaders, build_loss, build_teachers, load_corpora
 from trainer.evaluate import check_monitor, flat_metrics
-from trainer.teachers import build_teachers
 from trainer.trainer import Trainer, TrainingInterrupted, check_resumable, seed_everything, seed_rank
 from utils.checkpoint import checkpoint_header
 from utils.distributed import close_distributed, init_distributed, on_main

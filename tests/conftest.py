@@ -100,9 +100,8 @@ def assert_same_weights(a, b):
 
 def make_trainer(config, info=None):
     """A Trainer of a fresh student (seed 0) on the CPU and the first training batch of epoch 0."""
-    from trainer.build import build_loaders, build_loss, load_corpora
+    from trainer.build import build_loaders, build_loss, build_teachers, load_corpora
     from model.model import model_from_config
-    from trainer.teachers import build_teachers
     from trainer.trainer import Trainer
     from utils.distributed import DistInfo
     info = info or DistInfo()

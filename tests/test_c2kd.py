@@ -88,10 +88,12 @@ def test_cached_and_online_teachers_give_the_same_loss(setup, pool, student_mask
 
 def test_teacher_targets_are_float32_products_under_autocast(setup):
     from model.loss import cosine_sim
-    for mode in ("cached", "online"):
+    from trainer.teachers import CachedTeachers, OnlineTeachers
+    for mode, kind in (("cached", CachedTeachers), ("online", OnlineTeachers)):
         config = resolve({**flatten_config(setup["student"]), "teachers.mode": mode})
         trainer, batch = make_trainer(config)
         teachers = trainer.teachers
+        assert type(teachers) is kind and len(teachers) == len(setup["teachers"])
         with torch.no_grad():
             plain = teachers.similarities(batch)
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -180,12 +182,30 @@ def test_unknown_pooling_is_refused(setup, capsys):
     assert "config key 'loss.teacher_pool' = \"median\" is not one of" in err
 
 
+def test_cached_teachers_score_each_items_caption_of_the_batch():
+    """Cached rows: video v's captions start at offsets[v]; an item is scored with its caption_index-th
+    caption (its last one if it has fewer); an item without a caption gets a row it is masked out of."""
+    from trainer.teachers import CachedTeachers
+    gen = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=1)
+    video = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1)
+    counts = torch.tensor([2, 0, 2])
+    teachers = CachedTeachers([{"text": text, "video": video, "offsets": torch.cumsum(counts, 0) - counts,
+                                "counts": counts}])
+    assert len(teachers) == 1 and teachers.text_inputs == ()
+    batch = {"index": torch.tensor([2, 0, 0, 1]), "caption_index": torch.tensor([1, 0, 5, 0])}
+    [sims] = teachers.similarities(batch)
+    rows = [3, 0, 1, 2]  # item 2's second caption, item 0's first, item 0's last, item 1's own offset
+    assert sims.dtype == torch.float32
+    torch.testing.assert_close(sims, text[rows] @ video[[2, 0, 0, 1]].t())
+
+
 def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
     import copy
     from types import SimpleNamespace
     from trainer.build import load_corpora
     from data_loader.dataset import EnglishReading
-    from trainer.teachers import Teachers, data_digest
+    from trainer.teachers import TeacherCache
 
     corpus = load_corpora(toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"]))["train"]
 
@@ -193,9 +213,7 @@ def test_teacher_cache_key_follows_what_the_teachers_embed(setup):
         teacher = SimpleNamespace(path=Path(setup["teachers"][0]), pool_with_student_mask=False,
                                   english=EnglishReading(teacher=True, clean=clean_english))
         config = toy_config(setup["assets"], setup["tmp"], "c2kd", setup["teachers"], **flat)
-        host = SimpleNamespace(config=config, max_words=config["data"]["max_words_train"],
-                               data_digest=data_digest(data, config["data"]["n_video_tokens"]))
-        return Teachers.cache_key(host, teacher)
+        return TeacherCache(data, config, student_tokenizer=None).key(teacher)
 
     base = key()
     assert key(clean_english=True) != base

@@ -43,7 +43,7 @@ def test_teacher_sim_pool_flag_maps_reference_names(tmp_path):
         config = config_from_args(args_for("-c", str(path), "--teacher_sim_pool", "min", "--teachtext", "1",
                                            "--balance", "0.1", "--distill_temp", "0.2"))
     assert config["loss"]["teacher_pool"] == "max"
-    assert config["loss"]["teachtext"] is True
+    assert config["loss"]["distance"] == "smooth_l1"
     assert config["loss"]["balance"] == 0.1 and config["loss"]["distill_temp"] == 0.2
 
 
@@ -212,3 +212,37 @@ def test_a_teacher_config_written_before_model_role_is_warned_about(tmp_path, re
     assert [str(w.message).split(": ", 1)[1][:50] for w in recwarn.list] == [
         "sets 'data.clean_english' without 'model.role'; 'm"]
     assert str(recwarn.list[0].message).startswith(str(old))
+
+
+def test_teachtext_flag_sets_the_distance(tmp_path):
+    path = write(tmp_path, "c.json", {"stage": "c2kd", "loss": {"distance": "smooth_l1"}})
+    assert config_from_args(args_for("-c", str(path)))["loss"]["distance"] == "smooth_l1"
+    assert config_from_args(args_for("-c", str(path), "--teachtext", "0"))["loss"]["distance"] == "kl"
+    assert config_from_args(args_for("-c", str(write(tmp_path, "d.json", {})), "--teachtext", "1"))["loss"] == \
+        resolve({"loss.distance": "smooth_l1"})["loss"]
+
+
+@pytest.mark.parametrize("teachtext, distance", [(True, "smooth_l1"), (False, "kl")])
+def test_the_legacy_teachtext_key_is_read_as_the_distance_with_a_warning(tmp_path, teachtext, distance):
+    path = write(tmp_path, "old.json", {"stage": "c2kd", "loss": {"teachtext": teachtext}})
+    with pytest.warns(UserWarning) as warned:
+        config = config_from_args(args_for("-c", str(path)))
+    assert [str(w.message) for w in warned] == [
+        f"{path}: config key 'loss.teachtext' is replaced by 'loss.distance'; read as loss.distance = \"{distance}\""]
+    assert config["loss"]["distance"] == distance and "teachtext" not in config["loss"]
+    with pytest.warns(UserWarning, match="config key 'loss.teachtext' is replaced by 'loss.distance'"):
+        assert resolve({"loss.teachtext": teachtext})["loss"]["distance"] == distance
+    with pytest.raises(ConfigError, match=f"{path}: config key 'loss.teachtext' must be bool, got \"yes\""):
+        load_flat(write(tmp_path, "old.json", {"loss": {"teachtext": "yes"}}))
+
+
+def test_a_config_saved_with_teachtext_upgrades_to_the_distance():
+    from parse_config import config_differences, upgrade_saved_config
+    saved = resolve({"stage": "c2kd", "loss.distance": "smooth_l1"})
+    del saved["loss"]["distance"]
+    saved["loss"]["teachtext"] = True  # as a checkpoint written before loss.distance holds it
+    upgraded = upgrade_saved_config(saved)
+    assert upgraded["loss"]["distance"] == "smooth_l1" and "teachtext" not in upgraded["loss"]
+    assert config_differences(saved, resolve({"stage": "c2kd", "loss.distance": "smooth_l1"})) == []
+    assert config_differences(saved, resolve({"stage": "c2kd"})) == [("loss.distance", "smooth_l1", "kl")]
+

@@ -301,7 +301,7 @@ def test_converted_teacher_embeds_the_english_its_dataset_gave_it(dataset, clean
     from data_loader.dataset import clean_caption
     from model.model import load_tokenizer
     from parse_config import resolve
-    from trainer.teachers import Teachers, load_teacher
+    from trainer.teachers import TeacherCache, load_teacher
     teacher_dir, student_dir = encoders["xlmr-tiny"], encoders["labse-tiny"]
     sd = reference_state(teacher_dir)
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["xlm"])
@@ -316,8 +316,8 @@ def test_converted_teacher_embeds_the_english_its_dataset_gave_it(dataset, clean
                       "data.max_words_train": 40, "model.text_encoder": str(student_dir),
                       "teachers.cache_dir": str(tmp_path / "cache")})
     teacher = load_teacher(tmp_path / "xlm.pt", FEATURE_DIM, torch.device("cpu"))
-    cache = Teachers([teacher], read_corpus(path, "rudder", "2d", "train"), config, torch.device("cpu"),
-                     load_tokenizer(str(student_dir))).cache[0]
+    cache = TeacherCache(read_corpus(path, "rudder", "2d", "train"), config,
+                         load_tokenizer(str(student_dir))).outputs(teacher)
     read = [clean_caption(c) if cleaned else c for c in captions]
     with torch.no_grad():
         expected = ref_text(sd, teacher_dir, tokens(teacher_dir, read), tokens(student_dir, captions)["attention_mask"])

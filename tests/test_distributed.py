@@ -8,10 +8,9 @@ import pytest
 
 from parse_config import flatten_config, resolve
 from tests.conftest import make_trainer, toy_config, untrained_teachers
-from trainer.build import build_loaders, load_corpora
+from trainer.build import build_loaders, build_teachers, load_corpora
 from model.model import model_from_config
 from trainer.evaluate import evaluate
-from trainer.teachers import build_teachers
 from trainer.trainer import split_batch
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistInfo, on_main

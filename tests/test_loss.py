@@ -5,7 +5,10 @@ import warnings
 import pytest
 import torch
 
-from model.loss import RetrievalLoss, cosine_sim, distill_kl, info_nce, legacy_teacher_pool
+from model.loss import (DISTANCES, STAGES, TEACHER_POOLS, C2KDLoss, RowMasks, TranslateTrainLoss, ZeroShotLoss,
+                        cosine_sim, distill_kl, info_nce, legacy_teacher_pool, stage_loss)
+from parse_config import resolve
+from trainer.build import build_loss
 
 # Text embeddings whose cosine similarities with the identity "videos" are exactly their entries:
 # row 0 = (1, 0), row 1 = (0.6, 0.8), both unit vectors.
@@ -64,7 +67,7 @@ def test_distill_kl_matches_hand_computation_and_vanishes_on_equal_inputs():
 
 
 def test_zero_shot_uses_english_only():
-    loss = RetrievalLoss("zero-shot", temperature=0.5)
+    loss = ZeroShotLoss(temperature=0.5)
     value, terms = loss({"en": TEXT, "de": TEXT.flip(0)}, VIDEO)
     assert value.item() == pytest.approx(nce_by_hand(S, 0.5), rel=1e-9)
     assert set(terms) == {"nce_main"}
@@ -73,7 +76,7 @@ def test_zero_shot_uses_english_only():
 def test_translate_train_sums_languages_without_normalising():
     swapped = TEXT.flip(1)  # rows (0, 1) and (0.8, 0.6): sims [[0, 1], [0.8, 0.6]]
     s_de = [[0.0, 1.0], [0.8, 0.6]]
-    loss = RetrievalLoss("translate-train", temperature=0.5)
+    loss = TranslateTrainLoss(temperature=0.5)
     value, terms = loss({"en": TEXT, "de": swapped, "fr": TEXT}, VIDEO)
     expected = nce_by_hand(S, 0.5) + nce_by_hand(s_de, 0.5) + nce_by_hand(S, 0.5)
     assert value.item() == pytest.approx(expected, rel=1e-9)
@@ -81,10 +84,10 @@ def test_translate_train_sums_languages_without_normalising():
 
 
 def test_rows_mask_leaves_items_out_of_a_language():
-    loss = RetrievalLoss("translate-train", temperature=0.5)
+    loss = TranslateTrainLoss(temperature=0.5)
     three_text = torch.cat([TEXT, torch.tensor([[0.0, 1.0]], dtype=torch.float64)])
     three_video = torch.cat([VIDEO, torch.tensor([[0.6, 0.8]], dtype=torch.float64)])
-    rows = {"main": torch.tensor([True, True, False]), "de": torch.tensor([True, True, False])}
+    rows = RowMasks({"de": torch.tensor([True, True, False])}, main=torch.tensor([True, True, False]))
     value, _ = loss({"en": three_text, "de": three_text}, three_video, rows=rows)
     # Only the first two items remain: the 2x2 block of the 3x3 matrix, which is S.
     assert value.item() == pytest.approx(2 * nce_by_hand(S, 0.5), rel=1e-9)
@@ -100,8 +103,7 @@ ELEMENTWISE = {
 
 
 def c2kd_value(pool, lam=0.3, tau=0.5, tau_d=0.2):
-    loss = RetrievalLoss("c2kd", temperature=tau, balance=lam, distill_temp=tau_d, teacher_pool=pool,
-                         num_teachers=2).double()
+    loss = C2KDLoss(temperature=tau, balance=lam, distill_temp=tau_d, teacher_pool=pool, num_teachers=2).double()
     teachers = [torch.tensor(T1, dtype=torch.float64), torch.tensor(T2, dtype=torch.float64)]
     value, terms = loss({"en": TEXT, "de": TEXT}, VIDEO, teacher_sims=teachers)
     return value.item(), terms
@@ -130,7 +132,7 @@ def test_c2kd_learnable_weights_start_equal_and_get_gradients():
     # Equal initial logits: softmax weights 1/2 each, replacing (1 - λ) as in the reference.
     kl = 0.5 * kl_by_hand(S, T1, tau_d) + 0.5 * kl_by_hand(S, T2, tau_d)
     assert c2kd_value("learnable")[0] == pytest.approx(lam * nce + 2 * (lam * nce + kl), rel=1e-9)
-    loss = RetrievalLoss("c2kd", 0.5, balance=lam, distill_temp=tau_d, teacher_pool="learnable", num_teachers=2)
+    loss = C2KDLoss(0.5, balance=lam, distill_temp=tau_d, teacher_pool="learnable", num_teachers=2)
     value, _ = loss({"en": TEXT.float()}, VIDEO.float(), teacher_sims=[torch.tensor(T1), torch.tensor(T2)])
     value.backward()
     assert loss.teacher_logits.grad is not None and loss.teacher_logits.grad.abs().sum() > 0
@@ -142,10 +144,9 @@ def test_c2kd_with_balance_one_keeps_only_contrastive_terms():
     assert all(v.item() == 0 for k, v in terms.items() if k.startswith("distill"))
 
 
-def test_c2kd_teachtext_uses_smooth_l1_on_raw_similarities():
+def test_c2kd_smooth_l1_distance_is_on_raw_similarities():
     lam = 0.3
-    loss = RetrievalLoss("c2kd", 0.5, balance=lam, distill_temp=0.2, teacher_pool="max", teachtext=True,
-                         num_teachers=1)
+    loss = C2KDLoss(0.5, balance=lam, distill_temp=0.2, teacher_pool="max", distance="smooth_l1", num_teachers=1)
     value, _ = loss({"en": TEXT}, VIDEO, teacher_sims=[torch.tensor(T1, dtype=torch.float64)])
     # SmoothL1 (beta 1) of |S - T1| = (0.1, 0.2, 0.5, 0.1): all < 1, so 0.5 d^2, averaged over 4 entries.
     smooth = sum(0.5 * d * d for d in (0.1, 0.2, 0.5, 0.1)) / 4
@@ -165,11 +166,13 @@ def test_legacy_pool_names_map_to_the_operation_they_computed():
         legacy_teacher_pool("median")
 
 
-def test_unknown_stage_and_pool_are_rejected():
-    with pytest.raises(ValueError, match="stage 'c3kd'"):
-        RetrievalLoss("c3kd", 0.05)
-    with pytest.raises(ValueError, match="teacher_pool 'median'"):
-        RetrievalLoss("c2kd", 0.05, teacher_pool="median")
+def test_unknown_stage_pool_and_distance_are_rejected():
+    with pytest.raises(ValueError, match="stage 'c3kd' is not one of zero-shot, translate-train, c2kd"):
+        stage_loss("c3kd")
+    with pytest.raises(ValueError, match="loss.teacher_pool 'median' is not one of"):
+        C2KDLoss(0.05, teacher_pool="median")
+    with pytest.raises(ValueError, match="loss.distance 'l2' is not one of kl, smooth_l1"):
+        C2KDLoss(0.05, distance="l2")
 
 
 def test_items_without_english_get_no_distillation_target():
@@ -179,8 +182,8 @@ def test_items_without_english_get_no_distillation_target():
     garbage = torch.full((3, 3), 5.0, dtype=torch.float64)
     garbage[:2, :2] = torch.tensor(T1, dtype=torch.float64)
     has_en = torch.tensor([True, True, False])
-    rows = {"main": has_en, "en": has_en, "teacher": has_en, "hi": torch.ones(3, dtype=torch.bool)}
-    loss = RetrievalLoss("c2kd", tau, balance=lam, distill_temp=tau_d, teacher_pool="max", num_teachers=1).double()
+    rows = RowMasks({"en": has_en, "hi": torch.ones(3, dtype=torch.bool)}, main=has_en, teacher=has_en)
+    loss = C2KDLoss(tau, balance=lam, distill_temp=tau_d, teacher_pool="max", num_teachers=1).double()
     value, terms = loss({"en": three_text, "hi": three_text}, three_video, teacher_sims=[garbage], rows=rows)
     # The third item (no English caption) is in Hindi's contrastive term but in no distillation term.
     expected_distill = (1 - lam) * kl_by_hand(S, T1, tau_d)
@@ -243,14 +246,17 @@ def test_a_single_kept_row_gives_zero_contrastive_and_distillation_terms():
     assert distill_kl(s, t, 0.1, keep=keep).item() == pytest.approx(0.0, abs=1e-7)
 
 
+LOSS = {"temperature": 0.05, "balance": 0.5, "distill_temp": 0.1, "teacher_pool": "max", "distance": "kl"}
+
+
 @pytest.mark.parametrize("stage", ["translate-train", "c2kd"])
 def test_a_language_with_no_rows_in_the_batch_adds_zero_not_nan(stage):
     # RUDDER-like batch: no item has a German caption, and no item has an English one.
     text = {"en": torch.randn(4, 8, requires_grad=True), "de": torch.randn(4, 8, requires_grad=True)}
     video = torch.randn(4, 8, requires_grad=True)
     none, every = torch.zeros(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool)
-    rows = {"de": none, "en": every, "main": none, "teacher": none}
-    loss = RetrievalLoss(stage, 0.05, balance=0.5, distill_temp=0.1, num_teachers=1)
+    rows = RowMasks({"de": none, "en": every}, main=none, teacher=none)
+    loss = stage_loss(stage).from_config(LOSS, num_teachers=1)
     teachers = [torch.rand(4, 4)] if stage == "c2kd" else None
     value, terms = loss(text, video, teacher_sims=teachers, rows=rows)
     assert torch.isfinite(value)
@@ -272,8 +278,8 @@ def test_loss_under_bf16_autocast_equals_the_float32_loss(stage, pool):
     text = {lang: torch.randn(16, 32, generator=gen) for lang in ("en", "de")}
     video = torch.randn(16, 32, generator=gen)
     teachers = [torch.rand(16, 16, generator=gen) * 2 - 1 for _ in range(2)] if stage == "c2kd" else None
-    rows = {"de": torch.rand(16, generator=gen) < 0.7}
-    loss = RetrievalLoss(stage, 0.05, balance=0.5, distill_temp=0.1, teacher_pool=pool, num_teachers=2)
+    rows = RowMasks({"de": torch.rand(16, generator=gen) < 0.7})
+    loss = stage_loss(stage).from_config({**LOSS, "teacher_pool": pool}, num_teachers=2)
     plain, plain_terms = loss(text, video, teacher_sims=teachers, rows=rows)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto, auto_terms = loss(text, video, teacher_sims=teachers, rows=rows)
@@ -287,8 +293,50 @@ def test_half_precision_embeddings_are_scored_in_float32():
     gen = torch.Generator().manual_seed(1)
     text = {"en": torch.randn(8, 16, generator=gen).bfloat16()}
     video = torch.randn(8, 16, generator=gen).bfloat16()
-    loss = RetrievalLoss("translate-train", 0.05)
+    loss = TranslateTrainLoss(0.05)
     value, terms = loss(text, video)
     assert value.dtype == torch.float32
     expected = info_nce(cosine_sim(text["en"].float(), video.float()), 0.05)
     assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ---- registries: every stage, pooling and distance is a config choice and builds -------------------
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("pool", list(TEACHER_POOLS))
+@pytest.mark.parametrize("distance", list(DISTANCES))
+def test_every_registered_stage_pool_and_distance_is_accepted_by_the_config_and_builds(stage, pool, distance):
+    config = resolve({"stage": stage, "loss.teacher_pool": pool, "loss.distance": distance})
+    loss = build_loss(config, num_teachers=2)
+    assert type(loss) is STAGES[stage]
+    if loss.distils:
+        assert loss.pool is TEACHER_POOLS[pool] and loss.distance is DISTANCES[distance]
+    value, terms = loss({"en": TEXT.float(), "de": TEXT.flip(1).float()}, VIDEO.float(),
+                        teacher_sims=[torch.tensor(T1), torch.tensor(T2)])
+    assert torch.isfinite(value) and "nce_main" in terms
+
+
+@pytest.mark.parametrize("key, value", [("stage", "c3kd"), ("loss.teacher_pool", "median"), ("loss.distance", "l2")])
+def test_a_name_outside_its_registry_is_refused_by_the_config(key, value):
+    from parse_config import ConfigError
+    with pytest.raises(ConfigError, match=f"config key '{key}' = \"{value}\" is not one of"):
+        resolve({key: value})
+
+
+def test_zero_shot_students_read_english_only():
+    languages = ["de", "en", "fr"]
+    assert ZeroShotLoss.student_languages(languages) == ["en"]
+    assert TranslateTrainLoss.student_languages(languages) == C2KDLoss.student_languages(languages) == languages
+    assert [name for name, loss in STAGES.items() if loss.distils] == ["c2kd"]
+
+
+def test_row_masks_of_a_batch_and_the_masks_that_leave_rows_out():
+    has_caption = {"en": torch.tensor([True, True, False, True]), "de": torch.ones(4, dtype=torch.bool)}
+    rows = RowMasks.of(has_caption, has_video=torch.tensor([True, False, True, True]))
+    assert rows.main.tolist() == [True, False, False, True]  # English caption and a non-empty video
+    assert rows.teacher.tolist() == [True, True, False, True]  # English caption
+    kept = rows.without_full_masks()
+    assert list(kept.captions) == ["en"] and kept.main is rows.main and kept.teacher is rows.teacher
+    full = RowMasks.of({"en": torch.ones(4, dtype=torch.bool)}, has_video=torch.ones(4, dtype=torch.bool))
+    empty = full.without_full_masks()
+    assert (empty.captions, empty.main, empty.teacher) == ({}, None, None)

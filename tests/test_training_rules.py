@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.loss import RowMasks
 from tests.conftest import make_trainer, toy_config, untrained_teachers
 from utils.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
 
@@ -45,6 +46,12 @@ def gappy_train(toy_assets, tmp_path_factory):
 
 # ---- 1. row masks of the loss ----------------------------------------------------------------------
 
+def named_masks(rows, expected):
+    """(name, mask of ``rows``, mask of ``expected``) for each mask of two RowMasks of one layout."""
+    return [*((lang, rows.captions[lang], keep) for lang, keep in expected.captions.items()),
+            ("main", rows.main, expected.main), ("teacher", rows.teacher, expected.teacher)]
+
+
 def test_row_masks_leave_out_missing_captions_teacherless_items_and_empty_videos(
         toy_assets, tmp_path, teachers, gappy_train):
     config = toy_config(toy_assets, tmp_path, "c2kd", teachers, **{
@@ -58,31 +65,27 @@ def test_row_masks_leave_out_missing_captions_teacherless_items_and_empty_videos
     kinds = [i % 8 for i in batch["index"].tolist()]
 
     has_en = [k not in (NO_EN, NO_EN_NO_DE) for k in kinds]
-    expected = {
-        "en": has_en,
-        "de": [k not in (NO_DE, NO_EN_NO_DE) for k in kinds],
-        "fr": [k != NO_FR for k in kinds],
-        "teacher": has_en,
-        "main": [e and k != NO_FRAMES for e, k in zip(has_en, kinds)],
-    }
+    expected = RowMasks({"en": has_en, "de": [k not in (NO_DE, NO_EN_NO_DE) for k in kinds],
+                         "fr": [k != NO_FR for k in kinds]},
+                        main=[e and k != NO_FRAMES for e, k in zip(has_en, kinds)], teacher=has_en)
     rows = trainer._rows(batch)
-    assert sorted(rows) == sorted(expected)
-    for key, keep in expected.items():
-        assert rows[key].dtype == torch.bool and rows[key].tolist() == keep, key
+    assert sorted(rows.captions) == sorted(expected.captions)
+    for name, mask, keep in named_masks(rows, expected):
+        assert mask.dtype == torch.bool and mask.tolist() == keep, name
 
     # A training step's loss is the loss over exactly those rows (no dropout, so both see the same
     # embeddings; the loss is computed before the optimizer step).
     trainer.model.eval()
-    masks = {k: torch.tensor(v) for k, v in expected.items()}
+    masks = expected.map(torch.tensor)
     with torch.no_grad():
         video, text = trainer.model(*trainer._inputs(batch))
         sims = trainer.teachers.similarities(batch)
         by_hand, terms = trainer.loss_fn(text, video, teacher_sims=sims, rows=masks)
         # Each mask matters: keeping any one of them whole changes the loss.
-        for key in expected:
-            other, _ = trainer.loss_fn(text, video, teacher_sims=sims,
-                                       rows={k: v for k, v in masks.items() if k != key})
-            assert not torch.isclose(other, by_hand, rtol=1e-4), key
+        for name, mask, _ in named_masks(masks, masks):
+            whole = masks.map(lambda m: None if m is mask else m)
+            other, _ = trainer.loss_fn(text, video, teacher_sims=sims, rows=whole)
+            assert not torch.isclose(other, by_hand, rtol=1e-4), name
     assert torch.isfinite(by_hand)
     loss, step_terms = trainer.training_step(batch)
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
@@ -94,13 +97,14 @@ def test_row_masks_leave_out_missing_captions_teacherless_items_and_empty_videos
 def test_a_mask_that_keeps_every_row_is_left_out_in_one_process(toy_assets, tmp_path):
     """On the complete toy file every item has every language and frames: the loss takes its plain path."""
     trainer, batch = make_trainer(toy_config(toy_assets, tmp_path, "translate-train", languages=LANGUAGES))
-    assert trainer._rows(batch) == {}
+    rows = trainer._rows(batch)
+    assert (rows.captions, rows.main, rows.teacher) == ({}, None, None)
     batch["has_caption"]["de"][[0, 5]] = False
     batch["video_mask"][3] = False
     rows = trainer._rows(batch)
-    assert sorted(rows) == ["de", "main"]
-    assert torch.nonzero(~rows["de"]).flatten().tolist() == [0, 5]
-    assert torch.nonzero(~rows["main"]).flatten().tolist() == [3]
+    assert list(rows.captions) == ["de"] and rows.teacher is None
+    assert torch.nonzero(~rows.captions["de"]).flatten().tolist() == [0, 5]
+    assert torch.nonzero(~rows.main).flatten().tolist() == [3]
 
 
 # ---- 2. learnable teacher weights ------------------------------------------------------------------

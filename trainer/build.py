@@ -1,10 +1,11 @@
-"""Wiring shared by train.py and test.py: config -> data -> model -> loss."""
+"""Wiring shared by train.py and test.py: config -> data -> model -> teachers -> loss."""
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from data_loader.safe_pickle import DataFileError
-from model.loss import RetrievalLoss
+from model.loss import stage_loss
 from model.model import load_tokenizer
+from trainer.teachers import CachedTeachers, OnlineTeachers, load_teacher
 from utils.errors import ConfigError
 
 
@@ -22,11 +23,6 @@ def load_corpora(config, splits=("train", "eval")):
     return corpora
 
 
-def student_languages(config, corpus):
-    """Zero-shot training reads English only; every other stage reads all languages."""
-    return [ENGLISH] if config["stage"] == "zero-shot" else corpus.languages
-
-
 def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_size=1):
     train = None
     english = EnglishReading.of(config)  # an English-input teacher reads English as the dataset's teachers do
@@ -36,8 +32,8 @@ def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_siz
         raise ConfigError("config key 'model.pool_with_student_mask' is for evaluating and distilling from "
                           "converted reference teachers; training with it is not supported (set it to false)")
     if "train" in corpora:
-        inputs = [TextInput(STUDENT, tokenizer, student_languages(config, corpora["train"]), english),
-                  *extra_inputs]
+        train_languages = stage_loss(config["stage"]).student_languages(corpora["train"].languages)
+        inputs = [TextInput(STUDENT, tokenizer, train_languages, english), *extra_inputs]
         train = train_loader(corpora["train"], inputs, config, rank, world_size)
     languages = corpora["eval"].languages
     inputs = [TextInput(STUDENT, tokenizer, languages, english)]
@@ -48,7 +44,20 @@ def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_siz
 
 
 def build_loss(config, num_teachers=0):
-    loss = config["loss"]
-    return RetrievalLoss(config["stage"], loss["temperature"], balance=loss["balance"],
-                         distill_temp=loss["distill_temp"], teacher_pool=loss["teacher_pool"],
-                         teachtext=loss["teachtext"], num_teachers=num_teachers)
+    """The loss of the config's stage."""
+    return stage_loss(config["stage"]).from_config(config["loss"], num_teachers)
+
+
+def build_teachers(config, train_corpus, device, student_tokenizer):
+    """The frozen teachers of a stage that distils, cached or online as ``teachers.mode`` says; None
+    for the other stages. All checks run here, before any training step."""
+    if not stage_loss(config["stage"]).distils:
+        return None
+    paths = config["teachers"]["checkpoints"]
+    if not paths:
+        raise ConfigError(f"stage '{config['stage']}' needs teachers: set config key 'teachers.checkpoints' "
+                          "to a list of teacher checkpoint paths")
+    teachers = [load_teacher(p, config["data"]["feature_dim"], device) for p in paths]
+    if config["teachers"]["mode"] == "online":
+        return OnlineTeachers(teachers, student_tokenizer)
+    return CachedTeachers.build(teachers, train_corpus, config, device, student_tokenizer)

@@ -7,11 +7,13 @@ the **English** caption of each item as it was trained to (its checkpoint's ``mo
 reference's MSR-VTT, VATEX and YouCook2 teachers; as written for RUDDER, §1.3, §9), and its
 text-video similarity matrix over the batch is the distillation target.
 
-``cached`` mode (default) embeds every (video, English caption) pair of the training set once,
-before training, and stores the normalised embeddings on disk keyed by the teacher checkpoint and
-a hash of the English captions and frames it embeds; a batch's teacher matrix is then a product
-of cached rows. ``online`` mode runs the teachers on every step, as the reference did; both give
-the same targets in fp32.
+Two kinds of teachers give the same targets in fp32; ``teachers.mode`` picks one (trainer/build.py).
+``CachedTeachers`` (default) use the embeddings of every (video, English caption) pair of the
+training set, computed once before training and stored on disk by ``TeacherCache``, keyed by the
+teacher checkpoint and a hash of the English captions and frames it embeds; a batch's teacher
+matrix is then a product of cached rows. ``OnlineTeachers`` run the teachers on every step, as the
+reference did. Both give ``similarities(batch)``, the ``text_inputs`` the batch must carry for
+them, and ``len()``, the number of teachers.
 """
 import hashlib
 import json
@@ -22,12 +24,11 @@ import torch
 
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import POOL_MASK, EnglishReading, TextInput, TokenTable
-from model.loss import cosine_sim, similarity
+from model.loss import cosine_sim, similarity, stage_loss
 from model.model import model_from_checkpoint
 from parse_config import upgrade_saved_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from utils.distributed import gather, gather_objects, gather_to_main, on_main, rank, world_size
-from utils.errors import ConfigError
 
 CACHE_VERSION = 1
 
@@ -47,7 +48,7 @@ def load_teacher(path, feature_dim, device):
     """A frozen teacher from a checkpoint; every failure names the file."""
     state = load_checkpoint(path, map_location="cpu")
     config = upgrade_saved_config(state["config"])
-    if config["stage"] == "c2kd":  # C2KD distils from English-input translate-train models
+    if stage_loss(config["stage"]).distils:  # C2KD distils from English-input translate-train models
         raise CheckpointError(f"{path}: a C2KD student, not a teacher (config key 'teachers.checkpoints' takes "
                               "translate-train runs, or converted reference teachers)")
     teacher_dim = config["data"]["feature_dim"]
@@ -59,36 +60,86 @@ def load_teacher(path, feature_dim, device):
                    config["model"]["pool_with_student_mask"])
 
 
-class Teachers:
-    def __init__(self, teachers, corpus, config, device, student_tokenizer):
-        self.teachers, self.corpus, self.config, self.device = teachers, corpus, config, device
-        self.student_tokenizer = student_tokenizer
-        self.mode = config["teachers"]["mode"]
-        self.max_words = config["data"]["max_words_train"]
-        self.text_inputs = []
-        self.cache = []
-        if self.mode == "online":
-            self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], t.english)
-                                for i, t in enumerate(teachers)]
-            if any(t.pool_with_student_mask for t in teachers):
-                # The student tokenizer's mask of the raw English caption (§2.3), as the cache pools
-                # with, and not a teacher's English, which may be cleaned or come from another field.
-                self.text_inputs.append(TextInput(POOL_MASK, student_tokenizer, [ENGLISH]))
-        else:
-            # What every teacher embeds, hashed once for the cache keys.
-            self.data_digest = data_digest(corpus, config["data"]["n_video_tokens"])
-            # Kept on the training device: a batch's targets are then two gathers and a matmul.
-            self.cache = [{k: v.to(device) for k, v in self.cached_outputs(t).items()} for t in teachers]
+class OnlineTeachers:
+    """Teachers run on every step, on the English captions the batch carries for them."""
+
+    def __init__(self, teachers, student_tokenizer=None):
+        self.teachers = teachers
+        self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], t.english)
+                            for i, t in enumerate(teachers)]
+        if any(t.pool_with_student_mask for t in teachers):
+            # The student tokenizer's mask of the raw English caption (§2.3), as the cache pools
+            # with, and not a teacher's English, which may be cleaned or come from another field.
+            self.text_inputs.append(TextInput(POOL_MASK, student_tokenizer, [ENGLISH]))
 
     def __len__(self):
         return len(self.teachers)
 
     @staticmethod
     def input_name(i):
+        """The batch's text key of teacher ``i``."""
         return f"teacher{i}"
 
-    # ---- cache -------------------------------------------------------------------------------
-    def cache_key(self, teacher):
+    @torch.no_grad()
+    def similarities(self, batch):
+        """One float32 [B, B] matrix per teacher: English captions of the batch against its videos.
+        Under torch.distributed, B is the global batch: the targets of the whole batch, on every rank.
+        The teachers embed under the caller's autocast (as the reference's did); the products are
+        float32, so half precision rounds no target."""
+        sims = []
+        for i, t in enumerate(self.teachers):
+            pool = batch["text"][POOL_MASK][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
+            text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
+            video = t.model.encode_video(batch["video"], batch["video_mask"])
+            sims.append(cosine_sim(gather(text), gather(video)))
+        return sims
+
+
+class CachedTeachers:
+    """Teachers whose outputs on the training set were computed once (``TeacherCache``)."""
+    text_inputs = ()  # the batch carries no text for them
+
+    def __init__(self, cache):
+        """``cache``: per teacher, normalised fp32 embeddings of the training set on the training
+        device (a batch's targets are then two gathers and a matmul): ``text`` [captions, P] in
+        caption order, ``video`` [videos, P], and per video the ``offsets`` of its captions' rows
+        and their ``counts``."""
+        self.cache = cache
+
+    @classmethod
+    def build(cls, teachers, corpus, config, device, student_tokenizer):
+        """The cached outputs of ``teachers`` on the training ``corpus``, computed first if needed."""
+        store = TeacherCache(corpus, config, student_tokenizer)
+        return cls([{k: v.to(device) for k, v in store.outputs(t).items()} for t in teachers])
+
+    def __len__(self):
+        return len(self.cache)
+
+    @torch.no_grad()
+    def similarities(self, batch):
+        """One float32 [B, B] matrix per teacher: English captions of the batch against its videos.
+        Under torch.distributed, B is the global batch: the targets of the whole batch, on every rank."""
+        index, caption = gather(torch.stack([batch["index"], batch["caption_index"]], dim=1)).unbind(1)
+        sims = []
+        for cache in self.cache:
+            # An item without an English caption (count 0) points at its own offset; the loss
+            # leaves it out of distillation (RowMasks.teacher).
+            rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1).clamp(min=0)
+            rows = rows.clamp(max=len(cache["text"]) - 1)
+            sims.append(similarity(cache["text"][rows], cache["video"][index]))  # rows are normalised
+        return sims
+
+
+class TeacherCache:
+    """Teachers' outputs on the training set, stored under ``teachers.cache_dir``."""
+
+    def __init__(self, corpus, config, student_tokenizer):
+        self.corpus, self.config, self.student_tokenizer = corpus, config, student_tokenizer
+        self.max_words = config["data"]["max_words_train"]
+        # What every teacher embeds, hashed once for the cache keys.
+        self.data_digest = data_digest(corpus, config["data"]["n_video_tokens"])
+
+    def key(self, teacher):
         st = teacher.path.stat()
         # Everything that shapes what the teacher embeds: the checkpoint, the English captions and
         # video frames themselves (so a data file rewritten in place, another layout, feature key
@@ -100,10 +151,10 @@ class Teachers:
                 "pool_mask": self.config["model"]["text_encoder"] if teacher.pool_with_student_mask else "own"}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
-    def cached_outputs(self, teacher):
+    def outputs(self, teacher):
         """Load the cache of ``teacher``, computing it first if needed. Under torch.distributed every
         rank embeds a contiguous share of the training set and rank 0 joins the shares and writes the file."""
-        path = Path(self.config["teachers"]["cache_dir"]) / f"{self.cache_key(teacher)}.pt"
+        path = Path(self.config["teachers"]["cache_dir"]) / f"{self.key(teacher)}.pt"
         cache = None
 
         def load():
@@ -158,31 +209,6 @@ class Teachers:
                 "video": teacher.model.embed_videos(self.corpus.features[videos.start:videos.stop],
                                                     self.config["data"]["n_video_tokens"], batch_size, progress=show)}
 
-    # ---- targets -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def similarities(self, batch):
-        """One float32 [B, B] matrix per teacher: English captions of the batch against its videos.
-        Under torch.distributed, B is the global batch: the targets of the whole batch, on every rank.
-        Online teachers embed under the caller's autocast (as the reference's did); the products
-        are float32 in both modes, so half precision rounds no target."""
-        if self.mode == "online":
-            sims = []
-            for i, t in enumerate(self.teachers):
-                pool = batch["text"][POOL_MASK][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
-                text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
-                video = t.model.encode_video(batch["video"], batch["video_mask"])
-                sims.append(cosine_sim(gather(text), gather(video)))
-            return sims
-        index, caption = gather(torch.stack([batch["index"], batch["caption_index"]], dim=1)).unbind(1)
-        sims = []
-        for cache in self.cache:
-            # An item without an English caption (count 0) points at its own offset; the loss
-            # leaves it out of distillation (rows["teacher"]).
-            rows = cache["offsets"][index] + torch.minimum(caption, cache["counts"][index] - 1).clamp(min=0)
-            rows = rows.clamp(max=len(cache["text"]) - 1)
-            sims.append(similarity(cache["text"][rows], cache["video"][index]))  # rows are normalised
-        return sims
-
 
 def data_digest(corpus, n_video_tokens):
     """Hash of what a teacher embeds from ``corpus``: each item's English captions (the students' and
@@ -215,16 +241,3 @@ def _load_cache(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
-
-
-def build_teachers(config, train_corpus, device, student_tokenizer):
-    """The frozen teachers of a c2kd config, or None for the other stages. All checks run here,
-    before any training step."""
-    paths = config["teachers"]["checkpoints"]
-    if config["stage"] != "c2kd":
-        return None
-    if not paths:
-        raise ConfigError("stage 'c2kd' needs teachers: set config key 'teachers.checkpoints' "
-                          "to a list of teacher checkpoint paths")
-    teachers = [load_teacher(p, config["data"]["feature_dim"], device) for p in paths]
-    return Teachers(teachers, train_corpus, config, device, student_tokenizer)

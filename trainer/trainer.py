@@ -18,8 +18,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from config_keys import RESTORED_ON_RESUME, RESUME_MAY_CHANGE
-from data_loader.corpus import ENGLISH, listed
+from data_loader.corpus import listed
 from data_loader.dataset import STUDENT
+from model.loss import RowMasks
 from model.metric import format_table
 from parse_config import config_differences
 from trainer.evaluate import evaluate, flat_metrics
@@ -191,15 +192,14 @@ class Trainer:
         return batch["video"], batch["video_mask"], {lang: batch["text"][STUDENT][lang] for lang in self.languages}
 
     def _rows(self, batch):
-        """Row masks of the loss (see RetrievalLoss.forward), computed on the CPU batch. A mask that
-        keeps every row is left out in a single process, so the loss takes its plain, unmasked path;
-        under DDP every rank passes every mask, for the gathers to match."""
-        rows = {lang: batch["has_caption"][lang] for lang in self.languages}
-        rows["main"] = batch["video_mask"].any(dim=1) & batch["has_caption"][ENGLISH]
-        rows["teacher"] = batch["has_caption"][ENGLISH]
+        """Row masks of the loss, computed on the CPU batch. A mask that keeps every row is left out
+        in a single process, so the loss takes its plain, unmasked path; under DDP every rank passes
+        every mask, for the gathers to match."""
+        rows = RowMasks.of({lang: batch["has_caption"][lang] for lang in self.languages},
+                           has_video=batch["video_mask"].any(dim=1))
         if self.dist.world_size == 1:
-            rows = {k: v for k, v in rows.items() if not bool(v.all())}
-        return to_device(rows, self.device)
+            rows = rows.without_full_masks()
+        return rows.to(self.device)
 
     def training_step(self, batch):
         """Forward, loss over the (global) batch, backward, optimizer step. Returns (loss, terms)."""

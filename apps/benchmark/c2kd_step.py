@@ -42,8 +42,8 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
     """Trainer.training_step with cached against online teachers: same batch, same initial model."""
     from model.model import load_tokenizer, model_from_config
     from parse_config import resolve
-    from trainer.build import build_loaders, load_corpora
-    from trainer.teachers import build_teachers
+    from trainer.build import build_loaders, build_teachers, load_corpora
+    from trainer.teachers import TeacherCache
     from trainer.trainer import seed_everything
     from utils.device import to_device
 
@@ -57,7 +57,8 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         teachers = {mode: build_teachers(configs[mode], corpora["train"], device, tokenizer)
                     for mode in ("online", "cached")}
         train_mode_teachers = _train_mode_teachers(configs["online"], corpora["train"], device, tokenizer)
-        cache_build = _time_cache_build(teachers["cached"], 3 if steps > 2 else 1, device)
+        cache = TeacherCache(corpora["train"], configs["cached"], tokenizer)
+        cache_build = _time_cache_build(cache, teachers["online"].teachers, 3 if steps > 2 else 1, device)
         model, _ = model_from_config(configs["online"], tokenizer=tokenizer)
         # The online loader also carries the teachers' tokens; the cached step ignores them.
         train_loader, eval_loader = build_loaders(configs["online"], corpora, tokenizer,
@@ -116,7 +117,7 @@ def _train_mode_teachers(config, corpus, device, tokenizer):
     """The reference's design: online teachers left in train mode, so their dropout runs too
     (c2kd-reference §3.1; this project puts teachers in eval mode). Timed, never trained with.
     "reference" also runs every text column up to max_words, as the reference padded (§1.3)."""
-    from trainer.teachers import build_teachers
+    from trainer.build import build_teachers
     train_mode_teachers = {}
     for name, cut_padding in (("online_reference", True), ("reference", False)):
         train_mode_teachers[name] = build_teachers(config, corpus, device, tokenizer)
@@ -126,19 +127,19 @@ def _train_mode_teachers(config, corpus, device, tokenizer):
     return train_mode_teachers
 
 
-def _time_cache_build(cached, repeats, device):
+def _time_cache_build(cache, teachers, repeats, device):
     """The work of the one-off cache build: every teacher embeds the training set (timed on
     later passes, with the teachers loaded; loading and writing the file are left out), with
     the padding cut and, as the reference padded, over every text column. The teachers are left
     cutting the padding."""
     def set_cut_padding(cut_padding):
-        for t in cached.teachers:
+        for t in teachers:
             t.model.text.cut_padding = cut_padding
 
     def build_cache(cut_padding):
         set_cut_padding(cut_padding)
-        for t in cached.teachers:
-            cached.embed_training_set(t)
+        for t in teachers:
+            cache.embed_training_set(t)
 
     times = interleaved({"cut": lambda: build_cache(True), "full_padding": lambda: build_cache(False)},
                         repeats, device)
@@ -184,26 +185,28 @@ def _text_lengths(batch, rows, max_words, num_teachers):
     similar length (rows, columns) or as one batch, and each teacher's English."""
     from data_loader.dataset import STUDENT
     from model.model import length_buckets, row_lengths, used_length
-    from trainer.teachers import Teachers
+    from trainer.teachers import OnlineTeachers
 
     student_masks = torch.cat([t["attention_mask"] for t in batch["text"][STUDENT].values()])
     buckets = [(len(student_masks[r]), n) for r, n in length_buckets(row_lengths(student_masks), rows)]
     return {"max_words": max_words, "student_buckets": buckets,
             "student_one_bucket": used_length(student_masks),
-            "teachers": [used_length(batch["text"][Teachers.input_name(i)][ENGLISH]["attention_mask"])
+            "teachers": [used_length(batch["text"][OnlineTeachers.input_name(i)][ENGLISH]["attention_mask"])
                          for i in range(num_teachers)]}
 
 
 def _variant_settings(trainers):
     """How each variant ran its step, read back from its trainer."""
+    from trainer.teachers import OnlineTeachers
+    online = {name: trainer for name, trainer in trainers.items() if isinstance(trainer.teachers, OnlineTeachers)}
     return {
         # Whether each online variant's teachers ran in train mode (dropout on) during its steps.
         "teachers_in_train_mode": {name: all(t.model.training for t in trainer.teachers.teachers)
-                                   for name, trainer in trainers.items() if trainer.teachers.mode == "online"},
+                                   for name, trainer in online.items()},
         # Whether each variant's text encoders (student, then online teachers) cut padding columns,
         # and the student's rows per length bucket (None: one bucket).
         "bucket_rows_by_variant": {name: trainer.model.text.bucket_rows for name, trainer in trainers.items()},
         "cuts_text_padding": {name: [trainer.model.text.cut_padding]
-                              + [t.model.text.cut_padding for t in trainer.teachers.teachers
-                                 if trainer.teachers.mode == "online"] for name, trainer in trainers.items()},
+                              + ([t.model.text.cut_padding for t in trainer.teachers.teachers] if name in online else [])
+                              for name, trainer in trainers.items()},
     }

@@ -26,35 +26,23 @@ BASE_SHAPES = {
 }
 
 
-class SyntheticTeachers:
-    """Frozen teachers over a synthetic training set of ``num_items`` items; the cached outputs are
-    random unit vectors. ``similarities`` is trainer.teachers.Teachers.similarities itself."""
-
-    def __init__(self, teachers, mode, num_items, dim, device):
-        from trainer.teachers import Teachers
-        self._impl = Teachers.__new__(Teachers)
-        self._impl.teachers, self._impl.mode, self._impl.device = teachers, mode, device
-        self._impl.cache = []
-        if mode == "cached":
-            gen = torch.Generator(device=device).manual_seed(1)
-            for _ in teachers:
-                self._impl.cache.append({
-                    "text": F.normalize(torch.randn(num_items, dim, generator=gen, device=device), dim=1),
-                    "video": F.normalize(torch.randn(num_items, dim, generator=gen, device=device), dim=1),
-                    "offsets": torch.arange(num_items, device=device),
-                    "counts": torch.ones(num_items, dtype=torch.long, device=device)})
-
-    def __len__(self):
-        return len(self._impl.teachers)
-
-    def similarities(self, batch):
-        return self._impl.similarities(batch)
+def synthetic_teachers(teachers, mode, num_items, dim, device):
+    """The trainer's teachers of ``mode`` over a synthetic training set of ``num_items`` items, one
+    caption each; cached outputs are random unit vectors."""
+    from trainer.teachers import CachedTeachers, OnlineTeachers
+    if mode == "online":
+        return OnlineTeachers(teachers)
+    gen = torch.Generator(device=device).manual_seed(1)
+    return CachedTeachers([{"text": F.normalize(torch.randn(num_items, dim, generator=gen, device=device), dim=1),
+                            "video": F.normalize(torch.randn(num_items, dim, generator=gen, device=device), dim=1),
+                            "offsets": torch.arange(num_items, device=device),
+                            "counts": torch.ones(num_items, dtype=torch.long, device=device)} for _ in teachers])
 
 
 def synthetic_batch(batch_size, languages, seq_len, n_video_tokens, feature_dim, student_vocab, teacher_vocabs,
                     num_items, seed=0):
     """A batch shaped like the loader's: full-length captions, full-length videos."""
-    from trainer.teachers import Teachers
+    from trainer.teachers import OnlineTeachers
     gen = torch.Generator().manual_seed(seed)
 
     def tokens(vocab):
@@ -63,7 +51,7 @@ def synthetic_batch(batch_size, languages, seq_len, n_video_tokens, feature_dim,
 
     text = {"student": {lang: tokens(student_vocab) for lang in languages}}
     for i, vocab in enumerate(teacher_vocabs):
-        text[Teachers.input_name(i)] = {ENGLISH: tokens(vocab)}
+        text[OnlineTeachers.input_name(i)] = {ENGLISH: tokens(vocab)}
     video = F.normalize(torch.randn(batch_size, n_video_tokens, feature_dim, generator=gen), dim=2)
     return {"index": torch.randperm(num_items, generator=gen)[:batch_size],
             "caption_index": torch.zeros(batch_size, dtype=torch.long),
@@ -111,7 +99,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
                           "teachers.checkpoints": [str(t.path) for t in teachers]}, name="gpu-bench")
         loss = build_loss(config, num_teachers=len(teachers)).to(device)
         trainer = Trainer(config, copy.deepcopy(student), loss, stub, stub, device, None)
-        trainer.teachers = SyntheticTeachers(teachers, mode, num_items, projection_dim, device)
+        trainer.teachers = synthetic_teachers(teachers, mode, num_items, projection_dim, device)
         trainer.forward.train()
         trainers[mode] = trainer
     del student
