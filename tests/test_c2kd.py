@@ -68,8 +68,8 @@ def cached_and_online(setup, pool, student_mask, clean_english=False, student_cl
         trainer, batch = make_trainer(config)
         model = trainer.model.eval()  # no dropout, so both modes see identical student outputs
         with torch.no_grad():
-            video = model.encode_video(batch["video"], batch["video_mask"])
-            text = {lang: model.encode_text(batch["text"]["student"][lang]) for lang in trainer.languages}
+            video = model.encode_video(batch.video, batch.video_mask)
+            text = {lang: model.encode_text(tokens) for lang, tokens in batch.student.items()}
             sims = trainer.teachers.similarities(batch)
             losses[mode] = (trainer.loss_fn(text, video, teacher_sims=sims)[0].item(), sims)
     return losses
@@ -98,8 +98,8 @@ def test_teacher_targets_are_float32_products_under_autocast(setup):
                 rounded = teachers.similarities(batch)
                 if mode == "online":  # the encoders do run under autocast; only the products are fp32
                     model = teachers.teachers[0].model
-                    text = model.encode_text(batch["text"][teachers.input_name(0)]["en"])
-                    video = model.encode_video(batch["video"], batch["video_mask"])
+                    text = model.encode_text(batch.text[teachers.input_name(0)]["en"])
+                    video = model.encode_video(batch.video, batch.video_mask)
         assert all(s.dtype == torch.float32 for s in rounded)
         if mode == "cached":
             assert all(torch.equal(a, b) for a, b in zip(plain, rounded))
@@ -117,12 +117,11 @@ def test_teachers_read_english_as_they_were_trained(setup):
         trainer, batch = make_trainer(config)
         teacher = trainer.teachers.teachers[0]
         assert teacher.english.clean is clean
-        caption = trainer.train_loader.dataset.corpus.captions["en"][int(batch["index"][0])][
-            int(batch["caption_index"][0])]
+        caption = trainer.train_loader.dataset.corpus.captions["en"][int(batch.index[0])][int(batch.caption_index[0])]
         text = clean_caption(caption) if clean else caption
         expected = teacher.tokenizer(text, padding="max_length", truncation=True,
                                      max_length=config["data"]["max_words_train"])["input_ids"]
-        tokens[clean] = batch["text"][trainer.teachers.input_name(0)]["en"]["input_ids"][0].tolist()
+        tokens[clean] = batch.text[trainer.teachers.input_name(0)]["en"].input_ids[0].tolist()
         assert tokens[clean] == expected
     assert tokens[False] != tokens[True]  # Multi-Toy captions carry punctuation
 
@@ -222,7 +221,7 @@ def test_every_stage_starts_from_the_same_student_at_one_seed(setup, monkeypatch
     initial = {}
 
     def record_initial_weights(trainer):
-        initial[trainer.config["stage"]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        initial[trainer.settings.config["stage"]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
     monkeypatch.setattr(Trainer, "fit", record_initial_weights)
     baseline = toy_config(setup["assets"], setup["tmp"], "translate-train", **{"trainer.epochs": 1})

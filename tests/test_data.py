@@ -154,11 +154,11 @@ def test_captions_are_tokenized_once_and_caption_index_is_shared(tmp_path, toy_a
         data.set_epoch(epoch)
         for i in range(len(data)):
             item = data[i]
-            cap = item["caption_index"]
+            cap = item.caption_index
             for lang in corpus.languages:  # one caption index, the same translation in every language
                 expected = tok.inner(corpus.captions[lang][i][cap], padding="max_length", max_length=12,
                                      truncation=True)["input_ids"]
-                assert item["text"]["student"][lang]["input_ids"].tolist() == expected, (lang, i, epoch)
+                assert item.text["student"][lang].input_ids.tolist() == expected, (lang, i, epoch)
     assert tok.calls == 3  # reading items over three epochs tokenized nothing more
     data.set_epoch(7)
     first = data.caption_choice.copy()
@@ -180,13 +180,13 @@ def test_clean_english_cleans_english_captions_only(toy_assets, clean_english):
     tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
     data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages, EnglishReading(clean_english, clean_english))], max_words=12,
                             n_video_tokens=3, train=True)
-    item = data[0]["text"]["student"]
+    item = data[0].text["student"]
 
     def ids(text):
         return tok(text, padding="max_length", max_length=12, truncation=True)["input_ids"]
     english = clean_caption(captions["en"][0][0]) if clean_english else captions["en"][0][0]
-    assert item["en"]["input_ids"].tolist() == ids(english)
-    assert item["de"]["input_ids"].tolist() == ids(captions["de"][0][0])  # other languages as written
+    assert item["en"].input_ids.tolist() == ids(english)
+    assert item["de"].input_ids.tolist() == ids(captions["de"][0][0])  # other languages as written
     assert ids("A dog running") != ids("A dog, running!")  # the tokenizer does see the punctuation
 
 
@@ -198,7 +198,7 @@ def test_evaluation_ranks_each_caption_once_when_languages_have_different_counts
     tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
     data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages)], max_words=8,
                             n_video_tokens=3, train=False)
-    flags = [(data[i]["index"], data[i]["caption_index"], data[i]["has_caption"]) for i in range(len(data))]
+    flags = [(data[i].index, data[i].caption_index, data[i].has_caption) for i in range(len(data))]
     # Video a has two English captions and one German one: its second pair is English only.
     assert flags == [(0, 0, {"en": True, "de": True}), (0, 1, {"en": True, "de": False}),
                      (1, 0, {"en": True, "de": True})]

@@ -1,10 +1,17 @@
-"""Wiring shared by train.py and test.py: config -> data -> model -> loss."""
+"""Wiring shared by train.py and test.py: config -> data -> model -> loss -> optimizer -> trainer."""
+import functools
+
+import torch
+
+from data_loader.batch import POOL_MASK, STUDENT
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TextInput
+from data_loader.dataset import EnglishReading, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from data_loader.safe_pickle import DataFileError
 from model.loss import RetrievalLoss
 from model.model import load_tokenizer
+from trainer.evaluate import evaluate
+from trainer.trainer import Trainer, TrainerSettings
 from utils.errors import ConfigError
 
 
@@ -52,3 +59,24 @@ def build_loss(config, num_teachers=0):
     return RetrievalLoss(config["stage"], loss["temperature"], balance=loss["balance"],
                          distill_temp=loss["distill_temp"], teacher_pool=loss["teacher_pool"],
                          teachtext=loss["teachtext"], num_teachers=num_teachers)
+
+
+def build_optimizer(config, model, loss_fn):
+    """Adam over the trainable parameters and its ExponentialLR schedule, stepped once per epoch (§5).
+    Learnable teacher weights of the loss train with their own learning rate."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config["optimizer"]["lr"]}]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "lr": config["teachers"]["learnable_lr"]})
+    optimizer = torch.optim.Adam(groups)
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["scheduler"]["gamma"])
+
+
+def build_trainer(config, model, loss_fn, train_loader, eval_loader, device, **options):
+    """The Trainer of ``config``: its optimizer and schedule, evaluation of every language of
+    ``eval_loader`` after each epoch. ``options``: run_dir, log_scalar, teachers, dist (see Trainer)."""
+    optimizer, scheduler = build_optimizer(config, model, loss_fn)
+    evaluate_model = functools.partial(evaluate, model, eval_loader, eval_loader.dataset.languages,
+                                       config["eval"], device)
+    return Trainer(TrainerSettings.of(config), model, loss_fn, optimizer, scheduler, train_loader, evaluate_model,
+                   device, **options)
