@@ -242,3 +242,36 @@ def test_data_tools_start_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # check and convert are run on data before any training
+
+
+def batch_tensors(batch):
+    """Every tensor of a Batch, in field order."""
+    tokens = [t for per_lang in batch.text.values() for tok in per_lang.values()
+              for t in (tok.input_ids, tok.attention_mask)]
+    return [batch.index, batch.caption_index, batch.video, batch.video_mask, *tokens, *batch.has_caption.values()]
+
+
+def test_a_batch_stacks_its_items_moves_whole_and_splits_into_the_batches_of_its_parts(toy_assets):
+    from transformers import AutoTokenizer
+    from data_loader.batch import STUDENT, collate
+    from data_loader.corpus import Corpus
+    captions = {"en": [["a dog"], ["a cat"], [], ["a cow"]], "de": [["ein Hund"], [], ["eine Katze"], ["eine Kuh"]]}
+    corpus = Corpus(path="four", ids=["a", "b", "c", "d"], captions=captions,
+                    features=[np.full((k + 1, 4), k + 1, np.float32) for k in range(4)])
+    tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
+    data = RetrievalDataset(corpus, [TextInput(STUDENT, tok, corpus.languages)], max_words=8, n_video_tokens=3,
+                            train=False)
+    items = [data[i] for i in range(len(data))]
+    batch = collate(items)
+    assert len(batch) == 4 and batch.index.tolist() == [0, 1, 2, 3] and batch.caption_index.tolist() == [0] * 4
+    assert {lang: m.tolist() for lang, m in batch.has_caption.items()} == \
+        {"en": [True, True, False, True], "de": [True, False, True, True]}
+    assert batch.video_mask.sum(1).tolist() == [1, 2, 3, 3] and batch.video.shape == (4, 3, 4)
+    for i, item in enumerate(items):
+        for lang in corpus.languages:
+            assert torch.equal(batch.student[lang].input_ids[i], item.text[STUDENT][lang].input_ids)
+            assert torch.equal(batch.student[lang].attention_mask[i], item.text[STUDENT][lang].attention_mask)
+    assert all(t.device.type == "meta" for t in batch_tensors(batch.to("meta")))
+    for part, part_items in zip(batch.split(2), (items[:2], items[2:]), strict=True):
+        expected = batch_tensors(collate(part_items))
+        assert all(torch.equal(a, b) for a, b in zip(batch_tensors(part), expected, strict=True))
