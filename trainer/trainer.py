@@ -112,9 +112,9 @@ class Trainer:
         self.device, self.run_dir, self.teachers = device, run_dir, teachers
         self.dist = dist or DistInfo()
         self.log_scalar = log_scalar if self.dist.is_main and log_scalar else (lambda name, value, step: None)
-        self.accumulation = settings.accumulation_steps
-        if train_loader.local_batch % self.accumulation:
-            raise ConfigError(f"config key 'trainer.accumulation_steps' = {self.accumulation} does not divide the "
+        parts = settings.accumulation_steps
+        if train_loader.local_batch % parts:
+            raise ConfigError(f"config key 'trainer.accumulation_steps' = {parts} does not divide the "
                               f"per-process batch of {train_loader.local_batch}")
         self.forward = training_forward(model, device, self.dist.world_size, settings.compile)
         self.amp_dtype = amp_dtype(device, settings.mixed_precision)
@@ -221,7 +221,7 @@ class Trainer:
         with autocast(self.device, self.amp_dtype):  # online teachers run under autocast, as in the reference
             teacher_sims = self.teachers.similarities(batch) if self.teachers is not None else None
         self.optimizer.zero_grad(set_to_none=True)
-        if self.accumulation == 1:
+        if self.settings.accumulation_steps == 1:
             with autocast(self.device, self.amp_dtype):
                 video, text = self.forward(*self._inputs(batch))
                 loss, terms = self.loss_fn(text, video, teacher_sims=teacher_sims, rows=rows)
@@ -244,7 +244,7 @@ class Trainer:
         the whole batch on those embeddings and its gradient with respect to them; then re-run each
         micro-batch with a graph, under the same random state, and back-propagate that gradient.
         """
-        micro = batch.split(self.accumulation)
+        micro = batch.split(self.settings.accumulation_steps)
         languages = list(batch.student)
         states, videos, texts = [], [], []
         with torch.no_grad():
