@@ -189,6 +189,13 @@ def test_training_logs_the_learning_rate_and_throughput_beside_the_loss(toy_asse
     assert all(math.isfinite(v) and v > 0 for v in metrics["train.samples_per_s"]["values"])
 
 
+def test_accumulation_steps_must_divide_the_per_process_batch(toy_assets, tmp_path):
+    from utils.errors import ConfigError
+    with pytest.raises(ConfigError, match="config key 'trainer.accumulation_steps' = 3 does not divide the "
+                                          "per-process batch of 16$"):
+        make_trainer(toy_config(toy_assets, tmp_path, **{"trainer.accumulation_steps": 3}))
+
+
 # ---- 4. best.pt ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("monitor, best, better, worse", [
