@@ -314,7 +314,7 @@ class Trainer:
             for batch in self.train_loader:
                 if self.batches_done >= total:
                     break
-                loss, terms = self.training_step(batch)
+                loss, _ = self.training_step(batch)
                 finite = torch.isfinite(loss)  # a non-finite loss survives only under fp16's scaler
                 self.epoch_loss_sum += torch.where(finite, loss, 0.0)
                 self.epoch_loss_steps += finite
@@ -323,7 +323,7 @@ class Trainer:
                 samples += len(batch) * self.dist.world_size
                 bar.update(1)
                 if self.step % self.settings.log_every == 0 or self.batches_done == total:
-                    value = loss.item()  # waits for the step to finish, so the time below is the step's
+                    value = loss.item()  # waits for the device: the time below covers finished steps
                     now = time.perf_counter()
                     self._log_step(bar, value, samples / (now - since))
                     samples, since = 0, now
