@@ -14,9 +14,10 @@ from pathlib import Path
 from model.model import model_from_config
 from parse_config import (ConfigError, build_parser, config_from_args, flatten_config, select_device,
                           upgrade_saved_config)
-from trainer.build import build_loaders, build_loss, build_teachers, load_corpora
+from trainer.build import build_loaders, build_loss, build_teachers, build_trainer, load_corpora
 from trainer.evaluate import check_monitor, flat_metrics
-from trainer.trainer import Trainer, TrainingInterrupted, check_resumable, seed_everything, seed_rank
+from trainer.state import seed_everything, seed_rank
+from trainer.trainer import TrainingInterrupted, check_resumable
 from utils.checkpoint import checkpoint_header
 from utils.distributed import close_distributed, init_distributed, on_main
 from utils.errors import run_command
@@ -96,8 +97,8 @@ def train(config, run, device, dist, resume=None):
     model.to(device)
     loss.to(device)
     folder = run_dir(run) if dist.is_main else None
-    trainer = Trainer(config, model, loss, train_loader, eval_loader, device, folder,
-                      log_scalar=run.log_scalar, teachers=teachers, dist=dist)
+    trainer = build_trainer(config, model, loss, train_loader, eval_loader, device, run_dir=folder,
+                            log_scalar=run.log_scalar, teachers=teachers, dist=dist)
     seed_rank(config["seed"], dist.rank)  # after the model is built: every rank starts from the same weights
     if resume:
         trainer.resume(resume)

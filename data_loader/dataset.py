@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data_loader.batch import Item, Tokens
 from data_loader.corpus import ENGLISH
 
 
@@ -48,7 +49,7 @@ class EnglishReading:
 class TextInput:
     """How one text encoder sees the captions.
 
-    ``name`` keys this encoder's tokens in the batch, ``languages`` are the caption languages it
+    ``name`` keys this encoder's tokens in the batch (``Batch.text``), ``languages`` are the caption languages it
     reads, and ``english`` says which English captions it reads and how (``EnglishReading``); every
     other language is read as written.
     """
@@ -57,11 +58,6 @@ class TextInput:
     languages: list
     english: EnglishReading = EnglishReading()
 
-
-# Batch key of the student's tokens (batch["text"][STUDENT][lang]).
-STUDENT = "student"
-# Batch key of the tokens whose attention mask a converted reference teacher pools with (§2.3).
-POOL_MASK = "pool_mask"
 
 _WORD = re.compile(r"[\w']+")
 
@@ -101,10 +97,9 @@ class TokenTable:
     def row(self, item, caption_index):
         start, end = self.offsets[item], self.offsets[item + 1]
         if start == end:  # no caption in this language: an all-padding row, flagged by has_caption
-            return (torch.zeros(self.max_words, dtype=torch.long),
-                    torch.zeros(self.max_words, dtype=torch.long))
+            return Tokens(torch.zeros(self.max_words, dtype=torch.long), torch.zeros(self.max_words, dtype=torch.long))
         r = start + min(caption_index, end - start - 1)
-        return self.input_ids[r].long(), self.attention_mask[r].long()
+        return Tokens(self.input_ids[r].long(), self.attention_mask[r].long())
 
 
 class RetrievalDataset(Dataset):
@@ -144,16 +139,11 @@ class RetrievalDataset(Dataset):
     def __getitem__(self, idx):
         item, cap = (idx, int(self.caption_choice[idx])) if self.train else self.pairs[idx]
         video, video_mask = video_tokens(self.corpus.features[item], self.n_video_tokens)
-        text = {}
-        for name, per_lang in self.tables.items():
-            text[name] = {}
-            for lang, table in per_lang.items():
-                ids, mask = table.row(item, cap)
-                text[name][lang] = {"input_ids": ids, "attention_mask": mask}
+        text = {name: {lang: table.row(item, cap) for lang, table in per_lang.items()}
+                for name, per_lang in self.tables.items()}
         # Training draws one caption index for all languages and a language with fewer captions
         # uses its last one (TokenTable.row); evaluation ranks each caption once, so pair k of a
         # video has a caption in a language only if that language has a k-th caption.
         present = self.caption_counts[item] > (0 if self.train else cap)
         has_caption = {lang: bool(p) for lang, p in zip(self.languages, present)}
-        return {"index": item, "caption_index": cap, "video": video, "video_mask": video_mask,
-                "text": text, "has_caption": has_caption}
+        return Item(item, cap, video, video_mask, text, has_caption)

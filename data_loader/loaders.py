@@ -3,6 +3,7 @@
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from data_loader.batch import collate
 from data_loader.corpus import check_items
 from data_loader.readers import read_corpus
 from data_loader.dataset import RetrievalDataset
@@ -93,13 +94,34 @@ class EpochSampler(Sampler):
         return sum(stop - start for start, stop in self._rank_slices())
 
 
-def make_loader(dataset, batch_size, sampler, num_workers, seed):
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), drop_last=False,
-                      # A private generator keeps the global RNG (dropout) untouched by the loader,
-                      # which makes resumed runs continue bit for bit.
-                      generator=torch.Generator().manual_seed(seed),
-                      persistent_workers=False)
+class TrainLoader(DataLoader):
+    """The training DataLoader, with the epoch controls a training loop needs."""
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Draw ``epoch``'s order and caption choice; skip its first ``start_batch`` batches (mid-epoch resume)."""
+        self.sampler.set_epoch(epoch, start_batch=start_batch)
+        self.dataset.set_epoch(epoch)
+
+    def batches_per_epoch(self):
+        return self.sampler.num_batches()
+
+    @property
+    def local_batch(self):
+        """Items per batch in this process."""
+        return self.sampler.local_batch
+
+    def item_ids(self, index):
+        """The corpus ids of the items at positions ``index`` (a tensor, e.g. ``Batch.index``)."""
+        return [self.dataset.corpus.ids[i] for i in index.tolist()]
+
+
+def make_loader(dataset, batch_size, sampler, num_workers, seed, loader_class=DataLoader):
+    return loader_class(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=False, collate_fn=collate,
+                        # A private generator keeps the global RNG (dropout) untouched by the loader,
+                        # which makes resumed runs continue bit for bit.
+                        generator=torch.Generator().manual_seed(seed),
+                        persistent_workers=False)
 
 
 def train_loader(corpus, text_inputs, config, rank=0, world_size=1):
@@ -107,7 +129,7 @@ def train_loader(corpus, text_inputs, config, rank=0, world_size=1):
     dataset = RetrievalDataset(corpus, text_inputs, data["max_words_train"], data["n_video_tokens"],
                                train=True, seed=config["seed"])
     sampler = EpochSampler(len(dataset), data["batch_size"], config["seed"], rank=rank, world_size=world_size)
-    return make_loader(dataset, sampler.local_batch, sampler, data["num_workers"], config["seed"])
+    return make_loader(dataset, sampler.local_batch, sampler, data["num_workers"], config["seed"], TrainLoader)
 
 
 def eval_loader(corpus, text_inputs, config, rank=0, world_size=1):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_loader.batch import Tokens
 from utils.checkpoint import load_weights
 from utils.errors import UserError
 from utils.hub import load_named
@@ -194,18 +195,19 @@ class RetrievalModel(nn.Module):
         return self.encode_video(video, video_mask), self.encode_text_by_language(texts)
 
     def encode_text_by_language(self, texts, pool_masks=None):
-        """{lang: [B, P]} for {lang: tokens [B, L]} (``pool_masks``: {lang: [B, L]} or None). The
+        """{lang: [B, P]} for {lang: Tokens [B, L]} (``pool_masks``: {lang: [B, L]} or None). The
         captions of all languages go through the text encoder as one [languages x B, L] batch, which
         it runs in length buckets: fewer, larger matrix products than one call per language, with
         the same result up to float32 rounding."""
         langs = list(texts)
-        tokens = {k: torch.cat([texts[lang][k] for lang in langs]) for k in ("input_ids", "attention_mask")}
+        tokens = Tokens.cat([texts[lang] for lang in langs])
         pool_mask = torch.cat([pool_masks[lang] for lang in langs]) if pool_masks is not None else None
-        text = self.encode_text(tokens, pool_mask=pool_mask).split(len(tokens["input_ids"]) // len(langs))
+        text = self.encode_text(tokens, pool_mask=pool_mask).split(len(tokens.input_ids) // len(langs))
         return dict(zip(langs, text))
 
     def encode_text(self, tokens, pool_mask=None):
-        return self.text(tokens["input_ids"], tokens["attention_mask"], pool_mask=pool_mask)
+        """[B, P] for ``tokens`` (a Tokens, or a tokenizer's output: both name input_ids and attention_mask)."""
+        return self.text(tokens.input_ids, tokens.attention_mask, pool_mask=pool_mask)
 
     def encode_video(self, video, mask):
         return self.video(video, mask)

@@ -100,9 +100,8 @@ def assert_same_weights(a, b):
 
 def make_trainer(config, info=None):
     """A Trainer of a fresh student (seed 0) on the CPU and the first training batch of epoch 0."""
-    from trainer.build import build_loaders, build_loss, build_teachers, load_corpora
+    from trainer.build import build_loaders, build_loss, build_teachers, build_trainer, load_corpora
     from model.model import model_from_config
-    from trainer.trainer import Trainer
     from utils.distributed import DistInfo
     info = info or DistInfo()
     torch.manual_seed(0)
@@ -114,9 +113,8 @@ def make_trainer(config, info=None):
                                               extra_inputs=teachers.text_inputs if teachers else (),
                                               rank=info.rank, world_size=info.world_size)
     loss_fn = build_loss(config, num_teachers=len(teachers) if teachers else 0)
-    trainer = Trainer(config, model, loss_fn, train_loader, eval_loader, device, None, teachers=teachers, dist=info)
-    train_loader.sampler.set_epoch(0)
-    train_loader.dataset.set_epoch(0)
+    trainer = build_trainer(config, model, loss_fn, train_loader, eval_loader, device, teachers=teachers, dist=info)
+    train_loader.set_epoch(0)
     return trainer, next(iter(train_loader))
 
 

@@ -68,8 +68,8 @@ def cached_and_online(setup, pool, student_mask, clean_english=False, student_cl
         trainer, batch = make_trainer(config)
         model = trainer.model.eval()  # no dropout, so both modes see identical student outputs
         with torch.no_grad():
-            video = model.encode_video(batch["video"], batch["video_mask"])
-            text = {lang: model.encode_text(batch["text"]["student"][lang]) for lang in trainer.languages}
+            video = model.encode_video(batch.video, batch.video_mask)
+            text = {lang: model.encode_text(tokens) for lang, tokens in batch.student.items()}
             sims = trainer.teachers.similarities(batch)
             losses[mode] = (trainer.loss_fn(text, video, teacher_sims=sims)[0].item(), sims)
     return losses
@@ -100,8 +100,8 @@ def test_teacher_targets_are_float32_products_under_autocast(setup):
                 rounded = teachers.similarities(batch)
                 if mode == "online":  # the encoders do run under autocast; only the products are fp32
                     model = teachers.teachers[0].model
-                    text = model.encode_text(batch["text"][teachers.input_name(0)]["en"])
-                    video = model.encode_video(batch["video"], batch["video_mask"])
+                    text = model.encode_text(batch.text[teachers.input_name(0)]["en"])
+                    video = model.encode_video(batch.video, batch.video_mask)
         assert all(s.dtype == torch.float32 for s in rounded)
         if mode == "cached":
             assert all(torch.equal(a, b) for a, b in zip(plain, rounded))
@@ -119,12 +119,11 @@ def test_teachers_read_english_as_they_were_trained(setup):
         trainer, batch = make_trainer(config)
         teacher = trainer.teachers.teachers[0]
         assert teacher.english.clean is clean
-        caption = trainer.train_loader.dataset.corpus.captions["en"][int(batch["index"][0])][
-            int(batch["caption_index"][0])]
+        caption = trainer.train_loader.dataset.corpus.captions["en"][int(batch.index[0])][int(batch.caption_index[0])]
         text = clean_caption(caption) if clean else caption
         expected = teacher.tokenizer(text, padding="max_length", truncation=True,
                                      max_length=config["data"]["max_words_train"])["input_ids"]
-        tokens[clean] = batch["text"][trainer.teachers.input_name(0)]["en"]["input_ids"][0].tolist()
+        tokens[clean] = batch.text[trainer.teachers.input_name(0)]["en"].input_ids[0].tolist()
         assert tokens[clean] == expected
     assert tokens[False] != tokens[True]  # Multi-Toy captions carry punctuation
 
@@ -185,6 +184,7 @@ def test_unknown_pooling_is_refused(setup, capsys):
 def test_cached_teachers_score_each_items_caption_of_the_batch():
     """Cached rows: video v's captions start at offsets[v]; an item is scored with its caption_index-th
     caption (its last one if it has fewer); an item without a caption gets a row it is masked out of."""
+    from types import SimpleNamespace
     from trainer.teachers import CachedTeachers
     gen = torch.Generator().manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=1)
@@ -193,8 +193,8 @@ def test_cached_teachers_score_each_items_caption_of_the_batch():
     teachers = CachedTeachers([{"text": text, "video": video, "offsets": torch.cumsum(counts, 0) - counts,
                                 "counts": counts}])
     assert len(teachers) == 1 and teachers.text_inputs == ()
-    batch = {"index": torch.tensor([2, 0, 0, 1]), "caption_index": torch.tensor([1, 0, 5, 0])}
-    [sims] = teachers.similarities(batch)
+    batch = SimpleNamespace(index=torch.tensor([2, 0, 0, 1]), caption_index=torch.tensor([1, 0, 5, 0]))
+    [sims] = teachers.similarities(batch)  # cached teachers read only the batch's item and caption indices
     rows = [3, 0, 1, 2]  # item 2's second caption, item 0's first, item 0's last, item 1's own offset
     assert sims.dtype == torch.float32
     torch.testing.assert_close(sims, text[rows] @ video[[2, 0, 0, 1]].t())
@@ -240,7 +240,7 @@ def test_every_stage_starts_from_the_same_student_at_one_seed(setup, monkeypatch
     initial = {}
 
     def record_initial_weights(trainer):
-        initial[trainer.config["stage"]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        initial[trainer.settings.config["stage"]] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
     monkeypatch.setattr(Trainer, "fit", record_initial_weights)
     baseline = toy_config(setup["assets"], setup["tmp"], "translate-train", **{"trainer.epochs": 1})

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 import parse_config
+from data_loader.batch import Tokens
 from model.model import DEFAULT_BUCKET_ROWS, model_from_checkpoint
 from apps import tiny_encoders
 from utils.checkpoint import load_checkpoint
@@ -158,7 +159,7 @@ def ref_text(sd, encoder_dir, tokens, pool_mask, text_eps=REFERENCE_EPS):
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(encoder_dir)).eval().to(dtype)
     encoder.load_state_dict({k.removeprefix("fusion_text."): v for k, v in sd.items()
                              if k.startswith("fusion_text.") and not k.endswith("position_ids")})
-    states = encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+    states = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
     m = pool_mask.unsqueeze(-1).to(dtype)
     pooled = (states * m).sum(1) / m.sum(1)
     pooled = ref_layer_norm(pooled, sd["text_proj.0.weight"], sd["text_proj.0.bias"], eps=text_eps)
@@ -168,7 +169,7 @@ def ref_text(sd, encoder_dir, tokens, pool_mask, text_eps=REFERENCE_EPS):
 def tokens(encoder_dir, texts=CAPTIONS[:4], length=40):
     tok = AutoTokenizer.from_pretrained(encoder_dir)
     out = tok(list(texts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+    return Tokens(out["input_ids"], out["attention_mask"])
 
 
 def videos():
@@ -217,7 +218,7 @@ def test_converted_model_matches_reference_math(kind, saved, encoders, tmp_path)
         video, mask = videos()
         torch.testing.assert_close(model.encode_video(video, mask), ref_video(sd, video, mask), atol=1e-5, rtol=0)
         tok = tokens(encoder_dir)
-        torch.testing.assert_close(model.encode_text(tok), ref_text(sd, encoder_dir, tok, tok["attention_mask"]),
+        torch.testing.assert_close(model.encode_text(tok), ref_text(sd, encoder_dir, tok, tok.attention_mask),
                                    atol=1e-5, rtol=0)
 
 
@@ -251,12 +252,12 @@ def test_converted_forward_equals_a_float64_hand_computation_where_layer_norm_ep
         tokens_var = ref_gated(sd64, "video_token_proj", video.double()).var(-1, unbiased=False)
         assert tokens_var.max() < 1e-5  # the LayerNorm statistics the test is about
         expected_video = ref_video(sd64, video.double(), mask)
-        expected_text = ref_text(sd64, encoder_dir, tok, tok["attention_mask"])
+        expected_text = ref_text(sd64, encoder_dir, tok, tok.attention_mask)
         assert (model.encode_video(video, mask).double() - expected_video).abs().max() < 1e-5
         assert (model.encode_text(tok).double() - expected_text).abs().max() < 1e-5
         # The same math with eps 1e-5 in the video or text norm is far off: the comparison can fail.
         assert (ref_video(sd64, video.double(), mask, video_eps=1e-5) - expected_video).abs().max() > 1e-3
-        assert (ref_text(sd64, encoder_dir, tok, tok["attention_mask"], text_eps=1e-5)
+        assert (ref_text(sd64, encoder_dir, tok, tok.attention_mask, text_eps=1e-5)
                 - expected_text).abs().max() > 1e-3
 
 
@@ -271,10 +272,10 @@ def test_student_mask_pooling_gives_the_reference_teacher_output(encoders, tmp_p
     assert state["config"]["model"]["pool_with_student_mask"] is True
 
     own, student = tokens(teacher_dir), tokens(student_dir)
-    assert not torch.equal(own["attention_mask"], student["attention_mask"])
+    assert not torch.equal(own.attention_mask, student.attention_mask)
     with torch.no_grad():
-        expected = ref_text(sd, teacher_dir, own, pool_mask=student["attention_mask"])
-        pooled = model.encode_text(own, pool_mask=student["attention_mask"])
+        expected = ref_text(sd, teacher_dir, own, pool_mask=student.attention_mask)
+        pooled = model.encode_text(own, pool_mask=student.attention_mask)
         torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=0)
         assert (model.encode_text(own) - expected).abs().max() > 1e-3
 
@@ -320,7 +321,7 @@ def test_converted_teacher_embeds_the_english_its_dataset_gave_it(dataset, clean
                          load_tokenizer(str(student_dir))).outputs(teacher)
     read = [clean_caption(c) if cleaned else c for c in captions]
     with torch.no_grad():
-        expected = ref_text(sd, teacher_dir, tokens(teacher_dir, read), tokens(student_dir, captions)["attention_mask"])
+        expected = ref_text(sd, teacher_dir, tokens(teacher_dir, read), tokens(student_dir, captions).attention_mask)
     torch.testing.assert_close(cache["text"], F.normalize(expected, dim=1), atol=1e-5, rtol=0)
     assert [clean_caption(c) for c in captions] != captions  # punctuation that cleaning removes
 
@@ -386,7 +387,7 @@ def test_parity_preset_gives_the_reference_evaluation_of_a_converted_checkpoint(
     sd64 = {k: v.double() if v.is_floating_point() else v for k, v in sd.items()}
     tok = tokens(encoder_dir, [item["eval_caption_en"] for item in items])
     with torch.no_grad():
-        reference = F.normalize(ref_text(sd64, encoder_dir, tok, tok["attention_mask"]), dim=1) @ \
+        reference = F.normalize(ref_text(sd64, encoder_dir, tok, tok.attention_mask), dim=1) @ \
             F.normalize(ref_video(sd64, video, mask), dim=1).T
     ids = json.loads((sims_dir / "en.json").read_text())
     assert ids["query_ids"] == ids["video_ids"] == [item["id"] for item in items]
@@ -417,7 +418,7 @@ def test_inference_of_a_converted_teacher_pools_with_the_student_mask(encoders, 
     max_words = retriever.config["data"]["max_words_eval"]
     own, student = tokens(teacher_dir, length=max_words), tokens(student_dir, length=max_words)
     with torch.no_grad():
-        expected = F.normalize(ref_text(sd, teacher_dir, own, pool_mask=student["attention_mask"]), dim=1)
+        expected = F.normalize(ref_text(sd, teacher_dir, own, pool_mask=student.attention_mask), dim=1)
     torch.testing.assert_close(retriever.encode_texts(CAPTIONS[:4]), expected, atol=1e-5, rtol=0)
 
 

@@ -154,11 +154,11 @@ def test_captions_are_tokenized_once_and_caption_index_is_shared(tmp_path, toy_a
         data.set_epoch(epoch)
         for i in range(len(data)):
             item = data[i]
-            cap = item["caption_index"]
+            cap = item.caption_index
             for lang in corpus.languages:  # one caption index, the same translation in every language
                 expected = tok.inner(corpus.captions[lang][i][cap], padding="max_length", max_length=12,
                                      truncation=True)["input_ids"]
-                assert item["text"]["student"][lang]["input_ids"].tolist() == expected, (lang, i, epoch)
+                assert item.text["student"][lang].input_ids.tolist() == expected, (lang, i, epoch)
     assert tok.calls == 3  # reading items over three epochs tokenized nothing more
     data.set_epoch(7)
     first = data.caption_choice.copy()
@@ -180,13 +180,13 @@ def test_clean_english_cleans_english_captions_only(toy_assets, clean_english):
     tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
     data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages, EnglishReading(clean_english, clean_english))], max_words=12,
                             n_video_tokens=3, train=True)
-    item = data[0]["text"]["student"]
+    item = data[0].text["student"]
 
     def ids(text):
         return tok(text, padding="max_length", max_length=12, truncation=True)["input_ids"]
     english = clean_caption(captions["en"][0][0]) if clean_english else captions["en"][0][0]
-    assert item["en"]["input_ids"].tolist() == ids(english)
-    assert item["de"]["input_ids"].tolist() == ids(captions["de"][0][0])  # other languages as written
+    assert item["en"].input_ids.tolist() == ids(english)
+    assert item["de"].input_ids.tolist() == ids(captions["de"][0][0])  # other languages as written
     assert ids("A dog running") != ids("A dog, running!")  # the tokenizer does see the punctuation
 
 
@@ -198,7 +198,7 @@ def test_evaluation_ranks_each_caption_once_when_languages_have_different_counts
     tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
     data = RetrievalDataset(corpus, [TextInput("student", tok, corpus.languages)], max_words=8,
                             n_video_tokens=3, train=False)
-    flags = [(data[i]["index"], data[i]["caption_index"], data[i]["has_caption"]) for i in range(len(data))]
+    flags = [(data[i].index, data[i].caption_index, data[i].has_caption) for i in range(len(data))]
     # Video a has two English captions and one German one: its second pair is English only.
     assert flags == [(0, 0, {"en": True, "de": True}), (0, 1, {"en": True, "de": False}),
                      (1, 0, {"en": True, "de": True})]
@@ -242,3 +242,36 @@ def test_data_tools_start_without_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # check and convert are run on data before any training
+
+
+def batch_tensors(batch):
+    """Every tensor of a Batch, in field order."""
+    tokens = [t for per_lang in batch.text.values() for tok in per_lang.values()
+              for t in (tok.input_ids, tok.attention_mask)]
+    return [batch.index, batch.caption_index, batch.video, batch.video_mask, *tokens, *batch.has_caption.values()]
+
+
+def test_a_batch_stacks_its_items_moves_whole_and_splits_into_the_batches_of_its_parts(toy_assets):
+    from transformers import AutoTokenizer
+    from data_loader.batch import STUDENT, collate
+    from data_loader.corpus import Corpus
+    captions = {"en": [["a dog"], ["a cat"], [], ["a cow"]], "de": [["ein Hund"], [], ["eine Katze"], ["eine Kuh"]]}
+    corpus = Corpus(path="four", ids=["a", "b", "c", "d"], captions=captions,
+                    features=[np.full((k + 1, 4), k + 1, np.float32) for k in range(4)])
+    tok = AutoTokenizer.from_pretrained(toy_assets["encoders"]["labse-tiny"])
+    data = RetrievalDataset(corpus, [TextInput(STUDENT, tok, corpus.languages)], max_words=8, n_video_tokens=3,
+                            train=False)
+    items = [data[i] for i in range(len(data))]
+    batch = collate(items)
+    assert len(batch) == 4 and batch.index.tolist() == [0, 1, 2, 3] and batch.caption_index.tolist() == [0] * 4
+    assert {lang: m.tolist() for lang, m in batch.has_caption.items()} == \
+        {"en": [True, True, False, True], "de": [True, False, True, True]}
+    assert batch.video_mask.sum(1).tolist() == [1, 2, 3, 3] and batch.video.shape == (4, 3, 4)
+    for i, item in enumerate(items):
+        for lang in corpus.languages:
+            assert torch.equal(batch.student[lang].input_ids[i], item.text[STUDENT][lang].input_ids)
+            assert torch.equal(batch.student[lang].attention_mask[i], item.text[STUDENT][lang].attention_mask)
+    assert all(t.device.type == "meta" for t in batch_tensors(batch.to("meta")))
+    for part, part_items in zip(batch.split(2), (items[:2], items[2:]), strict=True):
+        expected = batch_tensors(collate(part_items))
+        assert all(torch.equal(a, b) for a, b in zip(batch_tensors(part), expected, strict=True))

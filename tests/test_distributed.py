@@ -11,7 +11,6 @@ from tests.conftest import make_trainer, toy_config, untrained_teachers
 from trainer.build import build_loaders, build_teachers, load_corpora
 from model.model import model_from_config
 from trainer.evaluate import evaluate
-from trainer.trainer import split_batch
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistInfo, on_main
 
@@ -175,9 +174,9 @@ def test_accumulation_replays_each_micro_batch_with_its_own_dropout_masks(toy_as
     model.load_state_dict(initial)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(123)
-    outputs = [model(*trainer._inputs(part)) for part in split_batch(batch, 4)]
+    outputs = [model(*trainer._inputs(part)) for part in batch.split(4)]
     video = torch.cat([v for v, _ in outputs])
-    text = {lang: torch.cat([t[lang] for _, t in outputs]) for lang in trainer.languages}
+    text = {lang: torch.cat([t[lang] for _, t in outputs]) for lang in batch.student}
     loss, _ = trainer.loss_fn(text, video, rows=trainer._rows(batch))
     loss.backward()
     assert_same({"loss": loss.item(), "grads": grads(model)}, [accumulated])

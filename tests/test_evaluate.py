@@ -20,7 +20,7 @@ def test_evaluation_embeds_in_float32_inside_a_callers_autocast(toy_assets, tmp_
         under_autocast = embed_eval_set(model, loader, languages, cpu)
         # The same model under bf16 autocast gives visibly different embeddings...
         batch = next(iter(loader))
-        rounded = model.encode_video(batch["video"], batch["video_mask"])
+        rounded = model.encode_video(batch.video, batch.video_mask)
     assert rounded.dtype == torch.bfloat16
     # ...but evaluation ignores the caller's autocast.
     assert torch.equal(plain[1], under_autocast[1])
@@ -42,7 +42,7 @@ def test_evaluation_embeds_each_language_as_encoding_it_alone_would(toy_assets, 
     assert len(languages) > 1
     texts = embed_eval_set(model, loader, languages, torch.device("cpu"))[0]
     with torch.no_grad():
-        alone = {lang: torch.cat([model.encode_text(batch["text"]["student"][lang]) for batch in loader])
+        alone = {lang: torch.cat([model.encode_text(batch.student[lang]) for batch in loader])
                  for lang in languages}
     for lang in languages:
         torch.testing.assert_close(texts[lang], alone[lang], rtol=0, atol=1e-5)

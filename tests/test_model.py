@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from data_loader.batch import Tokens
 from model.model import DEFAULT_BUCKET_ROWS, build_model, load_tokenizer, row_lengths, used_length
 
 
@@ -16,7 +17,7 @@ def test_text_and_video_attention_use_sdpa(toy_assets, encoder):
                                   return_token_type_ids=False)
     video, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        model.encode_text(dict(tokens))
+        model.encode_text(Tokens(**tokens))
         model.encode_video(video, mask)
     calls = sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
     text_layers = model.text.backbone.config.num_hidden_layers
@@ -178,4 +179,4 @@ def test_encoders_load_in_float32_whatever_dtype_their_config_names(toy_assets, 
                          pretrained_text=pretrained)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     tokens = load_tokenizer(str(folder))(["a red car"], return_tensors="pt", return_token_type_ids=False)
-    assert model.encode_text(dict(tokens)).dtype == torch.float32
+    assert model.encode_text(Tokens(**tokens)).dtype == torch.float32

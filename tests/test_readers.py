@@ -97,10 +97,10 @@ def perfect_eval(corpus, total_queries=None):
     ds = RetrievalDataset(corpus, [TextInput("student", WordTokenizer(), corpus.languages)],
                           max_words=8, n_video_tokens=4, train=False)
     entries = [ds[j] for j in range(len(ds))]
-    items = torch.tensor([e["index"] for e in entries])
+    items = torch.tensor([e.index for e in entries])
     one_hot = torch.eye(len(corpus))
     texts = {lang: one_hot[items] for lang in corpus.languages}
-    has = {lang: torch.tensor([e["has_caption"][lang] for e in entries]) for lang in corpus.languages}
+    has = {lang: torch.tensor([e.has_caption[lang] for e in entries]) for lang in corpus.languages}
     scores = score_languages(texts, one_hot[items], items, has, corpus.ids, "average")
     return metrics_from_scores(scores, "optimistic", total_queries)
 
@@ -204,10 +204,10 @@ def test_youcook2_student_english_from_caption_en_as_the_reference(tmp_path):
     assert split.teacher_english[1] == ["Chop the onion; (coarsely)!"]
     tok = WordTokenizer()
     inputs = [TextInput("student", tok, ["en"]), TextInput("teacher", tok, ["en"], EnglishReading(True, True))]
-    row = RetrievalDataset(split, inputs, max_words=8, n_video_tokens=4, train=False)[1]["text"]
+    row = RetrievalDataset(split, inputs, max_words=8, n_video_tokens=4, train=False)[1].text
     expected = {name: tok([text], True, True, 8, "np", False)["input_ids"][0].tolist()
                 for name, text in (("student", "Chop the onion, finely."), ("teacher", "Chop the onion coarsely"))}
-    assert {name: row[name]["en"]["input_ids"].tolist() for name in expected} == expected
+    assert {name: row[name]["en"].input_ids.tolist() for name in expected} == expected
 
 
 def test_check_warns_of_youcook2_english_captions_that_differ(tmp_path, capsys):
@@ -230,8 +230,8 @@ def test_rudder_missing_languages_are_empty(tmp_path):
     assert {lang: out[lang]["t2v"]["num_queries"] for lang in c.languages} == {"en": 4, "hi": 4, "mr": 3, "kn": 4}
     assert all(out[lang]["t2v"]["R1"] == 100.0 for lang in c.languages)
     ds = RetrievalDataset(c, [TextInput("student", WordTokenizer(), c.languages)], 8, 4, train=True)
-    assert ds[2]["has_caption"] == {"en": False, "hi": True, "mr": True, "kn": False}
-    assert ds[2]["text"]["student"]["en"]["attention_mask"].sum() == 0
+    assert ds[2].has_caption == {"en": False, "hi": True, "mr": True, "kn": False}
+    assert ds[2].text["student"]["en"].attention_mask.sum() == 0
 
 
 def test_rudder_reads_unused_languages_for_selection(tmp_path):
@@ -265,7 +265,7 @@ def test_rudder_teachers_read_the_first_available_language_of_an_item_without_en
     tok = WordTokenizer()
     inputs = [TextInput("student", tok, ["en"]), TextInput("teacher", tok, ["en"], EnglishReading(True, False))]
     data = RetrievalDataset(c, inputs, max_words=8, n_video_tokens=4, train=False)
-    read = {name: [data[j]["text"][name]["en"]["input_ids"].tolist() for j in range(len(data))]
+    read = {name: [data[j].text[name]["en"].input_ids.tolist() for j in range(len(data))]
             for name in ("student", "teacher")}
     ids = lambda text: tok([text], True, True, 8, "np", False)["input_ids"][0].tolist()  # noqa: E731
     english = [caps[0] for caps in c.captions["en"]]

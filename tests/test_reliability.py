@@ -459,7 +459,8 @@ def test_checkpoints_with_one_random_state_still_resume(toy_assets, tmp_path):
 
 def test_settings_restored_on_resume_and_rank_seeds():
     from parse_config import ConfigError, resolve
-    from trainer.trainer import check_resumable, seed_rank
+    from trainer.state import seed_rank
+    from trainer.trainer import check_resumable
     saved = resolve({"stage": "c2kd", "loss.teacher_pool": "learnable"})
     with pytest.raises(ConfigError, match="config key 'teachers.learnable_lr' = 0.5 differs"):
         check_resumable(saved, resolve({"stage": "c2kd", "loss.teacher_pool": "learnable",
@@ -502,12 +503,12 @@ def test_each_rank_resumes_its_own_random_state(toy_assets, tmp_path):
 
 
 def test_saved_random_states_of_older_checkpoints_are_normalised():
-    from trainer.trainer import _saved_rng_states
+    from trainer.state import saved_rng_states
     cpu, gpu0, gpu1 = torch.get_rng_state(), torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)
     # One state with every visible GPU's: the GPU of this rank's device is taken.
-    [state] = _saved_rng_states({"torch": cpu, "cuda": [gpu0, gpu1]}, torch.device("cuda", 1))
+    [state] = saved_rng_states({"torch": cpu, "cuda": [gpu0, gpu1]}, torch.device("cuda", 1))
     assert torch.equal(state["torch"], cpu) and torch.equal(state["cuda"], gpu1)
-    [state] = _saved_rng_states({"torch": cpu, "cuda": []}, torch.device("cuda", 0))
+    [state] = saved_rng_states({"torch": cpu, "cuda": []}, torch.device("cuda", 0))
     assert state["cuda"] is None
-    states = _saved_rng_states([{"torch": cpu, "cuda": None}, {"torch": cpu, "cuda": gpu0}], torch.device("cpu"))
+    states = saved_rng_states([{"torch": cpu, "cuda": None}, {"torch": cpu, "cuda": gpu0}], torch.device("cpu"))
     assert [s["cuda"] is None for s in states] == [True, False]

@@ -32,14 +32,16 @@ def resume_command(stderr):
 
 def assert_same_series(run, reference):
     """Every metric series of ``run`` holds one value per step, the same steps and values as
-    ``reference`` (the epoch loss of the epoch resumed mid-way included)."""
+    ``reference`` (the epoch loss of the epoch resumed mid-way included; the throughput is a
+    timing, so only its steps are compared)."""
     got, want = read_json(run / "metrics.json"), read_json(reference / "metrics.json")
     assert got.keys() == want.keys()
     for name in want:
         steps = got[name]["steps"]
         assert steps == want[name]["steps"], name
         assert len(got[name]["timestamps"]) == len(steps), name
-        assert got[name]["values"] == want[name]["values"], name
+        if name != "train.samples_per_s":
+            assert got[name]["values"] == want[name]["values"], name
 
 
 def test_interrupted_run_resumes_in_its_own_folder(toy_assets, tmp_path):

@@ -93,9 +93,8 @@ def test_the_training_loader_shuffles_and_drops_the_partial_batch(toy_train):
     assert len(loader) == 2  # 128 = 2 x 48 + 32: the last 32 items are left out of the epoch
     seen = {}
     for epoch in (0, 1):
-        loader.sampler.set_epoch(epoch)
-        loader.dataset.set_epoch(epoch)
-        batches = [batch["index"].tolist() for batch in loader]
+        loader.set_epoch(epoch)
+        batches = [batch.index.tolist() for batch in loader]
         assert [len(b) for b in batches] == [48, 48]
         flat = batches[0] + batches[1]
         assert len(set(flat)) == 96 and flat == list(loader.sampler)
@@ -114,7 +113,7 @@ def test_caption_draw_changes_with_the_epoch_and_is_reproducible(toy_train):
         data.set_epoch(epoch)
         draws.append(data.caption_choice.copy())
         assert ((draws[-1] >= 0) & (draws[-1] < 5)).all()
-        assert [data[i]["caption_index"] for i in range(8)] == draws[-1][:8].tolist()
+        assert [data[i].caption_index for i in range(8)] == draws[-1][:8].tolist()
     for a in range(4):
         for b in range(a + 1, 4):
             # with 5 captions, about 4 videos in 5 draw another index in another epoch
@@ -146,10 +145,10 @@ def test_one_caption_index_serves_every_language_of_an_item(toy_train):
         data.set_epoch(epoch)
         for i in range(0, N_TRAIN, 8):
             item = data[i]
-            cap = item["caption_index"]
+            cap = item.caption_index
             assert cap == data.caption_choice[i]
             for lang in corpus.languages:
-                row = item["text"]["student"][lang]["input_ids"].tolist()
+                row = item.text["student"][lang].input_ids.tolist()
                 assert row == ids(corpus.captions[lang][i][cap]), (epoch, i, lang)
                 # the check tells captions apart: another caption of this item tokenizes otherwise
                 other = (cap + 1) % 5
@@ -173,9 +172,9 @@ def test_a_language_with_fewer_captions_uses_its_last_one(toy_assets):
     for epoch in range(12):
         data.set_epoch(epoch)
         item = data[0]
-        drawn.add(item["caption_index"])
-        assert item["text"]["student"]["en"]["input_ids"].tolist() == ids(captions["en"][0][item["caption_index"]])
-        last = min(item["caption_index"], 1)  # caption 2 has no German: its last caption stands in
-        assert item["text"]["student"]["de"]["input_ids"].tolist() == ids(captions["de"][0][last])
-        assert item["has_caption"] == {"en": True, "de": True}
+        drawn.add(item.caption_index)
+        assert item.text["student"]["en"].input_ids.tolist() == ids(captions["en"][0][item.caption_index])
+        last = min(item.caption_index, 1)  # caption 2 has no German: its last caption stands in
+        assert item.text["student"]["de"].input_ids.tolist() == ids(captions["de"][0][last])
+        assert item.has_caption == {"en": True, "de": True}
     assert drawn == {0, 1, 2}

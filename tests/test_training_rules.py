@@ -1,5 +1,5 @@
-"""Training rules: the loss's row masks, learnable teacher weights, the learning-rate decay, best.pt,
-and checkpoints that load without running code."""
+"""Training rules: the loss's row masks, learnable teacher weights, the learning-rate decay and what
+each logged step records, best.pt, and checkpoints that load without running code."""
 import os
 import pickle
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.loss import RowMasks
-from tests.conftest import make_trainer, toy_config, untrained_teachers
+from tests.conftest import make_trainer, toy_config, untrained_teachers, write_json_config
 from utils.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
 
 LANGUAGES = ["en", "de", "fr"]
@@ -61,8 +61,8 @@ def test_row_masks_leave_out_missing_captions_teacherless_items_and_empty_videos
     assert corpus.ids == [f"toy{i:05d}" for i in range(128)]  # file order: dataset index i is item i
     # A batch with items of every kind, so that every mask below has a left-out row.
     batch = next(b for b in trainer.train_loader
-                 if {NO_DE, NO_FR, NO_EN, NO_FRAMES, NO_EN_NO_DE} <= {i % 8 for i in b["index"].tolist()})
-    kinds = [i % 8 for i in batch["index"].tolist()]
+                 if {NO_DE, NO_FR, NO_EN, NO_FRAMES, NO_EN_NO_DE} <= {i % 8 for i in b.index.tolist()})
+    kinds = [i % 8 for i in batch.index.tolist()]
 
     has_en = [k not in (NO_EN, NO_EN_NO_DE) for k in kinds]
     expected = RowMasks({"en": has_en, "de": [k not in (NO_DE, NO_EN_NO_DE) for k in kinds],
@@ -99,8 +99,8 @@ def test_a_mask_that_keeps_every_row_is_left_out_in_one_process(toy_assets, tmp_
     trainer, batch = make_trainer(toy_config(toy_assets, tmp_path, "translate-train", languages=LANGUAGES))
     rows = trainer._rows(batch)
     assert (rows.captions, rows.main, rows.teacher) == ({}, None, None)
-    batch["has_caption"]["de"][[0, 5]] = False
-    batch["video_mask"][3] = False
+    batch.has_caption["de"][[0, 5]] = False
+    batch.video_mask[3] = False
     rows = trainer._rows(batch)
     assert list(rows.captions) == ["de"] and rows.teacher is None
     assert torch.nonzero(~rows.captions["de"]).flatten().tolist() == [0, 5]
@@ -170,6 +170,34 @@ def test_learning_rate_decays_by_gamma_every_epoch(toy_assets, tmp_path):
     saved = load_checkpoint(tmp_path / "run" / "latest.pt")
     assert saved["scheduler"]["last_epoch"] == epochs
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr * gamma ** epochs, rel=1e-12)
+
+
+def test_training_logs_the_learning_rate_and_throughput_beside_the_loss(toy_assets, tmp_path):
+    """A train.py run records, at every logged step, the learning rate the step used (the configured
+    one, decayed once per epoch) and a finite, positive throughput, in its metrics.json."""
+    import json
+    import math
+
+    import train as train_entry
+    lr, gamma = 2e-3, 0.5
+    config = toy_config(toy_assets, tmp_path, "translate-train", **{
+        "languages": ["en", "de"], "trainer.max_steps_per_epoch": 2, "trainer.epochs": 2, "trainer.log_every": 1,
+        "optimizer.lr": lr, "scheduler.gamma": gamma})
+    path = write_json_config(tmp_path, "logged", config)
+    assert train_entry.main(["-c", str(path), "--run-id", "1", "-d", "cpu"]) == 0
+    metrics = json.loads((tmp_path / "runs" / "logged" / "1" / "metrics.json").read_text())
+    steps = [1, 2, 3, 4]
+    assert metrics["train.loss"]["steps"] == metrics["train.lr"]["steps"] == metrics["train.samples_per_s"]["steps"] \
+        == steps
+    assert metrics["train.lr"]["values"] == pytest.approx([lr, lr, lr * gamma, lr * gamma], rel=1e-12)
+    assert all(math.isfinite(v) and v > 0 for v in metrics["train.samples_per_s"]["values"])
+
+
+def test_accumulation_steps_must_divide_the_per_process_batch(toy_assets, tmp_path):
+    from utils.errors import ConfigError
+    with pytest.raises(ConfigError, match="config key 'trainer.accumulation_steps' = 3 does not divide the "
+                                          "per-process batch of 16$"):
+        make_trainer(toy_config(toy_assets, tmp_path, **{"trainer.accumulation_steps": 3}))
 
 
 # ---- 4. best.pt ------------------------------------------------------------------------------------

@@ -1,11 +1,18 @@
-"""Wiring shared by train.py and test.py: config -> data -> model -> teachers -> loss."""
+"""Wiring shared by train.py and test.py: config -> data -> model -> teachers -> loss -> optimizer -> trainer."""
+import functools
+
+import torch
+
+from data_loader.batch import POOL_MASK, STUDENT
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TextInput
+from data_loader.dataset import EnglishReading, TextInput
 from data_loader.loaders import eval_loader, load_split, train_loader
 from data_loader.safe_pickle import DataFileError
 from model.loss import stage_loss
 from model.model import load_tokenizer
+from trainer.evaluate import evaluate
 from trainer.teachers import CachedTeachers, OnlineTeachers, load_teacher
+from trainer.trainer import Trainer, TrainerSettings
 from utils.errors import ConfigError
 
 
@@ -61,3 +68,24 @@ def build_teachers(config, train_corpus, device, student_tokenizer):
     if config["teachers"]["mode"] == "online":
         return OnlineTeachers(teachers, student_tokenizer)
     return CachedTeachers.build(teachers, train_corpus, config, device, student_tokenizer)
+
+
+def build_optimizer(config, model, loss_fn):
+    """Adam over the trainable parameters and its ExponentialLR schedule, stepped once per epoch (§5).
+    Learnable teacher weights of the loss train with their own learning rate."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config["optimizer"]["lr"]}]
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "lr": config["teachers"]["learnable_lr"]})
+    optimizer = torch.optim.Adam(groups)
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config["scheduler"]["gamma"])
+
+
+def build_trainer(config, model, loss_fn, train_loader, eval_loader, device, **options):
+    """The Trainer of ``config``: its optimizer and schedule, evaluation of every language of
+    ``eval_loader`` after each epoch. ``options``: run_dir, log_scalar, teachers, dist (see Trainer)."""
+    optimizer, scheduler = build_optimizer(config, model, loss_fn)
+    evaluate_model = functools.partial(evaluate, model, eval_loader, eval_loader.dataset.languages,
+                                       config["eval"], device)
+    return Trainer(TrainerSettings.of(config), model, loss_fn, optimizer, scheduler, train_loader, evaluate_model,
+                   device, **options)

@@ -14,11 +14,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, STUDENT, EnglishReading, TokenTable
+from data_loader.dataset import EnglishReading, TokenTable
 from model.metric import STATS, EmbeddingScores, mean_rows, retrieval_metrics_from_embeddings, with_mean_rows
 from model.model import load_tokenizer
 from model.rerank import build_rerankers
-from utils.device import to_device
 from utils.distributed import gather_to_main, on_main, rank
 from utils.errors import ConfigError
 
@@ -48,18 +47,16 @@ def embed_eval_set(model, loader, languages, device):
     videos, items = [], []
     # disable=None: no bar when stderr is not a terminal, where a bar cleared by "\r" glues onto the next line
     for batch in tqdm(loader, desc="embed", leave=False, dynamic_ncols=True, disable=None if rank() == 0 else True):
-        batch = to_device(batch, device)
+        batch = batch.to(device)
         with torch.autocast(device.type, enabled=False):  # float32 even inside a caller's autocast
-            videos.append(model.encode_video(batch["video"], batch["video_mask"]).float().cpu())
-            pool = batch["text"].get(POOL_MASK)
-            pool_masks = {lang: pool[lang]["attention_mask"] for lang in languages} if pool is not None else None
-            tokens = {lang: batch["text"][STUDENT][lang] for lang in languages}
-            text = model.encode_text_by_language(tokens, pool_masks)
+            videos.append(model.encode_video(batch.video, batch.video_mask).float().cpu())
+            tokens = {lang: batch.student[lang] for lang in languages}
+            text = model.encode_text_by_language(tokens, batch.pool_masks(languages))
             for lang in languages:
                 texts[lang].append(text[lang].float().cpu())
         for lang in languages:
-            has[lang].append(batch["has_caption"][lang].cpu())
-        items.append(batch["index"].cpu())
+            has[lang].append(batch.has_caption[lang].cpu())
+        items.append(batch.index.cpu())
     if not items:
         return None
     return ({lang: torch.cat(v) for lang, v in texts.items()}, torch.cat(videos), torch.cat(items),

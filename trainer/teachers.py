@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import POOL_MASK, EnglishReading, TextInput, TokenTable
+from data_loader.batch import POOL_MASK
+from data_loader.dataset import EnglishReading, TextInput, TokenTable
 from model.loss import cosine_sim, similarity, stage_loss
 from model.model import model_from_checkpoint
 from parse_config import upgrade_saved_config
@@ -88,9 +89,9 @@ class OnlineTeachers:
         float32, so half precision rounds no target."""
         sims = []
         for i, t in enumerate(self.teachers):
-            pool = batch["text"][POOL_MASK][ENGLISH]["attention_mask"] if t.pool_with_student_mask else None
-            text = t.model.encode_text(batch["text"][self.input_name(i)][ENGLISH], pool_mask=pool)
-            video = t.model.encode_video(batch["video"], batch["video_mask"])
+            pool = batch.text[POOL_MASK][ENGLISH].attention_mask if t.pool_with_student_mask else None
+            text = t.model.encode_text(batch.text[self.input_name(i)][ENGLISH], pool_mask=pool)
+            video = t.model.encode_video(batch.video, batch.video_mask)
             sims.append(cosine_sim(gather(text), gather(video)))
         return sims
 
@@ -119,7 +120,7 @@ class CachedTeachers:
     def similarities(self, batch):
         """One float32 [B, B] matrix per teacher: English captions of the batch against its videos.
         Under torch.distributed, B is the global batch: the targets of the whole batch, on every rank."""
-        index, caption = gather(torch.stack([batch["index"], batch["caption_index"]], dim=1)).unbind(1)
+        index, caption = gather(torch.stack([batch.index, batch.caption_index], dim=1)).unbind(1)
         sims = []
         for cache in self.cache:
             # An item without an English caption (count 0) points at its own offset; the loss

@@ -43,9 +43,8 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
     from model.model import load_tokenizer, model_from_config
     from parse_config import resolve
     from trainer.build import build_loaders, build_teachers, load_corpora
+    from trainer.state import seed_everything
     from trainer.teachers import TeacherCache
-    from trainer.trainer import seed_everything
-    from utils.device import to_device
 
     with tempfile.TemporaryDirectory(prefix="c2kd-bench-") as folder:
         flat = _toy_c2kd_flat(assets, folder)
@@ -63,7 +62,7 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         # The online loader also carries the teachers' tokens; the cached step ignores them.
         train_loader, eval_loader = build_loaders(configs["online"], corpora, tokenizer,
                                                   extra_inputs=teachers["online"].text_inputs)
-        train_loader.sampler.set_epoch(0)
+        train_loader.set_epoch(0)
         batch = next(iter(train_loader))
         rows = model.text.bucket_rows
         trainers = _variant_trainers(configs, model, {**teachers, **train_mode_teachers},
@@ -73,7 +72,7 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
                 trainer.training_step(batch)
         times = interleaved({name: (lambda t=t: t.training_step(batch)) for name, t in trainers.items()},
                             steps, device)
-        batch_dev = to_device(batch, device)
+        batch_dev = batch.to(device)
         targets = interleaved({mode: (lambda t=teachers[mode]: t.similarities(batch_dev)) for mode in teachers},
                               steps, device)
         step_s = {name: median(v) for name, v in times.items()}
@@ -81,12 +80,12 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
         cfg = configs["cached"]
         lengths = _text_lengths(batch, rows, cfg["data"]["max_words_train"], len(teachers["online"]))
         flops = c2kd_step_flops(model, [t.model for t in teachers["online"].teachers], cfg["data"]["batch_size"],
-                                len(trainers["cached"].languages), lengths["student_one_bucket"],
+                                len(batch.student), lengths["student_one_bucket"],
                                 cfg["data"]["n_video_tokens"], online=True, teacher_seq_lens=lengths["teachers"],
                                 student_buckets=lengths["student_buckets"])
         return {
             "device": str(device), "steps": steps, "warmup": warmup,
-            "batch_size": cfg["data"]["batch_size"], "languages": trainers["cached"].languages,
+            "batch_size": cfg["data"]["batch_size"], "languages": list(batch.student),
             "max_words": cfg["data"]["max_words_train"], "n_video_tokens": cfg["data"]["n_video_tokens"],
             "text_lengths": lengths, "student": "labse-tiny", "teachers": list(TEACHER_ENCODERS),
             "cached_step_s": cached, "online_step_s": online, "online_over_cached": online / cached,
@@ -155,8 +154,7 @@ def _variant_trainers(configs, model, teachers, loaders, device):
     mode, to show how much of the student's step is dropout; "cached_one_bucket" runs the
     student's captions as one batch cut to the longest, and "cached_full_padding" every text
     column (diagnostics, not training modes)."""
-    from trainer.build import build_loss
-    from trainer.trainer import Trainer
+    from trainer.build import build_loss, build_trainer
 
     # name: (mode, teachers, student in train mode, student cuts padding, student's bucket rows)
     rows = model.text.bucket_rows
@@ -172,8 +170,8 @@ def _variant_trainers(configs, model, teachers, loaders, device):
     trainers = {}
     for variant, (mode, variant_teachers, training, cut_padding, bucket_rows) in variants.items():
         loss = build_loss(configs[mode], num_teachers=len(variant_teachers)).to(device)
-        trainers[variant] = Trainer(configs[mode], copy.deepcopy(model).to(device), loss, train_loader,
-                                    eval_loader, device, None, teachers=variant_teachers)
+        trainers[variant] = build_trainer(configs[mode], copy.deepcopy(model).to(device), loss, train_loader,
+                                          eval_loader, device, teachers=variant_teachers)
         trainers[variant].forward.train(training)
         trainers[variant].model.text.cut_padding = cut_padding
         trainers[variant].model.text.bucket_rows = bucket_rows
@@ -183,15 +181,14 @@ def _variant_trainers(configs, model, teachers, loaders, device):
 def _text_lengths(batch, rows, max_words, num_teachers):
     """Text columns the steps run: the student's captions of all languages, in buckets of
     similar length (rows, columns) or as one batch, and each teacher's English."""
-    from data_loader.dataset import STUDENT
     from model.model import length_buckets, row_lengths, used_length
     from trainer.teachers import OnlineTeachers
 
-    student_masks = torch.cat([t["attention_mask"] for t in batch["text"][STUDENT].values()])
+    student_masks = torch.cat([t.attention_mask for t in batch.student.values()])
     buckets = [(len(student_masks[r]), n) for r, n in length_buckets(row_lengths(student_masks), rows)]
     return {"max_words": max_words, "student_buckets": buckets,
             "student_one_bucket": used_length(student_masks),
-            "teachers": [used_length(batch["text"][OnlineTeachers.input_name(i)][ENGLISH]["attention_mask"])
+            "teachers": [used_length(batch.text[OnlineTeachers.input_name(i)][ENGLISH].attention_mask)
                          for i in range(num_teachers)]}
 
 

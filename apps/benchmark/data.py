@@ -61,17 +61,18 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
         return out
 
 
-def _epoch(loader):
+def _epoch(loader, batch_items=len):
     items = 0
     for batch in loader:
-        items += len(batch["index"])
+        items += batch_items(batch)
     return items
 
 
 def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_video_tokens=30):
     """Items per second of the project's loader against the reference-style loader."""
     from data_loader.readers import read_corpus
-    from data_loader.dataset import STUDENT, EnglishReading, RetrievalDataset, TextInput
+    from data_loader.batch import STUDENT
+    from data_loader.dataset import EnglishReading, RetrievalDataset, TextInput
     from data_loader.loaders import EpochSampler, make_loader
     from model.model import load_tokenizer
 
@@ -98,8 +99,10 @@ def bench_data(assets, n_items=None, repeats=3, batch_size=64, max_words=35, n_v
 
     reference = ReferenceStyleDataset(corpus, student, teachers, max_words, n_video_tokens)
 
-    def reference_epoch():
-        assert _epoch(make_loader(reference, batch_size, sampler(), 0, seed=0)) == n_items
+    def reference_epoch():  # torch's default collate: the reference's batches were dicts of tensors
+        loader = torch.utils.data.DataLoader(reference, batch_size, sampler=sampler(), num_workers=0,
+                                             generator=torch.Generator().manual_seed(0))
+        assert _epoch(loader, lambda batch: len(batch["index"])) == n_items
 
     random.seed(0)
     project_setup()  # warm-up: first use of each tokenizer, allocator

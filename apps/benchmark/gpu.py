@@ -42,21 +42,22 @@ def synthetic_teachers(teachers, mode, num_items, dim, device):
 def synthetic_batch(batch_size, languages, seq_len, n_video_tokens, feature_dim, student_vocab, teacher_vocabs,
                     num_items, seed=0):
     """A batch shaped like the loader's: full-length captions, full-length videos."""
+    from data_loader.batch import STUDENT, Batch, Tokens
     from trainer.teachers import OnlineTeachers
     gen = torch.Generator().manual_seed(seed)
 
     def tokens(vocab):
-        return {"input_ids": torch.randint(5, vocab, (batch_size, seq_len), generator=gen),
-                "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)}
+        return Tokens(torch.randint(5, vocab, (batch_size, seq_len), generator=gen),
+                      torch.ones(batch_size, seq_len, dtype=torch.long))
 
-    text = {"student": {lang: tokens(student_vocab) for lang in languages}}
+    text = {STUDENT: {lang: tokens(student_vocab) for lang in languages}}
     for i, vocab in enumerate(teacher_vocabs):
         text[OnlineTeachers.input_name(i)] = {ENGLISH: tokens(vocab)}
     video = F.normalize(torch.randn(batch_size, n_video_tokens, feature_dim, generator=gen), dim=2)
-    return {"index": torch.randperm(num_items, generator=gen)[:batch_size],
-            "caption_index": torch.zeros(batch_size, dtype=torch.long),
-            "video": video, "video_mask": torch.ones(batch_size, n_video_tokens, dtype=torch.bool),
-            "text": text, "has_caption": {lang: torch.ones(batch_size, dtype=torch.bool) for lang in languages}}
+    return Batch(index=torch.randperm(num_items, generator=gen)[:batch_size],
+                 caption_index=torch.zeros(batch_size, dtype=torch.long),
+                 video=video, video_mask=torch.ones(batch_size, n_video_tokens, dtype=torch.bool),
+                 text=text, has_caption={lang: torch.ones(batch_size, dtype=torch.bool) for lang in languages})
 
 
 def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, n_video_tokens=30,
@@ -68,9 +69,9 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     from data_loader.dataset import EnglishReading
     from model.model import RetrievalModel, TextEncoder, VideoEncoder
     from parse_config import resolve
-    from trainer.build import build_loss
+    from trainer.build import build_loss, build_optimizer
     from trainer.teachers import Teacher
-    from trainer.trainer import Trainer
+    from trainer.trainer import Trainer, TrainerSettings
 
     device = torch.device(device)
     shapes = shapes or BASE_SHAPES
@@ -89,8 +90,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     batch = synthetic_batch(batch_size, langs, seq_len, n_video_tokens, feature_dim,
                             shapes["student"][1]["vocab_size"], [s["vocab_size"] for _, s in shapes["teachers"]],
                             num_items)
-    stub = SimpleNamespace(dataset=SimpleNamespace(text_inputs=[SimpleNamespace(languages=langs)]),
-                           sampler=SimpleNamespace(local_batch=batch_size))
+    loader = SimpleNamespace(local_batch=batch_size)  # the trainer steps on the batch above only
     trainers = {}
     for mode in ("cached", "online"):
         config = resolve({"stage": "c2kd", "teachers.mode": mode, "trainer.mixed_precision": mixed_precision,
@@ -98,8 +98,9 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
                           "data.n_video_tokens": n_video_tokens, "data.feature_dim": feature_dim,
                           "teachers.checkpoints": [str(t.path) for t in teachers]}, name="gpu-bench")
         loss = build_loss(config, num_teachers=len(teachers)).to(device)
-        trainer = Trainer(config, copy.deepcopy(student), loss, stub, stub, device, None)
-        trainer.teachers = synthetic_teachers(teachers, mode, num_items, projection_dim, device)
+        model = copy.deepcopy(student)
+        trainer = Trainer(TrainerSettings.of(config), model, loss, *build_optimizer(config, model, loss), loader,
+                          None, device, teachers=synthetic_teachers(teachers, mode, num_items, projection_dim, device))
         trainer.forward.train()
         trainers[mode] = trainer
     del student
