@@ -132,7 +132,7 @@ KEYS = {
     "seed": Key(0, int, "seed of every random generator", range=Range(0, 2**32 - 1)),  # numpy's seed range
     "stage": Key("translate-train", str,
                  "training objective (model/loss.py); the reference's command line defaulted to c2kd",
-                 choices=tuple(STAGES),  # the reference's stage names are read as ours (§3.1)
+                 choices=tuple(STAGES),  # the reference's stage names are read as ours (docs/reference.md §3.1)
                  aliases={"baseline-zero-shot": "zero-shot", "baseline-translate-train": "translate-train"}),
     "languages": Key(None, list[str], "caption languages; null = every language of the training file",
                      nullable=True),
@@ -148,12 +148,13 @@ KEYS = {
         False, bool,
         "the dataset's recipe: its English-input teachers (model.role = teacher) read English captions "
         "regex-cleaned (words of [\\w']+ joined by spaces), in training and evaluation, as the reference's "
-        "MSR-VTT, VATEX and YouCook2 teachers did; false = as written, as its RUDDER teachers did (§1.3, §9); "
-        "students always read captions as written"),
+        "MSR-VTT, VATEX and YouCook2 teachers did; false = as written, as its RUDDER teachers did "
+        "(docs/reference.md §1.3); students always read captions as written"),
     "data.student_english": Key(
         "shared", str,
         "multi-youcook2 files: shared = the student reads the item's 'caption', as the teachers do; "
-        "caption_en = it reads 'caption_en', the reference's student input, while teachers keep 'caption' (§9)",
+        "caption_en = it reads 'caption_en', the reference's student input, while teachers keep 'caption' "
+        "(docs/reference.md §1.2)",
         choices=STUDENT_ENGLISH_FIELDS),
     "data.batch_size": Key(64, int, "training batch size", range=AT_LEAST_1),
     "data.eval_batch_size": Key(64, int, "evaluation batch size (changes embeddings by float32 rounding only)",
@@ -177,7 +178,8 @@ KEYS = {
         "teacher = an English-input teacher: it reads English captions as the dataset's teachers do "
         "(data.clean_english, data.student_english); student = as written; other languages: as written",
         choices=("student", "teacher"), legacy=_legacy_role),
-    "model.pool_with_student_mask": Key(False, bool, "teacher pools text with the student's mask (§2.3)"),
+    "model.pool_with_student_mask": Key(False, bool,
+                                        "teacher pools text with the student's mask (docs/reference.md §2.3)"),
     "model.length_bucket_rows": Key(
         DEFAULT_BUCKET_ROWS, int,
         "text rows per length bucket: a text batch is sorted by caption length and run in buckets of about "
@@ -213,7 +215,7 @@ KEYS = {
     "trainer.save_period": Key(0, int, "also keep checkpoint-epoch<N>.pt every N epochs; 0 = never",
                                range=AT_LEAST_0, result_neutral=True),
     # Off by default: every shipped config evaluates on its test split, so a "best" epoch would be
-    # chosen on test data; the reference kept no best checkpoint and reported the last epoch (§4).
+    # chosen on test data; the reference kept no best checkpoint and reported the last epoch (docs/reference.md §4).
     "trainer.monitor": Key("off", str, "metric that selects best.pt, e.g. t2v_mean_R1; 'off' = none",
                            result_neutral=True),
     "trainer.mixed_precision": Key("auto", str,
@@ -236,12 +238,12 @@ KEYS = {
         None, int,
         "the number of evaluation-file items eval.total_queries is for: a file holding another number is "
         "scored as eval.denominator says (the reference's MSR-VTT rule: 1000 for its 968-item file, else the "
-        "rows ranked, §1.6); null = always", nullable=True, range=AT_LEAST_1),
+        "rows ranked, docs/reference.md §1.6); null = always", nullable=True, range=AT_LEAST_1),
     "eval.denominator": Key(
         "ranked", str,
         "R@K denominator when eval.total_queries is null: ranked = the queries ranked in each language; "
         "file_items = the items of the evaluation file, also when ids repeat (the reference's RUDDER "
-        "len(data), §9)", choices=("ranked", "file_items")),
+        "len(data), docs/reference.md §1.6)", choices=("ranked", "file_items")),
     "eval.multi_caption": Key("average", str,
                               "captions sharing a video id: averaged into one query, or ranked separately",
                               choices=("average", "separate")),
@@ -282,7 +284,7 @@ def _teachtext_distance(teachtext):
 # read from config files, overrides and saved configs (parse_config._replace_old_keys).
 REPLACED_KEYS = {"loss.teachtext": ("loss.distance", _teachtext_distance)}
 
-# Keys of the reference's YAML configs (§1, §5, §6 of its description): what replaces each here.
+# Keys of the reference's YAML configs (docs/reference.md §6): what replaces each here.
 REFERENCE_KEYS = {
     "arch": "use model.* keys", "data_loader": "use data.* keys: layout, paths, feature_key, batch_size",
     "optimizer.type": "drop it: Adam always", "optimizer.args": "use optimizer.lr",

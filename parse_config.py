@@ -234,7 +234,7 @@ def overrides_from_args(args):
     teachers = getattr(args, "teachers", None)
     if teachers == "None":
         flat["teachers.checkpoints"] = []
-    elif teachers is not None:  # the reference mapped names to hard-coded checkpoint paths (§5)
+    elif teachers is not None:  # the reference mapped names to hard-coded checkpoint paths (docs/reference.md §5)
         raise ConfigError(f"--teachers '{teachers}': the reference's teacher names are not taken; set config key "
                           "'teachers.checkpoints' to the teacher checkpoint paths, e.g. "
                           "--set 'teachers.checkpoints=[\"a.pt\", \"b.pt\"]'")

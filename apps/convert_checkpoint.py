@@ -3,12 +3,12 @@
     python -m apps.convert_checkpoint weights/c2kd_teachers/msrvtt/xlm/latest_model.pth \\
         weights/converted/msrvtt_xlm.pt --text-encoder xlm-roberta-base --data-config configs/msrvtt/clip/base.json
 
-A released file (c2kd-reference §5) is a torch.save'd dict with ``state_dict`` in the reference's
-module names (§2.6) and ``config``, a pickled ``parse_config.ConfigParser`` of the reference code.
+A released file (docs/reference.md §5) is a torch.save'd dict with ``state_dict`` in the reference's
+module names (docs/reference.md §2.6) and ``config``, a pickled ``parse_config.ConfigParser`` of the reference code.
 It is read without running anything from it: the unpickler resolves only what tensors and plain
 containers need and puts inert placeholders where the reference's config object (and the paths
 and argparse namespace it holds) would be. Every weight the reference model uses is renamed onto
-``model.model.RetrievalModel``, the dead ones (§2.6) are dropped by name, anything else is an
+``model.model.RetrievalModel``, the dead ones (docs/reference.md §2.6) are dropped by name, anything else is an
 error. The data and evaluation settings (among them which English the teachers read,
 ``data.clean_english``) come from the dataset config it is given. The result is loaded by test.py
 and by ``teachers.checkpoints`` like any other checkpoint.
@@ -32,9 +32,9 @@ from parse_config import load_flat, resolve
 from utils.checkpoint import FORMAT, save_checkpoint
 from utils.errors import UserError, first_line, run_command
 
-# The reference's fusion transformer always has 4 heads (§2.1); weights cannot tell.
+# The reference's fusion transformer always has 4 heads (docs/reference.md §2.1); weights cannot tell.
 REFERENCE_HEADS = 4
-STUDENT_ARCH = "LaBSE"  # the student class is BaselineTokenFusionPerModModelLaBSE (§2.1)
+STUDENT_ARCH = "LaBSE"  # the student class is BaselineTokenFusionPerModModelLaBSE (docs/reference.md §2.1)
 
 
 class ConvertError(UserError, ValueError):
@@ -150,7 +150,7 @@ RENAMES = [
     (r"video_proj\.cg\.fc\.(weight|bias)", r"video.proj.gate.\1"),
 ]
 
-# Parts of the reference model that its forward pass never uses (§2.6), by key prefix.
+# Parts of the reference model that its forward pass never uses (docs/reference.md §2.6), by key prefix.
 DEAD = {
     "davenet.": "audio network, built but never run",
     "audio_token_proj.": "audio input projection, unused",
@@ -267,7 +267,7 @@ def convert(src, dst, text_encoder, data_config, feature_key=None, feature_dim=N
     ``data_config``: the config of the dataset the checkpoint was trained on, whose data and
     evaluation settings the converted checkpoint takes (see ``dataset_recipe``).
     ``student_mask_pooling`` None: true for teachers (every reference arch but the LaBSE student),
-    whose text was mean-pooled with the student tokenizer's attention mask (§2.3); in evaluation
+    whose text was mean-pooled with the student tokenizer's attention mask (docs/reference.md §2.3); in evaluation
     and inference that mask comes from ``pool_mask_tokenizer``, in C2KD from the student's tokenizer."""
     state, meta = read_reference(src)
     model_cfg, dim = infer_architecture(state, src)
@@ -279,7 +279,8 @@ def convert(src, dst, text_encoder, data_config, feature_key=None, feature_dim=N
     teacher = not (arch or "").endswith(STUDENT_ARCH)
     if student_mask_pooling is None:
         student_mask_pooling = teacher
-    if feature_key is None:  # §1.1: S3D features are 1024-d, CLIP ones 512-d (YouCook2-CLIP's configs say 2d_raw)
+    # docs/reference.md §1.1: S3D features are 1024-d, CLIP ones 512-d (YouCook2-CLIP's configs say 2d_raw)
+    if feature_key is None:
         feature_key = recipe.get("data.feature_key", "s3d" if dim == 1024 else "2d")
     # The reference's teachers read English as their dataset's recipe says (data.clean_english), its
     # student the raw caption.

@@ -304,7 +304,7 @@ class Retriever:
         self.tokenizer = tokenizer
         self.config = config
         self.feature_dim = config["data"]["feature_dim"]
-        # Converted reference teachers pool with another tokenizer's mask (§2.3).
+        # Converted reference teachers pool with another tokenizer's mask (docs/reference.md §2.3).
         model_cfg = config["model"]
         self.pool_tokenizer = (load_tokenizer(model_cfg["pool_mask_tokenizer"])
                                if model_cfg["pool_with_student_mask"] else None)
@@ -323,7 +323,8 @@ class Retriever:
         captions = [[text] for text in texts]
         max_words = self.config["data"]["max_words_eval"]
         table = TokenTable(captions, self.tokenizer, max_words, clean=EnglishReading.of(self.config).clean)
-        # Converted reference teachers pool with the student tokenizer's mask of the raw caption (§2.3).
+        # Converted reference teachers pool with the student tokenizer's mask of the raw caption
+        # (docs/reference.md §2.3).
         pool = (TokenTable(captions, self.pool_tokenizer, max_words, clean=False).attention_mask
                 if self.pool_tokenizer else None)
         return self.model.embed_texts(table.input_ids, table.attention_mask, pool, batch_size)

@@ -7,7 +7,7 @@ import torch
 
 # Text input name of the student's tokens.
 STUDENT = "student"
-# Text input name of the tokens whose attention mask a converted reference teacher pools with (§2.3).
+# Text input name of the tokens whose attention mask a converted reference teacher pools with (docs/reference.md §2.3).
 POOL_MASK = "pool_mask"
 
 

@@ -131,7 +131,7 @@ def summarise(loaded, max_ids=10, allow_duplicate_ids=False):
     if bad:
         out.errors.append(f"{len(bad)} items have NaN or inf features: {listed(bad, max_ids)}")
     # The YouCook2 reader keeps an item's caption_en in its extras only where it differs from the
-    # caption it reads; the reference's student read caption_en and its teachers caption (§1.2).
+    # caption it reads; the reference's student read caption_en and its teachers caption (docs/reference.md §1.2).
     other_english = [c.ids[i] for i, extra in enumerate(c.extras or []) if "caption_en" in extra]
     if other_english:
         out.warnings.append(f"{len(other_english)} items have a 'caption_en' that differs from their 'caption': "

@@ -1,8 +1,8 @@
 """A torch Dataset over a Corpus: pre-tokenized captions and padded video tokens.
 
 Every caption is tokenized once, when the data set is built, by each tokenizer that is
-actually in use (the reference tokenized every caption with six or seven tokenizers on
-every access, §1.3). Items carry their position and caption index so that cached
+actually in use (the reference tokenized every caption with five to seven tokenizers on
+every access, docs/reference.md §1.3). Items carry their position and caption index so that cached
 teacher outputs can be looked up for the batch.
 """
 import re
@@ -23,7 +23,7 @@ class EnglishReading:
     A student reads the corpus' English captions as written. An English-input teacher (config key
     ``model.role = teacher``) reads the teachers' English (``Corpus.teacher_english`` where the file
     keeps one apart, YouCook2's ``caption``), regex-cleaned (words matching ``[\\w']+`` joined by
-    spaces) where the dataset's recipe says its teachers read it so (``data.clean_english``, §1.3, §9).
+    spaces) where the dataset's recipe says its teachers read it so (``data.clean_english``, docs/reference.md §1.3).
     """
     teacher: bool = False
     clean: bool = False
@@ -67,7 +67,7 @@ def clean_caption(text):
 
 
 def video_tokens(features, n_tokens):
-    """First ``n_tokens`` frames, each L2-normalised, zero-padded; mask marks real frames (§1.4)."""
+    """First ``n_tokens`` frames, each L2-normalised, zero-padded; mask marks real frames (docs/reference.md §1.4)."""
     frames = torch.from_numpy(np.ascontiguousarray(features[:n_tokens], dtype=np.float32))
     out = torch.zeros(n_tokens, features.shape[1])
     mask = torch.zeros(n_tokens, dtype=torch.bool)
@@ -104,7 +104,7 @@ class TokenTable:
 
 class RetrievalDataset(Dataset):
     """Training view: one entry per video, one caption index per video per epoch, shared by all
-    languages (§1.3). Evaluation view: one entry per (video, caption) pair."""
+    languages (docs/reference.md §1.3). Evaluation view: one entry per (video, caption) pair."""
 
     def __init__(self, corpus, text_inputs, max_words, n_video_tokens, train, seed=0):
         self.corpus = corpus

@@ -6,7 +6,7 @@ config names its layout and new layouts slot in without touching the data set co
 
 Layouts (``data.layout``):
 
-* ``multi-msrvtt``: the released Multi-MSRVTT and VATEX pickles (c2kd-reference §1.2).
+* ``multi-msrvtt``: the released Multi-MSRVTT and VATEX pickles (docs/reference.md §1.2).
 * ``multi-youcook2``: the released multilingual YouCook2 pickles, one item per clip.
 * ``rudder``: the released RUDDER pickles, a ``captions`` dict per item.
 * ``safe``: this project's pickle-free layout (a JSON file of ids and captions plus one
@@ -104,7 +104,7 @@ class SplitNotInFile(DataFileError):
 
 @register_reader("multi-msrvtt", reads_split=True)
 def read_multi_msrvtt(path, feature_key, split, items=None):
-    """Multi-MSRVTT and VATEX pickles (reference §1.2).
+    """Multi-MSRVTT and VATEX pickles (docs/reference.md §1.2).
 
     Training items hold ``caption_<lang>`` lists aligned by index; evaluation items hold one
     ``eval_caption_<lang>`` string per language. Languages are the caption keys found in the
@@ -210,14 +210,14 @@ STUDENT_ENGLISH_FIELDS = ("shared", "caption_en")
 
 @register_reader("multi-youcook2", options=("student_english",))
 def read_multi_youcook2(path, feature_key, split, items=None, student_english="shared"):
-    """Multilingual YouCook2 pickles (reference §1.2): one item per pre-cut clip.
+    """Multilingual YouCook2 pickles (docs/reference.md §1.2): one item per pre-cut clip.
 
     Each item has ``id`` (kept as a string), the features under ``feature_key`` (``2d_raw``
     for CLIP, ``s3d`` for S3D), ``caption`` (the English caption, a string) and one
     ``caption_<lang>`` string per language; Czech is stored as ``caption_cz`` and exposed as
     ``cs``. Train and evaluation files are read the same way (``split`` is not used). An item
     that lacks a language gets an empty caption list for it. The reference's teachers read
-    ``caption`` and its student read ``caption_en`` (§9). ``student_english = "shared"``: one
+    ``caption`` and its student read ``caption_en`` (docs/reference.md §1.2). ``student_english = "shared"``: one
     English caption per item, ``caption``, serves both, and a differing ``caption_en`` is kept in
     ``extras``; ``"caption_en"``: the English captions are ``caption_en`` and the teachers' ones
     (``Corpus.teacher_english``) are ``caption``, as in the reference (an item without
@@ -261,7 +261,7 @@ def read_multi_youcook2(path, feature_key, split, items=None, student_english="s
 
 @register_reader("rudder")
 def read_rudder(path, feature_key, split, items=None):
-    """RUDDER pickles (reference §1.2): ``id``, features (``2d``), ``captions`` {lang: string}.
+    """RUDDER pickles (docs/reference.md §1.2): ``id``, features (``2d``), ``captions`` {lang: string}.
 
     An item that lacks a language gets an EMPTY caption list for it, so it is left out of that
     language's training loss and evaluation (the reference duplicated another language's

@@ -1,4 +1,4 @@
-"""Losses of every training stage: symmetric InfoNCE and the C2KD distillation (c2kd-reference §3).
+"""Losses of every training stage: symmetric InfoNCE and the C2KD distillation (docs/reference.md §3).
 
 Notation: S_l is the student's cosine-similarity matrix between the batch's captions in language
 l and the batch's videos; T is the teachers' matrix from the English captions of the same items.
@@ -142,7 +142,7 @@ TEACHER_POOLS = {pool.name: pool for pool in (
     ElementwisePool("mean", lambda stacked: stacked.mean(0)),
     MultitaskPool(), LearnablePool())}
 
-# The reference's --teacher_sim_pool names, mapped to the operation they really computed (§8.1).
+# The reference's --teacher_sim_pool names, mapped to the operation they really computed (docs/reference.md §8.1).
 LEGACY_TEACHER_POOLS = {"min": "max", "max": "min", "mean": "mean", "multitask": "multitask",
                         "learnable_multitask": "learnable"}
 

@@ -18,7 +18,7 @@ Protocol:
   as failures), else the number of ranked items. MedR / MeanR are
   median / mean rank + 1 over the ranked items only.
 
-The reference always ranked optimistically (c2kd-reference §4); "averaging" is the default here.
+The reference always ranked optimistically (docs/reference.md §4); "averaging" is the default here.
 
 ``retrieval_metrics`` takes a similarity matrix; ``retrieval_metrics_from_embeddings`` takes the
 query and video embeddings and ranks tile by tile, for sets whose [Q, V] matrix would not fit.

@@ -1,6 +1,6 @@
 """The text-video retrieval model: a Hugging Face text encoder and a small video transformer.
 
-The math follows the reference model (c2kd-reference §2.2–2.4) so that its checkpoints can be
+The math follows the reference model (docs/reference.md §2.2–2.4) so that its checkpoints can be
 converted: gated projections, a LayerNorm on both sides, a learned CLS token and two pre-norm
 attention blocks over the video frames with key masking and no positional embedding. The
 reference's dead parts (audio network, unused heads, a duplicated module alias) are left out.
@@ -16,12 +16,13 @@ from utils.errors import UserError
 from utils.hub import load_named
 
 # Every LayerNorm of the reference model (the video norm, the text norm, the fusion blocks' norms)
-# has eps 1e-6, not PyTorch's 1e-5: converted checkpoints need it to reproduce their embeddings (§9).
+# has eps 1e-6, not PyTorch's 1e-5: converted checkpoints need it to reproduce their embeddings
+# (docs/reference.md §2.1).
 LAYER_NORM_EPS = 1e-6
 
 
 class GatedProjection(nn.Module):
-    """y = h * sigmoid(W_g h) with h = W x + b: the reference's 'gated' unit (§2.2)."""
+    """y = h * sigmoid(W_g h) with h = W x + b: the reference's 'gated' unit (docs/reference.md §2.2)."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
@@ -63,7 +64,7 @@ class Block(nn.Module):
 
 
 class VideoEncoder(nn.Module):
-    """Frame features [B, N, D] with a mask [B, N] -> one embedding per video (§2.4)."""
+    """Frame features [B, N, D] with a mask [B, N] -> one embedding per video (docs/reference.md §2.4)."""
 
     def __init__(self, feature_dim, width=512, projection_dim=512, depth=2, heads=4, mlp_ratio=1.0):
         super().__init__()
@@ -110,7 +111,7 @@ DEFAULT_BUCKET_ROWS = 128
 
 class TextEncoder(nn.Module):
     """A Hugging Face encoder, mean-pooled over the attention mask, then LayerNorm and a gated
-    projection (§2.3)."""
+    projection (docs/reference.md §2.3)."""
 
     def __init__(self, backbone, projection_dim=512, bucket_rows=None):
         super().__init__()
@@ -130,7 +131,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, pool_mask=None):
         """``pool_mask`` replaces the attention mask for pooling only: converted reference teachers
-        pooled with the student tokenizer's mask (§2.3, quirk kept for their checkpoints).
+        pooled with the student tokenizer's mask (docs/reference.md §2.3, quirk kept for their checkpoints).
 
         Columns after a row's last real token are masked out of attention and of pooling, so they
         change no output (beyond float rounding); they are cut before the backbone runs. The rows

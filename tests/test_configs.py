@@ -1,5 +1,5 @@
 """Every shipped config resolves, and the dataset configs and scripts follow the paper's matrix
-(c2kd-reference §7: epochs, learning rate, temperatures, λ, τd, teacher pooling, token lengths)."""
+(docs/reference.md §7: epochs, learning rate, temperatures, λ, τd, teacher pooling, token lengths)."""
 import re
 import subprocess
 from pathlib import Path
@@ -47,7 +47,7 @@ TEMPERATURE = {("msrvtt", "clip"): (0.1, 0.05, 0.1), ("msrvtt", "s3d"): (0.1, 0.
                ("vatex", "clip"): (0.05, 0.05, 0.05), ("youcook2", "s3d"): (0.1, 0.05, 0.05),
                ("youcook2", "clip"): (0.1, 0.1, 0.1), ("rudder", "clip"): (0.05, 0.05, 0.05)}
 MAX_WORDS = {"msrvtt": (35, 40), "vatex": (40, 40), "youcook2": (35, 35), "rudder": (40, 40)}
-# dataset -> whether its teachers read regex-cleaned English (§1.3, §9: RUDDER's read the raw caption)
+# dataset -> whether its teachers read regex-cleaned English (docs/reference.md §1.3: RUDDER's read the raw caption)
 TEACHERS_CLEAN_ENGLISH = {"msrvtt": True, "vatex": True, "youcook2": True, "rudder": False}
 
 
@@ -163,7 +163,7 @@ def test_reading_keys_are_checked_in_one_line(flat, message):
 
 
 # dataset -> what its parity preset sets: (eval.total_queries, eval.total_queries_items, eval.denominator,
-# data.missing_caption_fallback, data.student_english), the reference's evaluation (§1.6, §9)
+# data.missing_caption_fallback, data.student_english), the reference's evaluation (docs/reference.md §1.2, §1.6)
 PARITY = {"msrvtt": (1000, 968, "ranked", "none", "shared"), "vatex": (None, None, "ranked", "none", "shared"),
           "youcook2": (3350, None, "ranked", "none", "caption_en"),
           "rudder": (None, None, "file_items", "last_available", "shared")}

@@ -1,8 +1,8 @@
 """Conversion of the authors' released checkpoints (apps/convert_checkpoint.py).
 
-A checkpoint in the reference's layout (c2kd-reference §2.6, §5) is built here with tiny local text
+A checkpoint in the reference's layout (docs/reference.md §2.6, §5) is built here with tiny local text
 encoders and random weights, dead modules included. The converted model must give the embeddings
-that the reference's math (§2.2-2.4), written out below with plain torch ops, gives on the same
+that the reference's math (docs/reference.md §2.2-2.4), written out below with plain torch ops, gives on the same
 reference weights.
 """
 import argparse
@@ -112,14 +112,14 @@ def save_reference(path, state, arch=None, prefix=""):
     return path
 
 
-# ---- the reference's math, from c2kd-reference §2.2-2.4 ------------------------------------------
+# ---- the reference's math, from docs/reference.md §2.2-2.4 ------------------------------------------
 
 def ref_gated(sd, prefix, x):
     h = F.linear(x, sd[f"{prefix}.fc.weight"], sd[f"{prefix}.fc.bias"])
     return h * torch.sigmoid(F.linear(h, sd[f"{prefix}.cg.fc.weight"], sd[f"{prefix}.cg.fc.bias"]))
 
 
-# Every LayerNorm of the reference model has eps 1e-6 (§2.1, §2.4, §9).
+# Every LayerNorm of the reference model has eps 1e-6 (docs/reference.md §2.1).
 REFERENCE_EPS = 1e-6
 
 
@@ -286,7 +286,8 @@ def test_converted_teacher_loads_as_a_c2kd_teacher(encoders, tmp_path):
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["mbert"])
     convert(src, tmp_path / "mbert.pt", encoders["mbert-tiny"], DATA_CONFIG)
     teacher = load_teacher(tmp_path / "mbert.pt", FEATURE_DIM, torch.device("cpu"))
-    assert teacher.pool_with_student_mask  # a reference teacher pooled with the student's mask (§2.3)
+    # A reference teacher pooled with the student's mask (docs/reference.md §2.3).
+    assert teacher.pool_with_student_mask
     video, mask = videos()
     with torch.no_grad():  # the teacher carries the converted weights
         torch.testing.assert_close(teacher.model.encode_video(video, mask), ref_video(sd, video, mask),
@@ -297,7 +298,7 @@ def test_converted_teacher_loads_as_a_c2kd_teacher(encoders, tmp_path):
 def test_converted_teacher_embeds_the_english_its_dataset_gave_it(dataset, cleaned, encoders, tmp_path):
     """A converted RUDDER teacher embeds the raw English caption, punctuation included, as the reference's
     RUDDER teachers read it; a teacher converted with MSR-VTT's recipe embeds the regex-cleaned caption
-    (§1.3, §9). Both pool with the student tokenizer's mask of the raw caption (§2.3)."""
+    (docs/reference.md §1.3). Both pool with the student tokenizer's mask of the raw caption (§2.3)."""
     from data_loader.readers import read_corpus
     from data_loader.dataset import clean_caption
     from model.model import load_tokenizer
@@ -340,8 +341,8 @@ def test_converted_checkpoint_runs_in_test_py(encoders, tmp_path):
 
 
 def optimistic_t2v(sims, query_ids, video_ids, denominator):
-    """The reference's evaluation (§4), by hand: a query's rank is the first position of its ground-truth
-    score in its row sorted in descending order (ties count in its favour); R@K over ``denominator``;
+    """The reference's evaluation (docs/reference.md §4), by hand: a query's rank is the first position of
+    its ground-truth score in its row sorted in descending order (ties count in its favour); R@K over ``denominator``;
     MedR and MeanR over the ranked queries, plus 1."""
     ranks = []
     for row, query in zip(sims, query_ids):
@@ -377,7 +378,7 @@ def test_parity_preset_gives_the_reference_evaluation_of_a_converted_checkpoint(
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
 
     # The reference model's similarities for the English captions: frames cut to 30 and L2-normalised,
-    # captions padded to 40 tokens (§1.3, §1.4).
+    # captions padded to 40 tokens (docs/reference.md §1.3, §1.4).
     video = torch.zeros(len(items), 30, FEATURE_DIM, dtype=torch.float64)
     mask = torch.zeros(len(items), 30)
     for i, item in enumerate(items):
@@ -484,7 +485,7 @@ def test_the_data_config_must_say_how_teachers_read_english(encoders, tmp_path):
 
 def test_the_output_names_the_youcook2_field_each_model_reads(encoders, tmp_path, capsys):
     """Under data.student_english = caption_en the converted student reads 'caption_en', a teacher
-    'caption' (the reference's inputs, §9); the converter says which."""
+    'caption' (the reference's inputs, docs/reference.md §1.2); the converter says which."""
     recipe = tmp_path / "youcook2.json"
     recipe.write_text(json.dumps({"extends": str(ROOT / "configs" / "youcook2" / "base.json"),
                                   "data": {"student_english": "caption_en", "feature_dim": FEATURE_DIM}}))

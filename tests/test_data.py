@@ -41,7 +41,7 @@ def test_truncated_and_missing_pickles_give_one_line_errors(tmp_path):
 
 
 def released_items(training, n=3, dim=8, frames=(4, 0, 6)):
-    """Items in the released Multi-MSRVTT layout (reference §1.2)."""
+    """Items in the released Multi-MSRVTT layout (docs/reference.md §1.2)."""
     rng = np.random.default_rng(0)
     items = []
     for i in range(n):

@@ -90,7 +90,7 @@ def test_length_buckets_run_each_group_at_its_longest_caption_and_change_nothing
 
 
 def test_a_pooling_mask_longer_than_the_tokens_keeps_its_columns(toy_assets):
-    """A converted reference teacher pools with another tokenizer's mask (§2.3): columns that mask
+    """A converted reference teacher pools with another tokenizer's mask (docs/reference.md §2.3): columns that mask
     covers are kept even where the teacher's own tokens are padding, so its targets do not change."""
     text, tokenizer = _text_encoder(toy_assets, "xlmr-tiny")
     text.eval()

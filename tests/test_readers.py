@@ -147,7 +147,7 @@ def test_msrvtt_968_videos_scored_against_1000(tmp_path, capsys):
 
 
 def test_msrvtt_parity_scores_against_1000_only_the_968_item_file(tmp_path):
-    """The reference's MSR-VTT rule (§1.6): 1000 for a file of 968 items, else the rows ranked."""
+    """The reference's MSR-VTT rule (docs/reference.md §1.6): 1000 for a file of 968 items, else the rows ranked."""
     from parse_config import load_flat, resolve
     from trainer.evaluate import recall_denominator
     parity = resolve(load_flat(ROOT / "configs" / "msrvtt" / "clip" / "parity.json"))["eval"]
@@ -192,7 +192,7 @@ def test_youcook2_keeps_a_differing_caption_en(tmp_path):
 
 def test_youcook2_student_english_from_caption_en_as_the_reference(tmp_path):
     """data.student_english = caption_en: the student reads 'caption_en', an English-input teacher
-    'caption' (regex-cleaned where the recipe says so), as in the reference (§9)."""
+    'caption' (regex-cleaned where the recipe says so), as in the reference (docs/reference.md §1.2, §1.3)."""
     items = youcook2_items(2)
     items[1]["caption_en"] = "Chop the onion, finely."
     items[1]["caption"] = "Chop the onion; (coarsely)!"

@@ -34,7 +34,7 @@ def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_siz
     train = None
     english = EnglishReading.of(config)  # an English-input teacher reads English as the dataset's teachers do
     if "train" in corpora and config["model"]["pool_with_student_mask"]:
-        # Training pools with the model's own mask; the student-mask quirk (§2.3) is reproduced only
+        # Training pools with the model's own mask; the student-mask quirk (docs/reference.md §2.3) is reproduced only
         # where converted reference teachers are used: evaluation, inference and distillation.
         raise ConfigError("config key 'model.pool_with_student_mask' is for evaluating and distilling from "
                           "converted reference teachers; training with it is not supported (set it to false)")
@@ -71,8 +71,8 @@ def build_teachers(config, train_corpus, device, student_tokenizer):
 
 
 def build_optimizer(config, model, loss_fn):
-    """Adam over the trainable parameters and its ExponentialLR schedule, stepped once per epoch (§5).
-    Learnable teacher weights of the loss train with their own learning rate."""
+    """Adam over the trainable parameters and its ExponentialLR schedule, stepped once per epoch
+    (docs/reference.md §5). Learnable teacher weights of the loss train with their own learning rate."""
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config["optimizer"]["lr"]}]
     loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
     if loss_params:

@@ -1,8 +1,8 @@
 """Evaluation: embed every (video, caption) pair of the evaluation set, group by video id, rank.
 
 Captions of one video id are averaged into one query (``multi_caption = average``, the
-reference's behaviour, §4) or ranked as separate queries (``separate``). Video embeddings of
-items sharing an id are averaged. Evaluation always runs in float32, as the reference's did (§4),
+reference's behaviour, docs/reference.md §4) or ranked as separate queries (``separate``). Video embeddings of
+items sharing an id are averaged. Evaluation always runs in float32, as the reference's did (docs/reference.md §4),
 whatever ``trainer.mixed_precision`` says, so reported numbers do not depend on the training
 precision; the evaluation batch size then changes the embeddings only by float32 rounding.
 """
@@ -197,7 +197,8 @@ def recall_denominator(eval_cfg, corpus):
     """The R@K denominator of an evaluation of ``corpus``: ``eval.total_queries`` when set (and, with
     ``eval.total_queries_items``, when the file holds that many items); the number of items in the
     evaluation file under ``eval.denominator = file_items`` (the reference's RUDDER ``len(data)``,
-    which counts items sharing an id once each, §9); else None, the queries ranked in each language."""
+    which counts every item, also items that share an id: docs/reference.md §1.6); else None, the
+    queries ranked in each language."""
     for_items = eval_cfg["total_queries_items"]
     if eval_cfg["total_queries"] is not None and for_items in (None, len(corpus)):
         return eval_cfg["total_queries"]

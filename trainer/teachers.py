@@ -1,10 +1,10 @@
-"""English-input teachers for C2KD (c2kd-reference §3.1, §5).
+"""English-input teachers for C2KD (docs/reference.md §3.1, §5).
 
 A teacher is an ordinary checkpoint of this project, usually trained with the translate-train
 stage, with its own text encoder and tokenizer. During C2KD it is frozen and in eval mode, reads
 the **English** caption of each item as it was trained to (its checkpoint's ``model.role`` and
 ``data.clean_english``: regex-cleaned where its dataset's teachers read cleaned English, as the
-reference's MSR-VTT, VATEX and YouCook2 teachers; as written for RUDDER, §1.3, §9), and its
+reference's MSR-VTT, VATEX and YouCook2 teachers; as written for RUDDER, docs/reference.md §1.3, §9), and its
 text-video similarity matrix over the batch is the distillation target.
 
 Two kinds of teachers give the same targets in fp32; ``teachers.mode`` picks one (trainer/build.py).
@@ -38,7 +38,7 @@ class Teacher:
     def __init__(self, path, model, tokenizer, english, pool_with_student_mask=False):
         self.path, self.model, self.tokenizer = Path(path), model, tokenizer
         # Converted reference teachers pooled their states with the student tokenizer's mask
-        # of the raw English caption (§2.3); they keep doing so to reproduce their targets.
+        # of the raw English caption (docs/reference.md §2.3); they keep doing so to reproduce their targets.
         self.pool_with_student_mask = pool_with_student_mask
         # English is read as the teacher was trained to read it (model.role, data.clean_english).
         self.english = english
@@ -69,7 +69,7 @@ class OnlineTeachers:
         self.text_inputs = [TextInput(self.input_name(i), t.tokenizer, [ENGLISH], t.english)
                             for i, t in enumerate(teachers)]
         if any(t.pool_with_student_mask for t in teachers):
-            # The student tokenizer's mask of the raw English caption (§2.3), as the cache pools
+            # The student tokenizer's mask of the raw English caption (docs/reference.md §2.3), as the cache pools
             # with, and not a teacher's English, which may be cleaned or come from another field.
             self.text_inputs.append(TextInput(POOL_MASK, student_tokenizer, [ENGLISH]))
 
@@ -200,7 +200,7 @@ class TeacherCache:
         table = TokenTable(mine, teacher.tokenizer, self.max_words, clean=teacher.english.clean)
         pool_mask = None
         if teacher.pool_with_student_mask:
-            # The student tokenizer's mask of the student's English caption of the same row (§2.3).
+            # The student tokenizer's mask of the student's English caption of the same row (docs/reference.md §2.3).
             student = [[c] for c in _row_aligned(self.corpus.captions[ENGLISH], english)[rows.start:rows.stop]]
             pool_mask = TokenTable(student, self.student_tokenizer, self.max_words, clean=False).attention_mask
         show = share[0] == 0

@@ -1,6 +1,6 @@
 """The training loop: one epoch of steps, an evaluation, a checkpoint; repeat.
 
-Optimisation follows the reference (§5; built in trainer.build): Adam on every trainable parameter,
+Optimisation follows the reference (docs/reference.md §5; built in trainer.build): Adam on every trainable parameter,
 ExponentialLR stepped once per epoch, no gradient clipping. On CUDA the forward pass runs under
 autocast (bf16, or fp16 with a gradient scaler; trainer.mixed_precision) in every stage; on the CPU
 it is plain fp32.

@@ -6,7 +6,7 @@
 One module per section:
 
 1. ``data``, data pipeline: items per second of this project's loader (captions tokenized once per
-   tokenizer, c2kd-reference §1.3 fixed) against a loader that tokenizes every caption of every
+   tokenizer, docs/reference.md §1.3 fixed) against a loader that tokenizes every caption of every
    language with every tokenizer on each access, as the reference did; the one-off
    pre-tokenization is reported separately and folded into a one-epoch ratio.
 2. ``c2kd_step``, C2KD training step (``Trainer.training_step``) with cached against online teachers, on

@@ -114,8 +114,8 @@ def bench_c2kd_step(assets, device, steps=20, warmup=2):
 
 def _train_mode_teachers(config, corpus, device, tokenizer):
     """The reference's design: online teachers left in train mode, so their dropout runs too
-    (c2kd-reference §3.1; this project puts teachers in eval mode). Timed, never trained with.
-    "reference" also runs every text column up to max_words, as the reference padded (§1.3)."""
+    (docs/reference.md §3.1; this project puts teachers in eval mode). Timed, never trained with.
+    "reference" also runs every text column up to max_words, as the reference padded (docs/reference.md §1.3)."""
     from trainer.build import build_teachers
     train_mode_teachers = {}
     for name, cut_padding in (("online_reference", True), ("reference", False)):

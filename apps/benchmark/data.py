@@ -7,7 +7,7 @@ from apps.benchmark import TEACHER_ENCODERS
 from apps.benchmark.timing import interleaved, median
 from data_loader.corpus import ENGLISH, Corpus
 
-# The reference's teacher suffixes (§1.3), in the order of TEACHER_ENCODERS.
+# The reference's teacher suffixes (docs/reference.md §1.3), in the order of TEACHER_ENCODERS.
 TEACHER_SUFFIXES = ("xlm", "mbert", "distill")
 
 
@@ -20,7 +20,7 @@ def tile_corpus(corpus, n_items):
 
 
 class ReferenceStyleDataset(torch.utils.data.Dataset):
-    """Tokenizes on every access, as the reference's loaders did (c2kd-reference §1.3).
+    """Tokenizes on every access, as the reference's loaders did (docs/reference.md §1.3).
 
     Per item: one caption index drawn with Python's ``random`` and shared by all languages; the
     English caption regex-cleaned and tokenized by the student and by every teacher tokenizer;

@@ -12,7 +12,7 @@ from data_loader.corpus import ENGLISH
 
 
 BASE_SHAPES = {
-    # LaBSE student and the reference's three teachers (c2kd-reference §2.1), random weights.
+    # LaBSE student and the reference's three teachers (docs/reference.md §2.1), random weights.
     "student": ("bert", dict(vocab_size=501_153, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                              intermediate_size=3072)),
     "teachers": [
@@ -65,7 +65,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
                    mixed_precision="bf16"):
     """Trainer.training_step of a full-size C2KD setup with cached and with online teachers.
 
-    Student and online teachers run under the trainer's autocast, as the reference did (§3.1)."""
+    Student and online teachers run under the trainer's autocast, as the reference did (docs/reference.md §3.1)."""
     from data_loader.dataset import EnglishReading
     from model.model import RetrievalModel, TextEncoder, VideoEncoder
     from parse_config import resolve
