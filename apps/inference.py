@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from data_loader.corpus import ENGLISH, check_items, is_safe_path
-from data_loader.dataset import EnglishReading, TokenTable, clean_caption
+from data_loader.dataset import EnglishReading, clean_caption
 from data_loader.readers import PICKLE_LAYOUTS, SplitNotInFile, read_corpus
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
@@ -320,14 +320,8 @@ class Retriever:
         regex-cleaned by an English-input teacher of a dataset whose teachers read cleaned English
         (``model.role``, ``data.clean_english``; its queries are taken as English), else as typed."""
         check_texts(texts)
-        captions = [[text] for text in texts]
-        max_words = self.config["data"]["max_words_eval"]
-        table = TokenTable(captions, self.tokenizer, max_words, clean=EnglishReading.of(self.config).clean)
-        # Converted reference teachers pool with the student tokenizer's mask of the raw caption
-        # (docs/reference.md §2.3).
-        pool = (TokenTable(captions, self.pool_tokenizer, max_words, clean=False).attention_mask
-                if self.pool_tokenizer else None)
-        return self.model.embed_texts(table.input_ids, table.attention_mask, pool, batch_size)
+        return self.model.embed_captions(texts, self.tokenizer, self.config["data"]["max_words_eval"],
+                                         EnglishReading.of(self.config).clean, self.pool_tokenizer, batch_size)
 
     def query_token_ids(self, query):
         """The token ids of ``query`` as ``encode_texts`` reads it, before truncation."""

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_loader.batch import Tokens
+from data_loader.dataset import TokenTable
 from utils.checkpoint import load_weights
 from utils.errors import UserError
 from utils.hub import load_named
@@ -216,6 +217,16 @@ class RetrievalModel(nn.Module):
     @property
     def embedding_dim(self):
         return self.video.proj.gate.out_features
+
+    def embed_captions(self, captions, tokenizer, max_words, clean=False, pool_tokenizer=None, batch_size=256):
+        """[len(captions), P] normalised embeddings of caption strings, tokenized as evaluation
+        captions are (regex-cleaned when ``clean``). With ``pool_tokenizer``, text is pooled with that
+        tokenizer's mask of the raw caption, as converted reference teachers pool (docs/reference.md §2.3)."""
+        rows = [[c] for c in captions]
+        table = TokenTable(rows, tokenizer, max_words, clean)
+        pool = (TokenTable(rows, pool_tokenizer, max_words, clean=False).attention_mask
+                if pool_tokenizer is not None else None)
+        return self.embed_texts(table.input_ids, table.attention_mask, pool, batch_size)
 
     @torch.no_grad()
     def embed_texts(self, input_ids, attention_mask, pool_mask=None, batch_size=256, progress=False):

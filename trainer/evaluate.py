@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader.corpus import ENGLISH
-from data_loader.dataset import EnglishReading, TokenTable
+from data_loader.dataset import EnglishReading
 from model.metric import STATS, EmbeddingScores, mean_rows, retrieval_metrics_from_embeddings, with_mean_rows
 from model.model import load_tokenizer
 from model.rerank import build_rerankers
@@ -166,12 +166,9 @@ def embed_querybanks(model, tokenizer, banks, config):
     for lang, pairs in banks.items():
         parts = []
         for caption_lang in dict.fromkeys(cl for cl, _ in pairs):
-            captions = [[c] for cl, c in pairs if cl == caption_lang]
+            captions = [c for cl, c in pairs if cl == caption_lang]
             clean = clean_english and caption_lang == ENGLISH
-            table = TokenTable(captions, tokenizer, data["max_words_eval"], clean)
-            pool = TokenTable(captions, pool_tokenizer, data["max_words_eval"], False).attention_mask \
-                if pool_tokenizer is not None else None
-            parts.append(model.embed_texts(table.input_ids, table.attention_mask, pool_mask=pool))
+            parts.append(model.embed_captions(captions, tokenizer, data["max_words_eval"], clean, pool_tokenizer))
         out[lang] = torch.cat(parts)
     return out
 
