@@ -15,7 +15,7 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 toy: setup
-	$(PY) -m apps.tiny_encoders --root cache
+	$(PY) -m utils.tiny_encoders --root cache
 
 demo: setup  # scripts/demo.sh builds (or reuses) the toy data and encoders
 	bash scripts/demo.sh

@@ -16,7 +16,7 @@ from data_loader.readers import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELD
 from model.loss import DISTANCES, STAGES, TEACHER_POOLS
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
-from utils.errors import ConfigError
+from common.errors import ConfigError
 
 LABSE = "sentence-transformers/LaBSE"  # the paper's student, whose tokenizer converted teachers pool with
 AT_DEFAULT = object()  # marker: a config saved before the key existed ran with its default
@@ -297,5 +297,5 @@ REFERENCE_KEYS = {
     "max_words": "use data.max_words_train and data.max_words_eval", "n_video_tokens": "use data.n_video_tokens",
     "trainer.save_latest": "drop it: latest.pt is written every epoch", "trainer.verbosity": "drop it",
     "trainer.early_stop": "drop it", "trainer.tensorboard": "drop it",
-    "trainer.resume_only_model": "drop it: -r resumes exactly; reference weights go through apps.convert_checkpoint",
+    "trainer.resume_only_model": "drop it: -r resumes exactly; reference weights go through utils.convert_checkpoint",
 }

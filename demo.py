@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from parse_config import select_device
-from utils.errors import run_command
-from apps.inference import (InferenceError, Retriever, VideoIndex, find_video, read_videos,
+from common.errors import run_command
+from utils.inference import (InferenceError, Retriever, VideoIndex, find_video, read_videos,
                              results_html)
-from apps.moments import matching_event, plot_moments, score_moments
+from utils.moments import matching_event, plot_moments, score_moments
 
 
 def build_parser():
@@ -121,7 +121,7 @@ def run_moments(args):
 
 
 def run_serve(args):
-    from apps.search_server import SearchService, bind_local, serve
+    from utils.search_server import SearchService, bind_local, serve
     if not args.videos and not args.index:
         raise InferenceError("serve needs --videos DATA (encoded at start) or --index INDEX (a saved index)")
     sock = bind_local(args.port)  # a busy port fails before the checkpoint is loaded

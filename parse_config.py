@@ -17,7 +17,7 @@ from pathlib import Path
 from config_keys import KEYS, REFERENCE_KEYS, REPLACED_KEYS, RESULT_NEUTRAL_KEYS
 from data_loader.readers import READER_OPTIONS
 from model.loss import legacy_teacher_pool
-from utils.errors import ConfigError  # defined at ground level; callers may also import it from here
+from common.errors import ConfigError  # defined at ground level; callers may also import it from here
 
 
 def flatten_config(tree, prefix=""):

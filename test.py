@@ -8,7 +8,7 @@ evaluation file). Prints the tables and writes metrics.json to --out (default:
 <checkpoint folder>/eval/<checkpoint name>/, so each checkpoint keeps its own results), and with
 --save-sims the similarity matrices to <out>/sims/ (or the folder it names). With re-rankers
 (``--rerank`` or ``eval.rerank``), each re-ranked table is printed beside the raw one and stored
-beside it in metrics.json; ``python -m apps.rerank`` redoes them from --save-sims files.
+beside it in metrics.json; ``python -m utils.rerank`` redoes them from --save-sims files.
 """
 import json
 import sys
@@ -22,8 +22,8 @@ from parse_config import ConfigError, build_parser, config_from_args, flatten_co
 from trainer.build import build_loaders, load_corpora
 from trainer.evaluate import (draw_querybanks, embed_querybanks, evaluate, flat_metrics, querybank_description,
                               rerank_metrics, rerankers_from_config)
-from utils.checkpoint import load_checkpoint
-from utils.errors import run_command
+from common.checkpoint import load_checkpoint
+from common.errors import run_command
 from trainer.experiment import check_run_id, run_experiment
 
 

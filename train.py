@@ -18,9 +18,9 @@ from trainer.build import build_loaders, build_loss, build_teachers, build_train
 from trainer.evaluate import check_monitor, flat_metrics
 from trainer.state import seed_everything, seed_rank
 from trainer.trainer import TrainingInterrupted, check_resumable
-from utils.checkpoint import checkpoint_header
-from utils.distributed import close_distributed, init_distributed, on_main
-from utils.errors import run_command
+from common.checkpoint import checkpoint_header
+from common.distributed import close_distributed, init_distributed, on_main
+from common.errors import run_command
 from trainer.experiment import (RESUMABLE, check_run_id, continued_run_id, existing_run, run_dir, run_experiment,
                               run_root_of)
 

@@ -25,7 +25,7 @@ from data_loader.corpus import is_safe_path, item_problems, listed, read_safe_ra
 from data_loader.readers import (PICKLE_LAYOUTS, READERS, SPLIT_LAYOUTS, detect_feature_key, detect_layout,
                                  read_safe)
 from data_loader.safe_pickle import DataFileError, load_pickle
-from utils.errors import run_command
+from common.errors import run_command
 
 # Known evaluation quirks of released files, printed as hints: (layout, split, items) -> text.
 HINTS = {

@@ -21,8 +21,8 @@ from data_loader.check import load_any
 from data_loader.corpus import SAFE_FORMAT, SAFE_VERSION, SafeFiles
 from data_loader.readers import READERS, _DROP, json_value, read_safe
 from data_loader.safe_pickle import DataFileError
-from utils.errors import run_command
-from utils.files import atomic_write
+from common.errors import run_command
+from common.files import atomic_write
 
 
 def write_safe(corpus, out, feature_key, fmt="safetensors", dtype="float32", overwrite=False, source=None):

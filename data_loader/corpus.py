@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data_loader.safe_pickle import DataFileError
-from utils.errors import first_line
+from common.errors import first_line
 
 # The pivot language: the teachers read it, zero-shot training uses it alone, every stage needs it.
 ENGLISH = "en"

@@ -30,9 +30,9 @@ from data_loader.corpus import ENGLISH, Corpus, read_safe_raw, safe_files
 from data_loader.readers import caption_list
 from data_loader.safe_pickle import DataFileError
 from data_loader.video import VideoError, center_crop, decode_frames, list_videos
-from utils.errors import UserError, first_line, run_command
-from utils.files import atomic_write
-from utils.hub import load_named, model_identity
+from common.errors import UserError, first_line, run_command
+from common.files import atomic_write
+from common.hub import load_named, model_identity
 
 FEATURES = "features"
 REPORT = "failed.tsv"

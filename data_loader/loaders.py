@@ -8,7 +8,7 @@ from data_loader.corpus import check_items
 from data_loader.readers import read_corpus
 from data_loader.dataset import RetrievalDataset
 from data_loader.safe_pickle import DataFileError
-from utils.errors import ConfigError
+from common.errors import ConfigError
 
 
 def load_split(config, split):

@@ -9,7 +9,7 @@ everything else before it is called.
 import pickle
 from pathlib import Path
 
-from utils.errors import UserError
+from common.errors import UserError
 
 # Globals a pickle of plain containers and numpy arrays needs, and nothing more.
 # numpy moved its internals from numpy.core to numpy._core in 2.0; files written

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data_loader.safe_pickle import DataFileError
-from utils.files import atomic_write
+from common.files import atomic_write
 
 VERSION = 1
 KINDS = ("action", "object", "place")

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from data_loader.corpus import ENGLISH, safe_files
 from data_loader.safe_pickle import DataFileError
-from utils.errors import UserError, first_line, run_command
-from utils.files import atomic_write
-from utils.hub import load_named, model_identity
+from common.errors import UserError, first_line, run_command
+from common.files import atomic_write
+from common.hub import load_named, model_identity
 
 
 class TranslatorError(UserError, ValueError):

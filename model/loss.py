@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_loader.corpus import ENGLISH
-from utils.distributed import gather, gather_with_grad, world_size
+from common.distributed import gather, gather_with_grad, world_size
 
 
 def similarity(a, b):

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from data_loader.batch import Tokens
 from data_loader.dataset import TokenTable
-from utils.checkpoint import load_weights
-from utils.errors import UserError
-from utils.hub import load_named
+from common.checkpoint import load_weights
+from common.errors import UserError
+from common.hub import load_named
 
 # Every LayerNorm of the reference model (the video norm, the text norm, the fusion blocks' norms)
 # has eps 1e-6, not PyTorch's 1e-5: converted checkpoints need it to reproduce their embeddings

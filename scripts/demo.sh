@@ -21,7 +21,7 @@ stage() {  # stage "what it does" LOG_NAME command...
   fi
 }
 
-stage "building the Multi-Toy data and tiny encoders" toy $PY -m apps.tiny_encoders --root cache
+stage "building the Multi-Toy data and tiny encoders" toy $PY -m utils.tiny_encoders --root cache
 n=0
 for teacher in xlmr mbert distiluse; do  # trained once, then reused (or resumed) by train.py
   n=$((n + 1))
@@ -31,6 +31,6 @@ rm -rf runs/toy/translate_train/demo runs/toy/c2kd/demo
 stage "translate-train student" translate_train $PY train.py -c configs/toy/translate_train.json --run-id demo
 stage "C2KD student" c2kd $PY train.py -c configs/toy/c2kd.json --run-id demo
 stage "evaluating the C2KD student with test.py" test $PY test.py -r runs/toy/c2kd/demo/latest.pt
-$PY -m apps.report --out reports/toy_demo --recall 1,5,10 \
+$PY -m utils.report --out reports/toy_demo --recall 1,5,10 \
   --method "Translate-train=runs/toy/translate_train/demo" \
   --method "C2KD=runs/toy/c2kd/demo"

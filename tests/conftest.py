@@ -9,8 +9,8 @@ import torch
 from data_loader import toy
 from model.model import build_model
 from parse_config import resolve
-from apps import tiny_encoders
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils import tiny_encoders
+from common.checkpoint import load_checkpoint, save_checkpoint
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
     """A translate-train checkpoint on the full Multi-Toy (1000 training videos), in a tmp dir, with
     its retriever and the index of the Multi-Toy test set."""
     import train as train_entry
-    from apps.inference import Retriever, read_videos
+    from utils.inference import Retriever, read_videos
     assets = tiny_encoders.ensure_toy_assets(ROOT / "cache")
     runs = tmp_path_factory.mktemp("demo_runs")
     code = train_entry.main([
@@ -102,7 +102,7 @@ def make_trainer(config, info=None):
     """A Trainer of a fresh student (seed 0) on the CPU and the first training batch of epoch 0."""
     from trainer.build import build_loaders, build_loss, build_teachers, build_trainer, load_corpora
     from model.model import model_from_config
-    from utils.distributed import DistInfo
+    from common.distributed import DistInfo
     info = info or DistInfo()
     torch.manual_seed(0)
     device = torch.device("cpu")

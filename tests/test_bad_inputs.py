@@ -15,7 +15,7 @@ import pytest
 
 from model.model import build_model
 from tests.conftest import toy_config, write_json_config
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_checkpoint_errors_are_the_projects_own_lines(tmp_path, weights, capsys)
     import torch
     reference = tmp_path / "latest_model.pth"
     torch.save({"arch": "AVLnet", "state_dict": {"w": torch.ones(2)}, "config": ReferenceConfig()}, reference)
-    line = refused(cli("test.py", "-r", reference, "-d", "cpu"), reference, "python -m apps.convert_checkpoint")
+    line = refused(cli("test.py", "-r", reference, "-d", "cpu"), reference, "python -m utils.convert_checkpoint")
     assert "weights_only" not in line and "\x1b" not in line
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "folder").mkdir()

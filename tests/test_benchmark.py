@@ -1,15 +1,15 @@
-"""apps.benchmark: a quick smoke run (every section), the full-size GPU step code on tiny shapes, FLOP counting by hand.
+"""utils.benchmark: a quick smoke run (every section), the full-size GPU step code on tiny shapes, FLOP counting by hand.
 Timings are never asserted: they depend on the machine and its load."""
 import json
 
 import pytest
 import torch
 
-from apps.benchmark.cli import main
-from apps.benchmark.data import tile_corpus
-from apps.benchmark.flops import c2kd_step_flops, peak_bf16_flops, text_forward_flops, video_forward_flops
-from apps.benchmark.gpu import bench_gpu_step
-from apps.tiny_encoders import build_backbone
+from utils.benchmark.cli import main
+from utils.benchmark.data import tile_corpus
+from utils.benchmark.flops import c2kd_step_flops, peak_bf16_flops, text_forward_flops, video_forward_flops
+from utils.benchmark.gpu import bench_gpu_step
+from utils.tiny_encoders import build_backbone
 from model.model import TextEncoder, VideoEncoder
 
 
@@ -108,7 +108,7 @@ def test_quick_run_writes_every_section(tmp_path, toy_assets, capsys):
         argv += ["--skip", "gpu"]
     assert main(argv, assets=toy_assets) == 0
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python -m apps.benchmark --quick")
+    assert report["command"].startswith("python -m utils.benchmark --quick")
     data = report["data_pipeline"]
     for key in ("project_setup_s", "project_items_per_s", "reference_items_per_s", "steady_state_ratio",
                 "one_epoch_with_setup_ratio"):

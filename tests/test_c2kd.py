@@ -8,7 +8,7 @@ import torch
 import train as train_entry
 from parse_config import flatten_config, resolve
 from tests.conftest import make_trainer, sacred_scalars, toy_config, write_json_config
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_a_checkpoint_saved_before_model_role_reads_english_alike_in_every_loade
     from data_loader.dataset import EnglishReading
     from parse_config import build_parser, config_from_args
     from trainer.teachers import load_teacher
-    from apps.inference import Retriever
+    from utils.inference import Retriever
 
     state = load_checkpoint(setup["teachers"][0])
     del state["config"]["model"]["role"], state["config"]["model"]["length_bucket_rows"]

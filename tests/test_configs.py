@@ -135,7 +135,7 @@ def test_scripts(script):
     if script.parent.name == "reproduce":
         assert f'pipeline.sh" {ds} "${{FEATURE:-{DEFAULT_FEATURE[ds]}}}" "$@"' in text
         pipeline = (ROOT / "scripts" / "reproduce" / "pipeline.sh").read_text()
-        assert "apps.report" in pipeline and '"$@"' in pipeline
+        assert "utils.report" in pipeline and '"$@"' in pipeline
         return
     assert '--run-id "seed${SEED}" --seed "${SEED}" "$@"' in text
     refs = re.findall(r'-c "(configs/[^"\s]+\.json)"', text)

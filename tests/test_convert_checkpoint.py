@@ -1,4 +1,4 @@
-"""Conversion of the authors' released checkpoints (apps/convert_checkpoint.py).
+"""Conversion of the authors' released checkpoints (utils/convert_checkpoint.py).
 
 A checkpoint in the reference's layout (docs/reference.md §2.6, §5) is built here with tiny local text
 encoders and random weights, dead modules included. The converted model must give the embeddings
@@ -26,9 +26,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 import parse_config
 from data_loader.batch import Tokens
 from model.model import DEFAULT_BUCKET_ROWS, model_from_checkpoint
-from apps import tiny_encoders
-from utils.checkpoint import load_checkpoint
-from apps.convert_checkpoint import ConvertError, convert, main
+from utils import tiny_encoders
+from common.checkpoint import load_checkpoint
+from utils.convert_checkpoint import ConvertError, convert, main
 
 ROOT = Path(__file__).resolve().parents[1]
 # The recipe converted checkpoints take their data settings from (MSR-VTT: teachers read cleaned English).
@@ -410,7 +410,7 @@ def test_parity_preset_gives_the_reference_evaluation_of_a_converted_checkpoint(
 
 
 def test_inference_of_a_converted_teacher_pools_with_the_student_mask(encoders, tmp_path):
-    from apps.inference import Retriever
+    from utils.inference import Retriever
     teacher_dir, student_dir = encoders["xlmr-tiny"], encoders["labse-tiny"]
     sd = reference_state(teacher_dir)
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["xlm"])
@@ -462,7 +462,7 @@ def test_cli(encoders, tmp_path, capsys):
     sd["unexpected.weight"] = torch.zeros(1)
     src = save_reference(tmp_path / "latest_model.pth", sd, ARCH["mbert"])
     out = tmp_path / "mbert.pt"
-    cmd = [sys.executable, "-m", "apps.convert_checkpoint", str(src), str(out),
+    cmd = [sys.executable, "-m", "utils.convert_checkpoint", str(src), str(out),
            "--text-encoder", str(encoders["mbert-tiny"]), "--feature-dim", str(FEATURE_DIM),
            "--data-config", str(ROOT / "configs" / "rudder" / "base.json")]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

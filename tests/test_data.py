@@ -216,7 +216,7 @@ def test_sampler_length_is_what_it_yields(size, batch, world, drop_last):
 
 
 def test_inference_reads_a_training_file_and_reports_its_own_errors(tmp_path):
-    from apps.inference import read_videos
+    from utils.inference import read_videos
     path = tmp_path / "train.pkl"
     path.write_bytes(pickle.dumps(released_items(training=True), protocol=4))
     assert len(read_videos(path, "multi-msrvtt", "2d")) == len(released_items(training=True))
@@ -226,7 +226,7 @@ def test_inference_reads_a_training_file_and_reports_its_own_errors(tmp_path):
 
 def test_inference_reads_a_safe_folder_whatever_layout_the_checkpoint_names(tmp_path, toy_assets):
     from data_loader import convert
-    from apps.inference import read_videos
+    from utils.inference import read_videos
     assert convert.main([str(toy_assets["test"]), str(tmp_path / "safe")]) == 0
     pickled = read_videos(toy_assets["test"], "multi-msrvtt", "2d")
     safe = read_videos(tmp_path / "safe", "multi-msrvtt", "2d")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import demo
-from utils.checkpoint import CheckpointError
-from apps.inference import InferenceError, Retriever, VideoIndex, find_video
-from apps.moments import matching_event, score_moments, sliding_windows
+from common.checkpoint import CheckpointError
+from utils.inference import InferenceError, Retriever, VideoIndex, find_video
+from utils.moments import matching_event, score_moments, sliding_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from tests.conftest import make_trainer, toy_config, untrained_teachers
 from trainer.build import build_loaders, build_teachers, load_corpora
 from model.model import model_from_config
 from trainer.evaluate import evaluate
-from utils.checkpoint import CheckpointError
-from utils.distributed import DistInfo, on_main
+from common.checkpoint import CheckpointError
+from common.distributed import DistInfo, on_main
 
 
 def grads(model):

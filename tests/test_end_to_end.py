@@ -9,7 +9,7 @@ import test as test_entry
 import train as train_entry
 from tests.conftest import assert_same_weights, sacred_scalars, toy_config, write_json_config
 from trainer.evaluate import flat_metrics, metric_names
-from utils.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint
 
 
 EPOCHS = 6
@@ -129,7 +129,7 @@ def test_training_needs_english_but_evaluation_ranks_any_languages(trained, tmp_
 
 
 def test_test_py_reranks_beside_the_raw_numbers_and_offline_from_saved_files(trained, tmp_path, capsys):
-    from apps import rerank as offline
+    from utils import rerank as offline
     run = trained["full"]
     out, sims = tmp_path / "eval", tmp_path / "sims"
     capsys.readouterr()

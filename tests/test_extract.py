@@ -16,7 +16,7 @@ import torch
 from data_loader import extract
 from data_loader.s3d import S3D, S3DWeightsError, load_s3d
 from data_loader.video import center_crop, decode_frames, synthetic_frames, write_video
-from apps.tiny_encoders import build_tiny_clip
+from utils.tiny_encoders import build_tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # frames and the tiny CLIP's input, in pixels

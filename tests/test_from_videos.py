@@ -7,7 +7,7 @@ from pathlib import Path
 from data_loader.readers import read_safe
 from data_loader.video import synthetic_frames, write_video
 from tests.test_translate import WORDS, english
-from apps.tiny_encoders import build_tiny_clip, build_tiny_translator
+from utils.tiny_encoders import build_tiny_clip, build_tiny_translator
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -361,7 +361,7 @@ def test_from_embeddings_on_cuda_matches_cpu():
 
 @pytest.mark.parametrize("tie_break", ["optimistic", "pessimistic", "averaging"])
 def test_one_pass_equals_the_two_pass_ranking_it_replaced(tie_break):
-    from apps.benchmark.ranking import two_pass_ranks
+    from utils.benchmark.ranking import two_pass_ranks
     for seed in range(3):
         # Quantised embeddings: every score exact, many ties at the ground truth.
         queries, videos = _embeddings(130, 90, 5, seed=seed, levels=1, dtype=torch.float32)

@@ -8,7 +8,7 @@ from model.metric import _fused_tile_counts, _tile_counts
 
 def test_a_pass_reuses_the_counts_compiled_beforehand():
     gen = torch.Generator().manual_seed(0)
-    # Compiled once for square tiles and once for the others, as apps.benchmark does before timing.
+    # Compiled once for square tiles and once for the others, as utils.benchmark does before timing.
     for cols in (64, 48):
         tile = torch.randn(64, cols, generator=gen)
         _fused_tile_counts(tile, tile[:, 0].clone()[:, None], tile[0].clone()[None])

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_same_weights, make_trainer, toy_config, untrained_teachers, write_json_config
-from utils.checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, checkpoint_header, load_checkpoint,
+from common.checkpoint import (FORMAT, VERSION, CheckpointError, atomic_save, checkpoint_header, load_checkpoint,
                               save_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +290,7 @@ def test_bad_checkpoints_and_run_folders_are_refused(toy_assets, tmp_path):
     result = train_cli("-r", str(cut))
     assert result.returncode == 2 and f"{cut}: not a readable checkpoint" in result.stderr
     # A checkpoint written by a newer version of the code.
-    from utils.checkpoint import FORMAT, VERSION
+    from common.checkpoint import FORMAT, VERSION
     newer = atomic_save({**load_checkpoint(wide), "format": FORMAT, "version": VERSION + 1}, tmp_path / "newer.pt")
     result = train_cli("-r", str(newer))
     assert result.returncode == 2 and f"{newer}: checkpoint format version {VERSION + 1} is newer" in result.stderr
@@ -355,7 +355,7 @@ def test_non_finite_loss_stops_the_run_naming_step_terms_and_items(toy_assets, t
 def test_mixed_precision_modes_and_the_gradient_scaler(toy_assets, tmp_path, monkeypatch):
     """fp16 autocast gets a gradient scaler, bf16 and fp32 do not; the CPU always trains in fp32."""
     import trainer.trainer
-    from utils.device import amp_dtype
+    from common.device import amp_dtype
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name: no GPU is touched
     assert amp_dtype(cuda, "fp16") is torch.float16 and amp_dtype(cuda, "bf16") is torch.bfloat16
     assert amp_dtype(cuda, "off") is None
@@ -483,7 +483,7 @@ def test_settings_restored_on_resume_and_rank_seeds():
 def test_each_rank_resumes_its_own_random_state(toy_assets, tmp_path):
     """A two-process checkpoint holds one random state per rank: a process takes the state of its
     rank (one process continues rank 0's); a rank the checkpoint lacks starts a fresh stream."""
-    from utils.distributed import DistInfo
+    from common.distributed import DistInfo
     config = toy_config(toy_assets, tmp_path, "translate-train")
     trainer, _ = make_trainer(config)
     state = trainer.state_dict()

@@ -1,4 +1,4 @@
-"""apps.report: gathering Sacred run folders, mean ± sample std over seeds, refusing mixed groups."""
+"""utils.report: gathering Sacred run folders, mean ± sample std over seeds, refusing mixed groups."""
 import csv
 import json
 import math
@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from apps import report
+from utils import report
 
 LANGS = ("en", "de", "fr")
 # seed -> {lang: t2v R1}; the expected means and sample standard deviations are computed below

@@ -113,7 +113,7 @@ def test_querybanks_per_language_or_one_stated_mix(toy_assets):
 
 
 def test_offline_reranking_refuses_a_folder_without_what_it_needs(tmp_path, capsys):
-    from apps import rerank as offline
+    from utils import rerank as offline
     np.save(tmp_path / "de.npy", np.eye(3, dtype=np.float32))
     (tmp_path / "de.json").write_text(json.dumps({"query_ids": ["a", "b", "c"], "video_ids": ["a", "b", "c"]}))
     assert offline.main([str(tmp_path), "--rerank", "dsl"]) == 0

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import assert_same_weights, toy_config, write_json_config
 from tests.test_reliability import interrupt_mid_epoch, train_cli
-from utils.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint
 from trainer.experiment import continued_run_id, folder_state, lock_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_pipeline_leaves_each_run_folder_to_train_py(tmp_path):
         f"env SEED=0 bash scripts/translate_train_baseline/msrvtt.sh {extra}",
         f"== {r}/c2kd/seed0 (resume)",
         f"env SEED=0 bash scripts/c2kd/msrvtt.sh {extra}",
-        (f"{sys.executable} -m apps.report --method Zero-shot={r}/zero_shot/seed0 "
+        (f"{sys.executable} -m utils.report --method Zero-shot={r}/zero_shot/seed0 "
          f"--method Translate-train={r}/translate_train/seed0 --method C2KD={r}/c2kd/seed0 "
          f"--recall 1,5,10 --out {r}/report"),
     ]

@@ -191,7 +191,7 @@ def test_unreadable_means_unknown_tokens_only(trained):
 
 
 def test_a_restarted_server_binds_a_port_with_connections_in_time_wait():
-    from apps.search_server import bind_local
+    from utils.search_server import bind_local
     listener = bind_local(0)
     port = listener.getsockname()[1]
     client = socket.create_connection(("127.0.0.1", port))
@@ -205,8 +205,8 @@ def test_a_restarted_server_binds_a_port_with_connections_in_time_wait():
 def test_bad_ports_and_an_index_of_another_size_are_one_line_errors(trained, capsys):
     import demo
     import torch
-    from apps.inference import InferenceError, VideoIndex
-    from apps.search_server import SearchService
+    from utils.inference import InferenceError, VideoIndex
+    from utils.search_server import SearchService
     assert demo.main(["serve", "-r", "no.pt", "--videos", "no.pkl", "--port", "70000"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --port 70000: expected 1 to 65535 (0: any free port)"]
     index = VideoIndex(["a", "b"], torch.nn.functional.normalize(torch.randn(2, 7), dim=1))

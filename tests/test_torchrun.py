@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_same_weights, toy_config, write_json_config
-from utils.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from data_loader import toy
 from data_loader.safe_pickle import DataFileError, load_pickle
-from apps import tiny_encoders
+from utils import tiny_encoders
 
 LANGS = ("en", "de", "fr", "cs", "zh", "ru", "vi", "sw", "es")
 
@@ -230,7 +230,7 @@ def test_ensure_toy_assets_layout(tmp_path):
 
 
 def test_tiny_encoders_are_rebuilt_identically(tmp_path):
-    from apps import tiny_encoders
+    from utils import tiny_encoders
     texts = ["A man cuts an onion.", "Ein Mann schneidet eine Zwiebel.", "一个男人切洋葱。", "Мужчина режет лук."] * 3
     first = tiny_encoders.build(tmp_path / "a", texts)
     second = tiny_encoders.build(tmp_path / "b", texts)

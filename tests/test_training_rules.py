@@ -9,7 +9,7 @@ import torch
 
 from model.loss import RowMasks
 from tests.conftest import make_trainer, toy_config, untrained_teachers, write_json_config
-from utils.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
+from common.checkpoint import FORMAT, VERSION, CheckpointError, load_checkpoint
 
 LANGUAGES = ["en", "de", "fr"]
 
@@ -194,7 +194,7 @@ def test_training_logs_the_learning_rate_and_throughput_beside_the_loss(toy_asse
 
 
 def test_accumulation_steps_must_divide_the_per_process_batch(toy_assets, tmp_path):
-    from utils.errors import ConfigError
+    from common.errors import ConfigError
     with pytest.raises(ConfigError, match="config key 'trainer.accumulation_steps' = 3 does not divide the "
                                           "per-process batch of 16$"):
         make_trainer(toy_config(toy_assets, tmp_path, **{"trainer.accumulation_steps": 3}))

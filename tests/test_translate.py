@@ -12,7 +12,7 @@ from data_loader import translate
 from data_loader.convert import write_safe
 from data_loader.corpus import Corpus
 from data_loader.readers import read_safe
-from apps.tiny_encoders import build_tiny_translator
+from utils.tiny_encoders import build_tiny_translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = "a man cuts an onion in the kitchen then woman washes cup garden dog runs".split()

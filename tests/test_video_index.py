@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from apps.inference import FaissExact, FaissIVF, InferenceError, TorchExact, VideoIndex
+from utils.inference import FaissExact, FaissIVF, InferenceError, TorchExact, VideoIndex
 
 pytest.importorskip("faiss", reason="faiss-cpu is in requirements.txt; install it to test the FAISS methods")
 

@@ -13,7 +13,7 @@ from model.model import load_tokenizer
 from trainer.evaluate import evaluate
 from trainer.teachers import CachedTeachers, OnlineTeachers, load_teacher
 from trainer.trainer import Trainer, TrainerSettings
-from utils.errors import ConfigError
+from common.errors import ConfigError
 
 
 def load_corpora(config, splits=("train", "eval")):

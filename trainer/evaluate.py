@@ -18,8 +18,8 @@ from data_loader.dataset import EnglishReading
 from model.metric import STATS, EmbeddingScores, mean_rows, retrieval_metrics_from_embeddings, with_mean_rows
 from model.model import load_tokenizer
 from model.rerank import build_rerankers
-from utils.distributed import gather_to_main, on_main, rank
-from utils.errors import ConfigError
+from common.distributed import gather_to_main, on_main, rank
+from common.errors import ConfigError
 
 
 @dataclass

@@ -38,7 +38,7 @@ from sacred.dependencies import PackageDependency  # noqa: E402
 from sacred.observers import FileStorageObserver, MongoObserver  # noqa: E402
 from sacred.observers.file_storage import DEFAULT_FILE_STORAGE_PRIORITY  # noqa: E402
 
-from utils.errors import ConfigError, UserError  # noqa: E402
+from common.errors import ConfigError, UserError  # noqa: E402
 
 # tqdm progress bars and Sacred's file-descriptor capture do not mix; capture at sys level.
 SETTINGS.CAPTURE_MODE = "sys"
@@ -358,7 +358,7 @@ def run_experiment(name, config, main, run_root, run_id=None, mongo=None, neptun
     ``continued_run_id``). Under torch.distributed only rank 0 records the run; the other ranks
     run the same experiment unobserved, and learn from rank 0 whether the run folder can be written.
     """
-    from utils.distributed import on_main, rank  # torch: not needed by the folder-state command
+    from common.distributed import on_main, rank  # torch: not needed by the folder-state command
 
     ex = Experiment(name, base_dir=str(ROOT), save_git_info=False)
     entry = getattr(sys.modules.get("__main__"), "__file__", None)  # train.py / test.py: not a module name

@@ -28,8 +28,8 @@ from data_loader.dataset import EnglishReading, TextInput, TokenTable
 from model.loss import cosine_sim, similarity, stage_loss
 from model.model import model_from_checkpoint
 from parse_config import upgrade_saved_config
-from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
-from utils.distributed import gather, gather_objects, gather_to_main, on_main, rank, world_size
+from common.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from common.distributed import gather, gather_objects, gather_to_main, on_main, rank, world_size
 
 CACHE_VERSION = 1
 

@@ -24,10 +24,10 @@ from model.metric import format_table
 from parse_config import config_differences
 from trainer.evaluate import flat_metrics
 from trainer.state import rng_state, saved_rng_states, seed_rank, set_rng_state
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.device import amp_dtype, autocast, to_device
-from utils.distributed import DistInfo, gather_to_main, on_main
-from utils.errors import ConfigError, UserError, first_line
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from common.device import amp_dtype, autocast, to_device
+from common.distributed import DistInfo, gather_to_main, on_main
+from common.errors import ConfigError, UserError, first_line
 
 
 class TrainingInterrupted(KeyboardInterrupt):

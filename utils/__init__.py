@@ -1,0 +1,1 @@
+"""Applications built on the trainer: reports, benchmarks, checkpoint conversion, inference and demos."""

@@ -7,7 +7,7 @@
 # 3. data_loader.check: both splits.
 # 4. train.py: a translate-train teacher (configs/from_videos/teacher.json), then a C2KD student
 #    distilled from it (configs/from_videos/c2kd.json), runs under OUT/runs.
-# 5. apps.report: the per-language table of both, in OUT/report.
+# 5. utils.report: the per-language table of both, in OUT/report.
 # Every step can be re-run after an interruption: finished videos, cached translations and
 # finished runs are reused.
 # Environment (defaults in brackets):
@@ -67,5 +67,5 @@ echo "== C2KD student (${STUDENT:-sentence-transformers/LaBSE})"
   --set "teachers.checkpoints=[\"$RUNS/teacher/seed$SEED/latest.pt\"]" "$@"
 
 echo "== table"
-"$PY" -m apps.report --method "Translate-train teacher=$RUNS/teacher/seed$SEED" \
+"$PY" -m utils.report --method "Translate-train teacher=$RUNS/teacher/seed$SEED" \
   --method "C2KD=$RUNS/c2kd/seed$SEED" --recall 1,5,10 --out "$OUT/report"

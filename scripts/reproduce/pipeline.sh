@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reproduction pipeline of one dataset, shared by scripts/reproduce/<dataset>.sh: the three
 # teachers (seed 0), then zero-shot, translate-train and C2KD with every seed in SEEDS, then the
-# table (mean ± sample std over seeds) with apps.report, written to runs/<dataset>/$FEATURE/report/.
+# table (mean ± sample std over seeds) with utils.report, written to runs/<dataset>/$FEATURE/report/.
 #   bash scripts/reproduce/pipeline.sh DATASET FEATURE [train.py arguments...]
 # The script can be re-run after an interruption, as each train.py command can: for its run folder
 # (see python -m trainer.experiment state FOLDER), train.py trains a new run, resumes an unfinished
@@ -9,7 +9,7 @@
 # failed before its first checkpoint (missing data or teacher), and stops the script with a one-line
 # error for a run of another config (naming the keys that differ), a run in progress in another
 # process, or a folder that is not a run. A teacher folder holding a latest.pt without a run.json
-# is used as given weights (e.g. converted with apps.convert_checkpoint).
+# is used as given weights (e.g. converted with utils.convert_checkpoint).
 # Extra arguments go to every train.py call. DRY_RUN=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,7 +51,7 @@ for seed in $SEEDS; do
 done
 
 join() { local IFS=,; echo "$*"; }
-$DRY "$PY" -m apps.report \
+$DRY "$PY" -m utils.report \
   --method "Zero-shot=$(join "${zero_shot[@]}")" \
   --method "Translate-train=$(join "${translate_train[@]}")" \
   --method "C2KD=$(join "${c2kd[@]}")" \

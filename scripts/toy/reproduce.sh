@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-"0 1 2"}
 
-$PY -m apps.tiny_encoders --root cache >/dev/null
+$PY -m utils.tiny_encoders --root cache >/dev/null
 
 for teacher in xlmr mbert distiluse; do
   $PY train.py -c "configs/toy/teacher_$teacher.json" --run-id seed0 --seed 0
@@ -24,7 +24,7 @@ runs_of() {  # comma-separated run folders of one method, one per seed
   for seed in $SEEDS; do dirs+=("runs/toy/$1/seed$seed"); done
   (IFS=,; echo "${dirs[*]}")
 }
-$PY -m apps.report --out reports/toy --recall 1,5,10 \
+$PY -m utils.report --out reports/toy --recall 1,5,10 \
   --method "Zero-shot=$(runs_of zero_shot)" \
   --method "Translate-train=$(runs_of translate_train)" \
   --method "C2KD=$(runs_of c2kd)"

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from apps.benchmark import ROOT
-from apps.benchmark.timing import median, timed
+from utils.benchmark import ROOT
+from utils.benchmark.timing import median, timed
 
 
 def _peak_rss_bytes():
@@ -125,7 +125,7 @@ def eval_worker(spec):
 
 
 def _run_worker(spec):
-    out = subprocess.run([sys.executable, "-m", "apps.benchmark", "--eval-worker", json.dumps(spec)],
+    out = subprocess.run([sys.executable, "-m", "utils.benchmark", "--eval-worker", json.dumps(spec)],
                          cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"ranking worker {spec} failed:\n{out.stderr.strip()[-2000:]}")

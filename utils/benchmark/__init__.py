@@ -1,6 +1,6 @@
 """Throughput benchmarks, measured as ratios within one run on one machine.
 
-    python -m apps.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
+    python -m utils.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
                               [--search-sizes 100000,1000000] [--skip data,c2kd,eval,gpu,search]
 
 One module per section:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError, first_line
-from utils.files import atomic_write
+from common.errors import UserError, first_line
+from common.files import atomic_write
 
 FORMAT = "c2kd-retrieval"
 VERSION = 1
@@ -59,7 +59,7 @@ class _Sink:
         self.f.flush()
 
 
-CONVERT = "python -m apps.convert_checkpoint SRC DST"
+CONVERT = "python -m utils.convert_checkpoint SRC DST"
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from apps.benchmark.timing import timed
+from utils.benchmark.timing import timed
 
 
 def bench_extraction(devices, n_videos=4, seconds=4.0, source=(240, 320), source_fps=25, batch_size=32, quick=False):

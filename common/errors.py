@@ -45,5 +45,5 @@ def run_command(action, debug=False):
 
 def reported_by_another_rank(error):
     """Under torchrun, an error that every rank raises alike (``same_on_every_rank``: a config
-    error, or rank 0's error passed on by ``utils.distributed.on_main``) is printed by rank 0 only."""
+    error, or rank 0's error passed on by ``common.distributed.on_main``) is printed by rank 0 only."""
     return os.environ.get("RANK", "0") != "0" and getattr(error, "same_on_every_rank", False)

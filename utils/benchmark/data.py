@@ -3,8 +3,8 @@ import random
 
 import torch
 
-from apps.benchmark import TEACHER_ENCODERS
-from apps.benchmark.timing import interleaved, median
+from utils.benchmark import TEACHER_ENCODERS
+from utils.benchmark.timing import interleaved, median
 from data_loader.corpus import ENGLISH, Corpus
 
 # The reference's teacher suffixes (docs/reference.md §1.3), in the order of TEACHER_ENCODERS.

@@ -36,8 +36,8 @@ from data_loader.readers import PICKLE_LAYOUTS, SplitNotInFile, read_corpus
 from data_loader.safe_pickle import load_pickle
 from model.model import load_tokenizer, model_from_checkpoint
 from parse_config import upgrade_saved_config
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError, first_line
+from common.checkpoint import load_checkpoint
+from common.errors import UserError, first_line
 
 INDEX_FORMAT = "c2kd-video-index"
 

@@ -1,6 +1,6 @@
 """Convert the authors' released C2KD checkpoints into checkpoints of this project.
 
-    python -m apps.convert_checkpoint weights/c2kd_teachers/msrvtt/xlm/latest_model.pth \\
+    python -m utils.convert_checkpoint weights/c2kd_teachers/msrvtt/xlm/latest_model.pth \\
         weights/converted/msrvtt_xlm.pt --text-encoder xlm-roberta-base --data-config configs/msrvtt/clip/base.json
 
 A released file (docs/reference.md §5) is a torch.save'd dict with ``state_dict`` in the reference's
@@ -29,8 +29,8 @@ from data_loader.readers import READER_OPTIONS, TEACHER_ENGLISH_FIELD
 from data_loader.dataset import EnglishReading
 from model.model import build_model
 from parse_config import load_flat, resolve
-from utils.checkpoint import FORMAT, save_checkpoint
-from utils.errors import UserError, first_line, run_command
+from common.checkpoint import FORMAT, save_checkpoint
+from common.errors import UserError, first_line, run_command
 
 # The reference's fusion transformer always has 4 heads (docs/reference.md §2.1); weights cannot tell.
 REFERENCE_HEADS = 4
@@ -298,7 +298,7 @@ def convert(src, dst, text_encoder, data_config, feature_key=None, feature_dim=N
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m apps.convert_checkpoint",
+        prog="python -m utils.convert_checkpoint",
         description="Convert a released C2KD checkpoint (latest_model.pth) into a checkpoint of this project.")
     parser.add_argument("src", metavar="IN", help="reference checkpoint (.pth), or a bare state dict")
     parser.add_argument("dst", metavar="OUT", help="converted checkpoint to write; its stem becomes the run name")

@@ -1,7 +1,7 @@
 """Re-rank saved similarity matrices offline: raw and re-ranked tables side by side.
 
     python test.py -r runs/toy/translate_train/1/latest.pt --rerank qbnorm --save-sims sims/
-    python -m apps.rerank sims/ --rerank dsl,qbnorm --out sims/rerank.json
+    python -m utils.rerank sims/ --rerank dsl,qbnorm --out sims/rerank.json
 
 Reads what ``test.py --save-sims`` writes: <lang>.npy (queries x videos) with <lang>.json (the
 video id of each row and column), and for QB-Norm <lang>.querybank.npy (querybank captions x the
@@ -18,7 +18,7 @@ import torch
 
 from model.metric import TIE_BREAKS, MatrixScores, format_side_by_side, rank_scores, with_mean_rows
 from model.rerank import RERANKERS, build_rerankers
-from utils.errors import UserError, run_command
+from common.errors import UserError, run_command
 
 
 class SimsError(UserError, ValueError):

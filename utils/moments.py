@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_loader import toy
-from apps.inference import InferenceError
+from utils.inference import InferenceError
 
 
 @dataclass

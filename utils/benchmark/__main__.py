@@ -1,6 +1,6 @@
 import sys
 
-from apps.benchmark.cli import main
+from utils.benchmark.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,5 @@
 """The short table printed after a run, one block of lines per section of the report."""
-from apps.benchmark.ranking import RANKING_METHODS
+from utils.benchmark.ranking import RANKING_METHODS
 
 
 def _cached_vs_online(step):

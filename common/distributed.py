@@ -122,7 +122,7 @@ def on_main(fn):
     if error is not None:
         raise error
     if not ok:
-        value.same_on_every_rank = True  # rank 0 reports it (utils.errors)
+        value.same_on_every_rank = True  # rank 0 reports it (common.errors)
         raise value
     return value
 

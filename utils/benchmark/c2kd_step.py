@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from apps.benchmark import ROOT, TEACHER_ENCODERS
-from apps.benchmark.flops import c2kd_step_flops
-from apps.benchmark.timing import interleaved, median
+from utils.benchmark import ROOT, TEACHER_ENCODERS
+from utils.benchmark.flops import c2kd_step_flops
+from utils.benchmark.timing import interleaved, median
 from data_loader.corpus import ENGLISH
 
 
@@ -15,7 +15,7 @@ def make_random_teachers(assets, folder, base_flat):
     """Checkpoints of three randomly initialised toy teachers (one per teacher encoder)."""
     from model.model import build_model
     from parse_config import resolve
-    from utils.checkpoint import save_checkpoint
+    from common.checkpoint import save_checkpoint
 
     paths = []
     for i, name in enumerate(TEACHER_ENCODERS):

@@ -22,8 +22,8 @@ import socket
 import threading
 import time
 
-from apps.inference import InferenceError
-from apps.moments import matching_event, plot_moments, score_moments
+from utils.inference import InferenceError
+from utils.moments import matching_event, plot_moments, score_moments
 
 HOST = "127.0.0.1"  # local only: the page runs a model for whoever can reach it
 

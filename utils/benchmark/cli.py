@@ -1,4 +1,4 @@
-"""``python -m apps.benchmark``: runs the sections, writes the JSON report and prints its table."""
+"""``python -m utils.benchmark``: runs the sections, writes the JSON report and prints its table."""
 import argparse
 import json
 import os
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from apps.benchmark.c2kd_step import bench_c2kd_step
-from apps.benchmark.data import bench_data
-from apps.benchmark.extraction import bench_extraction
-from apps.benchmark.flops import peak_bf16_flops
-from apps.benchmark.gpu import bench_gpu_step
-from apps.benchmark.ranking import bench_eval, eval_worker
-from apps.benchmark.search import bench_search
-from apps.benchmark.summary import format_report
+from utils.benchmark.c2kd_step import bench_c2kd_step
+from utils.benchmark.data import bench_data
+from utils.benchmark.extraction import bench_extraction
+from utils.benchmark.flops import peak_bf16_flops
+from utils.benchmark.gpu import bench_gpu_step
+from utils.benchmark.ranking import bench_eval, eval_worker
+from utils.benchmark.search import bench_search
+from utils.benchmark.summary import format_report
 
 
 def machine_info():
@@ -37,7 +37,7 @@ def _sizes(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m apps.benchmark",
+    p = argparse.ArgumentParser(prog="python -m utils.benchmark",
                                 description="Throughput benchmarks (data pipeline, C2KD step, ranking, GPU step).")
     p.add_argument("--out", default="benchmark.json", help="JSON file to write")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test in seconds")
@@ -89,13 +89,13 @@ def run(args, assets=None, log=print):
 
 
 def _run(args, assets, log):
-    from utils.hub import quiet_transformers
+    from common.hub import quiet_transformers
     quiet_transformers()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     quick = args.quick
     if assets is None and not {"data", "c2kd"} <= skip:
-        from apps.tiny_encoders import ensure_toy_assets
+        from utils.tiny_encoders import ensure_toy_assets
         assets = ensure_toy_assets(args.assets_root)
     report = {"machine": machine_info(), "quick": quick}
     started = time.perf_counter()
@@ -146,7 +146,7 @@ def main(argv=None, assets=None):
     if args.eval_worker:
         print(json.dumps(eval_worker(json.loads(args.eval_worker))))
         return 0
-    report = {"command": " ".join(["python -m apps.benchmark", *(sys.argv[1:] if argv is None else argv)]),
+    report = {"command": " ".join(["python -m utils.benchmark", *(sys.argv[1:] if argv is None else argv)]),
               **run(args, assets=assets)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

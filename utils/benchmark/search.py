@@ -3,7 +3,7 @@ import statistics
 
 import torch
 
-from apps.benchmark.timing import median, timed
+from utils.benchmark.timing import median, timed
 
 
 def random_unit_vectors(n, dim, seed, block=65_536):
@@ -27,7 +27,7 @@ def bench_search(sizes, dim=512, n_queries=500, n_single=50, nlist=1024, nprobes
     """Build time, queries per second and recall@k of each search method of ``VideoIndex`` on random
     unit vectors. Isotropic data is the hard case for approximate search: a query's neighbours are
     barely closer than any other vector, so the IVF cells hold no locality to exploit."""
-    from apps.inference import FaissExact, FaissIVF, TorchExact, VideoIndex
+    from utils.inference import FaissExact, FaissIVF, TorchExact, VideoIndex
     results = []
     for n in sizes:
         embeddings = random_unit_vectors(n, dim, seed=0)

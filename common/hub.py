@@ -2,7 +2,7 @@
 A ground helper: it imports nothing of the project but the error helpers."""
 from pathlib import Path
 
-from utils.errors import first_line
+from common.errors import first_line
 
 EXPECTED = " (a hub id or a folder written by save_pretrained is expected)"
 

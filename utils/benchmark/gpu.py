@@ -5,9 +5,9 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from apps.benchmark.flops import c2kd_step_flops, param_count
-from apps.benchmark.timing import interleaved, median
-from apps.tiny_encoders import build_backbone
+from utils.benchmark.flops import c2kd_step_flops, param_count
+from utils.benchmark.timing import interleaved, median
+from utils.tiny_encoders import build_backbone
 from data_loader.corpus import ENGLISH
 
 

@@ -1,1 +1,0 @@
-"""Applications built on the trainer: reports, benchmarks, checkpoint conversion, inference and demos."""

@@ -1,0 +1,2 @@
+"""Ground helpers that import nothing else of the project: errors, atomic files, devices, torch.distributed,
+checkpoint files and loading named Hugging Face models."""
