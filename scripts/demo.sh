@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default, shown by `make demo`: on Multi-Toy with tiny locally built encoders, train
-# (or reuse) one English-only teacher on the English-rich file while a translate-train student
-# trains, then a C2KD student distilled from that teacher; evaluate the C2KD checkpoint on the test
-# split with test.py, and print both students side by side with their difference. One teacher and
+# (or reuse) one English-only teacher on the English-rich file and then a C2KD student distilled
+# from it, while a translate-train student trains; evaluate both on the test split with test.py,
+# and print them side by side with their difference. One teacher and
 # one seed keep it within 3 minutes on 2 cores; scripts/toy/reproduce.sh runs the three teachers
 # and four seeds. Each stage prints one line; its whole output goes to runs/toy/demo_logs/ (and the
 # run folder's cout.txt), and is shown when the stage fails.
@@ -25,19 +25,20 @@ stage() {  # stage "what it does" LOG_NAME command...
 }
 
 stage "building the Multi-Toy data and tiny encoders" toy $PY -m utils.tiny_encoders --root cache
-rm -rf runs/toy/translate_train/demo runs/toy/c2kd/demo
-# The teacher (trained once, then reused or resumed by train.py) and the translate-train student
-# train side by side, one core each.
-stage "teacher (xlmr, English only)" teacher_xlmr $PY train.py -c configs/toy/teacher_xlmr.json --run-id seed0 --seed 0 &
-teacher=$!
-stage "translate-train student" translate_train $PY train.py -c configs/toy/translate_train.json --run-id demo
-wait $teacher
+rm -rf runs/toy/translate_train/demo runs/toy/c2kd/demo runs/toy/translate_train/test_runs/demo \
+  runs/toy/c2kd/test_runs/demo
+# The translate-train student trains on one core while the other trains (or reuses) the teacher,
+# then the C2KD student distilled from it.
+stage "translate-train student" translate_train $PY train.py -c configs/toy/translate_train.json --run-id demo &
+student=$!
+stage "teacher (xlmr, English only)" teacher_xlmr $PY train.py -c configs/toy/teacher_xlmr.json --run-id seed0 --seed 0
 stage "C2KD student (xlmr teacher)" c2kd $PY train.py -c configs/toy/c2kd_xlmr.json --set name=c2kd --run-id demo
+wait $student
 stage "evaluating both students on the test split with test.py" test bash -c "
   $PY test.py -r runs/toy/translate_train/demo/latest.pt --run-id demo --set data.eval_path=$TEST &&
   $PY test.py -r runs/toy/c2kd/demo/latest.pt --run-id demo --set data.eval_path=$TEST"
 $PY -m utils.report --out reports/toy_demo --recall 1 --baseline Translate-train \
-  --method "Translate-train=runs/toy/translate_train/demo/test_runs/demo" \
-  --method "C2KD=runs/toy/c2kd/demo/test_runs/demo"
+  --method "Translate-train=runs/toy/translate_train/test_runs/demo" \
+  --method "C2KD=runs/toy/c2kd/test_runs/demo"
 echo "The full reproduction (scripts/toy/reproduce.sh: three teachers, four seeds) measures C2KD against" \
      "translate-train with a paired interval; README's Multi-Toy section shows its numbers."
