@@ -25,6 +25,13 @@ Each cell is the mean ± the sample standard deviation (ddof=1) over the runs of
 last two columns average each run over the non-English languages and over all languages first.
 Writes table.md, table.tex, table.csv and a grouped bar chart of per-language R@1 (r1_bars.png)
 to --out (default: reports/) and prints the Markdown.
+
+``--baseline NAME`` says whether a difference is real: each other method minus the baseline, seed
+by seed over the seeds both have, with the mean difference, its 95% Student-t interval and the
+paired t-test (scipy.stats), in table.md, table.tex, paired.csv and a plot (paired_r1.png).
+``--curve NAME=DIR[,DIR...]`` draws learning curves (curves_r1.png) from training runs: the
+validation R@K of every epoch (their ``val.*`` series in metrics.json), averaged over the
+non-English languages and over the runs.
 """
 import argparse
 import csv
