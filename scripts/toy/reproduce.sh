@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The paper's pipeline on Multi-Toy, with every choice made on the validation split:
 # 1. three English-only toy teachers, trained on the English-rich file (one seed);
-# 2. zero-shot, translate-train, the English-rich control and C2KD students, SEEDS each; C2KD's λ is
-#    the one of BALANCES with the best mean validation R@1 over the non-English languages;
-# 3. the teacher analysis: C2KD from each teacher alone, at that λ;
-# 4. every student evaluated once on the test split (test.py), and the report (reports/toy/): tables,
-#    differences against translate-train paired by seed, and the validation learning curves.
+# 2. zero-shot, translate-train and C2KD students, SEEDS each; C2KD's λ is the one of BALANCES with
+#    the best mean validation R@1 over the non-English languages;
+# 3. the teacher analysis (C2KD from each teacher alone, at that λ) and the English-rich control,
+#    ANALYSIS_SEEDS each (default: SEEDS);
+# 4. every run evaluated once on the test split (test.py) after training, and the report
+#    (reports/toy/): tables, differences against translate-train paired by seed, validation learning curves.
 # It can be re-run: train.py reuses a finished run of the same config and resumes an interrupted one
 # in place; delete runs/toy to start over. Training runs one process at a time; JOBS=2 runs two.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 SEEDS=${SEEDS:-"0 1 2 3"}
+ANALYSIS_SEEDS=${ANALYSIS_SEEDS:-$SEEDS}  # of the teacher analysis and the English-rich control
 BALANCES=${BALANCES:-"0.2 0.5"}
 JOBS=${JOBS:-1}
 TEST=cache/multi_toy/multi_toy_test.pkl
@@ -21,25 +23,31 @@ SECONDS=0
 $PY -m utils.tiny_encoders --root cache >/dev/null
 mkdir -p "$LOGS"
 
-train() {  # train CONFIG NAME SEED [train.py options]: one run, its output in $LOGS
-  local config=$1 name=$2 seed=$3
+train() {  # train CONFIG NAME SEED [train.py options]: one run, then its evaluation on the test split
+  local config=$1 name=$2 seed=$3 log="$LOGS/$2.seed$3.log"
   shift 3
   echo "training $name seed $seed"
-  $PY train.py -c "configs/toy/$config.json" --set "name=$name" --run-id "seed$seed" --seed "$seed" "$@" \
-    >"$LOGS/$name.seed$seed.log" 2>&1 || { tail -n 20 "$LOGS/$name.seed$seed.log" >&2; exit 1; }
+  local checkpoint="runs/toy/$name/seed$seed/latest.pt" tested="runs/toy/$name/test_runs/seed$seed"
+  { $PY train.py -c "configs/toy/$config.json" --set "name=$name" --run-id "seed$seed" --seed "$seed" "$@" &&
+    if [ "$tested/run.json" -nt "$checkpoint" ] && grep -q '"COMPLETED"' "$tested/run.json"; then
+      echo "$tested: this checkpoint is already evaluated"
+    else
+      rm -rf "$tested" && $PY test.py -r "$checkpoint" --run-id "seed$seed" --set "data.eval_path=$TEST"
+    fi
+  } >>"$log" 2>&1 || { tail -n 20 "$log" >&2; exit 1; }
 }
 
 in_parallel() {  # each line of stdin is one command; JOBS of them at a time, stopping at the first failure
   xargs -P "$JOBS" -I{} bash -c '{} || exit 255'
 }
 export -f train
-export PY LOGS
+export PY LOGS TEST
 
 for teacher in xlmr mbert distiluse; do echo "train teacher_$teacher teacher_$teacher 0"; done | in_parallel
 
 {
   for seed in $SEEDS; do
-    for method in zero_shot translate_train translate_train_english; do echo "train $method $method $seed"; done
+    for method in zero_shot translate_train; do echo "train $method $method $seed"; done
     for b in $BALANCES; do echo "train c2kd c2kd_balance$b $seed --balance $b"; done
   done
 } | in_parallel
@@ -59,29 +67,18 @@ EOF
 )
 echo "λ = $BALANCE, chosen on the validation split"
 
+# The teacher analysis and the English-rich control, seed by seed.
 {
-  for seed in $SEEDS; do
+  for seed in $ANALYSIS_SEEDS; do
     for teacher in xlmr mbert distiluse; do echo "train c2kd_$teacher c2kd_$teacher $seed --balance $BALANCE"; done
+    echo "train translate_train_english translate_train_english $seed"
   done
 } | in_parallel
 
 STUDENTS="zero_shot translate_train translate_train_english c2kd_balance$BALANCE c2kd_xlmr c2kd_mbert c2kd_distiluse"
-echo "evaluating on the test split"
-for name in teacher_xlmr teacher_mbert teacher_distiluse; do
-  rm -rf "runs/toy/$name/test_runs/seed0"
-  $PY test.py -r "runs/toy/$name/seed0/latest.pt" --run-id seed0 --set "data.eval_path=$TEST" >"$LOGS/$name.test.log" 2>&1
-done
-for name in $STUDENTS; do
-  for seed in $SEEDS; do
-    rm -rf "runs/toy/$name/test_runs/seed$seed"
-    $PY test.py -r "runs/toy/$name/seed$seed/latest.pt" --run-id "seed$seed" --set "data.eval_path=$TEST" \
-      >"$LOGS/$name.seed$seed.test.log" 2>&1
-  done
-done
-
-runs_of() {  # runs_of NAME [SUBFOLDER]: comma-separated run folders of one method, one per seed
+runs_of() {  # runs_of NAME SEEDS [SUBFOLDER]: comma-separated run folders of one method, one per seed
   local dirs=()
-  for seed in $SEEDS; do dirs+=("runs/toy/$1/${2:-}seed$seed"); done
+  for seed in $2; do dirs+=("runs/toy/$1/${3:-}seed$seed"); done
   (IFS=,; echo "${dirs[*]}")
 }
 label() {
@@ -93,11 +90,14 @@ label() {
 }
 rows=() curves=()
 for name in $STUDENTS; do
-  rows+=(--method "$(label "$name")=$(runs_of "$name" test_runs/)")
-  curves+=(--curve "$(label "$name")=$(runs_of "$name")")
+  seeds=$SEEDS
+  case $name in c2kd_balance*) ;; c2kd_*|translate_train_english) seeds=$ANALYSIS_SEEDS ;; esac
+  rows+=(--method "$(label "$name")=$(runs_of "$name" "$seeds" test_runs/)")
+  curves+=(--curve "$(label "$name")=$(runs_of "$name" "$seeds")")
 done
 for teacher in xlmr mbert distiluse; do
   rows+=(--method "Teacher $teacher (English only)=runs/toy/teacher_$teacher/test_runs/seed0")
 done
 $PY -m utils.report --out reports/toy --recall 1,5,10 --baseline Translate-train "${rows[@]}" "${curves[@]}"
-echo "λ = $BALANCE (chosen on the validation split); seeds $SEEDS; $((SECONDS / 60)) min $((SECONDS % 60)) s in all"
+echo "λ = $BALANCE (chosen on the validation split); seeds $SEEDS (teacher analysis and control: $ANALYSIS_SEEDS);" \
+     "$((SECONDS / 60)) min $((SECONDS % 60)) s in all"
