@@ -12,6 +12,12 @@ captions are exact; every other language is a simulated machine translation in
 which each content word is dropped or replaced by another word of the same type
 at a language-specific error rate (10% for German up to 35% for Swahili), so
 English text is the cleanest view of a video, as in Multi-MSRVTT.
+
+Besides the multilingual training, validation and test splits, an English-rich training file holds
+the training videos followed by many more videos captioned in English only: English video-text
+data is abundant in the real world, and the toy teachers learn from this file the English that the
+paper's teachers bring from large English pretraining. Choices of epochs and hyper-parameters are
+made on the validation split; the test split is for the final tables.
 """
 import argparse
 import json
@@ -25,7 +31,7 @@ import numpy as np
 from data_loader.safe_pickle import DataFileError
 from common.files import atomic_write
 
-VERSION = 1
+VERSION = 2
 KINDS = ("action", "object", "place")
 
 # Concept keys, stored in the `events` annotations; the lexicon lists below are
@@ -165,6 +171,10 @@ LEXICON = {
     },
 }
 N_TEMPLATES = 5
+# Videos of the English-rich training file of the embedded benchmark: ten times the multilingual
+# training set, enough for a toy teacher to know English better than a student can learn the other
+# languages from the multilingual set.
+N_ENGLISH = 10000
 
 
 def languages():
@@ -278,7 +288,7 @@ def _event_dicts(events, spans):
             for (a, o, p), (s, e) in zip(events, spans)]
 
 
-def _train_item(vid, rng, vecs, dim, n_captions):
+def _train_item(vid, rng, vecs, dim, n_captions, langs=tuple(LEXICON)):
     events, spans, feats = _video(rng, vecs, dim)
     # Captions cycle through the possible descriptions (single events, then
     # consecutive pairs) in random order, each with a different template.
@@ -288,7 +298,7 @@ def _train_item(vid, rng, vecs, dim, n_captions):
     specs = [(int(templates[k % N_TEMPLATES]), subsets[order[k % len(subsets)]])
              for k in range(n_captions)]
     item = {"id": vid, "2d": feats}
-    for lang in LEXICON:
+    for lang in langs:
         item[f"caption_{lang}"] = [render(lang, t, [events[i] for i in sub], rng)
                                    for t, sub in specs]
     item["events"] = _event_dicts(events, spans)
@@ -316,13 +326,25 @@ def _test_item(vid, rng, vecs, dim, seen):
     return item
 
 
-def generate(out_dir, seed=0, n_train=1000, n_test=200, feature_dim=512, captions_per_video=5):
-    """Write multi_toy_{train,test}.pkl and manifest.json to `out_dir`; reuse
-    them if they were generated with the same parameters. Returns the paths."""
+def _eval_items(first_id, n, rng, vecs, dim):
+    seen = set()
+    return [_test_item(f"toy{first_id + i:05d}", rng, vecs, dim, seen) for i in range(n)]
+
+
+def generate(out_dir, seed=0, n_train=1000, n_test=200, n_val=200, n_english=0, feature_dim=512,
+             captions_per_video=5):
+    """Write multi_toy_{train,val,test}.pkl and manifest.json to `out_dir`, and with `n_english` >
+    `n_train` the English-rich training file multi_toy_train_english.pkl: the `n_train` training
+    items followed by `n_english - n_train` videos captioned in English only. Files generated with
+    the same parameters are reused. Every split has its own random stream, so adding the validation
+    or English-rich split leaves the training and test items as they were. Returns the paths."""
     out_dir = Path(out_dir)
-    paths = {"train": out_dir / "multi_toy_train.pkl", "test": out_dir / "multi_toy_test.pkl"}
-    params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test,
-              "feature_dim": feature_dim, "captions_per_video": captions_per_video}
+    paths = {"train": out_dir / "multi_toy_train.pkl", "val": out_dir / "multi_toy_val.pkl",
+             "test": out_dir / "multi_toy_test.pkl"}
+    if n_english > n_train:
+        paths["english"] = out_dir / "multi_toy_train_english.pkl"
+    params = {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test, "n_val": n_val,
+              "n_english": n_english, "feature_dim": feature_dim, "captions_per_video": captions_per_video}
     manifest = out_dir / "manifest.json"
     try:
         if (json.loads(manifest.read_text()) == params
@@ -337,12 +359,16 @@ def generate(out_dir, seed=0, n_train=1000, n_test=200, feature_dim=512, caption
     rng = np.random.default_rng([seed, 1])
     train = [_train_item(f"toy{i:05d}", rng, vecs, feature_dim, captions_per_video)
              for i in range(n_train)]
-    rng, seen = np.random.default_rng([seed, 2]), set()
-    test = [_test_item(f"toy{n_train + i:05d}", rng, vecs, feature_dim, seen)
-            for i in range(n_test)]
-    for split, items in (("train", train), ("test", test)):
+    splits = {"train": train,
+              "test": _eval_items(n_train, n_test, np.random.default_rng([seed, 2]), vecs, feature_dim),
+              "val": _eval_items(n_train + n_test, n_val, np.random.default_rng([seed, 3]), vecs, feature_dim)}
+    if "english" in paths:
+        rng, first = np.random.default_rng([seed, 4]), n_train + n_test + n_val
+        splits["english"] = train + [_train_item(f"toy{first + i:05d}", rng, vecs, feature_dim, captions_per_video,
+                                                 langs=("en",)) for i in range(n_english - n_train)]
+    for split, items in splits.items():
         atomic_write(paths[split], lambda f: pickle.dump(items, f, protocol=4))
-    # The manifest goes last: it is only valid once both splits exist.
+    # The manifest goes last: it is only valid once every split exists.
     atomic_write(manifest, lambda f: f.write((json.dumps(params, indent=2) + "\n").encode()))
     return paths
 
@@ -353,8 +379,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--n-val", type=int, default=200)
+    parser.add_argument("--n-english", type=int, default=N_ENGLISH,
+                        help="videos of the English-rich training file, the training videos included")
     args = parser.parse_args(argv)
-    paths = generate(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
+    paths = generate(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test, n_val=args.n_val,
+                     n_english=args.n_english)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

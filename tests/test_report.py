@@ -190,3 +190,58 @@ def test_a_reranked_test_run_adds_labelled_rows_under_its_raw_row(tmp_path, caps
     assert [row.split(" | ")[0] for row in rows] == [
         "| C2KD", "| C2KD + dsl (over all test queries)", "| C2KD + qbnorm (over a querybank of training captions)"]
     assert [row.split(" | ")[2] for row in rows] == ["10.0", "11.0", "12.0"]  # en R@1: raw, DSL, QB-Norm
+
+
+# Per-seed differences of a second method (translate-train) from the C2KD runs of ``runs``.
+SHIFT = {0: {"en": -1.0, "de": -2.0, "fr": -0.5}, 1: {"en": 0.5, "de": -1.5, "fr": -1.0},
+         2: {"en": 0.0, "de": -3.0, "fr": 1.0}}
+
+
+def test_paired_differences_against_a_baseline(tmp_path, runs, capsys):
+    from scipy import stats
+    base = [write_run(tmp_path / "runs" / "tt" / f"seed{s}", config(s, name="translate_train", stage="translate-train"),
+                      metrics({lang: R1[s][lang] + SHIFT[s][lang] for lang in LANGS})) for s in R1]
+    out = tmp_path / "out"
+    code, stdout, err = run_report(capsys, "--method", "TT=" + ",".join(map(str, base)),
+                                   "--method", "C2KD=" + ",".join(map(str, runs)), "--baseline", "TT", "--out", out)
+    assert code == 0, err
+    # C2KD minus TT on the non-English average, seed by seed; the interval and test from scipy directly.
+    diffs = [-statistics.mean([SHIFT[s]["de"], SHIFT[s]["fr"]]) for s in R1]
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=statistics.mean(diffs),
+                                 scale=statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    p = stats.ttest_rel([statistics.mean([R1[s]["de"], R1[s]["fr"]]) for s in R1],
+                        [statistics.mean([R1[s][l] + SHIFT[s][l] for l in ("de", "fr")]) for s in R1]).pvalue
+    rows = {(r["method"], r["column"]): r for r in csv.DictReader((out / "paired.csv").open())}
+    row = rows[("C2KD", "avg_no_en")]
+    assert row["baseline"] == "TT" and row["pairs"] == "3" and row["seeds"] == "0 1 2"
+    assert float(row["mean"]) == pytest.approx(statistics.mean(diffs))
+    assert (float(row["ci95_low"]), float(row["ci95_high"])) == (pytest.approx(low), pytest.approx(high))
+    assert float(row["p_paired_t"]) == pytest.approx(p) and row["seeds_better"] == "3"
+    assert float(rows[("C2KD", "en")]["mean"]) == pytest.approx(statistics.mean(-SHIFT[s]["en"] for s in R1))
+    assert ("TT", "avg_no_en") not in rows  # the baseline is not compared with itself
+    md = (out / "table.md").read_text()
+    line = f"| C2KD | 3 | 3 of 3 | {statistics.mean(diffs):+.1f} | [{low:+.1f}, {high:+.1f}] | {p:.2g} |"
+    assert line in md and "minus TT, paired by seed" in md and md in stdout
+    assert f"[{low:+.1f}, {high:+.1f}]" in (out / "table.tex").read_text()
+    assert (out / "paired_r1.png").read_bytes()[:4] == b"\x89PNG"
+    # Only seeds both methods have are paired; a name that is no method is a one-line error.
+    code, stdout, _ = run_report(capsys, "--method", f"TT={base[0]},{base[1]}", "--method",
+                                 "C2KD=" + ",".join(map(str, runs)), "--baseline", "TT", "--out", out)
+    assert code == 0 and "| C2KD | 2 | " in stdout
+    code, _, err = run_report(capsys, "--method", "C2KD=" + ",".join(map(str, runs)), "--baseline", "tt",
+                              "--out", out)
+    assert code == 2 and err.strip() == "error: --baseline 'tt' is not a method of the report (they are: C2KD)"
+
+
+def test_learning_curves_from_the_per_epoch_validation_series(tmp_path, runs, capsys):
+    curves = [write_run(tmp_path / "train" / f"seed{s}", config(s), metrics(R1[s]),
+                        series={"t2v_en_R1": [5.0, 9.0, 10.0], "t2v_de_R1": [1.0, 4.0, 5.0 + s],
+                                "t2v_fr_R1": [1.0, 3.0, 4.0]}) for s in (0, 1)]
+    out = tmp_path / "out"
+    code, stdout, err = run_report(capsys, *runs, "--curve", "C2KD=" + ",".join(map(str, curves)), "--out", out)
+    assert code == 0 and "curves_r1.png" in stdout, err
+    assert (out / "curves_r1.png").read_bytes()[:4] == b"\x89PNG"
+    epochs, values = report.epoch_series(report.load_run(curves[1]), ["de", "fr"], "t2v", 1)
+    assert epochs == [1, 2, 3] and values == [1.0, 3.5, 5.0]
+    code, _, err = run_report(capsys, *runs, "--curve", f"C2KD={runs[0]}", "--out", out)
+    assert code == 2 and "no per-epoch 'val.t2v_<lang>_R1' series for a learning curve" in err

@@ -42,13 +42,34 @@ def test_languages_and_lexicon_are_consistent():
 
 
 def test_generation_is_deterministic(tmp_path):
-    kw = dict(n_train=20, n_test=10)
+    kw = dict(n_train=20, n_test=10, n_val=10, n_english=30)
     a = toy.generate(tmp_path / "a", seed=3, **kw)
     b = toy.generate(tmp_path / "b", seed=3, **kw)
     c = toy.generate(tmp_path / "c", seed=4, **kw)
-    for split in ("train", "test"):
+    assert set(a) == {"train", "val", "test", "english"}
+    for split in a:
         assert a[split].read_bytes() == b[split].read_bytes()
         assert a[split].read_bytes() != c[split].read_bytes()
+
+
+def test_validation_and_english_rich_splits_leave_the_others_as_they_were(tmp_path):
+    plain = toy.generate(tmp_path / "plain", seed=0, n_train=20, n_test=10, n_val=0)
+    full = toy.generate(tmp_path / "full", seed=0, n_train=20, n_test=10, n_val=12, n_english=50)
+    for split in ("train", "test"):
+        assert plain[split].read_bytes() == full[split].read_bytes()
+    train, val, test, english = (load(full[split]) for split in ("train", "val", "test", "english"))
+    assert len(val) == 12 and set(val[0]) == set(test[0])
+    assert len({item["eval_caption_en"] for item in val}) == len(val)  # each caption names one video
+    # The English-rich file: the training items as they are, then videos captioned in English only.
+    assert len(english) == 50
+    assert [item["id"] for item in english[:20]] == [item["id"] for item in train]
+    assert all(item["caption_de"] == t["caption_de"] for item, t in zip(english, train))
+    for item in english[20:]:
+        assert set(item) == {"id", "2d", "events", "caption_en"} and len(item["caption_en"]) == 5
+        check_features(item)
+        check_events(item)
+    ids = [item["id"] for item in english + val + test]
+    assert len(set(ids)) == len(ids)
 
 
 def test_generation_reuses_matching_files(tmp_path):
@@ -59,7 +80,12 @@ def test_generation_reuses_matching_files(tmp_path):
     toy.generate(tmp_path, seed=0, n_train=12, n_test=5)
     assert len(load(paths["train"])) == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "multi_toy_test.pkl", "multi_toy_train.pkl"]
+        "manifest.json", "multi_toy_test.pkl", "multi_toy_train.pkl", "multi_toy_val.pkl"]
+    # A new parameter (here the English-rich file) regenerates; the same one again reuses.
+    paths = toy.generate(tmp_path, seed=0, n_train=12, n_test=5, n_english=15)
+    stamp = paths["english"].stat().st_mtime_ns
+    assert toy.generate(tmp_path, seed=0, n_train=12, n_test=5, n_english=15) == paths
+    assert paths["english"].stat().st_mtime_ns == stamp and len(load(paths["english"])) == 15
 
 
 def check_events(item):
@@ -222,11 +248,14 @@ def test_ensure_toy_assets_layout(tmp_path):
     assets = tiny_encoders.ensure_toy_assets(tmp_path)
     assert assets["train"] == tmp_path / "multi_toy" / "multi_toy_train.pkl"
     assert assets["test"] == tmp_path / "multi_toy" / "multi_toy_test.pkl"
+    assert assets["val"] == tmp_path / "multi_toy" / "multi_toy_val.pkl"
+    assert assets["english"] == tmp_path / "multi_toy" / "multi_toy_train_english.pkl"
     assert set(assets["encoders"]) == set(MODEL_CLASS)
     for name, folder in assets["encoders"].items():
         assert folder == tmp_path / "encoders" / name
         assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
     assert len(load(assets["train"])) == 1000 and len(load(assets["test"])) == 200
+    assert len(load(assets["val"])) == 200 and len(load(assets["english"])) == toy.N_ENGLISH
 
 
 def test_tiny_encoders_are_rebuilt_identically(tmp_path):

@@ -25,6 +25,13 @@ Each cell is the mean ± the sample standard deviation (ddof=1) over the runs of
 last two columns average each run over the non-English languages and over all languages first.
 Writes table.md, table.tex, table.csv and a grouped bar chart of per-language R@1 (r1_bars.png)
 to --out (default: reports/) and prints the Markdown.
+
+``--baseline NAME`` says whether a difference is real: each other method minus the baseline, seed
+by seed over the seeds both have, with the mean difference, its 95% Student-t interval and the
+paired t-test (scipy.stats), in table.md, table.tex, paired.csv and a plot (paired_r1.png).
+``--curve NAME=DIR[,DIR...]`` draws learning curves (curves_r1.png) from training runs: the
+validation R@K of every epoch (their ``val.*`` series in metrics.json), averaged over the
+non-English languages and over the runs.
 """
 import argparse
 import csv
@@ -267,22 +274,85 @@ class Cell:
     n: int
 
 
+def columns_of(languages):
+    return languages + ["avg_no_en", "avg_all"]
+
+
+def run_value(run, column, languages, prefix, k):
+    """One run's R@k in a column: a language, or the run's mean over the non-English languages
+    ('avg_no_en') or over all of them ('avg_all'); None where the run has none of them."""
+    langs = {"avg_no_en": [l for l in languages if l != ENGLISH], "avg_all": languages}.get(column, [column])
+    vals = [run.metrics[f"{prefix}_{lang}_R{k}"] for lang in langs if f"{prefix}_{lang}_R{k}" in run.metrics]
+    return sum(vals) / len(vals) if vals else None
+
+
 def table(methods, languages, prefix, k):
     """{label: {column: Cell}} with one column per language plus 'avg_no_en' and 'avg_all'."""
     out = {}
     for m in methods:
         row = {}
-        for lang in languages:
-            vals = [r.metrics[f"{prefix}_{lang}_R{k}"] for r in m.runs if f"{prefix}_{lang}_R{k}" in r.metrics]
-            row[lang] = Cell(*mean_std(vals), len(vals))
-        for column, langs in (("avg_no_en", [l for l in languages if l != ENGLISH]), ("avg_all", languages)):
-            per_run = []
-            for r in m.runs:
-                vals = [r.metrics[f"{prefix}_{lang}_R{k}"] for lang in langs if f"{prefix}_{lang}_R{k}" in r.metrics]
-                if vals:
-                    per_run.append(sum(vals) / len(vals))
-            row[column] = Cell(*mean_std(per_run), len(per_run))
+        for column in columns_of(languages):
+            vals = [v for v in (run_value(r, column, languages, prefix, k) for r in m.runs) if v is not None]
+            row[column] = Cell(*mean_std(vals), len(vals))
         out[m.label] = row
+    return out
+
+
+@dataclass
+class Paired:
+    """Per-seed differences of a method minus the baseline, over the seeds both have."""
+    diffs: list
+    seeds: list
+
+    @property
+    def n(self):
+        return len(self.diffs)
+
+    @property
+    def mean(self):
+        return statistics.fmean(self.diffs) if self.diffs else math.nan
+
+    def interval(self, level=0.95):
+        """Student-t confidence interval of the mean difference (NaN bounds under two pairs)."""
+        if self.n < 2:
+            return math.nan, math.nan
+        from scipy import stats
+        half = stats.t.ppf(0.5 + level / 2, self.n - 1) * statistics.stdev(self.diffs) / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    @property
+    def p_value(self):
+        """Two-sided paired t-test of a zero mean difference (NaN under two pairs or with no spread)."""
+        if self.n < 2 or statistics.pstdev(self.diffs) == 0:
+            return math.nan
+        from scipy import stats
+        return float(stats.ttest_1samp(self.diffs, 0.0).pvalue)
+
+    @property
+    def wins(self):
+        return sum(d > 0 for d in self.diffs)
+
+
+def paired(methods, baseline, languages, prefix, k):
+    """{label: {column: Paired}} for every method but ``baseline`` (a Method), paired by seed."""
+    base = {r.seed: r for r in baseline.runs}
+    out = {}
+    for m in methods:
+        if m is baseline:
+            continue
+        row = {}
+        for column in columns_of(languages):
+            diffs, seeds = [], []
+            for r in m.runs:
+                if r.seed not in base:
+                    continue
+                a, b = run_value(r, column, languages, prefix, k), run_value(base[r.seed], column, languages, prefix, k)
+                if a is not None and b is not None:
+                    diffs.append(a - b)
+                    seeds.append(r.seed)
+            row[column] = Paired(diffs, seeds)
+        if row["avg_no_en"].n:  # a method without non-English results (an English teacher) is not compared
+            out[m.label] = row
     return out
 
 
@@ -309,7 +379,7 @@ def spread_text(methods):
     return "mean ± sample std (ddof=1) over seeds"
 
 
-def markdown(methods, tables, languages, prefix, recalls, digits):
+def markdown(methods, tables, languages, prefix, recalls, digits, paired_tables=None, baseline=None):
     cols = languages + ["avg_no_en", "avg_all"]
     lines = []
     for k in recalls:
@@ -322,6 +392,8 @@ def markdown(methods, tables, languages, prefix, recalls, digits):
             n = len(m.runs)
             lines.append(f"| {m.label} | {n} | " + " | ".join(fmt(rows[m.label][c], digits, group_n=n) for c in cols) + " |")
         lines.append("")
+    if paired_tables:
+        lines += paired_markdown(paired_tables, baseline, prefix, digits)
     lines.append("Runs per method:")
     lines.append("")
     for m in methods:
@@ -333,11 +405,47 @@ def markdown(methods, tables, languages, prefix, recalls, digits):
     return "\n".join(lines) + "\n"
 
 
+PAIRED_COLUMNS = ("avg_no_en", "avg_all", ENGLISH)
+CONFIDENCE = 0.95
+
+
+def _signed(x, digits):
+    return "–" if math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def _interval_text(p, digits):
+    low, high = p.interval(CONFIDENCE)
+    return "–" if math.isnan(low) else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _p_text(p):
+    return "–" if math.isnan(p.p_value) else f"{p.p_value:.2g}"
+
+
+def paired_markdown(paired_tables, baseline, prefix, digits):
+    """One table per R@k: each method minus the baseline, paired by seed, on the averages and English."""
+    lines = []
+    for k, rows in paired_tables.items():
+        lines.append(f"### {prefix} R@{k} minus {baseline}, paired by seed: mean difference, "
+                     f"{CONFIDENCE:.0%} t interval, paired t-test")
+        lines.append("")
+        lines.append("| method | pairs | seeds better (avg no en) | " + " | ".join(
+            f"Δ {COLUMN_TITLES.get(c, c)} | {CONFIDENCE:.0%} CI | p" for c in PAIRED_COLUMNS) + " |")
+        lines.append("|---|---:|---:|" + "---:|---:|---:|" * len(PAIRED_COLUMNS))
+        for label, row in rows.items():
+            main = row["avg_no_en"]
+            cells = [f"{_signed(row[c].mean, digits)} | {_interval_text(row[c], digits)} | {_p_text(row[c])}"
+                     for c in PAIRED_COLUMNS]
+            lines.append(f"| {label} | {main.n} | {main.wins} of {main.n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def _tex(text):
     return re.sub(r"([&%$#_{}])", r"\\\1", str(text))
 
 
-def latex(methods, tables, languages, prefix, recalls, digits):
+def latex(methods, tables, languages, prefix, recalls, digits, paired_tables=None, baseline=None):
     cols = languages + ["avg_no_en", "avg_all"]
     parts = ["% Generated by utils.report; needs \\usepackage{booktabs}.",
              "% Cells: mean $\\pm$ sample standard deviation (ddof=1) over seeds; n = number of runs."]
@@ -352,6 +460,21 @@ def latex(methods, tables, languages, prefix, recalls, digits):
             n = len(m.runs)
             cells = [fmt(rows[m.label][c], digits, pm="$\\pm$", group_n=n).replace("–", "--") for c in cols]
             parts.append(f"{_tex(m.label)} & {n} & " + " & ".join(cells) + " \\\\")
+        parts.append("\\bottomrule")
+        parts.append("\\end{tabular}")
+        parts.append("")
+    for k, rows in (paired_tables or {}).items():
+        parts.append(f"% {prefix} R@{k} minus {baseline}, paired by seed: mean difference, "
+                     f"{CONFIDENCE:.0%} t interval, paired t-test p")
+        parts.append("\\begin{tabular}{lr" + "rrr" * len(PAIRED_COLUMNS) + "}")
+        parts.append("\\toprule")
+        parts.append("Method & pairs & " + " & ".join(
+            f"$\\Delta$ {_tex(COLUMN_TITLES.get(c, c))} & CI & $p$" for c in PAIRED_COLUMNS) + " \\\\")
+        parts.append("\\midrule")
+        for label, row in rows.items():
+            cells = [f"{_signed(row[c].mean, digits)} & {_interval_text(row[c], digits)} & {_p_text(row[c])}"
+                     .replace("–", "--") for c in PAIRED_COLUMNS]
+            parts.append(f"{_tex(label)} & {row['avg_no_en'].n} & " + " & ".join(cells) + " \\\\")
         parts.append("\\bottomrule")
         parts.append("\\end{tabular}")
         parts.append("")
@@ -374,11 +497,91 @@ def csv_text(methods, tables, languages, prefix, recalls):
     return buf.getvalue()
 
 
-def bar_chart(methods, rows, languages, prefix, k, path):
+def paired_csv_text(paired_tables, baseline, prefix):
+    """One row per (R@k, method, column): the per-seed differences against the baseline and their summary."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["metric", "method", "baseline", "column", "pairs", "seeds", "differences", "mean",
+                f"ci{CONFIDENCE:.0%}_low".replace("%", ""), f"ci{CONFIDENCE:.0%}_high".replace("%", ""),
+                "p_paired_t", "seeds_better"])
+    for k, rows in paired_tables.items():
+        for label, row in rows.items():
+            for column, p in row.items():
+                low, high = p.interval(CONFIDENCE)
+                w.writerow([f"{prefix}_R{k}", label, baseline, column, p.n, " ".join(map(str, p.seeds)),
+                            " ".join(f"{d:.6g}" for d in p.diffs)]
+                           + ["" if math.isnan(x) else x for x in (p.mean, low, high, p.p_value)]
+                           + [p.wins])
+    return buf.getvalue()
+
+
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def paired_chart(rows, baseline, prefix, k, path):
+    """Per-seed differences against the baseline (dots) with their mean and confidence interval, on
+    the non-English average."""
+    plt = _pyplot()
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 1.3 * len(labels)), 3.6))
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    for i, label in enumerate(labels):
+        p = rows[label]["avg_no_en"]
+        ax.scatter([i] * p.n, p.diffs, s=14, color="tab:blue", alpha=0.6, zorder=3)
+        low, high = p.interval(CONFIDENCE)
+        if not math.isnan(low):
+            ax.errorbar([i], [p.mean], yerr=[[p.mean - low], [high - p.mean]], fmt="o", color="black", capsize=4)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
+    ax.set_ylabel(f"Δ {prefix} R@{k}, avg (no en)")
+    ax.set_title(f"minus {baseline}, paired by seed: seeds (dots), mean and {CONFIDENCE:.0%} t interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def epoch_series(run, languages, prefix, k):
+    """(epochs, the run's per-epoch validation R@k averaged over ``languages``) from its metrics.json."""
+    path = run.path / "metrics.json"
+    series = _read_json(path) if path.is_file() else {}
+    found = [series[f"val.{prefix}_{lang}_R{k}"] for lang in languages if f"val.{prefix}_{lang}_R{k}" in series]
+    if not found:
+        raise ReportError(f"{path}: no per-epoch 'val.{prefix}_<lang>_R{k}' series for a learning curve")
+    steps = found[0]["steps"]
+    if any(s["steps"] != steps for s in found):
+        raise ReportError(f"{path}: the languages' validation series cover different epochs")
+    return steps, [statistics.fmean(v) for v in zip(*(s["values"] for s in found))]
+
+
+def curve_chart(curves, prefix, k, path):
+    """Validation R@k per epoch (mean over the non-English languages), mean over each method's runs
+    with their range shaded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in curves:
+        languages = [l for l in languages_of([m], prefix) if l != ENGLISH] or [ENGLISH]
+        per_run = [epoch_series(r, languages, prefix, k) for r in m.runs]
+        epochs = min((steps for steps, _ in per_run), key=len)
+        values = [v[:len(epochs)] for _, v in per_run]
+        mean = [statistics.fmean(col) for col in zip(*values)]
+        line = ax.plot(epochs, mean, label=f"{m.label} ({len(values)} runs)")[0]
+        ax.fill_between(epochs, [min(c) for c in zip(*values)], [max(c) for c in zip(*values)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {prefix} R@{k}, avg (no en) (%)")
+    ax.set_title("learning curves: mean over runs, range shaded")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def bar_chart(methods, rows, languages, prefix, k, path):
+    plt = _pyplot()
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 1.5 + 0.6 * len(languages) * (0.5 + 0.25 * len(methods)))), 4))
     for j, m in enumerate(methods):
@@ -401,13 +604,19 @@ def bar_chart(methods, rows, languages, prefix, k, path):
 
 # ---- entry point ---------------------------------------------------------------------------------
 
-def build_methods(args):
+def named_methods(texts, include_unfinished):
+    """One Method per ``NAME=DIR[,DIR...]`` text, its runs checked to differ only in the seed."""
     methods = []
-    for text in args.method:
+    for text in texts:
         name, dirs = parse_method(text)
-        runs = load_runs(dirs, args.include_unfinished)
+        runs = load_runs(dirs, include_unfinished)
         check_group(name, runs)
         methods.append(Method(name, runs))
+    return methods
+
+
+def build_methods(args):
+    methods = named_methods(args.method, args.include_unfinished)
     if args.run_dirs:
         runs = load_runs(args.run_dirs, args.include_unfinished)
         if not runs:
@@ -441,6 +650,12 @@ def main(argv=None):
     parser.add_argument("--digits", type=int, default=1, help="decimals in the tables (default 1)")
     parser.add_argument("--include-unfinished", action="store_true",
                         help="also use runs that did not complete (their last logged epoch)")
+    parser.add_argument("--baseline", metavar="NAME",
+                        help="a method's label: every other method's per-seed differences against it, with their "
+                             "mean, 95%% t interval and paired t-test (paired.csv, paired_r<K>.png)")
+    parser.add_argument("--curve", action="append", default=[], metavar="NAME=DIR[,DIR...]",
+                        help="training runs whose per-epoch validation R@K (non-English average) is drawn as one "
+                             "learning curve, mean over the runs (repeatable; curves_r<K>.png)")
     args = parser.parse_args(argv)
     return run_command(lambda: report(args))
 
@@ -460,16 +675,33 @@ def report(args):
     for k in recalls:
         if all(c.n == 0 for row in tables[k].values() for c in row.values()):
             raise ReportError(f"the runs hold no '{args.metric_prefix}_<lang>_R{k}' metrics")
+    paired_tables = {}
+    if args.baseline is not None:
+        baseline = next((m for m in methods if m.label == args.baseline), None)
+        if baseline is None:
+            raise ReportError(f"--baseline '{args.baseline}' is not a method of the report (they are: "
+                              f"{', '.join(m.label for m in methods)})")
+        paired_tables = {k: paired(methods, baseline, languages, args.metric_prefix, k) for k in recalls}
+    curves = named_methods(args.curve, include_unfinished=True)
     out = Path(args.out)
-    md = markdown(methods, tables, languages, args.metric_prefix, recalls, args.digits)
+    md = markdown(methods, tables, languages, args.metric_prefix, recalls, args.digits, paired_tables, args.baseline)
     k_chart = 1 if 1 in recalls else recalls[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(md)
-    (out / "table.tex").write_text(latex(methods, tables, languages, args.metric_prefix, recalls, args.digits))
+    (out / "table.tex").write_text(latex(methods, tables, languages, args.metric_prefix, recalls, args.digits,
+                                         paired_tables, args.baseline))
     (out / "table.csv").write_text(csv_text(methods, tables, languages, args.metric_prefix, recalls))
-    bar_chart(methods, tables[k_chart], languages, args.metric_prefix, k_chart, out / f"r{k_chart}_bars.png")
+    written = ["table.md", "table.tex", "table.csv", f"r{k_chart}_bars.png"]
+    bar_chart(methods, tables[k_chart], languages, args.metric_prefix, k_chart, out / written[-1])
+    if paired_tables:
+        (out / "paired.csv").write_text(paired_csv_text(paired_tables, args.baseline, args.metric_prefix))
+        written += ["paired.csv", f"paired_r{k_chart}.png"]
+        paired_chart(paired_tables[k_chart], args.baseline, args.metric_prefix, k_chart, out / written[-1])
+    if curves:
+        written.append(f"curves_r{k_chart}.png")
+        curve_chart(curves, args.metric_prefix, k_chart, out / written[-1])
     print(md)
-    print(f"wrote {out}/table.md, table.tex, table.csv, r{k_chart}_bars.png")
+    print(f"wrote {out}/" + ", ".join(written))
 
 
 if __name__ == "__main__":

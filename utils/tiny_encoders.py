@@ -271,15 +271,15 @@ def train_captions(train_pkl):
 
 
 def ensure_toy_assets(root="cache"):
-    """Generate Multi-Toy in root/multi_toy and the tiny encoders in
-    root/encoders (both reused when up to date). Returns
-    {"train": Path, "test": Path, "encoders": {name: Path}}."""
+    """Generate Multi-Toy in root/multi_toy (with its English-rich training file) and the tiny
+    encoders in root/encoders (both reused when up to date). Returns
+    {"train": Path, "val": Path, "test": Path, "english": Path, "encoders": {name: Path}}."""
     from data_loader import toy
 
     root = Path(root)
-    data = toy.generate(root / "multi_toy")
+    data = toy.generate(root / "multi_toy", n_english=toy.N_ENGLISH)
     encoders = build(root / "encoders", train_captions(data["train"]))
-    return {"train": data["train"], "test": data["test"], "encoders": encoders}
+    return {**data, "encoders": encoders}
 
 
 def main(argv=None):
@@ -289,8 +289,8 @@ def main(argv=None):
     from transformers.utils import logging
     logging.disable_progress_bar()
     assets = ensure_toy_assets(args.root)
-    print(f"train: {assets['train']}")
-    print(f"test: {assets['test']}")
+    for split in ("train", "val", "test", "english"):
+        print(f"{split}: {assets[split]}")
     for name, path in assets["encoders"].items():
         print(f"{name}: {path}")
 
