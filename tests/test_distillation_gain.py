@@ -13,7 +13,7 @@ from data_loader import toy
 from model.model import build_model
 from parse_config import resolve
 from utils import tiny_encoders
-from utils.checkpoint import save_checkpoint
+from common.checkpoint import save_checkpoint
 
 FEATURE_DIM = 128
 
