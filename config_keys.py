@@ -157,6 +157,11 @@ KEYS = {
         "(docs/reference.md §1.2)",
         choices=STUDENT_ENGLISH_FIELDS),
     "data.batch_size": Key(64, int, "training batch size", range=AT_LEAST_1),
+    "data.english_only_per_batch": Key(
+        0, int,
+        "English-only training items (no caption in another language) added to each global batch of "
+        "data.batch_size items that have other languages; an epoch is one pass over the latter; 0 = off, "
+        "all items shuffled together", range=AT_LEAST_0),
     "data.eval_batch_size": Key(64, int, "evaluation batch size (changes embeddings by float32 rounding only)",
                                 range=AT_LEAST_1, result_neutral=True),
     "data.allow_duplicate_ids": Key(False, bool,

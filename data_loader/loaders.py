@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from data_loader.batch import collate
-from data_loader.corpus import check_items
+from data_loader.corpus import ENGLISH, check_items
 from data_loader.readers import read_corpus
 from data_loader.dataset import RetrievalDataset
 from data_loader.safe_pickle import DataFileError
@@ -94,6 +94,50 @@ class EpochSampler(Sampler):
         return sum(stop - start for start, stop in self._rank_slices())
 
 
+class EnglishTopUpSampler(Sampler):
+    """Global batches of ``batch_size`` multilingual items plus ``english_per_batch`` English-only ones.
+
+    An epoch is one pass over the multilingual items, shuffled by (seed, epoch), the last partial
+    batch dropped. The English-only items follow in their own (seed, epoch) shuffle, cycled when an
+    epoch needs more of them. So every non-English contrastive term contrasts as many videos as in
+    translate-train, while English sees the extra videos. Ranks take slices of each global batch as
+    in ``EpochSampler``; ``start_batch`` skips batches already trained on (mid-epoch resume).
+    """
+
+    def __init__(self, multilingual, english_only, batch_size, english_per_batch, seed, rank=0, world_size=1):
+        self.global_batch = batch_size + english_per_batch
+        if self.global_batch % world_size:
+            raise ConfigError(f"config keys 'data.batch_size' + 'data.english_only_per_batch' = {self.global_batch} "
+                              f"is not divisible by the {world_size} processes")
+        self.multilingual, self.english_only = torch.as_tensor(multilingual), torch.as_tensor(english_only)
+        self.batch_size, self.english_per_batch, self.seed = batch_size, english_per_batch, seed
+        self.rank, self.local_batch = rank, self.global_batch // world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def num_batches(self):
+        return len(self.multilingual) // self.batch_size
+
+    def global_batches(self):
+        """The epoch's remaining global batches, each a tensor of corpus indices."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        multilingual = self.multilingual[torch.randperm(len(self.multilingual), generator=g)]
+        english = self.english_only[torch.randperm(len(self.english_only), generator=g)]
+        B, E = self.batch_size, self.english_per_batch
+        for j in range(self.start_batch, self.num_batches()):
+            cycled = torch.arange(j * E, (j + 1) * E) % len(english)
+            yield torch.cat([multilingual[j * B:(j + 1) * B], english[cycled]])
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            yield from batch[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].tolist()
+
+    def __len__(self):
+        return (self.num_batches() - self.start_batch) * self.local_batch
+
+
 class TrainLoader(DataLoader):
     """The training DataLoader, with the epoch controls a training loop needs."""
 
@@ -128,8 +172,25 @@ def train_loader(corpus, text_inputs, config, rank=0, world_size=1):
     data = config["data"]
     dataset = RetrievalDataset(corpus, text_inputs, data["max_words_train"], data["n_video_tokens"],
                                train=True, seed=config["seed"])
-    sampler = EpochSampler(len(dataset), data["batch_size"], config["seed"], rank=rank, world_size=world_size)
+    sampler = train_sampler(corpus, config, rank, world_size)
     return make_loader(dataset, sampler.local_batch, sampler, data["num_workers"], config["seed"], TrainLoader)
+
+
+def train_sampler(corpus, config, rank, world_size):
+    """EpochSampler over every item, or, with data.english_only_per_batch > 0, EnglishTopUpSampler."""
+    data = config["data"]
+    english_per_batch = data["english_only_per_batch"]
+    if not english_per_batch:
+        return EpochSampler(len(corpus), data["batch_size"], config["seed"], rank=rank, world_size=world_size)
+    others = [lang for lang in corpus.languages if lang != ENGLISH]
+    multilingual = [i for i in range(len(corpus)) if any(corpus.captions[lang][i] for lang in others)]
+    english_only = sorted(set(range(len(corpus))) - set(multilingual))
+    if not english_only or len(multilingual) < data["batch_size"]:
+        raise ConfigError(f"{corpus.path}: {len(english_only)} English-only and {len(multilingual)} other training "
+                          f"items; config key 'data.english_only_per_batch' = {english_per_batch} needs at least "
+                          f"one English-only item and 'data.batch_size' = {data['batch_size']} others")
+    return EnglishTopUpSampler(multilingual, english_only, data["batch_size"], english_per_batch, config["seed"],
+                               rank=rank, world_size=world_size)
 
 
 def eval_loader(corpus, text_inputs, config, rank=0, world_size=1):

@@ -1,13 +1,17 @@
 """Training order and caption draws: the epoch sampler shuffles by (seed, epoch) and drops the last
-partial batch; each epoch draws one caption index per video, shared by all its languages."""
+partial batch; each epoch draws one caption index per video, shared by all its languages; with
+data.english_only_per_batch, English-only items top up each batch of multilingual ones."""
 import numpy as np
 import pytest
 
+from common.errors import ConfigError
+from data_loader import toy
 from data_loader.corpus import Corpus
 from data_loader.dataset import RetrievalDataset, TextInput
-from data_loader.loaders import EpochSampler
+from data_loader.loaders import EnglishTopUpSampler, EpochSampler, train_sampler
 from model.model import model_from_config
-from tests.conftest import toy_config
+from parse_config import resolve
+from tests.conftest import sacred_scalars, toy_config, write_json_config
 from trainer.build import build_loaders, load_corpora
 
 N_TRAIN = 128  # training videos of the toy set in conftest, 5 captions each
@@ -178,3 +182,123 @@ def test_a_language_with_fewer_captions_uses_its_last_one(toy_assets):
         assert item.text["student"]["de"].input_ids.tolist() == ids(captions["de"][0][last])
         assert item.has_caption == {"en": True, "de": True}
     assert drawn == {0, 1, 2}
+
+
+# ---- data.english_only_per_batch: English-only items drawn apart -----------------------------------
+
+def top_up_batches(multilingual, english, batch, extra, seed, epoch, start_batch=0, **kwargs):
+    sampler = EnglishTopUpSampler(multilingual, english, batch, extra, seed, **kwargs)
+    sampler.set_epoch(epoch, start_batch)
+    order = list(sampler)
+    return [order[i:i + sampler.local_batch] for i in range(0, len(order), sampler.local_batch)]
+
+
+MULTI, ENGLISH_ONLY = list(range(0, 40, 2)), list(range(1, 40, 2)) + list(range(40, 50))  # 20 and 30 items
+
+
+def test_each_batch_holds_batch_size_multilingual_items_and_the_english_only_ones():
+    for epoch in range(3):
+        batches = top_up_batches(MULTI, ENGLISH_ONLY, 6, 4, seed=2, epoch=epoch)
+        assert len(batches) == 3  # 20 multilingual items: three full batches of 6, the last 2 dropped
+        for b in batches:
+            assert len(b) == 10 and set(b[:6]) <= set(MULTI) and set(b[6:]) <= set(ENGLISH_ONLY)
+        multi = [i for b in batches for i in b[:6]]
+        english = [i for b in batches for i in b[6:]]
+        assert len(set(multi)) == 18 and len(set(english)) == 12  # nothing twice within the epoch
+    # with the batch dividing them, every multilingual item comes once per epoch
+    for epoch in range(3):
+        multi = [i for b in top_up_batches(MULTI, ENGLISH_ONLY, 5, 4, 2, epoch) for i in b[:5]]
+        assert sorted(multi) == MULTI
+
+
+def test_english_only_items_cycle_when_an_epoch_needs_more_of_them():
+    batches = top_up_batches(MULTI, [100, 101, 102], 5, 2, seed=0, epoch=1)
+    english = [i for b in batches for i in b[5:]]
+    assert len(english) == 8
+    assert english[3:6] == english[:3] and english[6:] == english[:2] and sorted(english[:3]) == [100, 101, 102]
+
+
+def test_the_top_up_order_depends_on_seed_and_epoch_only():
+    orders = {(s, e): top_up_batches(MULTI, ENGLISH_ONLY, 5, 4, s, e) for s in (0, 1) for e in range(3)}
+    assert len({str(o) for o in orders.values()}) == len(orders)
+    assert top_up_batches(MULTI, ENGLISH_ONLY, 5, 4, 1, 2) == orders[1, 2]
+    # the English-only items are shuffled too
+    assert {tuple(i for b in o for i in b[5:]) for o in orders.values()} != {tuple(ENGLISH_ONLY[:16])}
+
+
+def test_a_resumed_epoch_gives_the_remaining_top_up_batches():
+    full = top_up_batches(MULTI, ENGLISH_ONLY, 5, 4, seed=3, epoch=2)
+    for start in range(4):
+        assert top_up_batches(MULTI, ENGLISH_ONLY, 5, 4, 3, 2, start_batch=start) == full[start:]
+
+
+def test_ranks_take_their_slice_of_each_top_up_batch():
+    single = top_up_batches(MULTI, ENGLISH_ONLY, 6, 4, seed=7, epoch=1)
+    ranks = [top_up_batches(MULTI, ENGLISH_ONLY, 6, 4, 7, 1, rank=r, world_size=2) for r in range(2)]
+    assert all(len(b) == 5 for r in ranks for b in r)
+    assert [ranks[0][j] + ranks[1][j] for j in range(3)] == single
+    with pytest.raises(ConfigError, match="'data.batch_size' \\+ 'data.english_only_per_batch' = 9 is not "
+                                          "divisible by the 2 processes"):
+        EnglishTopUpSampler(MULTI, ENGLISH_ONLY, 6, 3, 0, world_size=2)
+
+
+def english_rich_corpus():
+    """Five items with German, then four English-only ones (one with an empty German list)."""
+    en = [[f"video {i}"] for i in range(9)]
+    de = [[f"Video {i}"] for i in range(5)] + [[]] * 4
+    return Corpus(path="rich.pkl", ids=[f"v{i}" for i in range(9)], features=[np.ones((2, 4), np.float32)] * 9,
+                  captions={"en": en, "de": de})
+
+
+def sampler_config(extra, batch=4):
+    return {"seed": 0, "data": {"batch_size": batch, "english_only_per_batch": extra}}
+
+
+def test_the_english_only_items_are_found_from_the_captions():
+    sampler = train_sampler(english_rich_corpus(), sampler_config(2), rank=0, world_size=1)
+    assert isinstance(sampler, EnglishTopUpSampler)
+    assert sorted(sampler.multilingual.tolist()) == [0, 1, 2, 3, 4]
+    assert sorted(sampler.english_only.tolist()) == [5, 6, 7, 8]
+    assert isinstance(train_sampler(english_rich_corpus(), sampler_config(0), 0, 1), EpochSampler)
+
+
+def test_a_file_without_both_kinds_of_items_is_refused():
+    corpus = english_rich_corpus()
+    with pytest.raises(ConfigError, match="rich.pkl: 4 English-only and 5 other training items; config key "
+                                          "'data.english_only_per_batch' = 2 needs .* 'data.batch_size' = 6 others"):
+        train_sampler(corpus, sampler_config(2, batch=6), 0, 1)
+    corpus.captions["de"] = [["Video"]] * 9  # every item multilingual
+    with pytest.raises(ConfigError, match="0 English-only and 9 other"):
+        train_sampler(corpus, sampler_config(2), 0, 1)
+    corpus.select_languages(["en"])  # English alone: no item has another language
+    with pytest.raises(ConfigError, match="9 English-only and 0 other"):
+        train_sampler(corpus, sampler_config(2), 0, 1)
+
+
+def test_the_key_is_checked():
+    with pytest.raises(ConfigError, match="config key 'data.english_only_per_batch' = -1 must be at least 0"):
+        resolve({"data.english_only_per_batch": -1})
+    with pytest.raises(ConfigError, match="config key 'data.english_only_per_batch' must be int"):
+        resolve({"data.english_only_per_batch": 1.5})
+    assert resolve({})["data"]["english_only_per_batch"] == 0
+
+
+def test_train_py_trains_with_english_only_items_in_each_batch(toy_assets, tmp_path):
+    import train as train_entry
+    from data_loader.corpus import ENGLISH
+    files = toy.generate(tmp_path / "rich", seed=3, n_train=32, n_test=16, n_val=16, n_english=56)
+    config = toy_config(toy_assets, tmp_path, seed=4, **{
+        "data.train_path": str(files["english"]), "data.batch_size": 8, "data.english_only_per_batch": 8})
+    corpora = load_corpora(config)
+    _, tokenizer = model_from_config(config)
+    train, _ = build_loaders(config, corpora, tokenizer)
+    train.set_epoch(0)
+    batches = [batch.index.tolist() for batch in train]
+    captions = corpora["train"].captions
+    assert len(batches) == 4 and all(len(b) == 16 for b in batches)
+    for b in batches:  # the training items come first in the file; the English-only ones after them
+        assert all(i < 32 for i in b[:8]) and all(i >= 32 for i in b[8:])
+        assert all(not captions[lang][i] for i in b[8:] for lang in captions if lang != ENGLISH)
+    path = write_json_config(tmp_path, "rich", config)
+    assert train_entry.main(["-c", str(path), "--run-id", "r", "-d", "cpu"]) == 0
+    assert len(sacred_scalars(tmp_path / "runs" / "rich" / "r", "train.loss")) == 8  # 2 epochs of 4 steps
