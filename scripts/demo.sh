@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+# Two trainings run at once, one per core: torch's default of one thread per core would give each
+# process both cores, and the two would slow each other down several times over.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 LOGS=runs/toy/demo_logs
 TEST=cache/multi_toy/multi_toy_test.pkl
 mkdir -p "$LOGS"

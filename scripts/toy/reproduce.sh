@@ -16,6 +16,8 @@ SEEDS=${SEEDS:-"0 1 2 3"}
 ANALYSIS_SEEDS=${ANALYSIS_SEEDS:-$SEEDS}  # of the teacher analysis and the English-rich control
 BALANCES=${BALANCES:-"0.2 0.5"}
 JOBS=${JOBS:-1}
+# Each of the JOBS processes gets its share of the cores, so that they do not slow each other down.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 TEST=cache/multi_toy/multi_toy_test.pkl
 LOGS=runs/toy/logs
 SECONDS=0
