@@ -1,4 +1,4 @@
-"""utils.report: gathering Sacred run folders, mean ± sample std over seeds, refusing mixed groups."""
+"""utils.results and utils.report: gathering Sacred run folders, mean ± sample std over seeds, refusing mixed groups."""
 import csv
 import json
 import math
@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from utils import report
+from utils import report, results
 
 LANGS = ("en", "de", "fr")
 # seed -> {lang: t2v R1}; the expected means and sample standard deviations are computed below
@@ -155,8 +155,8 @@ def test_metrics_json_fallback_and_unfinished_runs(tmp_path, capsys):
 
 
 def test_mean_std_edge_cases():
-    assert report.mean_std([3.0]) == (3.0, pytest.approx(math.nan, nan_ok=True))
-    mean, std = report.mean_std([1.0, 2.0, 3.0, 4.0])
+    assert results.mean_std([3.0]) == (3.0, pytest.approx(math.nan, nan_ok=True))
+    mean, std = results.mean_std([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and std == pytest.approx(statistics.stdev([1, 2, 3, 4]))
 
 
@@ -241,7 +241,7 @@ def test_learning_curves_from_the_per_epoch_validation_series(tmp_path, runs, ca
     code, stdout, err = run_report(capsys, *runs, "--curve", "C2KD=" + ",".join(map(str, curves)), "--out", out)
     assert code == 0 and "curves_r1.png" in stdout, err
     assert (out / "curves_r1.png").read_bytes()[:4] == b"\x89PNG"
-    epochs, values = report.epoch_series(report.load_run(curves[1]), ["de", "fr"], "t2v", 1)
+    epochs, values = results.epoch_series(results.load_run(curves[1]), ["de", "fr"], "t2v", 1)
     assert epochs == [1, 2, 3] and values == [1.0, 3.5, 5.0]
     code, _, err = run_report(capsys, *runs, "--curve", f"C2KD={runs[0]}", "--out", out)
     assert code == 2 and "no per-epoch 'val.t2v_<lang>_R1' series for a learning curve" in err

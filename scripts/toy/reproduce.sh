@@ -57,7 +57,7 @@ for teacher in xlmr mbert distiluse; do echo "train teacher_$teacher teacher_$te
 # λ: the best mean over seeds of the last epoch's validation R@1 averaged over the non-English languages.
 BALANCE=$($PY - $BALANCES <<EOF
 import statistics, sys
-from utils.report import load_run, run_value, languages_of, Method
+from utils.results import load_run, run_value, languages_of, Method
 def score(b):
     runs = [load_run(f"runs/toy/c2kd_balance{b}/seed{s}") for s in "$SEEDS".split()]
     langs = [l for l in languages_of([Method(b, runs)], "t2v") if l != "en"]
