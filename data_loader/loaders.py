@@ -48,20 +48,21 @@ def videos_with_captions(corpus):
             for lang in corpus.languages}
 
 
-class EpochSampler(Sampler):
-    """Indices of one epoch, shuffled by (seed, epoch) and cut into global batches.
+class GlobalBatchSampler(Sampler):
+    """Indices of one epoch in global batches, which the ranks split.
 
-    Global batch ``j`` is ``perm[j*B:(j+1)*B]``; with ``world_size`` processes, rank ``r`` takes
-    its ``r``-th slice, so gathering the ranks' slices in order rebuilds exactly the batch that one
-    process would see. ``start_batch`` skips batches already trained on (mid-epoch resume).
+    Each rank takes its slice of every global batch, in rank order, so gathering the ranks' slices
+    rebuilds exactly the batch that one process would see. ``set_epoch`` picks the epoch, whose
+    shuffles are seeded by (seed, epoch); ``start_batch`` skips batches already trained on
+    (mid-epoch resume). A subclass says how many global batches an epoch has, how long each is, and
+    which indices they hold.
     """
 
-    def __init__(self, size, global_batch_size, seed, shuffle=True, drop_last=True, rank=0, world_size=1):
+    def __init__(self, global_batch_size, seed, rank, world_size, batch_keys):
         if global_batch_size % world_size:
-            raise ConfigError(f"config key 'data.batch_size' = {global_batch_size} is not divisible by the "
+            raise ConfigError(f"config {batch_keys} = {global_batch_size} is not divisible by the "
                               f"{world_size} processes")
-        self.size, self.global_batch, self.seed = size, global_batch_size, seed
-        self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
+        self.global_batch, self.seed, self.rank, self.world_size = global_batch_size, seed, rank, world_size
         self.local_batch = global_batch_size // world_size
         self.epoch, self.start_batch = 0, 0
 
@@ -69,73 +70,82 @@ class EpochSampler(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def num_batches(self):
+        raise NotImplementedError
+
+    def batch_length(self, j):
+        """Items in global batch ``j``."""
+        return self.global_batch
+
+    def global_batches(self):
+        """The epoch's remaining global batches, each a tensor of indices."""
+        raise NotImplementedError
+
+    def epoch_generator(self):
+        """The random generator of this epoch's shuffles."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+
+    def _rank_part(self, length):
+        """(start, stop) of this rank's slice of a global batch of ``length`` items."""
+        per_rank = -(-length // self.world_size)
+        return min(length, self.rank * per_rank), min(length, (self.rank + 1) * per_rank)
+
+    def __iter__(self):
+        for batch in self.global_batches():
+            start, stop = self._rank_part(len(batch))
+            yield from batch[start:stop].tolist()
+
+    def __len__(self):
+        parts = (self._rank_part(self.batch_length(j)) for j in range(self.start_batch, self.num_batches()))
+        return sum(stop - start for start, stop in parts)
+
+
+class EpochSampler(GlobalBatchSampler):
+    """Every index once per epoch, shuffled by (seed, epoch): global batch ``j`` is
+    ``order[j*B:(j+1)*B]``, the last partial one kept unless ``drop_last``."""
+
+    def __init__(self, size, global_batch_size, seed, shuffle=True, drop_last=True, rank=0, world_size=1):
+        super().__init__(global_batch_size, seed, rank, world_size, batch_keys="key 'data.batch_size'")
+        self.size, self.shuffle, self.drop_last = size, shuffle, drop_last
+
+    def num_batches(self):
         full, rest = divmod(self.size, self.global_batch)
         return full if self.drop_last or not rest else full + 1
 
-    def _rank_slices(self):
-        """(start, stop) in the epoch's order of this rank's part of each remaining global batch."""
+    def batch_length(self, j):
+        return min((j + 1) * self.global_batch, self.size) - j * self.global_batch
+
+    def global_batches(self):
+        order = torch.randperm(self.size, generator=self.epoch_generator()) if self.shuffle else torch.arange(self.size)
         for j in range(self.start_batch, self.num_batches()):
-            start, stop = j * self.global_batch, min((j + 1) * self.global_batch, self.size)
-            per_rank = -(-(stop - start) // self.world_size)
-            yield min(stop, start + self.rank * per_rank), min(stop, start + (self.rank + 1) * per_rank)
-
-    def _order(self):
-        if not self.shuffle:
-            return torch.arange(self.size)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=g)
-
-    def __iter__(self):
-        order = self._order()
-        for start, stop in self._rank_slices():
-            yield from order[start:stop].tolist()
-
-    def __len__(self):
-        return sum(stop - start for start, stop in self._rank_slices())
+            yield order[j * self.global_batch:(j + 1) * self.global_batch]
 
 
-class EnglishTopUpSampler(Sampler):
+class EnglishTopUpSampler(GlobalBatchSampler):
     """Global batches of ``batch_size`` multilingual items plus ``english_per_batch`` English-only ones.
 
     An epoch is one pass over the multilingual items, shuffled by (seed, epoch), the last partial
     batch dropped. The English-only items follow in their own (seed, epoch) shuffle, cycled when an
     epoch needs more of them. So every non-English contrastive term contrasts as many videos as in
-    translate-train, while English sees the extra videos. Ranks take slices of each global batch as
-    in ``EpochSampler``; ``start_batch`` skips batches already trained on (mid-epoch resume).
+    translate-train, while English sees the extra videos.
     """
 
     def __init__(self, multilingual, english_only, batch_size, english_per_batch, seed, rank=0, world_size=1):
-        self.global_batch = batch_size + english_per_batch
-        if self.global_batch % world_size:
-            raise ConfigError(f"config keys 'data.batch_size' + 'data.english_only_per_batch' = {self.global_batch} "
-                              f"is not divisible by the {world_size} processes")
+        super().__init__(batch_size + english_per_batch, seed, rank, world_size,
+                         batch_keys="keys 'data.batch_size' + 'data.english_only_per_batch'")
         self.multilingual, self.english_only = torch.as_tensor(multilingual), torch.as_tensor(english_only)
-        self.batch_size, self.english_per_batch, self.seed = batch_size, english_per_batch, seed
-        self.rank, self.local_batch = rank, self.global_batch // world_size
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = epoch, start_batch
+        self.batch_size, self.english_per_batch = batch_size, english_per_batch
 
     def num_batches(self):
         return len(self.multilingual) // self.batch_size
 
     def global_batches(self):
-        """The epoch's remaining global batches, each a tensor of corpus indices."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = self.epoch_generator()
         multilingual = self.multilingual[torch.randperm(len(self.multilingual), generator=g)]
         english = self.english_only[torch.randperm(len(self.english_only), generator=g)]
         B, E = self.batch_size, self.english_per_batch
         for j in range(self.start_batch, self.num_batches()):
             cycled = torch.arange(j * E, (j + 1) * E) % len(english)
             yield torch.cat([multilingual[j * B:(j + 1) * B], english[cycled]])
-
-    def __iter__(self):
-        for batch in self.global_batches():
-            yield from batch[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].tolist()
-
-    def __len__(self):
-        return (self.num_batches() - self.start_batch) * self.local_batch
 
 
 class TrainLoader(DataLoader):
