@@ -6,7 +6,8 @@
 # 3. the teacher analysis (C2KD from each teacher alone, at that λ) and the English-rich control,
 #    ANALYSIS_SEEDS each (default: SEEDS);
 # 4. every run evaluated once on the test split (test.py) after training, and the report
-#    (reports/toy/): tables, differences against translate-train paired by seed, validation learning curves.
+#    (reports/toy/): tables, differences against translate-train paired by seed, validation learning curves;
+#    and the C2KD rows paired with the English-rich control (reports/toy/against_control/).
 # It can be re-run: train.py reuses a finished run of the same config and resumes an interrupted one
 # in place; delete runs/toy to start over. Training runs one process at a time; JOBS=2 runs two.
 set -euo pipefail
@@ -101,5 +102,15 @@ for teacher in xlmr mbert distiluse; do
   rows+=(--method "Teacher $teacher (English only)=runs/toy/teacher_$teacher/test_runs/seed0")
 done
 $PY -m utils.report --out reports/toy --recall 1,5,10 --baseline Translate-train "${rows[@]}" "${curves[@]}"
+# Does distillation beat simply training on more English? Every C2KD row against the English-rich control.
+control_rows=()
+for name in translate_train_english c2kd_balance$BALANCE c2kd_xlmr c2kd_mbert c2kd_distiluse; do
+  seeds=$ANALYSIS_SEEDS
+  case $name in c2kd_balance*) seeds=$SEEDS ;; esac
+  control_rows+=(--method "$(label "$name")=$(runs_of "$name" "$seeds" test_runs/)")
+done
+$PY -m utils.report --out reports/toy/against_control --recall 1 --baseline "$(label translate_train_english)" \
+  "${control_rows[@]}" >/dev/null
+echo "C2KD against the English-rich control, paired by seed: reports/toy/against_control/table.md"
 echo "λ = $BALANCE (chosen on the validation split); seeds $SEEDS (teacher analysis and control: $ANALYSIS_SEEDS);" \
      "$((SECONDS / 60)) min $((SECONDS % 60)) s in all"
