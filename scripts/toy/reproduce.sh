@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-SEEDS=${SEEDS:-"0 1 2 3"}
+SEEDS=${SEEDS:-"0 1 2 3 4 5 6 7"}
 ANALYSIS_SEEDS=${ANALYSIS_SEEDS:-$SEEDS}  # of the teacher analysis and the English-rich control
 BALANCES=${BALANCES:-"0.2 0.5"}
 JOBS=${JOBS:-1}
