@@ -233,6 +233,26 @@ def test_paired_differences_against_a_baseline(tmp_path, runs, capsys):
     assert code == 2 and err.strip() == "error: --baseline 'tt' is not a method of the report (they are: C2KD)"
 
 
+def test_compare_pairs_only_the_named_methods_with_the_baseline(tmp_path, runs, capsys):
+    base = [write_run(tmp_path / "tt" / f"seed{s}", config(s, name="translate_train", stage="translate-train"),
+                      metrics(R1[s], shift=-1.0)) for s in R1]
+    zero = [write_run(tmp_path / "zs" / f"seed{s}", config(s, name="zero_shot", stage="zero-shot"),
+                      metrics(R1[s], shift=-9.0)) for s in R1]
+    out = tmp_path / "out"
+    methods = ["--method", "TT=" + ",".join(map(str, base)), "--method", "ZS=" + ",".join(map(str, zero)),
+               "--method", "C2KD=" + ",".join(map(str, runs))]
+    code, stdout, err = run_report(capsys, *methods, "--baseline", "TT", "--compare", "C2KD", "--out", out)
+    assert code == 0, err
+    paired_rows = {r["method"] for r in csv.DictReader((out / "paired.csv").open())}
+    assert paired_rows == {"C2KD"}
+    assert "| ZS | 3 |" in stdout and "| ZS | 3 | 0 of 3" not in stdout  # in the table, not paired
+    code, _, err = run_report(capsys, *methods, "--baseline", "TT", "--compare", "zs", "--out", out)
+    assert code == 2 and err.strip() == ("error: --compare 'zs' is not a method of the report "
+                                         "(they are: TT, ZS, C2KD)")
+    code, _, err = run_report(capsys, *methods, "--compare", "ZS", "--out", out)
+    assert code == 2 and err.strip() == "error: --compare needs --baseline NAME: the method the others are paired with"
+
+
 def test_learning_curves_from_the_per_epoch_validation_series(tmp_path, runs, capsys):
     curves = [write_run(tmp_path / "train" / f"seed{s}", config(s), metrics(R1[s]),
                         series={"t2v_en_R1": [5.0, 9.0, 10.0], "t2v_de_R1": [1.0, 4.0, 5.0 + s],

@@ -22,7 +22,8 @@ to --out (default: reports/) and prints the Markdown.
 
 ``--baseline NAME`` says whether a difference is real: each other method minus the baseline, seed
 by seed over the seeds both have, with the mean difference, its 95% Student-t interval and the
-paired t-test (scipy.stats), in table.md, table.tex, paired.csv and a plot (paired_r1.png).
+paired t-test (scipy.stats), in table.md, table.tex, paired.csv and a plot (paired_r1.png);
+``--compare NAME`` (repeatable) pairs only the methods named.
 ``--curve NAME=DIR[,DIR...]`` draws learning curves (curves_r1.png) from training runs: the
 validation R@K of every epoch (their ``val.*`` series in metrics.json), averaged over the
 non-English languages and over the runs.
@@ -207,6 +208,15 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path, legend_of=None):
+    """Write and close the figure; ``legend_of``'s legend stands beside those axes, where it hides
+    no bar or curve, and the image is widened to hold it."""
+    legend = legend_of.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0)) if legend_of else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=150, bbox_inches="tight", bbox_extra_artists=[legend] if legend else None)
+    _pyplot().close(fig)
+
+
 def paired_chart(rows, baseline, prefix, k, path):
     """Per-seed differences against the baseline (dots) with their mean and confidence interval, on
     the non-English average."""
@@ -224,9 +234,7 @@ def paired_chart(rows, baseline, prefix, k, path):
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
     ax.set_ylabel(f"Δ {prefix} R@{k}, avg (no en)")
     ax.set_title(f"minus {baseline}, paired by seed: seeds (dots), mean and {CONFIDENCE:.0%} t interval")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def curve_chart(curves, prefix, k, path):
@@ -246,10 +254,7 @@ def curve_chart(curves, prefix, k, path):
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {prefix} R@{k}, avg (no en) (%)")
     ax.set_title("learning curves: mean over runs, range shaded")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path, legend_of=ax)
 
 
 def bar_chart(methods, rows, languages, prefix, k, path):
@@ -268,10 +273,7 @@ def bar_chart(methods, rows, languages, prefix, k, path):
     ax.set_ylim(bottom=0)
     ax.set_ylabel(f"{prefix} R@{k} (%)")
     ax.set_title(f"{prefix} R@{k} per language ({spread_text(methods)})")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path, legend_of=ax)
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -314,11 +316,29 @@ def main(argv=None):
     parser.add_argument("--baseline", metavar="NAME",
                         help="a method's label: every other method's per-seed differences against it, with their "
                              "mean, 95%% t interval and paired t-test (paired.csv, paired_r<K>.png)")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME",
+                        help="with --baseline: a method to pair with it (repeatable; default: every other method)")
     parser.add_argument("--curve", action="append", default=[], metavar="NAME=DIR[,DIR...]",
                         help="training runs whose per-epoch validation R@K (non-English average) is drawn as one "
                              "learning curve, mean over the runs (repeatable; curves_r<K>.png)")
     args = parser.parse_args(argv)
     return run_command(lambda: report(args))
+
+
+def paired_tables_of(args, methods, languages, recalls):
+    """{k: paired table} of the methods named by --compare (default: all) against --baseline; {} without it."""
+    labels = [m.label for m in methods]
+    for option, names in (("--baseline", [args.baseline] if args.baseline else []), ("--compare", args.compare)):
+        unknown = next((name for name in names if name not in labels), None)
+        if unknown is not None:
+            raise ReportError(f"{option} '{unknown}' is not a method of the report (they are: {', '.join(labels)})")
+    if args.compare and not args.baseline:
+        raise ReportError("--compare needs --baseline NAME: the method the others are paired with")
+    if not args.baseline:
+        return {}
+    baseline = methods[labels.index(args.baseline)]
+    compared = [m for m in methods if m is not baseline and (not args.compare or m.label in args.compare)]
+    return {k: paired(compared, baseline, languages, args.metric_prefix, k) for k in recalls}
 
 
 def report(args):
@@ -336,13 +356,7 @@ def report(args):
     for k in recalls:
         if all(c.n == 0 for row in tables[k].values() for c in row.values()):
             raise ReportError(f"the runs hold no '{args.metric_prefix}_<lang>_R{k}' metrics")
-    paired_tables = {}
-    if args.baseline is not None:
-        baseline = next((m for m in methods if m.label == args.baseline), None)
-        if baseline is None:
-            raise ReportError(f"--baseline '{args.baseline}' is not a method of the report (they are: "
-                              f"{', '.join(m.label for m in methods)})")
-        paired_tables = {k: paired(methods, baseline, languages, args.metric_prefix, k) for k in recalls}
+    paired_tables = paired_tables_of(args, methods, languages, recalls)
     curves = named_methods(args.curve, include_unfinished=True)
     out = Path(args.out)
     md = markdown(methods, tables, languages, args.metric_prefix, recalls, args.digits, paired_tables, args.baseline)
