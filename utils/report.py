@@ -211,9 +211,12 @@ def _pyplot():
 def _save(fig, path, legend_of=None):
     """Write and close the figure; ``legend_of``'s legend stands beside those axes, where it hides
     no bar or curve, and the image is widened to hold it."""
-    legend = legend_of.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0)) if legend_of else None
-    fig.tight_layout()
-    fig.savefig(path, dpi=150, bbox_inches="tight", bbox_extra_artists=[legend] if legend else None)
+    if legend_of is None:
+        fig.tight_layout()
+        fig.savefig(path, dpi=150)
+    else:  # tight_layout would shrink the axes to make room for the legend: widen the image instead
+        legend = legend_of.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.savefig(path, dpi=150, bbox_inches="tight", bbox_extra_artists=[legend])
     _pyplot().close(fig)
 
 
