@@ -236,7 +236,7 @@ def paired_chart(rows, baseline, prefix, k, path):
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize="small")
     ax.set_ylabel(f"Δ {prefix} R@{k}, avg (no en)")
-    ax.set_title(f"minus {baseline}, paired by seed: seeds (dots), mean and {CONFIDENCE:.0%} t interval")
+    ax.set_title(f"minus {baseline}, paired by seed\nseeds (dots), mean and {CONFIDENCE:.0%} t interval", fontsize="medium")
     _save(fig, path)
 
 
