@@ -4,17 +4,6 @@ import contextlib
 import torch
 
 
-def to_device(batch, device):
-    """Move every tensor of a nested dict/list batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
 def amp_dtype(device, mode):
     """Autocast dtype for ``trainer.mixed_precision``: None means plain fp32 (always on CPU)."""
     if device.type != "cuda" or mode == "off":

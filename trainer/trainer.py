@@ -25,7 +25,7 @@ from parse_config import config_differences
 from trainer.evaluate import flat_metrics
 from trainer.state import rng_state, saved_rng_states, seed_rank, set_rng_state
 from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from common.device import amp_dtype, autocast, to_device
+from common.device import amp_dtype, autocast
 from common.distributed import DistInfo, gather_to_main, on_main
 from common.errors import ConfigError, UserError, first_line
 
