@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, get_args, get_origin
 
 from data_loader.readers import MISSING_CAPTION_FALLBACKS, STUDENT_ENGLISH_FIELDS
-from model.loss import DISTANCES, STAGES, TEACHER_POOLS
+from model.loss import DISTANCES, STAGES, TEACHER_POOLS, learns_teacher_weights
 from model.metric import TIE_BREAKS
 from model.model import DEFAULT_BUCKET_ROWS
 from common.errors import ConfigError
@@ -71,7 +71,9 @@ class Key:
     setting from the checkpoint's optimizer and scheduler state, so it must not change either (the run
     would record a value never used). ``legacy``: what a config saved before the key existed ran with,
     where that differs from the default; a value, or a function of the saved flat config.
-    ``aliases``: older names of values, read as the current ones.
+    ``aliases``: older names of values, read as the current ones. ``used_when``: a function of the
+    flat config, false where the key changes nothing; two configs that both leave it unused do not
+    differ in it (resume, reuse of a finished run, report rows).
     """
     default: Any
     type: type
@@ -84,6 +86,7 @@ class Key:
     restored_on_resume: bool = False
     legacy: Any = AT_DEFAULT
     aliases: dict = field(default_factory=dict)
+    used_when: Any = None
 
     def __post_init__(self):
         if self.restored_on_resume and (self.resume_may_change or self.result_neutral):
@@ -114,6 +117,12 @@ class Key:
         """What a run whose saved flat config ``saved`` lacks this key ran with."""
         value = self.default if self.legacy is AT_DEFAULT else self.legacy
         return value(saved) if callable(value) else value
+
+
+def _learns_teacher_weights(flat):
+    if flat["stage"] not in STAGES or flat["loss.teacher_pool"] not in TEACHER_POOLS:
+        return True  # a saved config this version cannot read: compare the key rather than guess
+    return learns_teacher_weights(flat["stage"], flat["loss.teacher_pool"])
 
 
 def _legacy_role(saved):
@@ -211,7 +220,7 @@ KEYS = {
     "teachers.cache_dir": Key("cache/teacher_outputs", str, "where cached teacher outputs are stored",
                               result_neutral=True),
     "teachers.learnable_lr": Key(1e-2, float, "learning rate of the learnable teacher weights", range=AT_LEAST_0,
-                                 restored_on_resume=True),
+                                 restored_on_resume=True, used_when=_learns_teacher_weights),
     "optimizer.lr": Key(1e-4, float, "Adam learning rate", range=ABOVE_0, restored_on_resume=True),
     "scheduler.gamma": Key(0.9, float, "ExponentialLR decay per epoch", range=Range(0, 1, open_low=True),
                            restored_on_resume=True),

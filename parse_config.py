@@ -277,10 +277,16 @@ def _resolve_error(flat):
 
 def config_differences(a, b, ignore=RESULT_NEUTRAL_KEYS):
     """``[(key, value in a, value in b)]`` for every key outside ``ignore`` where two configs (nested
-    or flattened, saved or resolved) differ, each read as ``upgrade_saved_config`` reads it."""
-    a, b = upgrade_saved_config(flatten_config(a)), upgrade_saved_config(flatten_config(b))
+    or flattened, saved or resolved) differ, each read as ``upgrade_saved_config`` reads it; a key
+    that both leave unused (``Key.used_when``) is absent from both."""
+    a, b = (without_unused_keys(upgrade_saved_config(flatten_config(c))) for c in (a, b))
     return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b))
             if key not in ignore and a.get(key) != b.get(key)]
+
+
+def without_unused_keys(flat):
+    """A complete flat config without the keys that change nothing under it (``Key.used_when``)."""
+    return {k: v for k, v in flat.items() if k not in KEYS or KEYS[k].used_when is None or KEYS[k].used_when(flat)}
 
 
 def upgrade_saved_config(config):

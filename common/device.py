@@ -1,4 +1,4 @@
-"""Device placement and mixed precision."""
+"""Mixed precision: the autocast dtype and context for a device."""
 import contextlib
 
 import torch

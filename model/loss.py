@@ -116,21 +116,16 @@ class ElementwisePool:
         return [(weight, self.reduce(torch.stack(teacher_sims)))]
 
 
-class MultitaskPool:
-    """One target per teacher, each weighted by 1 - λ."""
-    name, learnable = "multitask", False
+class PerTeacherPool:
+    """One target per teacher, each weighted by 1 - λ; or, where ``learnable``, by its own weight, a
+    softmax over logits trained with the student that replaces 1 - λ (the reference's learnable_multitask)."""
+
+    def __init__(self, name, learnable):
+        self.name, self.learnable = name, learnable
 
     def __call__(self, teacher_sims, weight):
-        return [(weight, t) for t in teacher_sims]
-
-
-class LearnablePool:
-    """One target per teacher, weighted by a softmax over logits trained with the student: the
-    weights replace 1 - λ, as in the reference's learnable_multitask."""
-    name, learnable = "learnable", True
-
-    def __call__(self, teacher_sims, weights):
-        return [(w, t) for w, t in zip(weights, teacher_sims)]
+        weights = weight if self.learnable else [weight] * len(teacher_sims)
+        return list(zip(weights, teacher_sims))
 
 
 # loss.teacher_pool -> pooling: called with the teachers' [B, B] matrices and the teacher weight
@@ -140,7 +135,7 @@ TEACHER_POOLS = {pool.name: pool for pool in (
     ElementwisePool("max", lambda stacked: stacked.max(0).values),
     ElementwisePool("min", lambda stacked: stacked.min(0).values),
     ElementwisePool("mean", lambda stacked: stacked.mean(0)),
-    MultitaskPool(), LearnablePool())}
+    PerTeacherPool("multitask", learnable=False), PerTeacherPool("learnable", learnable=True))}
 
 # The reference's --teacher_sim_pool names, mapped to the operation they really computed (docs/reference.md §8.1).
 LEGACY_TEACHER_POOLS = {"min": "max", "max": "min", "mean": "mean", "multitask": "multitask",
@@ -320,6 +315,11 @@ STAGES = {loss.name: loss for loss in (ZeroShotLoss, TranslateTrainLoss, C2KDLos
 def stage_loss(stage):
     """The loss class of ``stage``."""
     return _registered(STAGES, "stage", stage)
+
+
+def learns_teacher_weights(stage, teacher_pool):
+    """Whether the loss of ``stage`` under ``teacher_pool`` trains teacher weights (at teachers.learnable_lr)."""
+    return stage_loss(stage).distils and _registered(TEACHER_POOLS, "loss.teacher_pool", teacher_pool).learnable
 
 
 def _registered(registry, key, name):

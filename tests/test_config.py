@@ -197,6 +197,18 @@ def test_config_differences_ignore_settings_that_change_no_result():
     assert config_differences(recorded, resolve({"trainer.epochs": 3, "model.length_bucket_rows": None})) == []
 
 
+def test_a_key_both_configs_leave_unused_is_no_difference():
+    from parse_config import config_differences, resolve
+    # teachers.learnable_lr only acts where a distilling loss learns teacher weights.
+    for base in ({"stage": "c2kd"}, {"stage": "translate-train", "loss.teacher_pool": "learnable"}):
+        assert config_differences(resolve({**base, "teachers.learnable_lr": 0.5}), resolve(base)) == []
+    learnable = {"stage": "c2kd", "loss.teacher_pool": "learnable"}
+    assert config_differences(resolve({**learnable, "teachers.learnable_lr": 0.5}), resolve(learnable)) == [
+        ("teachers.learnable_lr", 0.5, 1e-2)]
+    assert config_differences(resolve({"stage": "c2kd", "teachers.learnable_lr": 0.5}), resolve(learnable)) == [
+        ("loss.teacher_pool", "max", "learnable"), ("teachers.learnable_lr", None, 1e-2)]  # unused: absent
+
+
 def test_a_teacher_config_written_before_model_role_is_warned_about(tmp_path, recwarn):
     """A config that cleans English for its own text encoder, without model.role, was a teacher
     config: it is told once that model.role now makes a model read English as teachers do."""

@@ -36,7 +36,7 @@ def changed(config, name, value):
 def test_a_finished_run_is_reused_whatever_its_result_neutral_keys_say(tmp_path):
     """train.py --run-id reuses a finished run when the config differs in result-neutral keys only;
     a change to any other key is refused, naming the key."""
-    recorded = resolve({})
+    recorded = resolve({"stage": "c2kd", "loss.teacher_pool": "learnable"})  # every key is used
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     (tmp_path / "run.json").write_text(json.dumps({"status": "COMPLETED"}))
     neutral = set()
@@ -49,6 +49,9 @@ def test_a_finished_run_is_reused_whatever_its_result_neutral_keys_say(tmp_path)
             assert f"{name}: " in str(e)
     assert neutral == {name for name, key in KEYS.items() if key.result_neutral}
     assert {"name", "trainer.save_dir", "data.num_workers", "eval.rerank"} <= neutral
+    # A key the run leaves unused (Key.used_when) is no difference either.
+    (tmp_path / "config.json").write_text(json.dumps(resolve({"stage": "c2kd"})))
+    assert existing_run(tmp_path, resolve({"stage": "c2kd", "teachers.learnable_lr": 0.5})) == "finished"
 
 
 def test_a_resumed_run_may_change_only_the_keys_the_table_allows():

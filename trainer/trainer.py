@@ -67,11 +67,8 @@ class TrainerSettings:
 
 def check_resumable(saved_config, config, path):
     """Refuse to resume ``path`` (whose config is ``saved_config``) under a config that differs
-    in a key that a resumed run may not change (config_keys.py says which; teachers.learnable_lr
-    counts only where the loss has learnable teacher weights: nothing else uses it)."""
+    in a key that a resumed run may not change (config_keys.py says which)."""
     for key, saved, now in config_differences(saved_config, config, ignore=RESUME_MAY_CHANGE):
-        if key == "teachers.learnable_lr" and config["loss"]["teacher_pool"] != "learnable":
-            continue
         why = ("a resumed run continues the saved optimizer and schedule" if key in RESTORED_ON_RESUME
                else "a resumed run continues the same experiment")
         raise ConfigError(f"{path}: config key '{key}' = {json.dumps(now)} differs from the checkpoint's "

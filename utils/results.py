@@ -23,7 +23,7 @@ from common.errors import UserError
 from config_keys import RESULT_NEUTRAL_KEYS
 from data_loader.corpus import ENGLISH
 from model.rerank import RERANKERS
-from parse_config import config_differences, flatten_config, upgrade_saved_config
+from parse_config import config_differences, flatten_config, upgrade_saved_config, without_unused_keys
 
 SUMMARY_ROWS = ("mean", f"mean_no_{ENGLISH}")
 # Config keys never compared: those that change no result, and the seed, which a row averages over.
@@ -131,7 +131,7 @@ def load_runs(paths, include_unfinished=False):
 # ---- grouping ------------------------------------------------------------------------------------
 
 def comparable(config):
-    return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    return {k: v for k, v in without_unused_keys(config).items() if k not in IGNORED_KEYS}
 
 
 def _short(value):
