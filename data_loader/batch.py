@@ -74,7 +74,8 @@ class Batch:
 
     def split(self, parts):
         """``parts`` micro-batches along the first dimension (gradient accumulation), as ``Tensor.chunk`` cuts."""
-        return [self.map(lambda t, i=i: t.chunk(parts)[i]) for i in range(parts)]
+        chunks = self.map(lambda t: t.chunk(parts))  # each tensor cut once; the fields hold the pieces
+        return [chunks.map(lambda pieces, i=i: pieces[i]) for i in range(parts)]
 
 
 def collate(items):

@@ -11,7 +11,7 @@ import contextlib
 import json
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -59,10 +59,9 @@ class TrainerSettings:
 
     @classmethod
     def of(cls, config):
-        t = config["trainer"]
-        return cls(t["epochs"], t["max_steps_per_epoch"], t["log_every"], t["accumulation_steps"],
-                   t["max_skipped_steps"], t["mixed_precision"], t["compile"], t["monitor"], t["save_period"],
-                   config["seed"], config)
+        """The settings of a resolved config: each field but the last two is its ``trainer`` key of that name."""
+        section = {f.name: config["trainer"][f.name] for f in fields(cls) if f.name not in ("seed", "config")}
+        return cls(**section, seed=config["seed"], config=config)
 
 
 def check_resumable(saved_config, config, path):
