@@ -288,7 +288,7 @@ RESTORED_ON_RESUME = frozenset(name for name, key in KEYS.items() if key.restore
 
 
 
-def _teachtext_distance(teachtext):
+def teachtext_distance(teachtext):
     if not isinstance(teachtext, bool):
         raise ConfigError(f"config key 'loss.teachtext' must be bool, got {json.dumps(teachtext)}")
     return "smooth_l1" if teachtext else "kl"
@@ -296,7 +296,7 @@ def _teachtext_distance(teachtext):
 
 # Keys that another key replaced: old key -> (new key, the new key's value for the old one's). Still
 # read from config files, overrides and saved configs (parse_config._replace_old_keys).
-REPLACED_KEYS = {"loss.teachtext": ("loss.distance", _teachtext_distance)}
+REPLACED_KEYS = {"loss.teachtext": ("loss.distance", teachtext_distance)}
 
 # Keys of the reference's YAML configs (docs/reference.md §6): what replaces each here.
 REFERENCE_KEYS = {

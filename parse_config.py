@@ -14,7 +14,7 @@ import os
 import warnings
 from pathlib import Path
 
-from config_keys import KEYS, REFERENCE_KEYS, REPLACED_KEYS, RESULT_NEUTRAL_KEYS
+from config_keys import KEYS, REFERENCE_KEYS, REPLACED_KEYS, RESULT_NEUTRAL_KEYS, teachtext_distance
 from data_loader.readers import READER_OPTIONS
 from model.loss import legacy_teacher_pool
 from common.errors import ConfigError  # defined at ground level; callers may also import it from here
@@ -230,7 +230,7 @@ def overrides_from_args(args):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if getattr(args, "teachtext", None) is not None:
-        flat["loss.distance"] = "smooth_l1" if args.teachtext else "kl"
+        flat["loss.distance"] = teachtext_distance(bool(args.teachtext))
     teachers = getattr(args, "teachers", None)
     if teachers == "None":
         flat["teachers.checkpoints"] = []

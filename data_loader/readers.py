@@ -33,14 +33,18 @@ READER_OPTIONS = {}
 # Layouts whose files hold training and evaluation captions under different keys, so that the
 # split decides what is read (the other layouts read a file the same way for either split).
 SPLIT_LAYOUTS = set()
+# Layouts whose files are pickled lists of items, in the released data's formats (detect_layout tells them apart).
+PICKLE_LAYOUTS = set()
 
 
-def register_reader(name, reads_split=False, options=()):
+def register_reader(name, reads_split=False, pickled=False, options=()):
     def wrap(fn):
         READERS[name] = fn
         READER_OPTIONS[name] = tuple(options)
         if reads_split:
             SPLIT_LAYOUTS.add(name)
+        if pickled:
+            PICKLE_LAYOUTS.add(name)
         return fn
     return wrap
 
@@ -102,7 +106,7 @@ class SplitNotInFile(DataFileError):
     """The file holds no captions of the requested split (a training file read as a test file, say)."""
 
 
-@register_reader("multi-msrvtt", reads_split=True)
+@register_reader("multi-msrvtt", reads_split=True, pickled=True)
 def read_multi_msrvtt(path, feature_key, split, items=None):
     """Multi-MSRVTT and VATEX pickles (docs/reference.md §1.2).
 
@@ -208,7 +212,7 @@ TEACHER_ENGLISH_FIELD = "caption"
 STUDENT_ENGLISH_FIELDS = ("shared", "caption_en")
 
 
-@register_reader("multi-youcook2", options=("student_english",))
+@register_reader("multi-youcook2", pickled=True, options=("student_english",))
 def read_multi_youcook2(path, feature_key, split, items=None, student_english="shared"):
     """Multilingual YouCook2 pickles (docs/reference.md §1.2): one item per pre-cut clip.
 
@@ -259,7 +263,7 @@ def read_multi_youcook2(path, feature_key, split, items=None, student_english="s
 
 # ---- RUDDER --------------------------------------------------------------------------------------
 
-@register_reader("rudder")
+@register_reader("rudder", pickled=True)
 def read_rudder(path, feature_key, split, items=None):
     """RUDDER pickles (docs/reference.md §1.2): ``id``, features (``2d``), ``captions`` {lang: string}.
 
@@ -378,7 +382,6 @@ def fill_missing_captions(corpus, mode="none"):
 
 # ---- layout detection (data_loader.check, data_loader.convert) ----------------------------------
 
-PICKLE_LAYOUTS = ("multi-msrvtt", "multi-youcook2", "rudder")
 # Feature keys of the released files, in the order they are tried when none is given.
 KNOWN_FEATURE_KEYS = ("2d", "2d_raw", "s3d", "3d", "2d_full")
 NON_VIDEO_KEYS = ("audio",)
