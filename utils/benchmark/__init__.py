@@ -1,7 +1,7 @@
 """Throughput benchmarks, measured as ratios within one run on one machine.
 
     python -m utils.benchmark [--out benchmark.json] [--quick] [--eval-sizes 1000,10000]
-                              [--search-sizes 100000,1000000] [--skip data,c2kd,eval,gpu,search]
+                              [--search-sizes 100000,1000000] [--skip data,c2kd,eval,gpu,extract,search]
 
 One module per section:
 

@@ -38,7 +38,8 @@ def _sizes(text):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m utils.benchmark",
-                                description="Throughput benchmarks (data pipeline, C2KD step, ranking, GPU step).")
+                                description="Throughput benchmarks (data pipeline, C2KD step, ranking, GPU step, "
+                                            "feature extraction, search).")
     p.add_argument("--out", default="benchmark.json", help="JSON file to write")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test in seconds")
     p.add_argument("--assets-root", default="cache", help="Multi-Toy and tiny encoders (built if missing)")

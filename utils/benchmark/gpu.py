@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from utils.benchmark.flops import c2kd_step_flops, param_count
 from utils.benchmark.timing import interleaved, median
-from utils.tiny_encoders import build_backbone
 from data_loader.corpus import ENGLISH
 
 
@@ -72,6 +71,7 @@ def bench_gpu_step(device, shapes=None, batch_size=64, languages=9, seq_len=35, 
     from trainer.build import build_loss, build_optimizer
     from trainer.teachers import Teacher
     from trainer.trainer import Trainer, TrainerSettings
+    from utils.tiny_encoders import build_backbone  # transformers' model classes: 2 s for every ranking worker
 
     device = torch.device(device)
     shapes = shapes or BASE_SHAPES
