@@ -341,7 +341,7 @@ def paired_tables_of(args, methods, languages, recalls):
     if not args.baseline:
         return {}
     baseline = methods[labels.index(args.baseline)]
-    compared = [m for m in methods if m is not baseline and (not args.compare or m.label in args.compare)]
+    compared = [m for m in methods if not args.compare or m.label in args.compare]  # paired() skips the baseline
     return {k: paired(compared, baseline, languages, args.metric_prefix, k) for k in recalls}
 
 

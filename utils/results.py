@@ -11,6 +11,7 @@ folders (``_sources`` and ``test_runs`` folders are skipped).
 A method (a table row) never averages runs whose configs differ in anything but the seed and the
 keys that cannot change results (IGNORED_KEYS). utils.report writes these tables out.
 """
+import functools
 import json
 import math
 import re
@@ -298,6 +299,7 @@ class Paired:
     def mean(self):
         return statistics.fmean(self.diffs) if self.diffs else math.nan
 
+    @functools.cached_property
     def _t_test(self):
         """scipy's one-sample t-test of the differences against 0; None under two pairs or with no spread."""
         if self.n < 2 or statistics.pstdev(self.diffs) == 0:
@@ -310,7 +312,7 @@ class Paired:
         itself when every pair differs by the same amount."""
         if self.n < 2:
             return math.nan, math.nan
-        test = self._t_test()
+        test = self._t_test
         if test is None:
             return self.mean, self.mean
         bounds = test.confidence_interval(level)
@@ -319,7 +321,7 @@ class Paired:
     @property
     def p_value(self):
         """Two-sided paired t-test of a zero mean difference (NaN under two pairs or with no spread)."""
-        test = self._t_test()
+        test = self._t_test
         return math.nan if test is None else float(test.pvalue)
 
     @property
