@@ -61,7 +61,7 @@ import statistics, sys
 from utils.results import load_run, run_value, languages_of, Method
 def score(b):
     runs = [load_run(f"runs/toy/c2kd_balance{b}/seed{s}") for s in "$SEEDS".split()]
-    langs = [l for l in languages_of([Method(b, runs)], "t2v") if l != "en"]
+    langs = languages_of([Method(b, runs)], "t2v")
     return statistics.fmean(run_value(r, "avg_no_en", langs, "t2v", 1) for r in runs)
 scores = {b: score(b) for b in sys.argv[1:]}
 print(max(scores, key=scores.get))
@@ -79,9 +79,12 @@ echo "λ = $BALANCE, chosen on the validation split"
 } | in_parallel
 
 STUDENTS="zero_shot translate_train translate_train_english c2kd_balance$BALANCE c2kd_xlmr c2kd_mbert c2kd_distiluse"
-runs_of() {  # runs_of NAME SEEDS [SUBFOLDER]: comma-separated run folders of one method, one per seed
+seeds_of() {  # the seeds a method was trained with: the teacher analysis and the control use ANALYSIS_SEEDS
+  case $1 in c2kd_balance*) echo "$SEEDS" ;; c2kd_*|translate_train_english) echo "$ANALYSIS_SEEDS" ;; *) echo "$SEEDS" ;; esac
+}
+runs_of() {  # runs_of NAME [SUBFOLDER]: comma-separated run folders of one method, one per seed
   local dirs=()
-  for seed in $2; do dirs+=("runs/toy/$1/${3:-}seed$seed"); done
+  for seed in $(seeds_of "$1"); do dirs+=("runs/toy/$1/${2:-}seed$seed"); done
   (IFS=,; echo "${dirs[*]}")
 }
 label() {
@@ -93,10 +96,8 @@ label() {
 }
 rows=() curves=() compared=()
 for name in $STUDENTS; do
-  seeds=$SEEDS
-  case $name in c2kd_balance*) ;; c2kd_*|translate_train_english) seeds=$ANALYSIS_SEEDS ;; esac
-  rows+=(--method "$(label "$name")=$(runs_of "$name" "$seeds" test_runs/)")
-  curves+=(--curve "$(label "$name")=$(runs_of "$name" "$seeds")")
+  rows+=(--method "$(label "$name")=$(runs_of "$name" test_runs/)")
+  curves+=(--curve "$(label "$name")=$(runs_of "$name")")
   case $name in zero_shot|translate_train) ;; *) compared+=(--compare "$(label "$name")") ;; esac
 done
 for teacher in xlmr mbert distiluse; do
@@ -108,9 +109,7 @@ $PY -m utils.report --out reports/toy --recall 1,5,10 --baseline Translate-train
 # Does distillation beat simply training on more English? Every C2KD row against the English-rich control.
 control_rows=()
 for name in translate_train_english c2kd_balance$BALANCE c2kd_xlmr c2kd_mbert c2kd_distiluse; do
-  seeds=$ANALYSIS_SEEDS
-  case $name in c2kd_balance*) seeds=$SEEDS ;; esac
-  control_rows+=(--method "$(label "$name")=$(runs_of "$name" "$seeds" test_runs/)")
+  control_rows+=(--method "$(label "$name")=$(runs_of "$name" test_runs/)")
 done
 $PY -m utils.report --out reports/toy/against_control --recall 1 --baseline "$(label translate_train_english)" \
   "${control_rows[@]}" >/dev/null
