@@ -245,7 +245,7 @@ def test_encoders_are_reused_and_seeded(encoders, tmp_path):
 
 
 def test_ensure_toy_assets_layout(tmp_path):
-    assets = tiny_encoders.ensure_toy_assets(tmp_path)
+    assets = tiny_encoders.ensure_toy_assets(tmp_path, n_english=1500)  # the default writes 300 MB
     assert assets["train"] == tmp_path / "multi_toy" / "multi_toy_train.pkl"
     assert assets["test"] == tmp_path / "multi_toy" / "multi_toy_test.pkl"
     assert assets["val"] == tmp_path / "multi_toy" / "multi_toy_val.pkl"
@@ -255,7 +255,7 @@ def test_ensure_toy_assets_layout(tmp_path):
         assert folder == tmp_path / "encoders" / name
         assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
     assert len(load(assets["train"])) == 1000 and len(load(assets["test"])) == 200
-    assert len(load(assets["val"])) == 200 and len(load(assets["english"])) == toy.N_ENGLISH
+    assert len(load(assets["val"])) == 200 and len(load(assets["english"])) == 1500
 
 
 def test_tiny_encoders_are_rebuilt_identically(tmp_path):

@@ -270,14 +270,14 @@ def train_captions(train_pkl):
             if key.startswith("caption_") for c in caps]
 
 
-def ensure_toy_assets(root="cache"):
-    """Generate Multi-Toy in root/multi_toy (with its English-rich training file) and the tiny
-    encoders in root/encoders (both reused when up to date). Returns
-    {"train": Path, "val": Path, "test": Path, "english": Path, "encoders": {name: Path}}."""
+def ensure_toy_assets(root="cache", n_english=None):
+    """Generate Multi-Toy in root/multi_toy (with its English-rich training file of ``n_english``
+    videos, default toy.N_ENGLISH) and the tiny encoders in root/encoders (both reused when up to
+    date). Returns {"train": Path, "val": Path, "test": Path, "english": Path, "encoders": {name: Path}}."""
     from data_loader import toy
 
     root = Path(root)
-    data = toy.generate(root / "multi_toy", n_english=toy.N_ENGLISH)
+    data = toy.generate(root / "multi_toy", n_english=n_english or toy.N_ENGLISH)
     encoders = build(root / "encoders", train_captions(data["train"]))
     return {**data, "encoders": encoders}
 
