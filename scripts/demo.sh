@@ -4,7 +4,7 @@
 # from it, while a translate-train student trains; evaluate both on the test split with test.py,
 # and print them side by side with their difference. One teacher and
 # one seed keep it within 3 minutes on 2 cores; scripts/toy/reproduce.sh runs the three teachers
-# and four seeds. Each stage prints one line; its whole output goes to runs/toy/demo_logs/ (and the
+# and 8 seeds. Each stage prints one line; its whole output goes to runs/toy/demo_logs/ (and the
 # run folder's cout.txt), and is shown when the stage fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@ A teacher is an ordinary checkpoint of this project, usually trained with the tr
 stage, with its own text encoder and tokenizer. During C2KD it is frozen and in eval mode, reads
 the **English** caption of each item as it was trained to (its checkpoint's ``model.role`` and
 ``data.clean_english``: regex-cleaned where its dataset's teachers read cleaned English, as the
-reference's MSR-VTT, VATEX and YouCook2 teachers; as written for RUDDER, docs/reference.md §1.3, §9), and its
+reference's MSR-VTT, VATEX and YouCook2 teachers; as written for RUDDER, docs/reference.md §1.3), and its
 text-video similarity matrix over the batch is the distillation target.
 
 Two kinds of teachers give the same targets in fp32; ``teachers.mode`` picks one (trainer/build.py).
