@@ -14,8 +14,8 @@ from pathlib import Path
 from model.model import model_from_config
 from parse_config import (ConfigError, build_parser, config_from_args, flatten_config, select_device,
                           upgrade_saved_config)
-from trainer.build import build_loaders, build_loss, build_teachers, build_trainer, load_corpora
-from trainer.evaluate import check_monitor, flat_metrics
+from trainer.build import build_loaders, build_loss, build_teachers, build_trainer, check_training, load_corpora
+from trainer.evaluate import flat_metrics
 from trainer.state import seed_everything, seed_rank
 from trainer.trainer import TrainingInterrupted, check_resumable
 from common.checkpoint import checkpoint_header
@@ -85,7 +85,7 @@ def config_moved(saved, config):
 def train(config, run, device, dist, resume=None):
     seed_everything(config["seed"])
     corpora = load_corpora(config)
-    check_monitor(config["trainer"]["monitor"], corpora["eval"].languages)  # before the teachers' work
+    check_training(config, corpora, dist.world_size)  # before the teachers' work
     # The student before the teachers: its initial weights then follow from the seed alone, so
     # every stage starts from the same student at the same seed.
     model, tokenizer = model_from_config(config, pretrained_text=resume is None)

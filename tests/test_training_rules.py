@@ -200,6 +200,20 @@ def test_accumulation_steps_must_divide_the_per_process_batch(toy_assets, tmp_pa
         make_trainer(toy_config(toy_assets, tmp_path, **{"trainer.accumulation_steps": 3}))
 
 
+def test_settings_training_refuses_are_refused_before_the_teachers_work(toy_assets, tmp_path, capsys):
+    """The checks that need only the config and the data run before build_teachers, which may embed
+    the whole training set: the teacher file here does not exist, yet the error names the setting."""
+    import train as train_entry
+    missing = tmp_path / "missing_teacher.pt"
+    for key, value, message in [("trainer.accumulation_steps", 3, "does not divide the per-process batch of 16"),
+                                ("model.pool_with_student_mask", True, "training with it is not supported")]:
+        config = toy_config(toy_assets, tmp_path, "c2kd", teachers=[str(missing)], **{key: value})
+        path = write_json_config(tmp_path, "early", config)
+        assert train_entry.main(["-c", str(path), "--run-id", key, "-d", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(missing) not in err, err
+
+
 # ---- 4. best.pt ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("monitor, best, better, worse", [

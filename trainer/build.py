@@ -6,13 +6,13 @@ import torch
 from data_loader.batch import POOL_MASK, STUDENT
 from data_loader.corpus import ENGLISH
 from data_loader.dataset import EnglishReading, TextInput
-from data_loader.loaders import eval_loader, load_split, train_loader
+from data_loader.loaders import eval_loader, load_split, train_loader, train_sampler
 from data_loader.safe_pickle import DataFileError
 from model.loss import stage_loss
 from model.model import load_tokenizer
-from trainer.evaluate import evaluate
+from trainer.evaluate import check_monitor, evaluate
 from trainer.teachers import CachedTeachers, OnlineTeachers, load_teacher
-from trainer.trainer import Trainer, TrainerSettings
+from trainer.trainer import Trainer, TrainerSettings, check_accumulation
 from common.errors import ConfigError
 
 
@@ -30,14 +30,23 @@ def load_corpora(config, splits=("train", "eval")):
     return corpora
 
 
-def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_size=1):
-    train = None
-    english = EnglishReading.of(config)  # an English-input teacher reads English as the dataset's teachers do
-    if "train" in corpora and config["model"]["pool_with_student_mask"]:
+def check_training(config, corpora, world_size=1):
+    """What training refuses knowing only the config and the corpora, checked before the teachers'
+    work (which may embed the whole training set)."""
+    check_monitor(config["trainer"]["monitor"], corpora["eval"].languages)
+    if config["model"]["pool_with_student_mask"]:
         # Training pools with the model's own mask; the student-mask quirk (docs/reference.md §2.3) is reproduced only
         # where converted reference teachers are used: evaluation, inference and distillation.
         raise ConfigError("config key 'model.pool_with_student_mask' is for evaluating and distilling from "
                           "converted reference teachers; training with it is not supported (set it to false)")
+    # The sampler refuses a batch the processes cannot share; the micro-batches must share a process's part.
+    sampler = train_sampler(corpora["train"], config, 0, world_size)
+    check_accumulation(config["trainer"]["accumulation_steps"], sampler.local_batch)
+
+
+def build_loaders(config, corpora, tokenizer, extra_inputs=(), rank=0, world_size=1):
+    train = None
+    english = EnglishReading.of(config)  # an English-input teacher reads English as the dataset's teachers do
     if "train" in corpora:
         train_languages = stage_loss(config["stage"]).student_languages(corpora["train"].languages)
         inputs = [TextInput(STUDENT, tokenizer, train_languages, english), *extra_inputs]

@@ -52,7 +52,7 @@ class TrainerSettings:
     max_skipped_steps: int
     mixed_precision: str
     compile: bool
-    monitor: str            # a metric name, checked by train.py (check_monitor), or "off"
+    monitor: str            # a metric name, checked before training (trainer.build.check_training), or "off"
     save_period: int
     seed: int               # seeds a rank that a resumed run has beyond the checkpoint's
     config: dict            # the run's whole config, saved in every checkpoint
@@ -72,6 +72,13 @@ def check_resumable(saved_config, config, path):
                else "a resumed run continues the same experiment")
         raise ConfigError(f"{path}: config key '{key}' = {json.dumps(now)} differs from the checkpoint's "
                           f"{json.dumps(saved)}; {why}, so keep it, or start a new run")
+
+
+def check_accumulation(parts, local_batch):
+    """``trainer.accumulation_steps`` must cut each process's batch of ``local_batch`` items evenly."""
+    if local_batch % parts:
+        raise ConfigError(f"config key 'trainer.accumulation_steps' = {parts} does not divide the "
+                          f"per-process batch of {local_batch}")
 
 
 def training_forward(model, device, world_size, compile):
@@ -95,10 +102,7 @@ class Trainer:
         self.device, self.run_dir, self.teachers = device, run_dir, teachers
         self.dist = dist or DistInfo()
         self.log_scalar = log_scalar if self.dist.is_main and log_scalar else (lambda name, value, step: None)
-        parts = settings.accumulation_steps
-        if train_loader.local_batch % parts:
-            raise ConfigError(f"config key 'trainer.accumulation_steps' = {parts} does not divide the "
-                              f"per-process batch of {train_loader.local_batch}")
+        check_accumulation(settings.accumulation_steps, train_loader.local_batch)
         self.forward = training_forward(model, device, self.dist.world_size, settings.compile)
         self.amp_dtype = amp_dtype(device, settings.mixed_precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
